@@ -1,0 +1,78 @@
+//! The envelope codec: frames in, envelopes out, and back.
+
+use bytes::{BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::envelope::{Envelope, salvage_request};
+use super::error::{FrameError, InvalidEnvelope};
+use super::frame::{FrameCodec, LENGTH_PREFIX};
+
+/// Decodes frames into envelopes and encodes envelopes into frames.
+///
+/// The two failure classes of DESIGN 5.4 are two layers of the item type:
+/// - `Err(FrameError)` from the decoder ends the stream (out of sync);
+/// - `Ok(Some(Err(InvalidEnvelope)))` is one bad frame; keep reading.
+///
+/// Use with `FramedRead` / `FramedWrite`. The encoder writes the map straight
+/// into the output buffer: no intermediate allocation, one reservation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvelopeCodec {
+    frames: FrameCodec,
+}
+
+impl EnvelopeCodec {
+    /// A codec with the given `max_frame_bytes` for both directions.
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Self {
+            frames: FrameCodec::new(max_frame_bytes),
+        }
+    }
+
+    /// The frame limit in force.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.frames.max_frame_bytes()
+    }
+
+    fn envelope(frame: bytes::Bytes) -> Result<Envelope, InvalidEnvelope> {
+        let len = frame.len();
+        Envelope::decode(&frame).map_err(|error| InvalidEnvelope {
+            error,
+            len,
+            request: salvage_request(&frame),
+        })
+    }
+}
+
+impl Decoder for EnvelopeCodec {
+    type Item = Result<Envelope, InvalidEnvelope>;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
+        Ok(self.frames.decode(src)?.map(Self::envelope))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
+        Ok(self.frames.decode_eof(src)?.map(Self::envelope))
+    }
+}
+
+impl Encoder<&Envelope> for EnvelopeCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, envelope: &Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let len = envelope.encoded_len();
+        self.frames.check_len(len)?;
+        dst.reserve(LENGTH_PREFIX + len);
+        dst.put_u32(len as u32);
+        envelope.encode_into(dst);
+        Ok(())
+    }
+}
+
+impl Encoder<Envelope> for EnvelopeCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, envelope: Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode(&envelope, dst)
+    }
+}

@@ -1,0 +1,517 @@
+//! The envelope: one message on the wire (DESIGN 3.2).
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+use super::error::{EnvelopeError, SalvagedRequest};
+use super::error_code::ErrorCode;
+use super::message_type::MessageType;
+use super::msgpack::{self, Reader, kind_name};
+use super::payload::{Payload, PayloadError};
+
+/// The `source` of errors the broker generates itself.
+pub const BROKER: &str = "broker";
+
+/// One message: a MessagePack map with string keys.
+///
+/// Decoding borrows from the frame: `id`, `source`, `target`, `error`, `code`
+/// and `payload` are slices of the frame's `Bytes` (reference-counted, not
+/// copied), so decoding a frame allocates nothing. Keys not listed here are
+/// ignored on decode and therefore not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// `type`: what kind of message this is.
+    pub kind: MessageType,
+    /// `id`: method name (request and its reply) or event name. Not unique.
+    pub id: ByteString,
+    /// `correlation_id`: chosen by the requester, copied into the reply. 0 on events.
+    pub correlation_id: u64,
+    /// `source`: the sender's process id, stamped by the broker.
+    pub source: ByteString,
+    /// `target`: `broker`, a process id, a service name or `*`.
+    pub target: ByteString,
+    /// `payload`: any MessagePack value, carried verbatim; `None` when absent.
+    pub payload: Option<Payload>,
+    /// `error`: human-readable message of an `error` envelope.
+    pub error: Option<ByteString>,
+    /// `code`: machine-readable code of an `error` envelope.
+    pub code: Option<ByteString>,
+    /// `timeout_ms`: per-request deadline override.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The keys the envelope knows, each with a bit for duplicate detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Type,
+    Id,
+    CorrelationId,
+    Source,
+    Target,
+    Payload,
+    Error,
+    Code,
+    TimeoutMs,
+}
+
+impl Field {
+    fn from_key(key: &[u8]) -> Option<Self> {
+        Some(match key {
+            b"type" => Self::Type,
+            b"id" => Self::Id,
+            b"correlation_id" => Self::CorrelationId,
+            b"source" => Self::Source,
+            b"target" => Self::Target,
+            b"payload" => Self::Payload,
+            b"error" => Self::Error,
+            b"code" => Self::Code,
+            b"timeout_ms" => Self::TimeoutMs,
+            _ => return None,
+        })
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Type => "type",
+            Self::Id => "id",
+            Self::CorrelationId => "correlation_id",
+            Self::Source => "source",
+            Self::Target => "target",
+            Self::Payload => "payload",
+            Self::Error => "error",
+            Self::Code => "code",
+            Self::TimeoutMs => "timeout_ms",
+        }
+    }
+
+    const fn bit(self) -> u16 {
+        1 << self as u16
+    }
+}
+
+/// Reads a str field (nil reads as absent) as a slice of the frame.
+fn read_str(
+    frame: &Bytes,
+    reader: &mut Reader<'_>,
+    field: Field,
+) -> Result<Option<ByteString>, EnvelopeError> {
+    let marker = reader.marker()?;
+    match reader.str_body(marker)? {
+        Some(range) => ByteString::try_from(frame.slice(range))
+            .map(Some)
+            .map_err(|_| EnvelopeError::InvalidUtf8 {
+                field: field.name(),
+            }),
+        None if marker == rmp::Marker::Null => Ok(None),
+        None => Err(EnvelopeError::WrongType {
+            field: field.name(),
+            expected: "str",
+            found: kind_name(marker),
+        }),
+    }
+}
+
+/// Reads a non-negative int field (nil reads as absent).
+fn read_uint(reader: &mut Reader<'_>, field: Field) -> Result<Option<u64>, EnvelopeError> {
+    let marker = reader.marker()?;
+    let wrong = |found| EnvelopeError::WrongType {
+        field: field.name(),
+        expected: "a non-negative int",
+        found,
+    };
+    match reader.uint_body(marker)? {
+        Some(Some(v)) => Ok(Some(v)),
+        Some(None) => Err(wrong("a negative int")),
+        None if marker == rmp::Marker::Null => Ok(None),
+        None => Err(wrong(kind_name(marker))),
+    }
+}
+
+/// `Some` and non-empty, else the field counts as missing.
+fn present(value: &Option<ByteString>) -> bool {
+    value.as_ref().is_some_and(|s| !s.is_empty())
+}
+
+impl Envelope {
+    fn new(kind: MessageType, target: ByteString, id: ByteString, correlation_id: u64) -> Self {
+        Self {
+            kind,
+            id,
+            correlation_id,
+            source: ByteString::new(),
+            target,
+            payload: None,
+            error: None,
+            code: None,
+            timeout_ms: None,
+        }
+    }
+
+    /// A request for method `id` of `target`.
+    pub fn request(
+        target: impl Into<ByteString>,
+        id: impl Into<ByteString>,
+        correlation_id: u64,
+    ) -> Self {
+        Self::new(
+            MessageType::Request,
+            target.into(),
+            id.into(),
+            correlation_id,
+        )
+    }
+
+    /// An event named `id` for `target` (a process, a service, `broker` or `*`).
+    pub fn event(target: impl Into<ByteString>, id: impl Into<ByteString>) -> Self {
+        Self::new(MessageType::Event, target.into(), id.into(), 0)
+    }
+
+    /// The successful reply to this request: addressed to its source, same `id`
+    /// and `correlation_id`.
+    pub fn response(&self, payload: Option<Payload>) -> Self {
+        let mut reply = Self::new(
+            MessageType::Response,
+            self.source.clone(),
+            self.id.clone(),
+            self.correlation_id,
+        );
+        reply.payload = payload;
+        reply
+    }
+
+    /// The failed reply to this request, with a code (any string; see
+    /// [`ErrorCode`] for the broker's own) and a human-readable message.
+    pub fn error_reply(&self, code: impl Into<ByteString>, message: impl Into<ByteString>) -> Self {
+        let mut reply = Self::new(
+            MessageType::Error,
+            self.source.clone(),
+            self.id.clone(),
+            self.correlation_id,
+        );
+        reply.code = Some(code.into());
+        reply.error = Some(message.into());
+        reply
+    }
+
+    /// A broker-generated error reply: `source = "broker"` and a broker code.
+    pub fn broker_error(&self, code: ErrorCode, message: impl Into<ByteString>) -> Self {
+        let mut reply = self.error_reply(ByteString::from_static(code.as_str()), message);
+        reply.source = ByteString::from_static(BROKER);
+        reply
+    }
+
+    /// Sets the payload to `value`, serialized with named fields.
+    pub fn with_payload<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, PayloadError> {
+        self.payload = Some(Payload::encode(value)?);
+        Ok(self)
+    }
+
+    /// Sets the payload to an already-encoded value.
+    pub fn with_raw_payload(mut self, payload: Payload) -> Self {
+        self.payload = Some(payload);
+        self
+    }
+
+    /// Sets `source` (the broker overwrites it on every frame a child sends).
+    pub fn with_source(mut self, source: impl Into<ByteString>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Sets the per-request deadline override.
+    pub fn with_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = Some(timeout_ms);
+        self
+    }
+
+    /// Deserializes the payload into `T`; an absent payload reads as nil (so
+    /// `()` and `Option<_>` accept it).
+    pub fn payload_as<'de, T: Deserialize<'de>>(&'de self) -> Result<T, PayloadError> {
+        match &self.payload {
+            Some(payload) => payload.decode(),
+            None => Ok(rmp_serde::from_slice(Payload::NIL_BYTES)?),
+        }
+    }
+
+    /// `code` as a broker error code, if it is one.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        self.code.as_deref().and_then(|c| c.parse().ok())
+    }
+
+    /// Decodes one frame body. Strings and payload become slices of `frame`.
+    pub fn decode(frame: &Bytes) -> Result<Self, EnvelopeError> {
+        if frame.is_empty() {
+            return Err(EnvelopeError::Empty);
+        }
+        let mut reader = Reader::new(frame);
+        let marker = reader.marker()?;
+        let entries = reader.map_len(marker)?.ok_or(EnvelopeError::NotAMap {
+            found: kind_name(marker),
+        })?;
+        // Each entry takes at least two bytes; refuse lying counts up front.
+        if entries > reader.remaining() / 2 {
+            return Err(msgpack::MsgpackError::Truncated {
+                offset: reader.position(),
+            }
+            .into());
+        }
+
+        let mut seen = 0u16;
+        let mut kind = None;
+        let mut id = None;
+        let mut correlation_id = None;
+        let mut source = None;
+        let mut target = None;
+        let mut payload: Option<Range<usize>> = None;
+        let mut error = None;
+        let mut code = None;
+        let mut timeout_ms = None;
+
+        for _ in 0..entries {
+            let key_at = reader.position();
+            let key_marker = reader.marker()?;
+            let Some(key) = reader.str_body(key_marker)? else {
+                return Err(EnvelopeError::KeyNotString {
+                    offset: key_at,
+                    found: kind_name(key_marker),
+                });
+            };
+            let Some(field) = Field::from_key(&frame[key]) else {
+                reader.value_span()?;
+                continue;
+            };
+            if seen & field.bit() != 0 {
+                return Err(EnvelopeError::DuplicateKey(field.name()));
+            }
+            seen |= field.bit();
+            match field {
+                Field::Type => {
+                    let marker = reader.marker()?;
+                    match reader.str_body(marker)? {
+                        Some(range) => {
+                            let raw = &frame[range];
+                            kind = Some(MessageType::from_bytes(raw).ok_or_else(|| {
+                                let shown = &raw[..raw.len().min(64)];
+                                EnvelopeError::UnknownType(String::from_utf8_lossy(shown).into())
+                            })?);
+                        }
+                        None if marker == rmp::Marker::Null => {}
+                        None => {
+                            return Err(EnvelopeError::WrongType {
+                                field: "type",
+                                expected: "str",
+                                found: kind_name(marker),
+                            });
+                        }
+                    }
+                }
+                Field::Id => id = read_str(frame, &mut reader, field)?,
+                Field::Source => source = read_str(frame, &mut reader, field)?,
+                Field::Target => target = read_str(frame, &mut reader, field)?,
+                Field::Error => error = read_str(frame, &mut reader, field)?,
+                Field::Code => code = read_str(frame, &mut reader, field)?,
+                Field::CorrelationId => correlation_id = read_uint(&mut reader, field)?,
+                Field::TimeoutMs => timeout_ms = read_uint(&mut reader, field)?,
+                Field::Payload => payload = Some(reader.value_span()?),
+            }
+        }
+        if reader.remaining() > 0 {
+            return Err(EnvelopeError::TrailingBytes(reader.remaining()));
+        }
+
+        let kind = kind.ok_or(EnvelopeError::MissingField {
+            field: "type",
+            kind: None,
+        })?;
+        let envelope = Self {
+            kind,
+            id: id.unwrap_or_default(),
+            correlation_id: correlation_id.unwrap_or(0),
+            source: source.unwrap_or_default(),
+            target: target.unwrap_or_default(),
+            payload: payload.map(|span| Payload::from_checked(frame.slice(span))),
+            error,
+            code,
+            timeout_ms,
+        };
+        envelope.check_required(correlation_id.is_some())?;
+        Ok(envelope)
+    }
+
+    /// Checks the fields DESIGN 3.2 requires for this envelope's type.
+    pub fn validate(&self) -> Result<(), EnvelopeError> {
+        self.check_required(true)
+    }
+
+    fn check_required(&self, has_correlation_id: bool) -> Result<(), EnvelopeError> {
+        let missing = |field| EnvelopeError::MissingField {
+            field,
+            kind: Some(self.kind),
+        };
+        if self.id.is_empty() {
+            return Err(missing("id"));
+        }
+        if self.kind != MessageType::Event && !has_correlation_id {
+            return Err(missing("correlation_id"));
+        }
+        if matches!(self.kind, MessageType::Request | MessageType::Event) && self.target.is_empty()
+        {
+            return Err(missing("target"));
+        }
+        if self.kind == MessageType::Error {
+            if !present(&self.code) {
+                return Err(missing("code"));
+            }
+            if self.error.is_none() {
+                return Err(missing("error"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which keys [`encode_into`](Self::encode_into) writes, and their count.
+    fn writes(&self) -> [bool; 9] {
+        [
+            true,                                                        // type
+            true,                                                        // id
+            self.kind != MessageType::Event || self.correlation_id != 0, // correlation_id
+            !self.source.is_empty(),                                     // source
+            !self.target.is_empty(),                                     // target
+            self.timeout_ms.is_some(),                                   // timeout_ms
+            self.error.is_some(),                                        // error
+            self.code.is_some(),                                         // code
+            self.payload.is_some(),                                      // payload
+        ]
+    }
+
+    /// Exact size of the encoded map, so a buffer can be reserved once.
+    pub fn encoded_len(&self) -> usize {
+        let w = self.writes();
+        let entries = w.iter().filter(|&&x| x).count();
+        let mut len = msgpack::map_header_len(entries);
+        len += msgpack::str_len("type") + msgpack::str_len(self.kind.as_str());
+        len += msgpack::str_len("id") + msgpack::str_len(&self.id);
+        if w[2] {
+            len += msgpack::str_len("correlation_id") + msgpack::uint_len(self.correlation_id);
+        }
+        if w[3] {
+            len += msgpack::str_len("source") + msgpack::str_len(&self.source);
+        }
+        if w[4] {
+            len += msgpack::str_len("target") + msgpack::str_len(&self.target);
+        }
+        if let Some(ms) = self.timeout_ms {
+            len += msgpack::str_len("timeout_ms") + msgpack::uint_len(ms);
+        }
+        if let Some(error) = &self.error {
+            len += msgpack::str_len("error") + msgpack::str_len(error);
+        }
+        if let Some(code) = &self.code {
+            len += msgpack::str_len("code") + msgpack::str_len(code);
+        }
+        if let Some(payload) = &self.payload {
+            len += msgpack::str_len("payload") + payload.len();
+        }
+        len
+    }
+
+    /// Appends the envelope (the map, without a length prefix) to `dst`.
+    /// Allocates nothing when `dst` has [`encoded_len`](Self::encoded_len)
+    /// bytes of spare capacity; otherwise reserves exactly once.
+    pub fn encode_into(&self, dst: &mut BytesMut) {
+        dst.reserve(self.encoded_len());
+        let w = self.writes();
+        msgpack::put_map_header(dst, w.iter().filter(|&&x| x).count());
+        let mut put = |key: &str, value: &str| {
+            msgpack::put_str(dst, key);
+            msgpack::put_str(dst, value);
+        };
+        put("type", self.kind.as_str());
+        put("id", &self.id);
+        if w[2] {
+            msgpack::put_str(dst, "correlation_id");
+            msgpack::put_uint(dst, self.correlation_id);
+        }
+        if w[3] {
+            msgpack::put_str(dst, "source");
+            msgpack::put_str(dst, &self.source);
+        }
+        if w[4] {
+            msgpack::put_str(dst, "target");
+            msgpack::put_str(dst, &self.target);
+        }
+        if let Some(ms) = self.timeout_ms {
+            msgpack::put_str(dst, "timeout_ms");
+            msgpack::put_uint(dst, ms);
+        }
+        if let Some(error) = &self.error {
+            msgpack::put_str(dst, "error");
+            msgpack::put_str(dst, error);
+        }
+        if let Some(code) = &self.code {
+            msgpack::put_str(dst, "code");
+            msgpack::put_str(dst, code);
+        }
+        if let Some(payload) = &self.payload {
+            msgpack::put_str(dst, "payload");
+            dst.extend_from_slice(payload.as_bytes());
+        }
+    }
+
+    /// The encoded map as a new buffer (convenience; the codec reuses one).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf);
+        buf.freeze()
+    }
+}
+
+/// Reads what it can of a rejected frame: is it a request, and with which
+/// correlation id and method? Lenient on purpose: stops at the first thing it
+/// cannot read and keeps what it has.
+pub(crate) fn salvage_request(frame: &Bytes) -> Option<SalvagedRequest> {
+    let mut reader = Reader::new(frame);
+    let marker = reader.marker().ok()?;
+    let entries = reader.map_len(marker).ok()??;
+    let mut is_request = false;
+    let mut correlation_id = None;
+    let mut id = None;
+    for _ in 0..entries {
+        let Ok(key_marker) = reader.marker() else {
+            break;
+        };
+        let Ok(Some(key)) = reader.str_body(key_marker) else {
+            break;
+        };
+        let key = &frame[key];
+        let Ok(marker) = reader.marker() else { break };
+        match key {
+            b"type" => match reader.str_body(marker) {
+                Ok(Some(range)) => is_request = &frame[range] == b"request",
+                _ => break,
+            },
+            b"correlation_id" => match reader.uint_body(marker) {
+                Ok(Some(Some(v))) => correlation_id = Some(v),
+                _ => break,
+            },
+            b"id" => match reader.str_body(marker) {
+                Ok(Some(range)) => id = ByteString::try_from(frame.slice(range)).ok(),
+                _ => break,
+            },
+            _ => {
+                if reader.skip_body(marker).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if !is_request {
+        return None;
+    }
+    Some(SalvagedRequest {
+        correlation_id: correlation_id?,
+        id,
+    })
+}

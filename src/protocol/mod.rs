@@ -1,0 +1,35 @@
+//! Wire protocol v1: length-prefixed frames holding MessagePack envelopes.
+//!
+//! Layers, bottom up:
+//! - [`FrameCodec`]: `u32` big-endian length + body; the limit is checked
+//!   before anything is allocated.
+//! - [`Envelope`]: the map inside a frame, decoded without copying; its
+//!   [`Payload`] is carried as raw bytes and only decoded by whoever it is for.
+//! - [`EnvelopeCodec`]: both together, for `FramedRead` / `FramedWrite`, with
+//!   "stream broken" ([`FrameError`]) and "bad frame" ([`InvalidEnvelope`])
+//!   kept apart because the broker answers them differently.
+//! - Typed payloads of the broker's RPCs ([`rpc`]) and stats ([`stats`]).
+//!
+//! `PROTOCOL.md` at the repository root is the same contract written for
+//! service authors in other languages.
+
+mod codec;
+mod envelope;
+mod error;
+mod error_code;
+mod frame;
+mod message_type;
+pub(crate) mod msgpack;
+mod payload;
+pub mod rpc;
+pub mod stats;
+
+pub use codec::EnvelopeCodec;
+pub use envelope::{BROKER, Envelope};
+pub use error::{EnvelopeError, FrameError, InvalidEnvelope, SalvagedRequest};
+pub use error_code::{ErrorCode, UnknownErrorCode};
+pub use frame::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, LENGTH_PREFIX};
+pub use message_type::{MessageType, UnknownMessageType};
+pub use msgpack::{MsgpackError, SingleValueError};
+pub use payload::{Payload, PayloadError};
+pub use stats::{MessageStats, ProcessMetrics};

@@ -1,0 +1,267 @@
+//! The broker's own RPCs (`target = "broker"`, DESIGN 4) and their payloads.
+//!
+//! Request payloads reject unknown keys: a misspelt `workers` in a `Spawn`
+//! must be a `bad_request`, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use super::stats::ProcessMetrics;
+
+/// The methods the broker answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BrokerMethod {
+    /// Liveness: replies `{}`.
+    Ping,
+    /// Counters, latency quantiles and process metrics ([`MessageStats`](super::MessageStats)).
+    GetMessageStats,
+    /// `{count}`: frames sent plus received.
+    GetMessageCount,
+    /// Stores an array of [`ProcessMetrics`]; replies [`SubmitProcessMetricsReply`].
+    SubmitProcessMetrics,
+    /// Array of [`ProcessInfo`].
+    ListProcesses,
+    /// Control RPC: starts a service ([`SpawnRequest`]).
+    Spawn,
+    /// Control RPC: stops a process or a whole service ([`StopRequest`]).
+    Stop,
+}
+
+impl BrokerMethod {
+    /// Every method, in DESIGN order.
+    pub const ALL: [BrokerMethod; 7] = [
+        Self::Ping,
+        Self::GetMessageStats,
+        Self::GetMessageCount,
+        Self::SubmitProcessMetrics,
+        Self::ListProcesses,
+        Self::Spawn,
+        Self::Stop,
+    ];
+
+    /// The method name (the request's `id`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ping => "Ping",
+            Self::GetMessageStats => "GetMessageStats",
+            Self::GetMessageCount => "GetMessageCount",
+            Self::SubmitProcessMetrics => "SubmitProcessMetrics",
+            Self::ListProcesses => "ListProcesses",
+            Self::Spawn => "Spawn",
+            Self::Stop => "Stop",
+        }
+    }
+
+    /// Control RPCs run commands; only services in `control_allow` may call them.
+    pub const fn is_control(self) -> bool {
+        matches!(self, Self::Spawn | Self::Stop)
+    }
+}
+
+impl fmt::Display for BrokerMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not a broker method (answered with `unknown_method`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the broker has no method {0:?}")]
+pub struct UnknownMethod(pub String);
+
+impl FromStr for BrokerMethod {
+    type Err = UnknownMethod;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownMethod(s.to_owned()))
+    }
+}
+
+/// `{}`: the reply of `Ping`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// Reply of `GetMessageCount`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageCount {
+    /// Frames sent to children plus frames received from them.
+    pub count: u64,
+}
+
+/// Payload of `SubmitProcessMetrics`.
+pub type SubmitProcessMetrics = Vec<ProcessMetrics>;
+
+/// Reply of `SubmitProcessMetrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitProcessMetricsReply {
+    /// How many samples were stored.
+    pub received: u64,
+}
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessStatus {
+    /// Spawned, waiting for its `ready` event.
+    Starting,
+    /// Routable.
+    Ready,
+    /// Asked to stop; draining.
+    Stopping,
+    /// Stopped on request; will not be restarted.
+    Stopped,
+    /// Exited; a restart is scheduled (backoff).
+    Restarting,
+    /// Exited and out of restarts (`max_restarts` spent).
+    Failed,
+}
+
+/// One row of `ListProcesses`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Process id (`service.N`).
+    pub id: String,
+    /// The service it is a worker of.
+    pub service: String,
+    /// OS pid of the current incarnation; `None` while not running.
+    pub pid: Option<u32>,
+    /// Life-cycle state.
+    pub status: ProcessStatus,
+    /// How many times it was restarted.
+    pub restarts: u32,
+    /// RFC 3339 time the current incarnation started.
+    pub started_at: Option<String>,
+    /// Exit code of the last incarnation (`None` if it has not exited or was killed by a signal).
+    pub exit_code: Option<i32>,
+}
+
+/// Restart policy of a service (DESIGN 5.3, config `restart = {…}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// Restarts allowed before the process is `failed`; -1 = unlimited.
+    pub max_restarts: i64,
+    /// First backoff delay.
+    pub backoff_initial_ms: u64,
+    /// Backoff ceiling (the delay doubles up to here).
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: -1,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 30_000,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Payload of `Spawn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// Service name (workers become `service.0 …`).
+    pub service: String,
+    /// Program to run.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Number of worker processes (default 1).
+    #[serde(default = "one")]
+    pub workers: u32,
+    /// Restart policy (defaults as in the config).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// One element of the `Spawn` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnedProcess {
+    /// Process id.
+    pub id: String,
+    /// OS pid, if it started.
+    pub pid: Option<u32>,
+    /// Its status right after spawning.
+    pub status: ProcessStatus,
+}
+
+/// Payload of `Stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// A process id (`echo.2`) or a service name (`echo`: all its workers).
+    pub id: String,
+}
+
+/// Reply of `Stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StopReply {
+    /// The process ids that were stopped.
+    pub stopped: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Payload;
+
+    #[test]
+    fn method_names_round_trip() {
+        for m in BrokerMethod::ALL {
+            assert_eq!(m.as_str().parse::<BrokerMethod>(), Ok(m));
+        }
+        assert!("ping".parse::<BrokerMethod>().is_err());
+        assert!(BrokerMethod::Spawn.is_control() && !BrokerMethod::Ping.is_control());
+    }
+
+    #[test]
+    fn spawn_request_takes_defaults_and_rejects_typos() {
+        let minimal = Payload::encode(&serde_json_like_map(&[("service", "x"), ("command", "y")]))
+            .expect("encode");
+        let req: SpawnRequest = minimal.decode().expect("decode");
+        assert_eq!(req.workers, 1);
+        assert_eq!(req.restart, RestartPolicy::default());
+        assert!(req.args.is_empty() && req.env.is_empty());
+
+        let typo = Payload::encode(&serde_json_like_map(&[
+            ("service", "x"),
+            ("command", "y"),
+            ("worker", "4"),
+        ]))
+        .expect("encode");
+        let err = typo.decode::<SpawnRequest>().expect_err("typo must fail");
+        assert!(err.to_string().contains("worker"), "{err}");
+    }
+
+    #[test]
+    fn ping_reply_is_an_empty_map() {
+        assert_eq!(
+            Payload::encode(&Empty {})
+                .expect("encode")
+                .as_bytes()
+                .as_ref(),
+            &[0x80]
+        );
+    }
+
+    fn serde_json_like_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}

@@ -1,0 +1,251 @@
+//! `GetMessageStats` (DESIGN 6.2) and `ProcessMetrics` (DESIGN 6.3).
+//!
+//! The shape is v2e's, made additive: v2e's keys keep their names and
+//! meaning, and the new counters sit beside them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use super::rpc::ProcessStatus;
+
+/// v2e's message counters (in total and per process).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageCounters {
+    /// Frames written to children.
+    pub total_sent: u64,
+    /// Frames read from children.
+    pub total_received: u64,
+    /// Requests seen.
+    pub request_count: u64,
+    /// Responses seen.
+    pub response_count: u64,
+    /// Events seen.
+    pub event_count: u64,
+    /// Error replies seen.
+    pub error_count: u64,
+    /// RFC 3339 time of the first message; nil before any.
+    pub first_message_time: Option<String>,
+    /// RFC 3339 time of the latest message; nil before any.
+    pub last_message_time: Option<String>,
+}
+
+/// What went wrong, counted (DESIGN 6.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultCounters {
+    /// Frames that were not valid envelopes, or broke the stream.
+    pub bad_frames: u64,
+    /// Replies matching no pending request, or from the wrong process.
+    pub unmatched_replies: u64,
+    /// Replies that arrived after their request timed out.
+    pub late_replies: u64,
+    /// Requests refused with `busy`.
+    pub busy_rejections: u64,
+    /// Requests failed with `timeout`.
+    pub timeouts: u64,
+    /// Process restarts.
+    pub restarts: u64,
+}
+
+/// `total` of the stats reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotalStats {
+    /// v2e's counters.
+    #[serde(flatten)]
+    pub counters: MessageCounters,
+    /// Fault counters.
+    #[serde(flatten)]
+    pub faults: FaultCounters,
+    /// Requests in flight now.
+    pub pending: u64,
+}
+
+/// One entry of `per_process`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStats {
+    /// v2e's counters for this process.
+    #[serde(flatten)]
+    pub counters: MessageCounters,
+    /// Fault counters for this process.
+    #[serde(flatten)]
+    pub faults: FaultCounters,
+    /// Life-cycle state.
+    pub status: ProcessStatus,
+    /// OS pid of the current incarnation.
+    pub pid: Option<u32>,
+    /// Frames queued for this process and not yet written.
+    pub queue_depth: u64,
+    /// Requests delivered to this process and not yet answered.
+    pub pending: u64,
+    /// Exit code of the last incarnation.
+    pub exit_code: Option<i32>,
+}
+
+/// Latency quantiles in microseconds (HdrHistogram, 3 significant digits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyQuantiles {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+/// Reply of `GetMessageStats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MessageStats {
+    /// Totals over every process.
+    pub total: TotalStats,
+    /// Per process id.
+    pub per_process: BTreeMap<String, ProcessStats>,
+    /// `overall` and one entry per service: broker-observed request latency.
+    pub latency_us: BTreeMap<String, LatencyQuantiles>,
+    /// Latest sample per process id (the broker's own under `broker`).
+    pub process_metrics: BTreeMap<String, ProcessMetrics>,
+    /// Seconds since the broker started.
+    pub uptime_s: f64,
+    /// procbroker's version.
+    pub version: String,
+}
+
+/// One `/proc/{pid}/status` sample (as v2e).
+///
+/// A process that vanished or is a zombie keeps its `state` (`Z`, or
+/// `exited` when the pid is gone) and has no memory figures: absent, never 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessMetrics {
+    /// OS pid.
+    pub pid: u32,
+    /// Process id (`echo.0`, or `broker`).
+    pub id: String,
+    /// Resident set size, kB as the kernel prints it.
+    pub vmrss: Option<u64>,
+    /// Virtual size, kB.
+    pub vmsize: Option<u64>,
+    /// Thread count.
+    pub threads: Option<u64>,
+    /// Single-letter kernel state (`R`, `S`, `Z`, …) or `exited`.
+    pub state: String,
+    /// RFC 3339 time of the sample.
+    pub timestamp: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Payload;
+    use rmpv::Value;
+
+    fn keys(v: &Value) -> Vec<&str> {
+        v.as_map()
+            .expect("map")
+            .iter()
+            .map(|(k, _)| k.as_str().expect("str key"))
+            .collect()
+    }
+
+    #[test]
+    fn stats_reply_has_the_designed_shape_and_round_trips() {
+        let mut stats = MessageStats {
+            uptime_s: 1.5,
+            version: "0.1.0".into(),
+            ..Default::default()
+        };
+        stats.total.counters.total_sent = 3;
+        stats.per_process.insert(
+            "echo.0".into(),
+            ProcessStats {
+                counters: MessageCounters::default(),
+                faults: FaultCounters {
+                    bad_frames: 2,
+                    ..Default::default()
+                },
+                status: ProcessStatus::Ready,
+                pid: Some(42),
+                queue_depth: 0,
+                pending: 1,
+                exit_code: None,
+            },
+        );
+        stats
+            .latency_us
+            .insert("overall".into(), LatencyQuantiles::default());
+        stats.process_metrics.insert(
+            "broker".into(),
+            ProcessMetrics {
+                pid: 1,
+                id: "broker".into(),
+                vmrss: Some(10),
+                vmsize: Some(20),
+                threads: Some(3),
+                state: "S".into(),
+                timestamp: "2026-11-22T00:00:00Z".into(),
+            },
+        );
+        let payload = Payload::encode(&stats).expect("encode");
+        let value = rmpv::decode::read_value(&mut payload.as_bytes().as_ref()).expect("msgpack");
+        assert_eq!(
+            keys(&value),
+            [
+                "total",
+                "per_process",
+                "latency_us",
+                "process_metrics",
+                "uptime_s",
+                "version"
+            ]
+        );
+        let total = &value["total"];
+        for key in [
+            "total_sent",
+            "total_received",
+            "request_count",
+            "response_count",
+            "event_count",
+            "error_count",
+            "first_message_time",
+            "last_message_time",
+            "bad_frames",
+            "pending",
+        ] {
+            assert!(keys(total).contains(&key), "total lacks {key}");
+        }
+        let echo = &value["per_process"]["echo.0"];
+        for key in [
+            "total_sent",
+            "status",
+            "pid",
+            "restarts",
+            "queue_depth",
+            "bad_frames",
+        ] {
+            assert!(keys(echo).contains(&key), "per_process lacks {key}");
+        }
+        assert_eq!(echo["status"].as_str(), Some("ready"));
+        assert_eq!(echo["bad_frames"].as_u64(), Some(2));
+        assert_eq!(
+            keys(&value["latency_us"]["overall"]),
+            ["count", "p50", "p90", "p99", "p999", "max"]
+        );
+        assert_eq!(
+            keys(&value["process_metrics"]["broker"]),
+            [
+                "pid",
+                "id",
+                "vmrss",
+                "vmsize",
+                "threads",
+                "state",
+                "timestamp"
+            ]
+        );
+        let back: MessageStats = payload.decode().expect("decode");
+        assert_eq!(back, stats);
+    }
+}
