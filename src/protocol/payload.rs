@@ -2,7 +2,11 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::fmt;
+
+/// Scratch capacity a thread keeps between payload encodings.
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 use super::msgpack::{self, SingleValueError};
 
@@ -35,8 +39,28 @@ impl Payload {
 
     /// Serializes `value` with named fields (a struct becomes a map with string
     /// keys, readable as a dict by any msgpack library).
+    ///
+    /// Serializes into a per-thread scratch buffer and copies the result out
+    /// at its exact size: one allocation, where growing a fresh vector costs
+    /// three or four for a small payload.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, PayloadError> {
-        Ok(Self(Bytes::from(rmp_serde::to_vec_named(value)?)))
+        thread_local! {
+            static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(SCRATCH_KEEP));
+        }
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                let encoded = rmp_serde::encode::write_named(&mut *buf, value);
+                let out = encoded.map(|()| Self(Bytes::copy_from_slice(&buf)));
+                if buf.capacity() > SCRATCH_KEEP {
+                    // A huge payload does not pin its buffer for the thread's life.
+                    *buf = Vec::with_capacity(SCRATCH_KEEP);
+                }
+                Ok(out?)
+            }
+            // Re-entered from inside a `Serialize` impl: use a fresh buffer.
+            Err(_) => Ok(Self(Bytes::from(rmp_serde::to_vec_named(value)?))),
+        })
     }
 
     /// Wraps bytes that already hold one MessagePack value, after checking that

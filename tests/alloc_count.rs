@@ -1,0 +1,179 @@
+//! Heap allocations on the codec's hot path, counted exactly.
+//!
+//! A counting global allocator (this test binary only) tallies `alloc`,
+//! `alloc_zeroed` and `realloc` calls made by the current thread between
+//! `count(|| ..)`'s start and end. The numbers asserted here are the contract:
+//! a change that adds an allocation to decode or encode fails this test.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use procbroker::protocol::{Envelope, EnvelopeCodec, Payload};
+use serde::{Deserialize, Serialize};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use tokio_util::codec::{Decoder, Encoder};
+
+struct Counting;
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(false) };
+    static COUNT: Cell<usize> = const { Cell::new(0) };
+}
+
+fn bump() {
+    // `try_with`: the allocator may run while thread-locals are torn down.
+    let _ = ENABLED.try_with(|on| {
+        if on.get() {
+            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counters are const-initialised thread-locals that never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        bump();
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its result with the number of allocations it made.
+fn count<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    COUNT.with(|c| c.set(0));
+    ENABLED.with(|on| on.set(true));
+    let out = std::hint::black_box(f());
+    ENABLED.with(|on| on.set(false));
+    (out, COUNT.with(Cell::get))
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Params {
+    name: String,
+    value: i64,
+}
+
+/// v2e's small message: a request with payload `{name: "test", value: 123}`.
+fn small_request() -> Envelope {
+    Envelope::request("echo", "Echo", 42)
+        .with_source("client.0")
+        .with_payload(&Params {
+            name: "test".into(),
+            value: 123,
+        })
+        .expect("payload")
+}
+
+fn framed(envelopes: &[Envelope]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    let mut codec = EnvelopeCodec::default();
+    for e in envelopes {
+        codec.encode(e, &mut buf).expect("encode");
+    }
+    buf
+}
+
+#[test]
+fn decoding_a_frame_body_allocates_nothing() {
+    // A frame as the codec hands it over: shared storage, so every string and
+    // the payload are reference-counted slices.
+    let mut buf = framed(&[small_request(), small_request()]);
+    let first = EnvelopeCodec::default()
+        .decode(&mut buf)
+        .expect("in sync")
+        .expect("whole")
+        .expect("valid");
+    let body = first.to_bytes();
+    let mut shared = BytesMut::with_capacity(body.len() + 1);
+    shared.put_slice(&body);
+    let _ = shared.split_to(0); // make the storage shared, as a read buffer's is
+    let frame: Bytes = shared.freeze();
+
+    let (decoded, allocs) = count(|| Envelope::decode(&frame));
+    assert_eq!(decoded.expect("valid"), small_request());
+    assert_eq!(allocs, 0, "Envelope::decode of a small envelope");
+}
+
+#[test]
+fn decoding_from_a_read_buffer_allocates_once_per_buffer_not_per_frame() {
+    let mut buf = framed(&[small_request(), small_request(), small_request()]);
+    let mut codec = EnvelopeCodec::default();
+    // First frame: `BytesMut` moves its vector into shared storage (one small
+    // allocation); the frames after it are slices of that storage.
+    let (first, allocs) = count(|| codec.decode(&mut buf));
+    assert!(first.expect("in sync").expect("whole").is_ok());
+    assert_eq!(allocs, 1, "first frame of a read buffer");
+    for _ in 0..2 {
+        let (next, allocs) = count(|| codec.decode(&mut buf));
+        assert!(next.expect("in sync").expect("whole").is_ok());
+        assert_eq!(allocs, 0, "later frames of the same buffer");
+    }
+}
+
+#[test]
+fn encoding_into_a_reused_buffer_allocates_nothing() {
+    let envelope = small_request();
+    let mut codec = EnvelopeCodec::default();
+    let mut buf = BytesMut::with_capacity(4096);
+    for _ in 0..3 {
+        buf.clear();
+        let (result, allocs) = count(|| codec.encode(&envelope, &mut buf));
+        result.expect("encode");
+        assert_eq!(allocs, 0, "encode of a small envelope into a reused buffer");
+    }
+}
+
+#[test]
+fn relaying_allocates_nothing() {
+    // What the broker does per hop: decode, stamp source, re-encode.
+    let incoming = framed(&[small_request(), small_request()]);
+    let mut codec = EnvelopeCodec::default();
+    let mut read_buf = incoming.clone();
+    let _ = codec.decode(&mut read_buf); // the read buffer is shared from now on
+    let stamp = bytestring::ByteString::from_static("client.7");
+    let mut out = BytesMut::with_capacity(4096);
+    let (result, allocs) = count(|| {
+        let mut envelope = codec.decode(&mut read_buf)?.expect("whole").expect("valid");
+        envelope.source = stamp.clone();
+        codec.encode(&envelope, &mut out)
+    });
+    result.expect("relay");
+    assert_eq!(allocs, 0, "relay of one small envelope");
+}
+
+#[test]
+fn typed_payload_costs_are_what_serde_needs() {
+    let envelope = small_request();
+    // Reading {name, value} into a struct: one allocation, the `String`.
+    let (params, allocs) = count(|| envelope.payload_as::<Params>());
+    assert_eq!(params.expect("typed").name, "test");
+    assert_eq!(allocs, 1, "payload_as::<Params>");
+    // Building it: the exact-size copy out of the thread's scratch buffer,
+    // plus the `String` that goes into the struct. (Warm the scratch first.)
+    let _ = Payload::encode(&0u8);
+    let (payload, allocs) = count(|| {
+        Payload::encode(&Params {
+            name: "test".into(),
+            value: 123,
+        })
+    });
+    assert_eq!(payload.expect("encode").len(), 18);
+    assert_eq!(allocs, 2, "Payload::encode of {{name, value}}");
+}
