@@ -87,7 +87,9 @@ fn every_type_round_trips() {
     let response = request
         .response(Some(Payload::encode(&"done").expect("payload")))
         .with_source("echo.3");
-    let error = request.error_reply("handler", "it broke").with_source("echo.3");
+    let error = request
+        .error_reply("handler", "it broke")
+        .with_source("echo.3");
     let broker_error = request.broker_error(ErrorCode::Busy, "every queue is full");
     let event = Envelope::event("*", "config_changed")
         .with_payload(&[1, 2, 3])
@@ -112,7 +114,9 @@ fn every_type_round_trips() {
     );
     // An absent payload reads as nil.
     assert_eq!(
-        Envelope::event("x", "y").payload_as::<Option<u8>>().expect("nil"),
+        Envelope::event("x", "y")
+            .payload_as::<Option<u8>>()
+            .expect("nil"),
         None
     );
 }
@@ -129,23 +133,38 @@ fn payload_of_every_kind() -> Vec<(&'static str, Vec<u8>)> {
         ("u8", vec![0xcc, 0xff]),
         ("u16", vec![0xcd, 0xff, 0xfe]),
         ("u32", vec![0xce, 0xff, 0xff, 0xff, 0xfd]),
-        ("u64", vec![0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
-        ("u64 holding 1 (not shortest)", vec![0xcf, 0, 0, 0, 0, 0, 0, 0, 1]),
+        (
+            "u64",
+            vec![0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ),
+        (
+            "u64 holding 1 (not shortest)",
+            vec![0xcf, 0, 0, 0, 0, 0, 0, 0, 1],
+        ),
         ("i8", vec![0xd0, 0x80]),
         ("i16", vec![0xd1, 0x80, 0x00]),
         ("i32", vec![0xd2, 0x80, 0, 0, 0]),
         ("i64", vec![0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0]),
         ("i8 holding 5 (not shortest)", vec![0xd0, 0x05]),
         ("f32", vec![0xca, 0x3f, 0xc0, 0x00, 0x00]),
-        ("f64", vec![0xcb, 0x40, 0x09, 0x21, 0xfb, 0x54, 0x44, 0x2d, 0x18]),
-        ("f32 NaN with payload bits", vec![0xca, 0x7f, 0xc0, 0x12, 0x34]),
+        (
+            "f64",
+            vec![0xcb, 0x40, 0x09, 0x21, 0xfb, 0x54, 0x44, 0x2d, 0x18],
+        ),
+        (
+            "f32 NaN with payload bits",
+            vec![0xca, 0x7f, 0xc0, 0x12, 0x34],
+        ),
         ("empty fixstr", vec![0xa0]),
         ("empty str8 (not shortest)", vec![0xd9, 0x00]),
         ("bin8", vec![0xc4, 0x03, 0x00, 0x0a, 0xff]),
         ("empty bin", vec![0xc4, 0x00]),
         ("fixext1", vec![0xd4, 0x01, 0xaa]),
         ("fixext16", [vec![0xd8, 0xff], vec![7; 16]].concat()),
-        ("ext8 timestamp96", [vec![0xc7, 12, 0xff], vec![1; 12]].concat()),
+        (
+            "ext8 timestamp96",
+            [vec![0xc7, 12, 0xff], vec![1; 12]].concat(),
+        ),
         ("empty array", vec![0x90]),
         ("empty map", vec![0x80]),
         (
@@ -157,15 +176,23 @@ fn payload_of_every_kind() -> Vec<(&'static str, Vec<u8>)> {
         "str of 70 KB (str32)",
         pack(&rmpv::Value::from("é".repeat(35_000))),
     ));
-    cases.push(("bin32 of 70 KB", pack(&rmpv::Value::Binary(vec![0u8; 70_000]))));
+    cases.push((
+        "bin32 of 70 KB",
+        pack(&rmpv::Value::Binary(vec![0u8; 70_000])),
+    ));
     cases.push((
         "array16",
-        pack(&rmpv::Value::Array((0..1000).map(rmpv::Value::from).collect())),
+        pack(&rmpv::Value::Array(
+            (0..1000).map(rmpv::Value::from).collect(),
+        )),
     ));
     cases.push((
         "nested",
         pack(&map(vec![
-            ("a", rmpv::Value::Array(vec![map(vec![("b", rmpv::Value::Nil)])])),
+            (
+                "a",
+                rmpv::Value::Array(vec![map(vec![("b", rmpv::Value::Nil)])]),
+            ),
             ("c", rmpv::Value::Ext(-1, vec![0; 8])),
             ("d", rmpv::Value::F32(0.25)),
         ])),
@@ -211,7 +238,12 @@ fn decoded_strings_and_payload_are_slices_of_the_frame() {
     for ptr in [
         envelope.id.as_ptr(),
         envelope.target.as_ptr(),
-        envelope.payload.as_ref().expect("payload").as_bytes().as_ptr(),
+        envelope
+            .payload
+            .as_ref()
+            .expect("payload")
+            .as_bytes()
+            .as_ptr(),
     ] {
         assert!(range.contains(&ptr), "not a slice of the frame");
     }
@@ -223,7 +255,10 @@ fn unknown_keys_are_ignored_and_nil_optionals_are_absent() {
         ("type", "event".into()),
         ("id", "tick".into()),
         ("target", "*".into()),
-        ("future_key", map(vec![("nested", rmpv::Value::Array(vec![1.into()]))])),
+        (
+            "future_key",
+            map(vec![("nested", rmpv::Value::Array(vec![1.into()]))]),
+        ),
         ("error", rmpv::Value::Nil),
         ("timeout_ms", rmpv::Value::Nil),
         ("source", rmpv::Value::Nil),
@@ -312,8 +347,9 @@ fn length_over_the_limit_fails_before_any_allocation() {
         FrameCodec::new(8).encode(&[0u8; 9][..], &mut BytesMut::new()),
         Err(FrameError::TooLarge { len: 9, max: 8 })
     ));
-    let big = Envelope::event("x", "y")
-        .with_raw_payload(Payload::from_msgpack(pack(&rmpv::Value::Binary(vec![0; 2000]))).expect("bin"));
+    let big = Envelope::event("x", "y").with_raw_payload(
+        Payload::from_msgpack(pack(&rmpv::Value::Binary(vec![0; 2000]))).expect("bin"),
+    );
     assert!(matches!(
         EnvelopeCodec::new(1024).encode(&big, &mut BytesMut::new()),
         Err(FrameError::TooLarge { max: 1024, .. })
@@ -355,7 +391,11 @@ fn missing_fields_name_the_field() {
         missing("type", None)
     );
     assert_eq!(
-        invalid(&pack(&map(vec![("type", "request".into()), ("id", "M".into()), ("target", "t".into())]))),
+        invalid(&pack(&map(vec![
+            ("type", "request".into()),
+            ("id", "M".into()),
+            ("target", "t".into())
+        ]))),
         missing("correlation_id", Some(MessageType::Request))
     );
     assert_eq!(
@@ -367,7 +407,11 @@ fn missing_fields_name_the_field() {
         missing("target", Some(MessageType::Request))
     );
     assert_eq!(
-        invalid(&pack(&map(vec![("type", "event".into()), ("id", "".into()), ("target", "t".into())]))),
+        invalid(&pack(&map(vec![
+            ("type", "event".into()),
+            ("id", "".into()),
+            ("target", "t".into())
+        ]))),
         missing("id", Some(MessageType::Event))
     );
     assert_eq!(
@@ -384,7 +428,10 @@ fn missing_fields_name_the_field() {
 #[test]
 fn unknown_type() {
     assert_eq!(
-        invalid(&pack(&map(vec![("type", "Request".into()), ("id", "M".into())]))),
+        invalid(&pack(&map(vec![
+            ("type", "Request".into()),
+            ("id", "M".into())
+        ]))),
         EnvelopeError::UnknownType("Request".into())
     );
 }
@@ -412,10 +459,22 @@ fn wrong_field_types() {
     let uint = "a non-negative int";
     assert_eq!(base("type", 1.into()), wrong("type", "str", "uint"));
     assert_eq!(base("id", 5.into()), wrong("id", "str", "uint"));
-    assert_eq!(base("target", rmpv::Value::Binary(b"t".to_vec())), wrong("target", "str", "bin"));
-    assert_eq!(base("correlation_id", "1".into()), wrong("correlation_id", uint, "str"));
-    assert_eq!(base("correlation_id", (-1).into()), wrong("correlation_id", uint, "a negative int"));
-    assert_eq!(base("timeout_ms", rmpv::Value::F64(1.0)), wrong("timeout_ms", uint, "float"));
+    assert_eq!(
+        base("target", rmpv::Value::Binary(b"t".to_vec())),
+        wrong("target", "str", "bin")
+    );
+    assert_eq!(
+        base("correlation_id", "1".into()),
+        wrong("correlation_id", uint, "str")
+    );
+    assert_eq!(
+        base("correlation_id", (-1).into()),
+        wrong("correlation_id", uint, "a negative int")
+    );
+    assert_eq!(
+        base("timeout_ms", rmpv::Value::F64(1.0)),
+        wrong("timeout_ms", uint, "float")
+    );
     assert_eq!(base("code", true.into()), wrong("code", "str", "bool"));
 }
 
@@ -445,7 +504,11 @@ fn non_string_key_duplicate_key_and_bad_utf8() {
 
 #[test]
 fn trailing_bytes_after_the_envelope() {
-    let mut body = pack(&map(vec![("type", "event".into()), ("id", "e".into()), ("target", "t".into())]));
+    let mut body = pack(&map(vec![
+        ("type", "event".into()),
+        ("id", "e".into()),
+        ("target", "t".into()),
+    ]));
     body.extend([0xc0, 0xc0]);
     assert_eq!(invalid(&body), EnvelopeError::TrailingBytes(2));
 }
@@ -469,7 +532,10 @@ fn a_rejected_request_with_a_readable_correlation_id_is_salvaged() {
     );
     // Not a request, or no correlation id: nothing to answer.
     for body in [
-        pack(&map(vec![("type", "event".into()), ("correlation_id", 1.into())])),
+        pack(&map(vec![
+            ("type", "event".into()),
+            ("correlation_id", 1.into()),
+        ])),
         pack(&map(vec![("type", "request".into()), ("id", "M".into())])),
         vec![0xc1],
     ] {
