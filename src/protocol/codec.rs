@@ -60,11 +60,11 @@ impl Encoder<&Envelope> for EnvelopeCodec {
     type Error = FrameError;
 
     fn encode(&mut self, envelope: &Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let len = envelope.encoded_len();
-        self.frames.check_len(len)?;
-        dst.reserve(LENGTH_PREFIX + len);
-        dst.put_u32(len as u32);
-        envelope.encode_into(dst);
+        let layout = envelope.layout();
+        self.frames.check_len(layout.len)?;
+        dst.reserve(LENGTH_PREFIX + layout.len);
+        dst.put_u32(layout.len as u32);
+        envelope.encode_laid_out(dst, layout);
         Ok(())
     }
 }

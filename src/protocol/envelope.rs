@@ -8,7 +8,7 @@ use std::ops::Range;
 use super::error::{EnvelopeError, SalvagedRequest};
 use super::error_code::ErrorCode;
 use super::message_type::MessageType;
-use super::msgpack::{self, Reader, kind_name};
+use super::msgpack::{self, Reader, SliceWriter, kind_name, m};
 use super::payload::{Payload, PayloadError};
 
 /// The `source` of errors the broker generates itself.
@@ -40,6 +40,28 @@ pub struct Envelope {
     pub code: Option<ByteString>,
     /// `timeout_ms`: per-request deadline override.
     pub timeout_ms: Option<u64>,
+}
+
+/// The shape of an envelope's encoding, computed before writing it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    /// Map entries.
+    pub(crate) entries: usize,
+    /// Encoded bytes.
+    pub(crate) len: usize,
+}
+
+/// The keys as written: str header and name, one copy each.
+mod key {
+    pub const TYPE: &[u8] = b"\xa4type";
+    pub const ID: &[u8] = b"\xa2id";
+    pub const CORRELATION_ID: &[u8] = b"\xaecorrelation_id";
+    pub const SOURCE: &[u8] = b"\xa6source";
+    pub const TARGET: &[u8] = b"\xa6target";
+    pub const TIMEOUT_MS: &[u8] = b"\xaatimeout_ms";
+    pub const ERROR: &[u8] = b"\xa5error";
+    pub const CODE: &[u8] = b"\xa4code";
+    pub const PAYLOAD: &[u8] = b"\xa7payload";
 }
 
 /// The keys the envelope knows, each with a bit for duplicate detection.
@@ -104,7 +126,7 @@ fn read_str(
             .map_err(|_| EnvelopeError::InvalidUtf8 {
                 field: field.name(),
             }),
-        None if marker == rmp::Marker::Null => Ok(None),
+        None if marker == m::NIL => Ok(None),
         None => Err(EnvelopeError::WrongType {
             field: field.name(),
             expected: "str",
@@ -124,7 +146,7 @@ fn read_uint(reader: &mut Reader<'_>, field: Field) -> Result<Option<u64>, Envel
     match reader.uint_body(marker)? {
         Some(Some(v)) => Ok(Some(v)),
         Some(None) => Err(wrong("a negative int")),
-        None if marker == rmp::Marker::Null => Ok(None),
+        None if marker == m::NIL => Ok(None),
         None => Err(wrong(kind_name(marker))),
     }
 }
@@ -297,7 +319,7 @@ impl Envelope {
                                 EnvelopeError::UnknownType(String::from_utf8_lossy(shown).into())
                             })?);
                         }
-                        None if marker == rmp::Marker::Null => {}
+                        None if marker == m::NIL => {}
                         None => {
                             return Err(EnvelopeError::WrongType {
                                 field: "type",
@@ -371,92 +393,106 @@ impl Envelope {
         Ok(())
     }
 
-    /// Which keys [`encode_into`](Self::encode_into) writes, and their count.
-    fn writes(&self) -> [bool; 9] {
-        [
-            true,                                                        // type
-            true,                                                        // id
-            self.kind != MessageType::Event || self.correlation_id != 0, // correlation_id
-            !self.source.is_empty(),                                     // source
-            !self.target.is_empty(),                                     // target
-            self.timeout_ms.is_some(),                                   // timeout_ms
-            self.error.is_some(),                                        // error
-            self.code.is_some(),                                         // code
-            self.payload.is_some(),                                      // payload
-        ]
+    /// Whether `correlation_id` is written: always, except on events that have none.
+    fn writes_correlation_id(&self) -> bool {
+        self.kind != MessageType::Event || self.correlation_id != 0
     }
 
     /// Exact size of the encoded map, so a buffer can be reserved once.
     pub fn encoded_len(&self) -> usize {
-        let w = self.writes();
-        let entries = w.iter().filter(|&&x| x).count();
-        let mut len = msgpack::map_header_len(entries);
-        len += msgpack::str_len("type") + msgpack::str_len(self.kind.as_str());
-        len += msgpack::str_len("id") + msgpack::str_len(&self.id);
-        if w[2] {
-            len += msgpack::str_len("correlation_id") + msgpack::uint_len(self.correlation_id);
+        self.layout().len
+    }
+
+    /// How many map entries the encoding has and how many bytes it takes.
+    pub(crate) fn layout(&self) -> Layout {
+        let mut entries = 2;
+        let mut len = key::TYPE.len() + self.kind.encoded().len() + key::ID.len();
+        len += msgpack::str_len(&self.id);
+        if self.writes_correlation_id() {
+            entries += 1;
+            len += key::CORRELATION_ID.len() + msgpack::uint_len(self.correlation_id);
         }
-        if w[3] {
-            len += msgpack::str_len("source") + msgpack::str_len(&self.source);
+        if !self.source.is_empty() {
+            entries += 1;
+            len += key::SOURCE.len() + msgpack::str_len(&self.source);
         }
-        if w[4] {
-            len += msgpack::str_len("target") + msgpack::str_len(&self.target);
+        if !self.target.is_empty() {
+            entries += 1;
+            len += key::TARGET.len() + msgpack::str_len(&self.target);
         }
         if let Some(ms) = self.timeout_ms {
-            len += msgpack::str_len("timeout_ms") + msgpack::uint_len(ms);
+            entries += 1;
+            len += key::TIMEOUT_MS.len() + msgpack::uint_len(ms);
         }
         if let Some(error) = &self.error {
-            len += msgpack::str_len("error") + msgpack::str_len(error);
+            entries += 1;
+            len += key::ERROR.len() + msgpack::str_len(error);
         }
         if let Some(code) = &self.code {
-            len += msgpack::str_len("code") + msgpack::str_len(code);
+            entries += 1;
+            len += key::CODE.len() + msgpack::str_len(code);
         }
         if let Some(payload) = &self.payload {
-            len += msgpack::str_len("payload") + payload.len();
+            entries += 1;
+            len += key::PAYLOAD.len() + payload.len();
         }
-        len
+        Layout {
+            entries,
+            len: len + msgpack::map_header_len(entries),
+        }
     }
 
     /// Appends the envelope (the map, without a length prefix) to `dst`.
     /// Allocates nothing when `dst` has [`encoded_len`](Self::encoded_len)
-    /// bytes of spare capacity; otherwise reserves exactly once.
+    /// bytes of spare capacity; otherwise grows it once.
     pub fn encode_into(&self, dst: &mut BytesMut) {
-        dst.reserve(self.encoded_len());
-        let w = self.writes();
-        msgpack::put_map_header(dst, w.iter().filter(|&&x| x).count());
-        let mut put = |key: &str, value: &str| {
-            msgpack::put_str(dst, key);
-            msgpack::put_str(dst, value);
-        };
-        put("type", self.kind.as_str());
-        put("id", &self.id);
-        if w[2] {
-            msgpack::put_str(dst, "correlation_id");
-            msgpack::put_uint(dst, self.correlation_id);
+        self.encode_laid_out(dst, self.layout());
+    }
+
+    /// [`encode_into`](Self::encode_into) with the layout already computed.
+    pub(crate) fn encode_laid_out(&self, dst: &mut BytesMut, layout: Layout) {
+        // The payload is written last and may be large: copy it straight in
+        // rather than zero-filling its space first.
+        let payload_len = self.payload.as_ref().map_or(0, Payload::len);
+        dst.reserve(layout.len);
+        let start = dst.len();
+        dst.resize(start + layout.len - payload_len, 0);
+        let mut w = SliceWriter::new(&mut dst[start..]);
+        w.map_header(layout.entries);
+        w.bytes(key::TYPE);
+        w.bytes(self.kind.encoded());
+        w.bytes(key::ID);
+        w.str(&self.id);
+        if self.writes_correlation_id() {
+            w.bytes(key::CORRELATION_ID);
+            w.uint(self.correlation_id);
         }
-        if w[3] {
-            msgpack::put_str(dst, "source");
-            msgpack::put_str(dst, &self.source);
+        if !self.source.is_empty() {
+            w.bytes(key::SOURCE);
+            w.str(&self.source);
         }
-        if w[4] {
-            msgpack::put_str(dst, "target");
-            msgpack::put_str(dst, &self.target);
+        if !self.target.is_empty() {
+            w.bytes(key::TARGET);
+            w.str(&self.target);
         }
         if let Some(ms) = self.timeout_ms {
-            msgpack::put_str(dst, "timeout_ms");
-            msgpack::put_uint(dst, ms);
+            w.bytes(key::TIMEOUT_MS);
+            w.uint(ms);
         }
         if let Some(error) = &self.error {
-            msgpack::put_str(dst, "error");
-            msgpack::put_str(dst, error);
+            w.bytes(key::ERROR);
+            w.str(error);
         }
         if let Some(code) = &self.code {
-            msgpack::put_str(dst, "code");
-            msgpack::put_str(dst, code);
+            w.bytes(key::CODE);
+            w.str(code);
         }
         if let Some(payload) = &self.payload {
-            msgpack::put_str(dst, "payload");
+            w.bytes(key::PAYLOAD);
+            debug_assert_eq!(w.written(), layout.len - payload_len, "layout disagrees");
             dst.extend_from_slice(payload.as_bytes());
+        } else {
+            debug_assert_eq!(w.written(), layout.len, "layout disagrees");
         }
     }
 

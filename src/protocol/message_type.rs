@@ -30,6 +30,16 @@ impl MessageType {
         }
     }
 
+    /// The string as written on the wire: MessagePack str header and bytes.
+    pub(crate) const fn encoded(self) -> &'static [u8] {
+        match self {
+            Self::Request => b"\xa7request",
+            Self::Response => b"\xa8response",
+            Self::Event => b"\xa5event",
+            Self::Error => b"\xa5error",
+        }
+    }
+
     /// A reply is what answers a request: `Response` or `Error`.
     pub const fn is_reply(self) -> bool {
         matches!(self, Self::Response | Self::Error)
@@ -75,6 +85,9 @@ mod tests {
         for kind in MessageType::ALL {
             assert_eq!(kind.as_str().parse::<MessageType>(), Ok(kind));
             assert_eq!(kind.to_string(), kind.as_str());
+            let mut wire = Vec::new();
+            rmp::encode::write_str(&mut wire, kind.as_str()).expect("vec write");
+            assert_eq!(kind.encoded(), wire);
         }
         assert!("Request".parse::<MessageType>().is_err());
     }

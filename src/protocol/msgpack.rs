@@ -7,7 +7,6 @@
 //! nesting cannot exhaust the stack) and hands strings out as spans too. Marker
 //! classification comes from `rmp`; typed payloads still go through `rmp-serde`.
 
-use bytes::BufMut;
 use rmp::Marker;
 use std::ops::Range;
 
@@ -28,9 +27,9 @@ pub enum MsgpackError {
     },
 }
 
-/// What kind of value a marker starts; used in error messages.
-pub(crate) fn kind_name(marker: Marker) -> &'static str {
-    match marker {
+/// What kind of value a marker byte starts; used in error messages.
+pub(crate) fn kind_name(marker: u8) -> &'static str {
+    match Marker::from_u8(marker) {
         Marker::Null => "nil",
         Marker::True | Marker::False => "bool",
         Marker::FixPos(_) | Marker::U8 | Marker::U16 | Marker::U32 | Marker::U64 => "uint",
@@ -53,9 +52,18 @@ pub(crate) fn kind_name(marker: Marker) -> &'static str {
 }
 
 /// A forward-only cursor over one frame. Never allocates.
+///
+/// Works on raw marker bytes (classifying a byte is a range check) rather
+/// than `rmp::Marker`, which costs a conversion per value on the hot path.
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+}
+
+/// Marker bytes (MessagePack spec) the reader handles by name.
+pub(crate) mod m {
+    pub const NIL: u8 = 0xc0;
+    pub const RESERVED: u8 = 0xc1;
 }
 
 impl<'a> Reader<'a> {
@@ -71,6 +79,7 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<Range<usize>, MsgpackError> {
         if n > self.remaining() {
             return Err(MsgpackError::Truncated { offset: self.pos });
@@ -80,133 +89,152 @@ impl<'a> Reader<'a> {
         Ok(start..self.pos)
     }
 
-    fn be(&mut self, n: usize) -> Result<u64, MsgpackError> {
-        let range = self.take(n)?;
-        Ok(self.buf[range]
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    #[inline]
+    fn be<const N: usize>(&mut self) -> Result<u64, MsgpackError> {
+        let range = self.take(N)?;
+        let mut bytes = [0u8; 8];
+        bytes[8 - N..].copy_from_slice(&self.buf[range]);
+        Ok(u64::from_be_bytes(bytes))
     }
 
-    /// Reads the next marker byte.
-    pub(crate) fn marker(&mut self) -> Result<Marker, MsgpackError> {
-        let offset = self.pos;
-        let range = self.take(1)?;
-        match Marker::from_u8(self.buf[range.start]) {
-            Marker::Reserved => Err(MsgpackError::Reserved { offset }),
-            m => Ok(m),
+    /// Reads the next marker byte; 0xc1 (never used by MessagePack) is an error.
+    #[inline]
+    pub(crate) fn marker(&mut self) -> Result<u8, MsgpackError> {
+        let Some(&byte) = self.buf.get(self.pos) else {
+            return Err(MsgpackError::Truncated { offset: self.pos });
+        };
+        if byte == m::RESERVED {
+            return Err(MsgpackError::Reserved { offset: self.pos });
         }
+        self.pos += 1;
+        Ok(byte)
     }
 
     /// If `marker` starts a str, reads its body and returns the span.
-    pub(crate) fn str_body(
-        &mut self,
-        marker: Marker,
-    ) -> Result<Option<Range<usize>>, MsgpackError> {
+    #[inline]
+    pub(crate) fn str_body(&mut self, marker: u8) -> Result<Option<Range<usize>>, MsgpackError> {
         let len = match marker {
-            Marker::FixStr(n) => usize::from(n),
-            Marker::Str8 => self.be(1)? as usize,
-            Marker::Str16 => self.be(2)? as usize,
-            Marker::Str32 => self.be(4)? as usize,
+            0xa0..=0xbf => usize::from(marker & 0x1f),
+            0xd9 => self.be::<1>()? as usize,
+            0xda => self.be::<2>()? as usize,
+            0xdb => self.be::<4>()? as usize,
             _ => return Ok(None),
         };
         self.take(len).map(Some)
     }
 
     /// If `marker` starts an integer, reads it. `Some(None)` is a negative int.
-    pub(crate) fn uint_body(
-        &mut self,
-        marker: Marker,
-    ) -> Result<Option<Option<u64>>, MsgpackError> {
-        let signed = |v: u64, bits: u32| {
-            let shift = 64 - bits;
-            let v = ((v << shift) as i64) >> shift;
-            u64::try_from(v).ok()
-        };
+    #[inline]
+    pub(crate) fn uint_body(&mut self, marker: u8) -> Result<Option<Option<u64>>, MsgpackError> {
+        let non_negative = |v: i64| u64::try_from(v).ok();
         Ok(Some(match marker {
-            Marker::FixPos(n) => Some(u64::from(n)),
-            Marker::U8 => Some(self.be(1)?),
-            Marker::U16 => Some(self.be(2)?),
-            Marker::U32 => Some(self.be(4)?),
-            Marker::U64 => Some(self.be(8)?),
-            Marker::FixNeg(_) => None,
-            Marker::I8 => signed(self.be(1)?, 8),
-            Marker::I16 => signed(self.be(2)?, 16),
-            Marker::I32 => signed(self.be(4)?, 32),
-            Marker::I64 => signed(self.be(8)?, 64),
+            0x00..=0x7f => Some(u64::from(marker)),
+            0xcc => Some(self.be::<1>()?),
+            0xcd => Some(self.be::<2>()?),
+            0xce => Some(self.be::<4>()?),
+            0xcf => Some(self.be::<8>()?),
+            0xe0..=0xff => None,
+            0xd0 => non_negative(i64::from(self.be::<1>()? as u8 as i8)),
+            0xd1 => non_negative(i64::from(self.be::<2>()? as u16 as i16)),
+            0xd2 => non_negative(i64::from(self.be::<4>()? as u32 as i32)),
+            0xd3 => non_negative(self.be::<8>()? as i64),
             _ => return Ok(None),
         }))
     }
 
     /// If `marker` starts a map, reads its entry count.
-    pub(crate) fn map_len(&mut self, marker: Marker) -> Result<Option<usize>, MsgpackError> {
+    #[inline]
+    pub(crate) fn map_len(&mut self, marker: u8) -> Result<Option<usize>, MsgpackError> {
         Ok(Some(match marker {
-            Marker::FixMap(n) => usize::from(n),
-            Marker::Map16 => self.be(2)? as usize,
-            Marker::Map32 => self.be(4)? as usize,
+            0x80..=0x8f => usize::from(marker & 0x0f),
+            0xde => self.be::<2>()? as usize,
+            0xdf => self.be::<4>()? as usize,
             _ => return Ok(None),
         }))
     }
 
     /// Skips the body of a value whose marker was just read.
-    pub(crate) fn skip_body(&mut self, marker: Marker) -> Result<(), MsgpackError> {
-        // Values still to skip. Each needs at least one byte, so a count larger
-        // than what is left is a truncated frame: that bound keeps the loop
-        // linear in the frame size whatever lengths the headers claim.
-        let mut pending: u64 = 0;
+    ///
+    /// Iterative: `pending` counts values still to skip, so nesting depth costs
+    /// no stack. Each value needs at least one byte, so a count larger than
+    /// what is left is a truncated frame: that bound keeps the loop linear in
+    /// the frame size whatever lengths the headers claim. The common one-byte
+    /// markers (fixstr, fixint, fixmap, fixarray, nil, bool) take the fast arm;
+    /// a 20 KB payload is about a thousand values, so this loop is what a
+    /// relay of a large envelope costs.
+    pub(crate) fn skip_body(&mut self, marker: u8) -> Result<(), MsgpackError> {
+        // Position in a local: the loop stays in registers.
+        let buf = self.buf;
+        let end = buf.len();
+        let mut pos = self.pos;
+        let mut pending: usize = 0;
         let mut marker = marker;
         loop {
-            let children: u64 = match marker {
-                Marker::Null
-                | Marker::True
-                | Marker::False
-                | Marker::FixPos(_)
-                | Marker::FixNeg(_) => 0,
-                Marker::U8 | Marker::I8 => self.take(1).map(|_| 0)?,
-                Marker::U16 | Marker::I16 => self.take(2).map(|_| 0)?,
-                Marker::U32 | Marker::I32 | Marker::F32 => self.take(4).map(|_| 0)?,
-                Marker::U64 | Marker::I64 | Marker::F64 => self.take(8).map(|_| 0)?,
-                Marker::FixStr(n) => self.take(usize::from(n)).map(|_| 0)?,
-                Marker::Str8 | Marker::Bin8 => self.sized(1, 0)?,
-                Marker::Str16 | Marker::Bin16 => self.sized(2, 0)?,
-                Marker::Str32 | Marker::Bin32 => self.sized(4, 0)?,
-                Marker::FixExt1 => self.take(2).map(|_| 0)?,
-                Marker::FixExt2 => self.take(3).map(|_| 0)?,
-                Marker::FixExt4 => self.take(5).map(|_| 0)?,
-                Marker::FixExt8 => self.take(9).map(|_| 0)?,
-                Marker::FixExt16 => self.take(17).map(|_| 0)?,
-                Marker::Ext8 => self.sized(1, 1)?,
-                Marker::Ext16 => self.sized(2, 1)?,
-                Marker::Ext32 => self.sized(4, 1)?,
-                Marker::FixArray(n) => u64::from(n),
-                Marker::Array16 => self.be(2)?,
-                Marker::Array32 => self.be(4)?,
-                Marker::FixMap(n) => 2 * u64::from(n),
-                Marker::Map16 => 2 * self.be(2)?,
-                Marker::Map32 => 2 * self.be(4)?,
-                Marker::Reserved => {
-                    return Err(MsgpackError::Reserved {
-                        offset: self.pos.saturating_sub(1),
-                    });
+            match marker {
+                0xa0..=0xbf => pos += usize::from(marker & 0x1f),
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => {}
+                0x80..=0x8f => pending += 2 * usize::from(marker & 0x0f),
+                0x90..=0x9f => pending += usize::from(marker & 0x0f),
+                _ => {
+                    self.pos = pos;
+                    let (skip, children) = self.sized_body(marker)?;
+                    pos = self.pos.saturating_add(skip);
+                    pending = pending.saturating_add(children);
                 }
-            };
-            pending += children;
-            if pending > self.remaining() as u64 {
+            }
+            // One check covers both a body running past the end and more
+            // pending values than bytes left.
+            if pos > end || pending > end - pos {
+                self.pos = pos.min(end);
                 return Err(MsgpackError::Truncated { offset: self.pos });
             }
             if pending == 0 {
+                self.pos = pos;
                 return Ok(());
             }
             pending -= 1;
-            marker = self.marker()?;
+            // In bounds: at least `pending` (>= 1) bytes are left.
+            marker = buf[pos];
+            if marker == m::RESERVED {
+                self.pos = pos;
+                return Err(MsgpackError::Reserved { offset: pos });
+            }
+            pos += 1;
         }
     }
 
-    /// Skips a length-prefixed body (str, bin, ext): `len_bytes` of length,
-    /// then `extra` bytes (the ext type), then the body.
-    fn sized(&mut self, len_bytes: usize, extra: usize) -> Result<u64, MsgpackError> {
-        let len = self.be(len_bytes)? as usize;
-        self.take(extra.saturating_add(len))?;
-        Ok(0)
+    /// For markers with a length or count after them: bytes of body to skip,
+    /// and child values to skip after that.
+    fn sized_body(&mut self, marker: u8) -> Result<(usize, usize), MsgpackError> {
+        let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Ok(match marker {
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xc4 | 0xd9 => (n(self.be::<1>()?), 0),
+            0xc5 | 0xda => (n(self.be::<2>()?), 0),
+            0xc6 | 0xdb => (n(self.be::<4>()?), 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xc7 => (n(self.be::<1>()?).saturating_add(1), 0),
+            0xc8 => (n(self.be::<2>()?).saturating_add(1), 0),
+            0xc9 => (n(self.be::<4>()?).saturating_add(1), 0),
+            0xdc => (0, n(self.be::<2>()?)),
+            0xdd => (0, n(self.be::<4>()?)),
+            0xde => (0, n(self.be::<2>()?).saturating_mul(2)),
+            0xdf => (0, n(self.be::<4>()?).saturating_mul(2)),
+            // The one-byte markers are handled by the caller; 0xc1 is the
+            // only byte left, and `marker()` never returns it.
+            _ => {
+                return Err(MsgpackError::Reserved {
+                    offset: self.pos.saturating_sub(1),
+                });
+            }
+        })
     }
 
     /// Skips one whole value and returns its span.
@@ -250,20 +278,6 @@ pub(crate) fn map_header_len(entries: usize) -> usize {
     }
 }
 
-pub(crate) fn put_map_header(dst: &mut impl BufMut, entries: usize) {
-    match entries {
-        0..=15 => dst.put_u8(0x80 | entries as u8),
-        16..=0xffff => {
-            dst.put_u8(0xde);
-            dst.put_u16(entries as u16);
-        }
-        _ => {
-            dst.put_u8(0xdf);
-            dst.put_u32(entries as u32);
-        }
-    }
-}
-
 pub(crate) fn str_len(s: &str) -> usize {
     let header = match s.len() {
         0..=31 => 1,
@@ -272,28 +286,6 @@ pub(crate) fn str_len(s: &str) -> usize {
         _ => 5,
     };
     header + s.len()
-}
-
-/// Writes a str. Strings longer than `u32::MAX` cannot occur here: frames are
-/// capped far below that and the encoder checks the total first.
-pub(crate) fn put_str(dst: &mut impl BufMut, s: &str) {
-    let n = s.len();
-    match n {
-        0..=31 => dst.put_u8(0xa0 | n as u8),
-        32..=0xff => {
-            dst.put_u8(0xd9);
-            dst.put_u8(n as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xda);
-            dst.put_u16(n as u16);
-        }
-        _ => {
-            dst.put_u8(0xdb);
-            dst.put_u32(n as u32);
-        }
-    }
-    dst.put_slice(s.as_bytes());
 }
 
 pub(crate) fn uint_len(v: u64) -> usize {
@@ -306,25 +298,84 @@ pub(crate) fn uint_len(v: u64) -> usize {
     }
 }
 
-/// Writes an unsigned int in its shortest form (as every msgpack library does).
-pub(crate) fn put_uint(dst: &mut impl BufMut, v: u64) {
-    match v {
-        0..=0x7f => dst.put_u8(v as u8),
-        0x80..=0xff => {
-            dst.put_u8(0xcc);
-            dst.put_u8(v as u8);
+/// Writes into a slice sized in advance with the `*_len` functions above: each
+/// write is a bounds-checked copy instead of a buffer's capacity check and an
+/// out-of-line `memcpy`, which is most of the cost of a small envelope.
+pub(crate) struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> SliceWriter<'a> {
+    pub(crate) fn new(buf: &'a mut [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn written(&self) -> usize {
+        self.pos
+    }
+
+    #[inline]
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        let end = self.pos + bytes.len();
+        self.buf[self.pos..end].copy_from_slice(bytes);
+        self.pos = end;
+    }
+
+    #[inline]
+    pub(crate) fn map_header(&mut self, entries: usize) {
+        match entries {
+            0..=15 => self.bytes(&[0x80 | entries as u8]),
+            16..=0xffff => {
+                self.bytes(&[0xde]);
+                self.bytes(&(entries as u16).to_be_bytes());
+            }
+            _ => {
+                self.bytes(&[0xdf]);
+                self.bytes(&(entries as u32).to_be_bytes());
+            }
         }
-        0x100..=0xffff => {
-            dst.put_u8(0xcd);
-            dst.put_u16(v as u16);
+    }
+
+    /// Writes a str. Lengths past `u32::MAX` cannot occur: frames are capped
+    /// far below that and the encoder checks the total first.
+    #[inline]
+    pub(crate) fn str(&mut self, s: &str) {
+        let n = s.len();
+        match n {
+            0..=31 => self.bytes(&[0xa0 | n as u8]),
+            32..=0xff => self.bytes(&[0xd9, n as u8]),
+            0x100..=0xffff => {
+                self.bytes(&[0xda]);
+                self.bytes(&(n as u16).to_be_bytes());
+            }
+            _ => {
+                self.bytes(&[0xdb]);
+                self.bytes(&(n as u32).to_be_bytes());
+            }
         }
-        0x1_0000..=0xffff_ffff => {
-            dst.put_u8(0xce);
-            dst.put_u32(v as u32);
-        }
-        _ => {
-            dst.put_u8(0xcf);
-            dst.put_u64(v);
+        self.bytes(s.as_bytes());
+    }
+
+    /// Writes an unsigned int in its shortest form (as every msgpack library does).
+    #[inline]
+    pub(crate) fn uint(&mut self, v: u64) {
+        match v {
+            0..=0x7f => self.bytes(&[v as u8]),
+            0x80..=0xff => self.bytes(&[0xcc, v as u8]),
+            0x100..=0xffff => {
+                self.bytes(&[0xcd]);
+                self.bytes(&(v as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                self.bytes(&[0xce]);
+                self.bytes(&(v as u32).to_be_bytes());
+            }
+            _ => {
+                self.bytes(&[0xcf]);
+                self.bytes(&v.to_be_bytes());
+            }
         }
     }
 }
@@ -336,6 +387,14 @@ mod tests {
     fn skip(bytes: &[u8]) -> Result<usize, MsgpackError> {
         let mut r = Reader::new(bytes);
         r.value_span().map(|s| s.end)
+    }
+
+    fn write(len: usize, f: impl FnOnce(&mut SliceWriter<'_>)) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut w = SliceWriter::new(&mut buf);
+        f(&mut w);
+        assert_eq!(w.written(), len, "length function and writer disagree");
+        buf
     }
 
     #[test]
@@ -352,8 +411,7 @@ mod tests {
             u32::MAX as u64,
             u64::MAX,
         ] {
-            let mut ours = Vec::new();
-            put_uint(&mut ours, v);
+            let ours = write(uint_len(v), |w| w.uint(v));
             let mut theirs = Vec::new();
             rmp::encode::write_uint(&mut theirs, v).expect("vec write");
             assert_eq!(ours, theirs, "uint {v}");
@@ -361,16 +419,14 @@ mod tests {
         }
         for n in [0usize, 31, 32, 255, 256, 65535, 65536] {
             let s = "x".repeat(n);
-            let mut ours = Vec::new();
-            put_str(&mut ours, &s);
+            let ours = write(str_len(&s), |w| w.str(&s));
             let mut theirs = Vec::new();
             rmp::encode::write_str(&mut theirs, &s).expect("vec write");
             assert_eq!(ours, theirs, "str of {n}");
             assert_eq!(ours.len(), str_len(&s));
         }
         for n in [0usize, 15, 16, 65535, 65536] {
-            let mut ours = Vec::new();
-            put_map_header(&mut ours, n);
+            let ours = write(map_header_len(n), |w| w.map_header(n));
             let mut theirs = Vec::new();
             rmp::encode::write_map_len(&mut theirs, n as u32).expect("vec write");
             assert_eq!(ours, theirs, "map of {n}");
@@ -425,14 +481,23 @@ mod tests {
 
     #[test]
     fn uint_accepts_non_negative_signed_forms() {
-        let mut r = Reader::new(&[0xd0, 0x05]);
-        let m = r.marker().expect("marker");
-        assert_eq!(r.uint_body(m), Ok(Some(Some(5))));
-        let mut r = Reader::new(&[0xd0, 0xfb]);
-        let m = r.marker().expect("marker");
-        assert_eq!(r.uint_body(m), Ok(Some(None)));
-        let mut r = Reader::new(&[0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0]);
-        let m = r.marker().expect("marker");
-        assert_eq!(r.uint_body(m), Ok(Some(None)));
+        let read = |bytes: &[u8]| {
+            let mut r = Reader::new(bytes);
+            let m = r.marker().expect("marker");
+            r.uint_body(m)
+        };
+        assert_eq!(read(&[0xd0, 0x05]), Ok(Some(Some(5))));
+        assert_eq!(read(&[0xd0, 0xfb]), Ok(Some(None)));
+        assert_eq!(read(&[0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0]), Ok(Some(None)));
+        assert_eq!(
+            read(&[0xd3, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Ok(Some(Some(i64::MAX as u64)))
+        );
+        assert_eq!(
+            read(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Ok(Some(Some(u64::MAX)))
+        );
+        assert_eq!(read(&[0xcd, 0x01, 0x00]), Ok(Some(Some(256))));
+        assert_eq!(read(&[0xc0]), Ok(None));
     }
 }
