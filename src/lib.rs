@@ -19,3 +19,8 @@
 #![warn(missing_docs)]
 
 pub mod protocol;
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,98 @@
+//! The `procbroker` binary's protocol tools, run as real processes.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn procbroker");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn encode_then_decode_gives_the_envelopes_back() {
+    let lines = concat!(
+        r#"{"type":"request","id":"Echo","correlation_id":18446744073709551615,"target":"echo","timeout_ms":5,"payload":{"a":[1,-2,2.5,null,"x"]}}"#,
+        "\n\n",
+        r#"{"type":"error","id":"Echo","correlation_id":3,"target":"client.0","code":"busy","error":"full","source":"broker"}"#,
+        "\n",
+        r#"{"type":"event","id":"ready","target":"broker"}"#,
+        "\n",
+    );
+    let frames = run(&["encode"], lines.as_bytes());
+    assert!(
+        frames.status.success(),
+        "{}",
+        String::from_utf8_lossy(&frames.stderr)
+    );
+    let decoded = run(&["decode"], &frames.stdout);
+    assert!(
+        decoded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&decoded.stderr)
+    );
+    let got: Vec<serde_json::Value> = String::from_utf8(decoded.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let want: Vec<serde_json::Value> = lines
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn decode_reports_bad_frames_and_goes_on_then_fails_on_a_broken_stream() {
+    let mut stream = vec![0, 0, 0, 1, 0xc1]; // not MessagePack
+    let good = run(&["encode"], br#"{"type":"event","id":"tick","target":"*"}"#);
+    stream.extend_from_slice(&good.stdout);
+    stream.extend_from_slice(b"hello\n"); // a stray print: "hell" as a length
+    let out = run(&["decode"], &stream);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("\"invalid\":\"not MessagePack"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("\"id\":\"tick\""), "{}", lines[1]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("frame length 1751477356 exceeds the limit"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn encode_rejects_an_invalid_envelope_naming_the_line() {
+    let out = run(
+        &["encode"],
+        b"{\"type\":\"event\",\"id\":\"a\",\"target\":\"b\"}\n{\"type\":\"request\",\"id\":\"Echo\"}\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(
+        stderr.contains("missing required field \"target\""),
+        "{stderr}"
+    );
+    // The valid first line was written before the failure.
+    assert_eq!(&out.stdout[..4], &[0, 0, 0, (out.stdout.len() - 4) as u8]);
+}
