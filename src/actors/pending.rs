@@ -1,0 +1,263 @@
+//! Requests in flight: `(origin, correlation_id) → {worker, deadline, start}`.
+//!
+//! Deadlines live in a min-heap beside the map, so the Router arms one timer
+//! (for the earliest deadline) instead of one per request. A reply removes the
+//! map entry and leaves its heap entry behind as stale; stale entries are
+//! skipped when they surface and the heap is rebuilt when they outnumber the
+//! live ones, so memory stays proportional to what is in flight.
+
+use bytestring::ByteString;
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+use crate::protocol::Envelope;
+
+/// Who gets the reply.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// A process (its id is the key's origin): the reply is delivered to it.
+    Process,
+    /// A Rust caller of the embedding API, waiting on a channel.
+    Caller(oneshot::Sender<Envelope>),
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The process the request was delivered to; only it may answer.
+    pub(crate) worker: ByteString,
+    /// The request's method name, copied into broker-generated errors.
+    pub(crate) method: ByteString,
+    /// When the request was read (latency starts here).
+    pub(crate) start: Instant,
+    /// When the origin gets `timeout`.
+    pub(crate) deadline: Instant,
+    /// Where the reply goes.
+    pub(crate) reply_to: ReplyTo,
+    /// Matches the heap entry that belongs to this request.
+    seq: u64,
+}
+
+pub(crate) type Key = (ByteString, u64);
+
+/// The pending table and its deadline heap.
+#[derive(Debug, Default)]
+pub(crate) struct PendingTable {
+    map: HashMap<Key, Pending>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
+    next_seq: u64,
+}
+
+/// The key is already in flight.
+#[derive(Debug)]
+pub(crate) struct Duplicate;
+
+impl PendingTable {
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn contains(&self, key: &Key) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Adds a request; refuses a key that is already in flight.
+    pub(crate) fn insert(
+        &mut self,
+        key: Key,
+        worker: ByteString,
+        method: ByteString,
+        start: Instant,
+        deadline: Instant,
+        reply_to: ReplyTo,
+    ) -> Result<(), Duplicate> {
+        let seq = self.next_seq;
+        match self.map.entry(key) {
+            Entry::Occupied(_) => return Err(Duplicate),
+            Entry::Vacant(slot) => {
+                self.deadlines
+                    .push(Reverse((deadline, seq, slot.key().clone())));
+                slot.insert(Pending {
+                    worker,
+                    method,
+                    start,
+                    deadline,
+                    reply_to,
+                    seq,
+                });
+            }
+        }
+        self.next_seq += 1;
+        self.compact();
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, key: &Key) -> Option<&Pending> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending> {
+        self.map.remove(key)
+    }
+
+    /// The earliest deadline still live, dropping stale heap entries on the way.
+    pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((deadline, seq, key))) = self.deadlines.peek() {
+            if self.map.get(key).is_some_and(|p| p.seq == *seq) {
+                return Some(*deadline);
+            }
+            self.deadlines.pop();
+        }
+        None
+    }
+
+    /// Removes and returns every request whose deadline is at or before `now`.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(Key, Pending)> {
+        let mut expired = Vec::new();
+        while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Some(Reverse((_, seq, key))) = self.deadlines.pop() else {
+                break;
+            };
+            if self.map.get(&key).is_some_and(|p| p.seq == seq)
+                && let Some(pending) = self.map.remove(&key)
+            {
+                expired.push((key, pending));
+            }
+        }
+        expired
+    }
+
+    /// Removes every entry for which `f` says so (worker or origin gone).
+    pub(crate) fn drain_where(
+        &mut self,
+        mut f: impl FnMut(&Key, &Pending) -> bool,
+    ) -> Vec<(Key, Pending)> {
+        let keys: Vec<Key> = self
+            .map
+            .iter()
+            .filter(|(k, p)| f(k, p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let drained = keys
+            .into_iter()
+            .filter_map(|k| self.map.remove(&k).map(|p| (k, p)))
+            .collect();
+        self.compact();
+        drained
+    }
+
+    /// Rebuilds the heap when stale entries dominate it.
+    fn compact(&mut self) {
+        if self.deadlines.len() > 2 * self.map.len() + 1024 {
+            self.deadlines = self
+                .map
+                .iter()
+                .map(|(k, p)| Reverse((p.deadline, p.seq, k.clone())))
+                .collect();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn heap_len(&self) -> usize {
+        self.deadlines.len()
+    }
+}
+
+/// Keys of requests that timed out recently, to tell a late reply from an
+/// unmatched one. Bounded: the oldest are forgotten first.
+#[derive(Debug)]
+pub(crate) struct RecentlyExpired {
+    set: HashSet<Key>,
+    order: VecDeque<Key>,
+    capacity: usize,
+}
+
+impl RecentlyExpired {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub(crate) fn insert(&mut self, key: Key) {
+        if self.capacity == 0 || !self.set.insert(key.clone()) {
+            return;
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+    }
+
+    /// True (once) if `key` timed out recently.
+    pub(crate) fn take(&mut self, key: &Key) -> bool {
+        self.set.remove(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn key(n: u64) -> Key {
+        (ByteString::from_static("client.0"), n)
+    }
+
+    fn add(t: &mut PendingTable, n: u64, deadline: Instant) -> Result<(), Duplicate> {
+        t.insert(
+            key(n),
+            "w.0".into(),
+            "M".into(),
+            deadline,
+            deadline,
+            ReplyTo::Process,
+        )
+    }
+
+    #[test]
+    fn duplicates_are_refused_and_deadlines_expire_in_order() {
+        let t0 = Instant::now();
+        let mut t = PendingTable::default();
+        add(&mut t, 1, t0 + Duration::from_millis(30)).expect("new");
+        add(&mut t, 2, t0 + Duration::from_millis(10)).expect("new");
+        assert!(add(&mut t, 1, t0).is_err());
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(10)));
+        let expired = t.expire(t0 + Duration::from_millis(20));
+        assert_eq!(expired.iter().map(|(k, _)| k.1).collect::<Vec<_>>(), [2]);
+        assert!(t.remove(&key(1)).is_some());
+        assert_eq!(t.next_deadline(), None, "stale entry skipped");
+    }
+
+    #[test]
+    fn stale_heap_entries_are_compacted() {
+        let t0 = Instant::now();
+        let mut t = PendingTable::default();
+        for n in 0..10_000 {
+            add(&mut t, n, t0).expect("new");
+            t.remove(&key(n));
+        }
+        assert!(t.heap_len() <= 1024 + 2, "heap holds {}", t.heap_len());
+    }
+
+    #[test]
+    fn recently_expired_is_bounded_and_answers_once() {
+        let mut r = RecentlyExpired::new(2);
+        r.insert(key(1));
+        r.insert(key(2));
+        r.insert(key(3));
+        assert!(!r.take(&key(1)), "evicted");
+        assert!(r.take(&key(3)));
+        assert!(!r.take(&key(3)), "only once");
+    }
+}

@@ -1,0 +1,728 @@
+//! Router: the hot path (DESIGN 5.1, 5.2).
+//!
+//! Every envelope a process sends arrives here as [`Route`]; Rust callers send
+//! [`Call`]. The Router resolves `target` (process id, service name with
+//! round-robin over ready workers, `broker`, `*`), delivers with [`Deliver`],
+//! and remembers each request in the pending table so that exactly one reply
+//! goes back: the worker's, or an error it generates (`busy`, `timeout`,
+//! `worker_exited`, …). It never decodes a payload.
+//!
+//! Why counters and histograms live here and not in the MetricsStore: one
+//! actor message per sample would cost more than the routing itself. The
+//! Router owns them and ships a batch every `metrics_flush_interval` (and on
+//! [`FlushMetrics`], which stats requests send first, so stats are exact).
+//!
+//! Why the queue bound is a counter: actix mailboxes do not bound memory
+//! (`do_send` ignores capacity), so the Router counts requests in flight per
+//! process and answers `busy` past `queue_capacity`.
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::oneshot;
+
+use super::latency;
+use super::metrics_store::{Counters, MetricsBatch, MetricsStore, ProcessSnapshot};
+use super::pending::{Key, Pending, PendingTable, RecentlyExpired, ReplyTo};
+use crate::config::BrokerConfig;
+use crate::names::{BROADCAST, BROKER, CALLER};
+use crate::protocol::{Envelope, ErrorCode, MessageType};
+
+/// An envelope for a process: a request or event addressed to it, or a reply
+/// to one of its requests. Whatever backs the process (an in-process worker,
+/// a subprocess bridge, the Broker) implements `Handler<Deliver>`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Envelope);
+
+/// An envelope sent by process `from` (its `source` is overwritten with `from`).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Route {
+    /// The sending process; authoritative, whatever the envelope says.
+    pub from: ByteString,
+    /// What it sent.
+    pub envelope: Envelope,
+}
+
+/// A request from a Rust caller of the embedding API. The Router assigns the
+/// correlation id and answers exactly once on `reply`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Call {
+    /// The request (`correlation_id` is replaced).
+    pub envelope: Envelope,
+    /// Where the reply (a response or an error envelope) goes.
+    pub reply: oneshot::Sender<Envelope>,
+}
+
+/// Adds a process to the routing table.
+#[derive(Message)]
+#[rtype(result = "Result<(), RouterError>")]
+pub struct RegisterProcess {
+    /// Its id (`service.N`, or `broker`).
+    pub id: ByteString,
+    /// The service it is a worker of.
+    pub service: ByteString,
+    /// Where its envelopes go.
+    pub recipient: Recipient<Deliver>,
+    /// Routable at once (else after [`SetReady`]).
+    pub ready: bool,
+}
+
+/// Marks a process routable (its `ready` event came) or not.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetReady {
+    /// The process.
+    pub id: ByteString,
+    /// Routable or not.
+    pub ready: bool,
+}
+
+/// Removes a process (it exited or was stopped). Requests in flight to it are
+/// answered with `worker_exited` at once; requests it had sent are dropped.
+/// Returns how many requests were failed.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct RemoveProcess {
+    /// The process.
+    pub id: ByteString,
+    /// Why, for the error message.
+    pub reason: String,
+}
+
+/// Ships counters and histograms to the MetricsStore now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FlushMetrics;
+
+/// While draining, new requests are answered `shutting_down`; replies to
+/// requests already in flight still go through.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetDraining(pub bool);
+
+/// How many requests are in flight.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct PendingCount;
+
+/// Registration failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    /// A process with that id is already registered.
+    #[error("process {0:?} is already registered")]
+    Duplicate(String),
+}
+
+struct ProcessEntry {
+    service: usize,
+    recipient: Recipient<Deliver>,
+    ready: bool,
+    in_flight: usize,
+    delta: Counters,
+    first_seen: Option<Instant>,
+    last_seen: Option<Instant>,
+}
+
+impl ProcessEntry {
+    fn saw(&mut self, now: Instant) {
+        self.first_seen.get_or_insert(now);
+        self.last_seen = Some(now);
+    }
+}
+
+struct ServiceEntry {
+    name: ByteString,
+    workers: Vec<ByteString>,
+    cursor: usize,
+    histogram: Histogram<u64>,
+}
+
+/// The Router actor. Start it with [`Router::new`] and `Actor::start`, or let
+/// the embedding builder do it.
+pub struct Router {
+    config: BrokerConfig,
+    metrics: Addr<MetricsStore>,
+    processes: HashMap<ByteString, ProcessEntry>,
+    services: Vec<ServiceEntry>,
+    service_index: HashMap<ByteString, usize>,
+    pending: PendingTable,
+    expired: RecentlyExpired,
+    next_call_id: u64,
+    caller: Counters,
+    overall: Histogram<u64>,
+    retired: Vec<ProcessSnapshot>,
+    timer: Option<(Instant, SpawnHandle)>,
+    draining: bool,
+    clock: (Instant, SystemTime),
+    caller_id: ByteString,
+}
+
+impl Router {
+    /// A Router that ships its metrics to `metrics`.
+    pub fn new(config: BrokerConfig, metrics: Addr<MetricsStore>) -> Self {
+        Self {
+            config,
+            metrics,
+            processes: HashMap::new(),
+            services: Vec::new(),
+            service_index: HashMap::new(),
+            pending: PendingTable::default(),
+            expired: RecentlyExpired::new(65_536),
+            next_call_id: 0,
+            caller: Counters::default(),
+            overall: latency::new_histogram(),
+            retired: Vec::new(),
+            timer: None,
+            draining: false,
+            clock: (Instant::now(), SystemTime::now()),
+            caller_id: ByteString::from_static(CALLER),
+        }
+    }
+
+    fn wall(&self, at: Instant) -> SystemTime {
+        self.clock.1 + at.saturating_duration_since(self.clock.0)
+    }
+
+    fn service_slot(&mut self, name: &ByteString) -> usize {
+        if let Some(&i) = self.service_index.get(name) {
+            return i;
+        }
+        self.services.push(ServiceEntry {
+            name: name.clone(),
+            workers: Vec::new(),
+            cursor: 0,
+            histogram: latency::new_histogram(),
+        });
+        let i = self.services.len() - 1;
+        self.service_index.insert(name.clone(), i);
+        i
+    }
+
+    /// Counts one envelope received from `from`.
+    fn count_received(&mut self, from: &ByteString, kind: MessageType, now: Instant) -> bool {
+        let counters = match self.processes.get_mut(from) {
+            Some(entry) => {
+                entry.saw(now);
+                &mut entry.delta
+            }
+            None if *from == self.caller_id => &mut self.caller,
+            None => return false,
+        };
+        counters.received += 1;
+        match kind {
+            MessageType::Request => counters.requests += 1,
+            MessageType::Response => counters.responses += 1,
+            MessageType::Event => counters.events += 1,
+            MessageType::Error => counters.errors += 1,
+        }
+        true
+    }
+
+    fn counters_of(&mut self, id: &ByteString) -> Option<&mut Counters> {
+        match self.processes.get_mut(id) {
+            Some(entry) => Some(&mut entry.delta),
+            None if *id == self.caller_id => Some(&mut self.caller),
+            None => None,
+        }
+    }
+
+    /// Delivers an envelope to a process; false if it is gone.
+    fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
+        match self.processes.get_mut(to) {
+            Some(entry) if entry.recipient.connected() => {
+                entry.recipient.do_send(Deliver(envelope));
+                entry.delta.sent += 1;
+                entry.saw(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends a broker-generated error for `request` to its origin.
+    fn reject(
+        &mut self,
+        request: &Envelope,
+        origin: &ByteString,
+        reply_to: ReplyTo,
+        code: ErrorCode,
+        message: String,
+        now: Instant,
+    ) {
+        let mut error = request.broker_error(code, message);
+        error.target = origin.clone();
+        match reply_to {
+            ReplyTo::Caller(tx) => {
+                let _ = tx.send(error);
+            }
+            ReplyTo::Process => {
+                self.deliver(origin, error, now);
+            }
+        }
+    }
+
+    /// Resolves a request's target to one process, or says why not.
+    fn pick(&mut self, target: &ByteString) -> Result<ByteString, (ErrorCode, String)> {
+        let capacity = self.config.queue_capacity;
+        if let Some(entry) = self.processes.get(target) {
+            if !entry.ready {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!("process {target:?} is not ready"),
+                ));
+            }
+            if entry.in_flight >= capacity {
+                return Err((
+                    ErrorCode::Busy,
+                    format!("process {target:?} has {capacity} requests in flight"),
+                ));
+            }
+            return Ok(target.clone());
+        }
+        let Some(&slot) = self.service_index.get(target) else {
+            return Err((
+                ErrorCode::UnknownTarget,
+                format!("no process or service {target:?}"),
+            ));
+        };
+        let service = &mut self.services[slot];
+        let n = service.workers.len();
+        let mut any_ready = false;
+        for step in 0..n {
+            let i = (service.cursor + step) % n;
+            let Some(entry) = self.processes.get(&service.workers[i]) else {
+                continue;
+            };
+            if !entry.ready {
+                continue;
+            }
+            any_ready = true;
+            if entry.in_flight < capacity {
+                service.cursor = (i + 1) % n;
+                return Ok(service.workers[i].clone());
+            }
+        }
+        if any_ready {
+            Err((
+                ErrorCode::Busy,
+                format!("every worker of {target:?} has {capacity} requests in flight"),
+            ))
+        } else {
+            Err((
+                ErrorCode::Unavailable,
+                format!("service {target:?} has no ready worker"),
+            ))
+        }
+    }
+
+    fn route_request(
+        &mut self,
+        origin: ByteString,
+        mut envelope: Envelope,
+        reply_to: ReplyTo,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.draining {
+            self.reject(
+                &envelope,
+                &origin,
+                reply_to,
+                ErrorCode::ShuttingDown,
+                "the broker is shutting down".into(),
+                now,
+            );
+            return;
+        }
+        let key: Key = (origin.clone(), envelope.correlation_id);
+        if self.pending.contains(&key) {
+            let message = format!(
+                "correlation_id {} is already in flight from {origin:?}",
+                key.1
+            );
+            self.reject(
+                &envelope,
+                &origin,
+                reply_to,
+                ErrorCode::BadRequest,
+                message,
+                now,
+            );
+            return;
+        }
+        let worker = match self.pick(&envelope.target) {
+            Ok(worker) => worker,
+            Err((code, message)) => {
+                if code == ErrorCode::Busy
+                    && let Some(counters) = self.counters_of(&origin)
+                {
+                    counters.busy_rejections += 1;
+                }
+                self.reject(&envelope, &origin, reply_to, code, message, now);
+                return;
+            }
+        };
+        let timeout = envelope
+            .timeout_ms
+            .map_or(self.config.request_timeout, Duration::from_millis);
+        let deadline = now + timeout;
+        if !self
+            .processes
+            .get(&worker)
+            .is_some_and(|e| e.recipient.connected())
+        {
+            self.remove_process(&worker, "its actor stopped", now);
+            let message = format!("worker {worker:?} is gone");
+            self.reject(
+                &envelope,
+                &origin,
+                reply_to,
+                ErrorCode::WorkerExited,
+                message,
+                now,
+            );
+            return;
+        }
+        let method = envelope.id.clone();
+        envelope.source = origin;
+        self.deliver(&worker, envelope, now);
+        if let Some(entry) = self.processes.get_mut(&worker) {
+            entry.in_flight += 1;
+        }
+        // Cannot collide: checked above, and nothing ran in between.
+        let _ = self
+            .pending
+            .insert(key, worker, method, now, deadline, reply_to);
+        self.arm_timer(ctx);
+    }
+
+    fn route_reply(&mut self, from: ByteString, envelope: Envelope, now: Instant) {
+        let key: Key = (envelope.target.clone(), envelope.correlation_id);
+        let from_worker = match self.pending.get(&key) {
+            Some(pending) => pending.worker == from,
+            None => false,
+        };
+        if !from_worker {
+            let late = self.pending.get(&key).is_none() && self.expired.take(&key);
+            if let Some(counters) = self.counters_of(&from) {
+                if late {
+                    counters.late_replies += 1;
+                } else {
+                    counters.unmatched_replies += 1;
+                }
+            }
+            tracing::debug!(process = %from, target = %envelope.target, correlation_id = envelope.correlation_id, late, "reply dropped");
+            return;
+        }
+        let Some(pending) = self.pending.remove(&key) else {
+            return;
+        };
+        self.finish(&pending, now);
+        match pending.reply_to {
+            ReplyTo::Caller(tx) => {
+                let _ = tx.send(envelope);
+            }
+            ReplyTo::Process => {
+                self.deliver(&key.0, envelope, now);
+            }
+        }
+    }
+
+    /// Bookkeeping when a request is answered by its worker.
+    fn finish(&mut self, pending: &Pending, now: Instant) {
+        if let Some(entry) = self.processes.get_mut(&pending.worker) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if self.config.record_latency {
+                let elapsed = now.saturating_duration_since(pending.start);
+                latency::record(&mut self.services[entry.service].histogram, elapsed);
+                latency::record(&mut self.overall, elapsed);
+            }
+        }
+    }
+
+    fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+        let target = envelope.target.clone();
+        let recipients: Vec<ByteString> = if &*target == BROADCAST {
+            self.processes
+                .iter()
+                .filter(|(id, e)| e.ready && *id != from && &***id != BROKER)
+                .map(|(id, _)| id.clone())
+                .collect()
+        } else if self.processes.contains_key(&target) {
+            vec![target]
+        } else if let Some(&slot) = self.service_index.get(&target) {
+            self.services[slot]
+                .workers
+                .iter()
+                .filter(|id| self.processes.get(*id).is_some_and(|e| e.ready))
+                .cloned()
+                .collect()
+        } else {
+            tracing::warn!(process = %from, target = %envelope.target, event = %envelope.id, "event to unknown target dropped");
+            return;
+        };
+        let Some((last, rest)) = recipients.split_last() else {
+            return;
+        };
+        for id in rest {
+            self.deliver(id, envelope.clone(), now);
+        }
+        self.deliver(last, envelope, now);
+    }
+
+    fn remove_process(&mut self, id: &ByteString, reason: &str, now: Instant) -> usize {
+        let Some(entry) = self.processes.remove(id) else {
+            return 0;
+        };
+        let service = &mut self.services[entry.service];
+        service.workers.retain(|w| w != id);
+        if service.cursor >= service.workers.len() {
+            service.cursor = 0;
+        }
+        let snapshot = self.snapshot(id, &entry);
+        self.retired.push(ProcessSnapshot {
+            removed: true,
+            ..snapshot
+        });
+        // Requests it had sent: nobody to answer.
+        self.pending.drain_where(|key, _| key.0 == *id);
+        // Requests in flight to it: answered now, not at their deadline.
+        let failed = self.pending.drain_where(|_, p| p.worker == *id);
+        let count = failed.len();
+        for ((origin, correlation_id), pending) in failed {
+            let mut request = Envelope::request(id.clone(), pending.method.clone(), correlation_id);
+            request.source = origin.clone();
+            let message = format!("worker {id:?} exited with the request in flight ({reason})");
+            self.reject(
+                &request,
+                &origin,
+                pending.reply_to,
+                ErrorCode::WorkerExited,
+                message,
+                now,
+            );
+        }
+        count
+    }
+
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(next) = self.pending.next_deadline() else {
+            return;
+        };
+        if let Some((armed, handle)) = self.timer {
+            if armed <= next {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let delay = next.saturating_duration_since(Instant::now());
+        let handle = ctx.run_later(delay, |router, ctx| {
+            router.timer = None;
+            router.expire(ctx);
+        });
+        self.timer = Some((next, handle));
+    }
+
+    fn expire(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        for (key, pending) in self.pending.expire(now) {
+            if let Some(entry) = self.processes.get_mut(&pending.worker) {
+                entry.in_flight = entry.in_flight.saturating_sub(1);
+            }
+            if let Some(counters) = self.counters_of(&key.0) {
+                counters.timeouts += 1;
+            }
+            self.expired.insert(key.clone());
+            let waited = pending.deadline.saturating_duration_since(pending.start);
+            let mut request =
+                Envelope::request(pending.worker.clone(), pending.method.clone(), key.1);
+            request.source = key.0.clone();
+            let message = format!(
+                "no reply from {:?} within {} ms",
+                pending.worker,
+                waited.as_millis()
+            );
+            self.reject(
+                &request,
+                &key.0,
+                pending.reply_to,
+                ErrorCode::Timeout,
+                message,
+                now,
+            );
+        }
+        self.arm_timer(ctx);
+    }
+
+    fn snapshot(&self, id: &ByteString, entry: &ProcessEntry) -> ProcessSnapshot {
+        ProcessSnapshot {
+            id: id.to_string(),
+            service: self.services[entry.service].name.to_string(),
+            delta: entry.delta,
+            first_seen: entry.first_seen.map(|t| self.wall(t)),
+            last_seen: entry.last_seen.map(|t| self.wall(t)),
+            queue_depth: entry.in_flight as u64,
+            pending: entry.in_flight as u64,
+            ready: entry.ready,
+            removed: false,
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut processes = std::mem::take(&mut self.retired);
+        processes.extend(
+            self.processes
+                .iter()
+                .map(|(id, entry)| self.snapshot(id, entry)),
+        );
+        for entry in self.processes.values_mut() {
+            entry.delta = Counters::default();
+            entry.first_seen = None;
+        }
+        let mut latency = Vec::new();
+        for service in &mut self.services {
+            if !service.histogram.is_empty() {
+                latency.push((service.name.to_string(), service.histogram.clone()));
+                service.histogram.reset();
+            }
+        }
+        let overall = (!self.overall.is_empty()).then(|| {
+            let h = self.overall.clone();
+            self.overall.reset();
+            h
+        });
+        let caller = std::mem::take(&mut self.caller);
+        self.metrics.do_send(MetricsBatch {
+            at: SystemTime::now(),
+            processes,
+            caller,
+            latency,
+            overall,
+            pending: self.pending.len() as u64,
+        });
+    }
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.config.metrics_flush_interval, |router, _| {
+            router.flush()
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.flush();
+        Running::Stop
+    }
+}
+
+impl Handler<Route> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) {
+        let now = Instant::now();
+        let Route { from, mut envelope } = msg;
+        if !self.count_received(&from, envelope.kind, now) {
+            tracing::debug!(process = %from, "envelope from an unregistered process dropped");
+            return;
+        }
+        envelope.source = from.clone();
+        match envelope.kind {
+            MessageType::Request => self.route_request(from, envelope, ReplyTo::Process, now, ctx),
+            MessageType::Response | MessageType::Error => self.route_reply(from, envelope, now),
+            MessageType::Event => self.route_event(&from, envelope, now),
+        }
+    }
+}
+
+impl Handler<Call> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Call, ctx: &mut Self::Context) {
+        let now = Instant::now();
+        let Call {
+            mut envelope,
+            reply,
+        } = msg;
+        self.next_call_id += 1;
+        envelope.correlation_id = self.next_call_id;
+        envelope.kind = MessageType::Request;
+        let origin = self.caller_id.clone();
+        self.count_received(&origin, MessageType::Request, now);
+        self.route_request(origin, envelope, ReplyTo::Caller(reply), now, ctx);
+    }
+}
+
+impl Handler<RegisterProcess> for Router {
+    type Result = Result<(), RouterError>;
+
+    fn handle(&mut self, msg: RegisterProcess, _: &mut Self::Context) -> Self::Result {
+        if self.processes.contains_key(&msg.id) {
+            return Err(RouterError::Duplicate(msg.id.to_string()));
+        }
+        let service = self.service_slot(&msg.service);
+        self.services[service].workers.push(msg.id.clone());
+        self.processes.insert(
+            msg.id,
+            ProcessEntry {
+                service,
+                recipient: msg.recipient,
+                ready: msg.ready,
+                in_flight: 0,
+                delta: Counters::default(),
+                first_seen: None,
+                last_seen: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Handler<SetReady> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetReady, _: &mut Self::Context) {
+        if let Some(entry) = self.processes.get_mut(&msg.id) {
+            entry.ready = msg.ready;
+        }
+    }
+}
+
+impl Handler<RemoveProcess> for Router {
+    type Result = usize;
+
+    fn handle(&mut self, msg: RemoveProcess, _: &mut Self::Context) -> usize {
+        self.remove_process(&msg.id, &msg.reason, Instant::now())
+    }
+}
+
+impl Handler<FlushMetrics> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushMetrics, _: &mut Self::Context) {
+        self.flush();
+    }
+}
+
+impl Handler<SetDraining> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetDraining, _: &mut Self::Context) {
+        self.draining = msg.0;
+    }
+}
+
+impl Handler<PendingCount> for Router {
+    type Result = usize;
+
+    fn handle(&mut self, _: PendingCount, _: &mut Self::Context) -> usize {
+        self.pending.len()
+    }
+}

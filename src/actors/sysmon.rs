@@ -1,0 +1,142 @@
+//! Sysmon: samples `/proc/{pid}/status` of the broker and every watched child
+//! on a fixed interval and submits the samples to the MetricsStore.
+//!
+//! It watches the real pids the Broker hands it ([`Watch`]); v2e guessed pids
+//! by matching command lines, which picked up unrelated processes.
+
+use actix::prelude::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use super::metrics_store::{MetricsStore, SubmitMetrics};
+use crate::names::BROKER;
+use crate::protocol::ProcessMetrics;
+
+/// Starts sampling `pid` under process id `id` (replacing an earlier pid).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    /// Process id (`echo.0`).
+    pub id: String,
+    /// Its OS pid.
+    pub pid: u32,
+}
+
+/// Stops sampling `id`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    /// Process id.
+    pub id: String,
+}
+
+/// Samples now (as the interval would), submits, and returns the samples.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<ProcessMetrics>")]
+pub struct SampleNow;
+
+/// Reads one process's `/proc/{pid}/status`.
+///
+/// A pid that no longer exists is reported with state `exited` and no memory
+/// figures; a zombie keeps its `Z` and has none either (the kernel prints no
+/// `VmRSS` for it). Never 0 kB for a process that is not there.
+pub fn sample(id: &str, pid: u32) -> ProcessMetrics {
+    let timestamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    let status = i32::try_from(pid)
+        .map_err(|_| procfs::ProcError::NotFound(None))
+        .and_then(procfs::process::Process::new)
+        .and_then(|p| p.status());
+    match status {
+        Ok(s) => ProcessMetrics {
+            pid,
+            id: id.into(),
+            vmrss: s.vmrss,
+            vmsize: s.vmsize,
+            threads: Some(s.threads),
+            state: s.state.chars().next().map(String::from).unwrap_or_default(),
+            timestamp,
+        },
+        Err(e) => {
+            let state = match e {
+                procfs::ProcError::NotFound(_) => "exited".to_string(),
+                other => {
+                    tracing::warn!(process = id, pid, error = %other, "cannot read /proc status");
+                    "unknown".to_string()
+                }
+            };
+            ProcessMetrics {
+                pid,
+                id: id.into(),
+                vmrss: None,
+                vmsize: None,
+                threads: None,
+                state,
+                timestamp,
+            }
+        }
+    }
+}
+
+/// The Sysmon actor.
+pub struct Sysmon {
+    interval: Option<Duration>,
+    metrics: Addr<MetricsStore>,
+    watched: BTreeMap<String, u32>,
+}
+
+impl Sysmon {
+    /// Samples every `interval` (`None`: only on [`SampleNow`]).
+    pub fn new(interval: Option<Duration>, metrics: Addr<MetricsStore>) -> Self {
+        Self {
+            interval,
+            metrics,
+            watched: BTreeMap::new(),
+        }
+    }
+
+    fn sample_all(&self) -> Vec<ProcessMetrics> {
+        let mut samples = Vec::with_capacity(self.watched.len() + 1);
+        samples.push(sample(BROKER, std::process::id()));
+        samples.extend(self.watched.iter().map(|(id, &pid)| sample(id, pid)));
+        self.metrics.do_send(SubmitMetrics(samples.clone()));
+        samples
+    }
+}
+
+impl Actor for Sysmon {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(interval) = self.interval.filter(|d| !d.is_zero()) {
+            // One sample at start, so stats have the broker's figures at once.
+            self.sample_all();
+            ctx.run_interval(interval, |sysmon, _| {
+                sysmon.sample_all();
+            });
+        }
+    }
+}
+
+impl Handler<Watch> for Sysmon {
+    type Result = ();
+
+    fn handle(&mut self, msg: Watch, _: &mut Self::Context) {
+        self.watched.insert(msg.id, msg.pid);
+    }
+}
+
+impl Handler<Unwatch> for Sysmon {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unwatch, _: &mut Self::Context) {
+        self.watched.remove(&msg.id);
+    }
+}
+
+impl Handler<SampleNow> for Sysmon {
+    type Result = MessageResult<SampleNow>;
+
+    fn handle(&mut self, _: SampleNow, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.sample_all())
+    }
+}

@@ -1,0 +1,305 @@
+//! Embedding: start the actors in your own actix System and call services.
+//!
+//! ```no_run
+//! use procbroker::embed::ProcBroker;
+//! use procbroker::service::{HandlerError, Methods};
+//!
+//! #[actix::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let broker = ProcBroker::builder().start();
+//!     let calc = Methods::new().method("Add", |(a, b): (i64, i64)| async move {
+//!         a.checked_add(b).ok_or_else(|| HandlerError::new("overflow"))
+//!     });
+//!     broker.add_service("calc", 4, calc).await?;
+//!     let sum: i64 = broker.call("calc", "Add", &(2, 3)).await?.payload_as()?;
+//!     assert_eq!(sum, 5);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The actors need an actix System (`#[actix::main]`, `#[actix_web::main]`,
+//! `actix::System::new()`); under a plain `#[tokio::main]` starting them
+//! panics. [`BrokerHandle`] is `Clone + Send`: hand it to actix-web handlers
+//! with `web::Data`.
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::oneshot;
+
+use crate::actors::broker::{Broker, TrackProcess};
+use crate::actors::inproc::InProcessWorker;
+use crate::actors::metrics_store::{GetMessageStats, MetricsStore};
+use crate::actors::router::{Call, FlushMetrics, RegisterProcess, Router, RouterError};
+use crate::actors::sysmon::Sysmon;
+use crate::config::BrokerConfig;
+use crate::names::{self, BROKER, NameError};
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
+use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, Payload, PayloadError};
+use crate::service::Methods;
+
+/// Entry point of the embedding API.
+pub struct ProcBroker;
+
+impl ProcBroker {
+    /// A builder with the default configuration.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+/// Configures and starts the actors.
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    config: BrokerConfig,
+}
+
+impl Builder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: BrokerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Requests in flight per process before `busy` (default 1000).
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.config.queue_capacity = n;
+        self
+    }
+
+    /// Default request deadline (default 30 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Sysmon's sampling interval; `None` turns it off (default 30 s).
+    pub fn sysmon_interval(mut self, interval: Option<Duration>) -> Self {
+        self.config.sysmon_interval = interval;
+        self
+    }
+
+    /// Services allowed to call `Spawn` / `Stop`.
+    pub fn control_allow(mut self, services: Vec<String>) -> Self {
+        self.config.control_allow = services;
+        self
+    }
+
+    /// Starts MetricsStore, Router, Broker and Sysmon on the current arbiter.
+    /// Panics outside an actix System (as `Actor::start` does).
+    pub fn start(self) -> BrokerHandle {
+        let config = self.config;
+        let metrics = MetricsStore::default().start();
+        let router = Router::new(config.clone(), metrics.clone()).start();
+        let broker = Broker::new(config.clone(), router.clone(), metrics.clone()).start();
+        let sysmon = Sysmon::new(config.sysmon_interval, metrics.clone()).start();
+        // Queued before anything a caller can send, so `broker` is routable
+        // from the first call on.
+        router.do_send(RegisterProcess {
+            id: ByteString::from_static(BROKER),
+            service: ByteString::from_static(BROKER),
+            recipient: broker.clone().recipient(),
+            ready: true,
+        });
+        BrokerHandle {
+            router,
+            broker,
+            metrics,
+            sysmon,
+        }
+    }
+}
+
+/// Addresses of the running actors, and the typed call API.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    router: Addr<Router>,
+    broker: Addr<Broker>,
+    metrics: Addr<MetricsStore>,
+    sysmon: Addr<Sysmon>,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply(Envelope);
+
+impl Reply {
+    /// Decodes the payload (an absent payload reads as nil).
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        self.0.payload_as()
+    }
+
+    /// The raw payload.
+    pub fn payload(&self) -> Option<&Payload> {
+        self.0.payload.as_ref()
+    }
+
+    /// The process that answered.
+    pub fn source(&self) -> &str {
+        &self.0.source
+    }
+
+    /// The whole response envelope.
+    pub fn into_envelope(self) -> Envelope {
+        self.0
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The callee, or the broker on its behalf, answered with an error.
+    #[error("{source_id} answered {code}: {message}")]
+    Remote {
+        /// Error code (see [`ErrorCode`] for the broker's own).
+        code: String,
+        /// Error message.
+        message: String,
+        /// Who answered (`broker` for broker-generated errors).
+        source_id: String,
+    },
+    /// The request payload could not be encoded.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    /// The Router is gone (the System is stopping).
+    #[error("the broker is not running")]
+    Closed,
+}
+
+impl CallError {
+    /// The error code, if the callee or broker answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Remote { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The broker error code, if it is one of the broker's.
+    pub fn broker_code(&self) -> Option<ErrorCode> {
+        self.code().and_then(|c| c.parse().ok())
+    }
+}
+
+/// Why a service could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddServiceError {
+    /// The name is not a valid service name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A process with one of its ids exists already.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    /// The Router is gone.
+    #[error("the broker is not running")]
+    Closed,
+}
+
+impl BrokerHandle {
+    /// Calls `method` of `target` (a service, a process id or `broker`) with
+    /// `payload`, and waits for the one reply: the response, or an error
+    /// (the callee's, or the broker's: `timeout`, `busy`, …).
+    pub async fn call<P: Serialize + ?Sized>(
+        &self,
+        target: &str,
+        method: &str,
+        payload: &P,
+    ) -> Result<Reply, CallError> {
+        let request = Envelope::request(target, method, 0).with_payload(payload)?;
+        self.call_envelope(request).await
+    }
+
+    /// [`call`](Self::call) with a request built by hand (raw payload,
+    /// `timeout_ms`). Its `correlation_id` is assigned by the Router.
+    pub async fn call_envelope(&self, request: Envelope) -> Result<Reply, CallError> {
+        let (reply, answer) = oneshot::channel();
+        self.router.do_send(Call {
+            envelope: request,
+            reply,
+        });
+        let envelope = answer.await.map_err(|_| CallError::Closed)?;
+        match envelope.kind {
+            MessageType::Error => Err(CallError::Remote {
+                code: envelope.code.as_deref().unwrap_or_default().to_owned(),
+                message: envelope.error.as_deref().unwrap_or_default().to_owned(),
+                source_id: envelope.source.to_string(),
+            }),
+            _ => Ok(Reply(envelope)),
+        }
+    }
+
+    /// Adds a service of `workers` in-process workers (`name.0 …`) serving
+    /// `methods`, started on the current arbiter. Returns their process ids.
+    pub async fn add_service(
+        &self,
+        name: &str,
+        workers: u32,
+        methods: Methods,
+    ) -> Result<Vec<String>, AddServiceError> {
+        names::check_service_name(name)?;
+        let methods = Rc::new(methods);
+        let started = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let mut ids = Vec::with_capacity(workers as usize);
+        for index in 0..workers {
+            let id = names::process_id(name, index);
+            let worker =
+                InProcessWorker::new(id.clone().into(), Rc::clone(&methods), self.router.clone())
+                    .start();
+            self.router
+                .send(RegisterProcess {
+                    id: id.clone().into(),
+                    service: name.into(),
+                    recipient: worker.recipient(),
+                    ready: true,
+                })
+                .await
+                .map_err(|_| AddServiceError::Closed)??;
+            self.broker.do_send(TrackProcess(ProcessInfo {
+                id: id.clone(),
+                service: name.into(),
+                pid: None,
+                status: ProcessStatus::Ready,
+                restarts: 0,
+                started_at: Some(started.clone()),
+                exit_code: None,
+            }));
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// The stats reply (flushes the Router first, so counters are exact).
+    pub async fn stats(&self) -> Result<MessageStats, CallError> {
+        self.router
+            .send(FlushMetrics)
+            .await
+            .map_err(|_| CallError::Closed)?;
+        self.metrics
+            .send(GetMessageStats)
+            .await
+            .map_err(|_| CallError::Closed)
+    }
+
+    /// The Router.
+    pub fn router(&self) -> &Addr<Router> {
+        &self.router
+    }
+
+    /// The Broker.
+    pub fn broker(&self) -> &Addr<Broker> {
+        &self.broker
+    }
+
+    /// The MetricsStore.
+    pub fn metrics(&self) -> &Addr<MetricsStore> {
+        &self.metrics
+    }
+
+    /// Sysmon.
+    pub fn sysmon(&self) -> &Addr<Sysmon> {
+        &self.sysmon
+    }
+}

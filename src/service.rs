@@ -1,0 +1,151 @@
+//! Serving methods: a table of handlers by method name, with typed payloads.
+//!
+//! [`Methods`] is what an in-process worker (and, with the bridges, a Rust
+//! subprocess service) runs: it decodes the request's payload into the
+//! handler's parameter type, runs the handler, and encodes its result. A
+//! payload that does not fit is `bad_request`; an unknown method is
+//! `unknown_method`; a handler's own failure is `handler` unless it says
+//! otherwise.
+
+use futures_util::future::LocalBoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::future::Future;
+
+use crate::protocol::{Envelope, ErrorCode, Payload};
+
+/// The code of a handler's own errors unless it picks another.
+pub const HANDLER: &str = "handler";
+
+/// A failed request, as a handler reports it: becomes an `error` reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct HandlerError {
+    /// Machine-readable code (`handler` by default).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// An error with the default code `handler`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self::with_code(HANDLER, message)
+    }
+
+    /// An error with a code of the handler's choosing.
+    pub fn with_code(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An error with one of the broker's codes.
+    pub fn broker(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::with_code(code.as_str(), message)
+    }
+}
+
+/// What a handler resolves to: a payload (or none) or an error.
+pub type HandlerResult = Result<Option<Payload>, HandlerError>;
+
+/// A boxed handler future. Local: handlers run on the worker's arbiter.
+pub type HandlerFuture = LocalBoxFuture<'static, HandlerResult>;
+
+type RawHandler = Box<dyn Fn(Envelope) -> HandlerFuture>;
+type EventHandler = Box<dyn Fn(Envelope)>;
+
+/// Handlers by method name, plus an optional event handler.
+#[derive(Default)]
+pub struct Methods {
+    handlers: HashMap<String, RawHandler>,
+    on_event: Option<EventHandler>,
+}
+
+impl Methods {
+    /// An empty table (every request is `unknown_method`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `name` with a typed handler: the payload is decoded into `P`
+    /// (`bad_request` if it does not fit) and the result `R` is encoded back.
+    pub fn method<P, R, F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+        F: Fn(P) -> Fut + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + 'static,
+    {
+        self.raw(name, move |request: Envelope| {
+            let params = request.payload_as::<P>();
+            let future = params.map(&handler);
+            async move {
+                let result = future
+                    .map_err(|e| HandlerError::broker(ErrorCode::BadRequest, e.to_string()))?
+                    .await?;
+                Payload::encode(&result)
+                    .map(Some)
+                    .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))
+            }
+        })
+    }
+
+    /// Serves `name` with a handler that sees the whole request envelope and
+    /// answers with a raw payload.
+    pub fn raw<F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Envelope) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        self.handlers.insert(
+            name.to_owned(),
+            Box::new(move |request| Box::pin(handler(request))),
+        );
+        self
+    }
+
+    /// Handles events delivered to the worker (otherwise they are ignored).
+    pub fn on_event(mut self, handler: impl Fn(Envelope) + 'static) -> Self {
+        self.on_event = Some(Box::new(handler));
+        self
+    }
+
+    /// Runs the handler for `request.id`.
+    pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
+        match self.handlers.get(&*request.id) {
+            Some(handler) => handler(request),
+            None => {
+                let error = HandlerError::broker(
+                    ErrorCode::UnknownMethod,
+                    format!("no method {:?}", &*request.id),
+                );
+                Box::pin(async move { Err(error) })
+            }
+        }
+    }
+
+    /// Passes an event to the event handler, if there is one.
+    pub fn event(&self, event: Envelope) {
+        if let Some(handler) = &self.on_event {
+            handler(event);
+        }
+    }
+
+    /// The method names served, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// The reply to `request` for a handler's result.
+pub fn reply_for(request: &Envelope, result: HandlerResult) -> Envelope {
+    match result {
+        Ok(payload) => request.response(payload),
+        Err(e) => request.error_reply(e.code, e.message),
+    }
+}
