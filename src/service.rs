@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::future::Future;
 
-use crate::protocol::{Envelope, ErrorCode, Payload};
+use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
+use bytestring::ByteString;
 
 /// The code of a handler's own errors unless it picks another.
 pub const HANDLER: &str = "handler";
@@ -60,7 +61,7 @@ type EventHandler = Box<dyn Fn(Envelope)>;
 /// Handlers by method name, plus an optional event handler.
 #[derive(Default)]
 pub struct Methods {
-    handlers: HashMap<String, RawHandler>,
+    handlers: HashMap<String, RawHandler, foldhash::fast::RandomState>,
     on_event: Option<EventHandler>,
 }
 
@@ -142,10 +143,44 @@ impl Methods {
     }
 }
 
+/// What a reply needs of its request: method, correlation id, requester.
+/// Kept instead of the whole request while a handler runs.
+#[derive(Debug, Clone)]
+pub struct ReplyAddress {
+    id: ByteString,
+    correlation_id: u64,
+    to: ByteString,
+}
+
+impl ReplyAddress {
+    /// The address of `request`'s reply.
+    pub fn of(request: &Envelope) -> Self {
+        Self {
+            id: request.id.clone(),
+            correlation_id: request.correlation_id,
+            to: request.source.clone(),
+        }
+    }
+
+    /// The reply for a handler's result: a response, or an error reply.
+    pub fn reply(self, result: HandlerResult) -> Envelope {
+        let mut reply = Envelope::request(self.to, self.id, self.correlation_id);
+        match result {
+            Ok(payload) => {
+                reply.kind = MessageType::Response;
+                reply.payload = payload;
+            }
+            Err(e) => {
+                reply.kind = MessageType::Error;
+                reply.code = Some(e.code.into());
+                reply.error = Some(e.message.into());
+            }
+        }
+        reply
+    }
+}
+
 /// The reply to `request` for a handler's result.
 pub fn reply_for(request: &Envelope, result: HandlerResult) -> Envelope {
-    match result {
-        Ok(payload) => request.response(payload),
-        Err(e) => request.error_reply(e.code, e.message),
-    }
+    ReplyAddress::of(request).reply(result)
 }

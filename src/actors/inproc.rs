@@ -14,8 +14,8 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use super::router::{Deliver, Route, Router};
-use crate::protocol::{Envelope, ErrorCode, MessageType};
-use crate::service::{HandlerError, Methods, reply_for};
+use crate::protocol::{ErrorCode, MessageType};
+use crate::service::{HandlerError, HandlerResult, Methods, ReplyAddress};
 
 /// One in-process worker.
 pub struct InProcessWorker {
@@ -35,6 +35,23 @@ impl InProcessWorker {
     }
 }
 
+impl InProcessWorker {
+    /// Sends the reply; a panic (caught) becomes an `internal` error.
+    fn answer(&self, address: ReplyAddress, result: std::thread::Result<HandlerResult>) {
+        let result = result.unwrap_or_else(|_| {
+            tracing::error!(process = %self.id, "handler panicked");
+            Err(HandlerError::broker(
+                ErrorCode::Internal,
+                "the handler panicked",
+            ))
+        });
+        self.router.do_send(Route {
+            from: self.id.clone(),
+            envelope: address.reply(result),
+        });
+    }
+}
+
 impl Actor for InProcessWorker {
     type Context = Context<Self>;
 }
@@ -45,33 +62,29 @@ impl Handler<Deliver> for InProcessWorker {
     fn handle(&mut self, Deliver(envelope): Deliver, ctx: &mut Self::Context) {
         match envelope.kind {
             MessageType::Request => {
-                // Only what the reply needs is kept; the payload goes to the handler.
-                let address = Envelope {
-                    payload: None,
-                    ..envelope.clone()
-                };
+                let address = ReplyAddress::of(&envelope);
                 let methods = Rc::clone(&self.methods);
-                let started =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| methods.dispatch(envelope)));
-                let router = self.router.clone();
-                let id = self.id.clone();
-                ctx.spawn(
-                    async move {
-                        let result = match started {
-                            Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
-                            Err(panic) => Err(panic),
-                        };
-                        let result = result.unwrap_or_else(|_| {
-                            tracing::error!(process = %id, method = %address.id, "handler panicked");
-                            Err(HandlerError::broker(ErrorCode::Internal, "the handler panicked"))
-                        });
-                        router.do_send(Route {
-                            from: id,
-                            envelope: reply_for(&address, result),
-                        });
+                // A handler that is ready at once (most are) is answered now;
+                // only one that waits is spawned into the worker's context.
+                let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let mut future = methods.dispatch(envelope);
+                    match (&mut future).now_or_never() {
+                        Some(result) => Ok(result),
+                        None => Err(future),
                     }
-                    .into_actor(self),
-                );
+                }));
+                match started {
+                    Ok(Ok(result)) => self.answer(address, Ok(result)),
+                    Ok(Err(future)) => {
+                        ctx.spawn(
+                            AssertUnwindSafe(future)
+                                .catch_unwind()
+                                .into_actor(self)
+                                .map(move |result, worker, _| worker.answer(address, result)),
+                        );
+                    }
+                    Err(panic) => self.answer(address, Err(panic)),
+                }
             }
             MessageType::Event => self.methods.event(envelope),
             // In-process workers send no requests, so they expect no replies.

@@ -47,6 +47,19 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Counts one envelope received from the process.
+    #[inline]
+    pub fn count(&mut self, kind: crate::protocol::MessageType) {
+        use crate::protocol::MessageType;
+        self.received += 1;
+        match kind {
+            MessageType::Request => self.requests += 1,
+            MessageType::Response => self.responses += 1,
+            MessageType::Event => self.events += 1,
+            MessageType::Error => self.errors += 1,
+        }
+    }
+
     fn add(&mut self, o: &Counters) {
         self.sent += o.sent;
         self.received += o.received;

@@ -10,6 +10,9 @@ use bytestring::ByteString;
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+
+/// The hash map of the hot path: foldhash instead of SipHash.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -46,7 +49,7 @@ pub(crate) type Key = (ByteString, u64);
 /// The pending table and its deadline heap.
 #[derive(Debug, Default)]
 pub(crate) struct PendingTable {
-    map: HashMap<Key, Pending>,
+    map: FastMap<Key, Pending>,
     deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
     next_seq: u64,
 }
@@ -95,12 +98,13 @@ impl PendingTable {
         Ok(())
     }
 
-    pub(crate) fn get(&self, key: &Key) -> Option<&Pending> {
-        self.map.get(key)
-    }
-
     pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending> {
         self.map.remove(key)
+    }
+
+    /// Puts back an entry just removed (its heap entry is still there).
+    pub(crate) fn restore(&mut self, key: Key, pending: Pending) {
+        self.map.insert(key, pending);
     }
 
     /// The earliest deadline still live, dropping stale heap entries on the way.
@@ -173,7 +177,7 @@ impl PendingTable {
 /// unmatched one. Bounded: the oldest are forgotten first.
 #[derive(Debug)]
 pub(crate) struct RecentlyExpired {
-    set: HashSet<Key>,
+    set: HashSet<Key, foldhash::fast::RandomState>,
     order: VecDeque<Key>,
     capacity: usize,
 }
@@ -181,7 +185,7 @@ pub(crate) struct RecentlyExpired {
 impl RecentlyExpired {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            set: HashSet::new(),
+            set: HashSet::default(),
             order: VecDeque::new(),
             capacity,
         }

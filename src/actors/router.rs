@@ -12,6 +12,12 @@
 //! Router owns them and ships a batch every `metrics_flush_interval` (and on
 //! [`FlushMetrics`], which stats requests send first, so stats are exact).
 //!
+//! Why the timers run in their own task: actix polls every future spawned into
+//! an actor's context each time the context wakes, so a deadline timer and a
+//! flush interval inside the Router would be polled on every message. They
+//! live in a local task beside it and send [`FlushMetrics`] and an expiry
+//! message when due.
+//!
 //! Why the queue bound is a counter: actix mailboxes do not bound memory
 //! (`do_send` ignores capacity), so the Router counts requests in flight per
 //! process and answers `busy` past `queue_capacity`.
@@ -19,13 +25,14 @@
 use actix::prelude::*;
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::latency;
 use super::metrics_store::{Counters, MetricsBatch, MetricsStore, ProcessSnapshot};
-use super::pending::{Key, Pending, PendingTable, RecentlyExpired, ReplyTo};
+use super::pending::{FastMap, Key, Pending, PendingTable, RecentlyExpired, ReplyTo};
 use crate::config::BrokerConfig;
 use crate::names::{BROADCAST, BROKER, CALLER};
 use crate::protocol::{Envelope, ErrorCode, MessageType};
@@ -142,21 +149,66 @@ struct ServiceEntry {
     histogram: Histogram<u64>,
 }
 
+/// Shared between the Router and its timer tasks (same arbiter thread).
+#[derive(Default)]
+struct Timer {
+    /// The deadline the task sleeps until; may be stale (answered), which only
+    /// costs one spurious expiry pass.
+    armed: Cell<Option<Instant>>,
+    /// Wakes the task when `armed` moves earlier, or when the Router stops.
+    wake: Notify,
+    /// Set when the Router stops; the tasks then end.
+    stopped: Cell<bool>,
+}
+
+/// Sent by the timer task when the armed deadline has passed.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Expire;
+
+/// Sleeps until the armed deadline and tells the Router; ends with it.
+async fn deadline_task(router: Addr<Router>, timer: Rc<Timer>) {
+    while !timer.stopped.get() {
+        match timer.armed.get() {
+            None => timer.wake.notified().await,
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        timer.armed.set(None);
+                        router.do_send(Expire);
+                    }
+                    () = timer.wake.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Asks the Router to ship its metrics every `every`; ends with it.
+async fn flush_task(router: Addr<Router>, timer: Rc<Timer>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    while !timer.stopped.get() {
+        ticks.tick().await;
+        router.do_send(FlushMetrics);
+    }
+}
+
 /// The Router actor. Start it with [`Router::new`] and `Actor::start`, or let
 /// the embedding builder do it.
 pub struct Router {
     config: BrokerConfig,
     metrics: Addr<MetricsStore>,
-    processes: HashMap<ByteString, ProcessEntry>,
+    processes: FastMap<ByteString, ProcessEntry>,
     services: Vec<ServiceEntry>,
-    service_index: HashMap<ByteString, usize>,
+    service_index: FastMap<ByteString, usize>,
     pending: PendingTable,
     expired: RecentlyExpired,
     next_call_id: u64,
     caller: Counters,
-    overall: Histogram<u64>,
     retired: Vec<ProcessSnapshot>,
-    timer: Option<(Instant, SpawnHandle)>,
+    timer: Rc<Timer>,
     draining: bool,
     clock: (Instant, SystemTime),
     caller_id: ByteString,
@@ -168,16 +220,15 @@ impl Router {
         Self {
             config,
             metrics,
-            processes: HashMap::new(),
+            processes: FastMap::default(),
             services: Vec::new(),
-            service_index: HashMap::new(),
+            service_index: FastMap::default(),
             pending: PendingTable::default(),
             expired: RecentlyExpired::new(65_536),
             next_call_id: 0,
             caller: Counters::default(),
-            overall: latency::new_histogram(),
             retired: Vec::new(),
-            timer: None,
+            timer: Rc::new(Timer::default()),
             draining: false,
             clock: (Instant::now(), SystemTime::now()),
             caller_id: ByteString::from_static(CALLER),
@@ -205,21 +256,11 @@ impl Router {
 
     /// Counts one envelope received from `from`.
     fn count_received(&mut self, from: &ByteString, kind: MessageType, now: Instant) -> bool {
-        let counters = match self.processes.get_mut(from) {
-            Some(entry) => {
-                entry.saw(now);
-                &mut entry.delta
-            }
-            None if *from == self.caller_id => &mut self.caller,
-            None => return false,
+        let Some(entry) = self.processes.get_mut(from) else {
+            return false;
         };
-        counters.received += 1;
-        match kind {
-            MessageType::Request => counters.requests += 1,
-            MessageType::Response => counters.responses += 1,
-            MessageType::Event => counters.events += 1,
-            MessageType::Error => counters.errors += 1,
-        }
+        entry.saw(now);
+        entry.delta.count(kind);
         true
     }
 
@@ -326,15 +367,15 @@ impl Router {
         mut envelope: Envelope,
         reply_to: ReplyTo,
         now: Instant,
-        ctx: &mut Context<Self>,
     ) {
         if self.draining {
+            let message = "the broker is shutting down".into();
             self.reject(
                 &envelope,
                 &origin,
                 reply_to,
                 ErrorCode::ShuttingDown,
-                "the broker is shutting down".into(),
+                message,
                 now,
             );
             return;
@@ -371,56 +412,64 @@ impl Router {
             .timeout_ms
             .map_or(self.config.request_timeout, Duration::from_millis);
         let deadline = now + timeout;
-        if !self
-            .processes
-            .get(&worker)
-            .is_some_and(|e| e.recipient.connected())
-        {
-            self.remove_process(&worker, "its actor stopped", now);
-            let message = format!("worker {worker:?} is gone");
-            self.reject(
-                &envelope,
-                &origin,
-                reply_to,
-                ErrorCode::WorkerExited,
-                message,
-                now,
-            );
-            return;
-        }
         let method = envelope.id.clone();
-        envelope.source = origin;
-        self.deliver(&worker, envelope, now);
-        if let Some(entry) = self.processes.get_mut(&worker) {
-            entry.in_flight += 1;
+        envelope.source = origin.clone();
+        match self.processes.get_mut(&worker) {
+            Some(entry) if entry.recipient.connected() => {
+                entry.recipient.do_send(Deliver(envelope));
+                entry.delta.sent += 1;
+                entry.in_flight += 1;
+                entry.saw(now);
+            }
+            _ => {
+                self.remove_process(&worker, "its actor stopped", now);
+                let message = format!("worker {worker:?} is gone");
+                self.reject(
+                    &envelope,
+                    &origin,
+                    reply_to,
+                    ErrorCode::WorkerExited,
+                    message,
+                    now,
+                );
+                return;
+            }
         }
         // Cannot collide: checked above, and nothing ran in between.
         let _ = self
             .pending
             .insert(key, worker, method, now, deadline, reply_to);
-        self.arm_timer(ctx);
+        self.arm(deadline);
     }
 
+    /// Makes the timer task wake by `deadline` at the latest.
+    fn arm(&self, deadline: Instant) {
+        if self.timer.armed.get().is_none_or(|armed| deadline < armed) {
+            self.timer.armed.set(Some(deadline));
+            self.timer.wake.notify_one();
+        }
+    }
     fn route_reply(&mut self, from: ByteString, envelope: Envelope, now: Instant) {
         let key: Key = (envelope.target.clone(), envelope.correlation_id);
-        let from_worker = match self.pending.get(&key) {
-            Some(pending) => pending.worker == from,
-            None => false,
-        };
-        if !from_worker {
-            let late = self.pending.get(&key).is_none() && self.expired.take(&key);
-            if let Some(counters) = self.counters_of(&from) {
-                if late {
-                    counters.late_replies += 1;
-                } else {
-                    counters.unmatched_replies += 1;
+        let pending = match self.pending.remove(&key) {
+            Some(pending) if pending.worker == from => pending,
+            other => {
+                let late = other.is_none() && self.expired.take(&key);
+                if let Some(pending) = other {
+                    // Forged: that request went to another process.
+                    self.pending.restore(key.clone(), pending);
                 }
+                if let Some(counters) = self.counters_of(&from) {
+                    if late {
+                        counters.late_replies += 1;
+                    } else {
+                        counters.unmatched_replies += 1;
+                    }
+                }
+                tracing::debug!(process = %from, target = %envelope.target,
+                    correlation_id = envelope.correlation_id, late, "reply dropped");
+                return;
             }
-            tracing::debug!(process = %from, target = %envelope.target, correlation_id = envelope.correlation_id, late, "reply dropped");
-            return;
-        }
-        let Some(pending) = self.pending.remove(&key) else {
-            return;
         };
         self.finish(&pending, now);
         match pending.reply_to {
@@ -432,15 +481,14 @@ impl Router {
             }
         }
     }
-
     /// Bookkeeping when a request is answered by its worker.
     fn finish(&mut self, pending: &Pending, now: Instant) {
         if let Some(entry) = self.processes.get_mut(&pending.worker) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
             if self.config.record_latency {
                 let elapsed = now.saturating_duration_since(pending.start);
+                // One histogram per sample; `overall` is merged at flush.
                 latency::record(&mut self.services[entry.service].histogram, elapsed);
-                latency::record(&mut self.overall, elapsed);
             }
         }
     }
@@ -510,25 +558,7 @@ impl Router {
         count
     }
 
-    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let Some(next) = self.pending.next_deadline() else {
-            return;
-        };
-        if let Some((armed, handle)) = self.timer {
-            if armed <= next {
-                return;
-            }
-            ctx.cancel_future(handle);
-        }
-        let delay = next.saturating_duration_since(Instant::now());
-        let handle = ctx.run_later(delay, |router, ctx| {
-            router.timer = None;
-            router.expire(ctx);
-        });
-        self.timer = Some((next, handle));
-    }
-
-    fn expire(&mut self, ctx: &mut Context<Self>) {
+    fn expire(&mut self) {
         let now = Instant::now();
         for (key, pending) in self.pending.expire(now) {
             if let Some(entry) = self.processes.get_mut(&pending.worker) {
@@ -556,9 +586,10 @@ impl Router {
                 now,
             );
         }
-        self.arm_timer(ctx);
+        if let Some(next) = self.pending.next_deadline() {
+            self.arm(next);
+        }
     }
-
     fn snapshot(&self, id: &ByteString, entry: &ProcessEntry) -> ProcessSnapshot {
         ProcessSnapshot {
             id: id.to_string(),
@@ -585,17 +616,23 @@ impl Router {
             entry.first_seen = None;
         }
         let mut latency = Vec::new();
+        let mut overall: Option<Histogram<u64>> = None;
         for service in &mut self.services {
-            if !service.histogram.is_empty() {
-                latency.push((service.name.to_string(), service.histogram.clone()));
-                service.histogram.reset();
+            if service.histogram.is_empty() {
+                continue;
             }
+            // Swap in a fresh histogram (a lazily zeroed allocation) rather
+            // than copying 139 KB of buckets and zeroing them again.
+            let shipped = std::mem::replace(&mut service.histogram, latency::new_histogram());
+            match &mut overall {
+                // Same bounds everywhere, so adding cannot fail.
+                Some(all) => {
+                    let _ = all.add(&shipped);
+                }
+                None => overall = Some(shipped.clone()),
+            }
+            latency.push((service.name.to_string(), shipped));
         }
-        let overall = (!self.overall.is_empty()).then(|| {
-            let h = self.overall.clone();
-            self.overall.reset();
-            h
-        });
         let caller = std::mem::take(&mut self.caller);
         self.metrics.do_send(MetricsBatch {
             at: SystemTime::now(),
@@ -612,21 +649,34 @@ impl Actor for Router {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.config.metrics_flush_interval, |router, _| {
-            router.flush()
-        });
+        let every = self.config.metrics_flush_interval;
+        actix::spawn(deadline_task(ctx.address(), Rc::clone(&self.timer)));
+        actix::spawn(flush_task(ctx.address(), Rc::clone(&self.timer), every));
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.flush();
         Running::Stop
     }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.timer.stopped.set(true);
+        self.timer.wake.notify_one();
+    }
+}
+
+impl Handler<Expire> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: Expire, _: &mut Self::Context) {
+        self.expire();
+    }
 }
 
 impl Handler<Route> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Route, _: &mut Self::Context) {
         let now = Instant::now();
         let Route { from, mut envelope } = msg;
         if !self.count_received(&from, envelope.kind, now) {
@@ -635,7 +685,7 @@ impl Handler<Route> for Router {
         }
         envelope.source = from.clone();
         match envelope.kind {
-            MessageType::Request => self.route_request(from, envelope, ReplyTo::Process, now, ctx),
+            MessageType::Request => self.route_request(from, envelope, ReplyTo::Process, now),
             MessageType::Response | MessageType::Error => self.route_reply(from, envelope, now),
             MessageType::Event => self.route_event(&from, envelope, now),
         }
@@ -645,7 +695,7 @@ impl Handler<Route> for Router {
 impl Handler<Call> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: Call, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Call, _: &mut Self::Context) {
         let now = Instant::now();
         let Call {
             mut envelope,
@@ -655,8 +705,8 @@ impl Handler<Call> for Router {
         envelope.correlation_id = self.next_call_id;
         envelope.kind = MessageType::Request;
         let origin = self.caller_id.clone();
-        self.count_received(&origin, MessageType::Request, now);
-        self.route_request(origin, envelope, ReplyTo::Caller(reply), now, ctx);
+        self.caller.count(MessageType::Request);
+        self.route_request(origin, envelope, ReplyTo::Caller(reply), now);
     }
 }
 
