@@ -32,8 +32,8 @@ use tokio::sync::oneshot;
 
 use crate::actors::broker::{Broker, TrackProcess};
 use crate::actors::inproc::InProcessWorker;
-use crate::actors::metrics_store::{GetMessageStats, MetricsStore};
-use crate::actors::router::{Call, FlushMetrics, RegisterProcess, Router, RouterError};
+use crate::actors::metrics_store::{MetricsStore, fresh_stats};
+use crate::actors::router::{Call, RegisterProcess, Router, RouterError};
 use crate::actors::sysmon::Sysmon;
 use crate::config::BrokerConfig;
 use crate::names::{self, BROKER, NameError};
@@ -273,12 +273,7 @@ impl BrokerHandle {
 
     /// The stats reply (flushes the Router first, so counters are exact).
     pub async fn stats(&self) -> Result<MessageStats, CallError> {
-        self.router
-            .send(FlushMetrics)
-            .await
-            .map_err(|_| CallError::Closed)?;
-        self.metrics
-            .send(GetMessageStats)
+        fresh_stats(self.router.clone(), self.metrics.clone())
             .await
             .map_err(|_| CallError::Closed)
     }

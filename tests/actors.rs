@@ -620,32 +620,22 @@ async fn broker_rpcs_answer_with_the_designed_shapes() {
     // a process of a service not in control_allow is forbidden.
     let (c, _) = code(broker.call("broker", "Spawn", &()).await);
     assert_eq!(c, "unknown_method");
-    let mut inbox = client(&broker, "client.0").await;
-    route(
-        &broker,
-        "client.0",
-        Envelope::request("broker", "Stop", 5)
+    for (process, correlation_id, expected) in [
+        ("client.0", 5, ErrorCode::Forbidden),
+        ("ops.0", 6, ErrorCode::UnknownMethod),
+    ] {
+        let mut inbox = client(&broker, process).await;
+        let stop = Envelope::request("broker", "Stop", correlation_id)
             .with_payload(&BTreeMap::from([("id", "echo")]))
-            .expect("p"),
-    );
-    let e = next(&mut inbox).await;
-    assert_eq!(
-        (e.error_code(), e.correlation_id),
-        (Some(ErrorCode::Forbidden), 5)
-    );
-    let mut ops = client(&broker, "ops.0").await;
-    route(
-        &broker,
-        "ops.0",
-        Envelope::request("broker", "Stop", 6)
-            .with_payload(&BTreeMap::from([("id", "echo")]))
-            .expect("p"),
-    );
-    let e = next(&mut ops).await;
-    assert_eq!(
-        (e.error_code(), e.correlation_id),
-        (Some(ErrorCode::UnknownMethod), 6)
-    );
+            .expect("payload");
+        route(&broker, process, stop);
+        let e = next(&mut inbox).await;
+        assert_eq!(
+            (e.error_code(), e.correlation_id),
+            (Some(expected), correlation_id),
+            "{process}"
+        );
+    }
 }
 
 #[actix::test]

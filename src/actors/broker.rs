@@ -13,8 +13,8 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use std::collections::BTreeMap;
 
-use super::metrics_store::{GetMessageStats, MetricsStore, ProcessLifecycle, SubmitMetrics};
-use super::router::{Deliver, FlushMetrics, Route, Router, SetReady};
+use super::metrics_store::{MetricsStore, ProcessLifecycle, SubmitMetrics, fresh_stats};
+use super::router::{Deliver, Route, Router, SetReady};
 use crate::config::BrokerConfig;
 use crate::names::{BROKER, CALLER, service_of};
 use crate::protocol::rpc::{
@@ -98,27 +98,20 @@ impl Broker {
                 self.reply(&request, &list);
             }
             BrokerMethod::GetMessageStats | BrokerMethod::GetMessageCount => {
-                let router = self.router.clone();
-                let metrics = self.metrics.clone();
                 ctx.spawn(
-                    async move {
-                        // Flush first: the Router's batch reaches the store
-                        // before this question does (one mailbox, in order).
-                        router.send(FlushMetrics).await?;
-                        metrics.send(GetMessageStats).await
-                    }
-                    .into_actor(self)
-                    .map(move |stats, broker, _| match stats {
-                        Err(e) => broker.fail(&request, ErrorCode::Internal, e.to_string()),
-                        Ok(stats) if method == BrokerMethod::GetMessageStats => {
-                            broker.reply(&request, &stats);
-                        }
-                        Ok(stats) => {
-                            let counters = &stats.total.counters;
-                            let count = counters.total_sent + counters.total_received;
-                            broker.reply(&request, &MessageCount { count });
-                        }
-                    }),
+                    fresh_stats(self.router.clone(), self.metrics.clone())
+                        .into_actor(self)
+                        .map(move |stats, broker, _| match stats {
+                            Err(e) => broker.fail(&request, ErrorCode::Internal, e.to_string()),
+                            Ok(stats) if method == BrokerMethod::GetMessageStats => {
+                                broker.reply(&request, &stats);
+                            }
+                            Ok(stats) => {
+                                let counters = &stats.total.counters;
+                                let count = counters.total_sent + counters.total_received;
+                                broker.reply(&request, &MessageCount { count });
+                            }
+                        }),
                 );
             }
             BrokerMethod::SubmitProcessMetrics => {

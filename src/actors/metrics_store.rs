@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::{Instant, SystemTime};
 
 use super::latency;
+use super::router::{FlushMetrics, Router};
 use crate::protocol::rpc::ProcessStatus;
 use crate::protocol::stats::{
     FaultCounters, MessageCounters, MessageStats, ProcessMetrics, ProcessStats, TotalStats,
@@ -139,10 +140,22 @@ pub struct ProcessLifecycle {
 #[rtype(result = "u64")]
 pub struct SubmitMetrics(pub Vec<ProcessMetrics>);
 
-/// Asks for the stats reply (flush the Router first for exact counters).
+/// Asks for the stats reply (flush the Router first for exact counters:
+/// [`fresh_stats`] does both).
 #[derive(Debug, Message)]
 #[rtype(result = "MessageStats")]
 pub struct GetMessageStats;
+
+/// The stats reply with every count up to now: flushes the Router, then asks
+/// the store. The Router's batch reaches the store before the question does
+/// (the store's mailbox is in order), so nothing counted is missing.
+pub async fn fresh_stats(
+    router: Addr<Router>,
+    store: Addr<MetricsStore>,
+) -> Result<MessageStats, MailboxError> {
+    router.send(FlushMetrics).await?;
+    store.send(GetMessageStats).await
+}
 
 #[derive(Default)]
 struct ProcessRecord {

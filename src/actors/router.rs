@@ -136,6 +136,17 @@ struct ProcessEntry {
 }
 
 impl ProcessEntry {
+    /// Hands an envelope to the process; false if its actor is gone.
+    fn deliver(&mut self, envelope: Envelope, now: Instant) -> bool {
+        if !self.recipient.connected() {
+            return false;
+        }
+        self.recipient.do_send(Deliver(envelope));
+        self.delta.sent += 1;
+        self.saw(now);
+        true
+    }
+
     fn saw(&mut self, now: Instant) {
         self.first_seen.get_or_insert(now);
         self.last_seen = Some(now);
@@ -274,15 +285,9 @@ impl Router {
 
     /// Delivers an envelope to a process; false if it is gone.
     fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
-        match self.processes.get_mut(to) {
-            Some(entry) if entry.recipient.connected() => {
-                entry.recipient.do_send(Deliver(envelope));
-                entry.delta.sent += 1;
-                entry.saw(now);
-                true
-            }
-            _ => false,
-        }
+        self.processes
+            .get_mut(to)
+            .is_some_and(|entry| entry.deliver(envelope, now))
     }
 
     /// Sends a broker-generated error for `request` to its origin.
@@ -414,12 +419,11 @@ impl Router {
         let deadline = now + timeout;
         let method = envelope.id.clone();
         envelope.source = origin.clone();
+        // One lookup for delivery and the in-flight count (the hot path).
         match self.processes.get_mut(&worker) {
             Some(entry) if entry.recipient.connected() => {
-                entry.recipient.do_send(Deliver(envelope));
-                entry.delta.sent += 1;
+                entry.deliver(envelope, now);
                 entry.in_flight += 1;
-                entry.saw(now);
             }
             _ => {
                 self.remove_process(&worker, "its actor stopped", now);
