@@ -644,3 +644,58 @@ async fn the_broker_itself_is_routable_from_the_first_call() {
     let broker = quiet().start();
     broker.call("broker", "Ping", &()).await.expect("ping");
 }
+
+#[actix::test]
+async fn a_removed_client_frees_the_queue_slots_of_its_requests() {
+    let broker = quiet().queue_capacity(1).start();
+    let gate = Rc::new(Notify::new());
+    broker
+        .add_service("hold", 1, holding(Rc::clone(&gate)))
+        .await
+        .expect("add");
+    let _inbox = client(&broker, "client.0").await;
+    route(
+        &broker,
+        "client.0",
+        Envelope::request("hold", "Hold", 1)
+            .with_payload(&1u64)
+            .expect("p"),
+    );
+    until_pending(&broker, 1).await;
+    let (c, _) = code(broker.call("hold", "Hold", &2u64).await);
+    assert_eq!(c, "busy", "the one slot is taken");
+
+    // The client dies with its request in flight: nobody will read the
+    // answer, and the worker's slot must not stay taken forever.
+    broker
+        .router()
+        .send(RemoveProcess {
+            id: "client.0".into(),
+            reason: "exited".into(),
+        })
+        .await
+        .expect("router");
+    assert_eq!(broker.router().send(PendingCount).await.expect("router"), 0);
+    gate.notify_one(); // the worker finishes the orphaned request…
+    let served = {
+        let broker = broker.clone();
+        actix::spawn(async move { broker.call("hold", "Hold", &3u64).await })
+    };
+    until_pending(&broker, 1).await;
+    gate.notify_one();
+    assert_eq!(
+        served
+            .await
+            .expect("task")
+            .expect("served")
+            .payload_as::<u64>()
+            .expect("u64"),
+        3
+    );
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(
+        stats.per_process["hold.0"].faults.unmatched_replies, 0,
+        "not blamed on the worker"
+    );
+    assert_eq!(stats.per_process["hold.0"].faults.late_replies, 1);
+}

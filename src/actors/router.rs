@@ -541,8 +541,14 @@ impl Router {
             removed: true,
             ..snapshot
         });
-        // Requests it had sent: nobody to answer.
-        self.pending.drain_where(|key, _| key.0 == *id);
+        // Requests it had sent: nobody to answer. Their workers' slots are
+        // freed, and a reply that still comes counts as late, not as a lie.
+        for (key, orphan) in self.pending.drain_where(|key, _| key.0 == *id) {
+            if let Some(worker) = self.processes.get_mut(&orphan.worker) {
+                worker.in_flight = worker.in_flight.saturating_sub(1);
+            }
+            self.expired.insert(key);
+        }
         // Requests in flight to it: answered now, not at their deadline.
         let failed = self.pending.drain_where(|_, p| p.worker == *id);
         let count = failed.len();
