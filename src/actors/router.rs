@@ -136,15 +136,12 @@ struct ProcessEntry {
 }
 
 impl ProcessEntry {
-    /// Hands an envelope to the process; false if its actor is gone.
-    fn deliver(&mut self, envelope: Envelope, now: Instant) -> bool {
-        if !self.recipient.connected() {
-            return false;
-        }
+    /// Hands an envelope to the process and counts it. Callers check
+    /// `recipient.connected()` first: they still own what to do if it is gone.
+    fn deliver(&mut self, envelope: Envelope, now: Instant) {
         self.recipient.do_send(Deliver(envelope));
         self.delta.sent += 1;
         self.saw(now);
-        true
     }
 
     fn saw(&mut self, now: Instant) {
@@ -285,9 +282,13 @@ impl Router {
 
     /// Delivers an envelope to a process; false if it is gone.
     fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
-        self.processes
-            .get_mut(to)
-            .is_some_and(|entry| entry.deliver(envelope, now))
+        match self.processes.get_mut(to) {
+            Some(entry) if entry.recipient.connected() => {
+                entry.deliver(envelope, now);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sends a broker-generated error for `request` to its origin.
