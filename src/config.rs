@@ -1,9 +1,12 @@
 //! Broker settings that the actors read (the `[broker]` and `[sysmon]` tables
 //! of the config file). All static: nothing is re-tuned at run time.
 
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::protocol::rpc::{RestartPolicy, SpawnRequest};
 
 /// Settings of the Router, Broker and Sysmon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +27,11 @@ pub struct BrokerConfig {
     pub metrics_flush_interval: Duration,
     /// Record request latencies (on by default; off only to measure its cost).
     pub record_latency: bool,
+    /// Stopping a child: EOF on its stdin, SIGTERM after half of this, SIGKILL
+    /// after all of it (DESIGN 5.6).
+    pub kill_timeout: Duration,
+    /// At shutdown, how long in-flight requests may take to be answered.
+    pub drain_timeout: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -36,6 +44,118 @@ impl Default for BrokerConfig {
             sysmon_interval: Some(Duration::from_secs(30)),
             metrics_flush_interval: Duration::from_secs(1),
             record_latency: true,
+            kill_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The program `command = "@self"` stands for: the running binary.
+pub const SELF_COMMAND: &str = "@self";
+
+/// One `[[service]]`: a program run as `workers` child processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name; its workers are `name.0 … name.{workers-1}`.
+    pub name: String,
+    /// A path, a name on `PATH`, or `@self` (this binary).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Number of worker processes.
+    #[serde(default = "default_workers")]
+    pub workers: u32,
+    /// Routable only after the child's `ready` event (else at once).
+    #[serde(default = "default_true")]
+    pub await_ready: bool,
+    /// How long a start may take to send `ready` before it counts as failed.
+    #[serde(default = "default_ready_timeout_ms")]
+    pub ready_timeout_ms: u64,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+fn default_workers() -> u32 {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_ready_timeout_ms() -> u64 {
+    5000
+}
+
+impl ServiceConfig {
+    /// A service of one worker running `command args…`, defaults elsewhere.
+    pub fn new(name: impl Into<String>, command: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            command: command.into(),
+            args: Vec::new(),
+            workers: default_workers(),
+            await_ready: true,
+            ready_timeout_ms: default_ready_timeout_ms(),
+            env: BTreeMap::new(),
+            restart: RestartPolicy::default(),
+        }
+    }
+
+    /// Sets the arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the number of workers.
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Sets one environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Routable at once, without the `ready` handshake.
+    pub fn no_ready_handshake(mut self) -> Self {
+        self.await_ready = false;
+        self
+    }
+
+    /// Sets the restart policy.
+    pub fn restart(mut self, policy: RestartPolicy) -> Self {
+        self.restart = policy;
+        self
+    }
+
+    /// Sets the ready timeout.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+}
+
+impl From<SpawnRequest> for ServiceConfig {
+    fn from(r: SpawnRequest) -> Self {
+        Self {
+            name: r.service,
+            command: r.command,
+            args: r.args,
+            workers: r.workers,
+            await_ready: r.await_ready.unwrap_or(true),
+            ready_timeout_ms: r.ready_timeout_ms.unwrap_or_else(default_ready_timeout_ms),
+            env: r.env,
+            restart: r.restart,
         }
     }
 }

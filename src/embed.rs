@@ -30,14 +30,16 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
-use crate::actors::broker::{Broker, TrackProcess};
+use crate::actors::broker::{
+    Broker, SpawnError, SpawnService, StopError, StopTarget, TrackProcess,
+};
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::{Call, RegisterProcess, Router, RouterError};
 use crate::actors::sysmon::Sysmon;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
-use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, Payload, PayloadError};
 use crate::service::Methods;
 
@@ -82,6 +84,12 @@ impl Builder {
         self
     }
 
+    /// Stopping a child: SIGTERM after half of this, SIGKILL after all of it.
+    pub fn kill_timeout(mut self, timeout: Duration) -> Self {
+        self.config.kill_timeout = timeout;
+        self
+    }
+
     /// Services allowed to call `Spawn` / `Stop`.
     pub fn control_allow(mut self, services: Vec<String>) -> Self {
         self.config.control_allow = services;
@@ -94,8 +102,14 @@ impl Builder {
         let config = self.config;
         let metrics = MetricsStore::default().start();
         let router = Router::new(config.clone(), metrics.clone()).start();
-        let broker = Broker::new(config.clone(), router.clone(), metrics.clone()).start();
         let sysmon = Sysmon::new(config.sysmon_interval, metrics.clone()).start();
+        let broker = Broker::new(
+            config.clone(),
+            router.clone(),
+            metrics.clone(),
+            sysmon.clone(),
+        )
+        .start();
         // Queued before anything a caller can send, so `broker` is routable
         // from the first call on.
         router.do_send(RegisterProcess {
@@ -103,6 +117,7 @@ impl Builder {
             service: ByteString::from_static(BROKER),
             recipient: broker.clone().recipient(),
             ready: true,
+            pacer: None,
         });
         BrokerHandle {
             router,
@@ -254,6 +269,7 @@ impl BrokerHandle {
                     service: name.into(),
                     recipient: worker.recipient(),
                     ready: true,
+                    pacer: None,
                 })
                 .await
                 .map_err(|_| AddServiceError::Closed)??;
@@ -269,6 +285,33 @@ impl BrokerHandle {
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    /// Starts a subprocess service (`spec.workers` children) and waits until
+    /// each worker is ready or its first start failed.
+    pub async fn spawn(&self, spec: ServiceConfig) -> Result<Vec<SpawnedProcess>, SpawnError> {
+        self.broker
+            .send(SpawnService(spec))
+            .await
+            .map_err(|_| SpawnError::Closed)?
+    }
+
+    /// Stops a subprocess (`echo.1`) or a whole subprocess service (`echo`)
+    /// and waits until its children are reaped. Returns the ids stopped.
+    pub async fn stop(&self, target: &str) -> Result<Vec<String>, StopError> {
+        match self.broker.send(StopTarget(target.into())).await {
+            Ok(result) => result,
+            // The Broker is gone: so are its children.
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The process table (`ListProcesses`).
+    pub async fn processes(&self) -> Result<Vec<ProcessInfo>, CallError> {
+        self.call(BROKER, "ListProcesses", &())
+            .await?
+            .payload_as()
+            .map_err(CallError::from)
     }
 
     /// The stats reply (flushes the Router first, so counters are exact).

@@ -38,6 +38,7 @@ pub mod actors;
 pub mod config;
 pub mod embed;
 pub mod names;
+pub mod pipe;
 pub mod protocol;
 pub mod service;
 

@@ -47,6 +47,7 @@ async fn client(handle: &BrokerHandle, id: &str) -> mpsc::UnboundedReceiver<Enve
             service: procbroker::names::service_of(id).into(),
             recipient: addr.recipient(),
             ready: true,
+            pacer: None,
         })
         .await
         .expect("router")
@@ -214,6 +215,7 @@ async fn unknown_target_unknown_method_and_unavailable() {
             service: "late".into(),
             recipient: addr.recipient(),
             ready: false,
+            pacer: None,
         })
         .await
         .expect("router")

@@ -5,21 +5,30 @@
 //! Every reply copies the request's `correlation_id` (it is built from the
 //! request itself), so no RPC can lose it the way v2e's did.
 //!
-//! `Spawn` and `Stop` need the subprocess bridges, which this build does not
-//! have yet: they answer `unknown_method` with a message saying so (after the
-//! `control_allow` check, which already applies).
+//! It owns the subprocess services: [`SpawnService`] (and the `Spawn` RPC)
+//! starts one [`Bridge`] per worker and answers once each worker is ready or
+//! its first start failed; [`StopTarget`] (and `Stop`) stops a process or a
+//! whole service and answers once the children are reaped. Bridges report
+//! every status change back ([`TrackProcess`]), which is what
+//! `ListProcesses` shows.
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use std::collections::BTreeMap;
 
+use futures_util::future::join_all;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+use super::bridge::{Bridge, BridgePeers, StopProcess};
 use super::metrics_store::{MetricsStore, ProcessLifecycle, SubmitMetrics, fresh_stats};
-use super::router::{Deliver, Route, Router, SetReady};
-use crate::config::BrokerConfig;
-use crate::names::{BROKER, CALLER, service_of};
+use super::router::{Deliver, Route, Router};
+use super::sysmon::Sysmon;
+use crate::config::{BrokerConfig, ServiceConfig};
+use crate::names::{self, BROKER, CALLER, NameError, service_of};
 use crate::protocol::rpc::{
-    BrokerMethod, Empty, MessageCount, ProcessInfo, ProcessStatus, SubmitProcessMetrics,
-    SubmitProcessMetricsReply,
+    BrokerMethod, Empty, MessageCount, ProcessInfo, SpawnRequest, SpawnedProcess, StopReply,
+    StopRequest, SubmitProcessMetrics, SubmitProcessMetricsReply,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 
@@ -28,25 +37,166 @@ use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 #[rtype(result = "()")]
 pub struct TrackProcess(pub ProcessInfo);
 
+/// Starts a subprocess service: one child per worker. Answers once every
+/// worker is ready or its first start failed (within `ready_timeout`).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<SpawnedProcess>, SpawnError>")]
+pub struct SpawnService(pub ServiceConfig);
+
+/// Stops a process (`echo.2`) or every worker of a service (`echo`); answers
+/// with the ids stopped, once their children are reaped.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<String>, StopError>")]
+pub struct StopTarget(pub String);
+
+/// Why a service was not spawned.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The service name is invalid or reserved.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// `workers = 0`.
+    #[error("service {0:?}: workers must be at least 1")]
+    NoWorkers(String),
+    /// A service of that name has live processes (stop it first).
+    #[error("service {0:?} is already running; stop it first")]
+    Running(String),
+    /// No worker could be started: the command cannot run.
+    #[error("service {service:?}: cannot run {command:?} (see the log for the OS error)")]
+    CannotRun {
+        /// The service.
+        service: String,
+        /// Its command.
+        command: String,
+    },
+    /// The broker is shutting down.
+    #[error("the broker is not running")]
+    Closed,
+}
+
+/// Why nothing was stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// No subprocess or subprocess service of that name.
+    #[error("no subprocess or subprocess service {0:?}")]
+    Unknown(String),
+}
+
+struct Worker {
+    id: String,
+    bridge: Addr<Bridge>,
+}
+
 /// The Broker actor.
 pub struct Broker {
     config: BrokerConfig,
     router: Addr<Router>,
     metrics: Addr<MetricsStore>,
+    sysmon: Addr<Sysmon>,
     processes: BTreeMap<String, ProcessInfo>,
+    services: BTreeMap<String, Vec<Worker>>,
     id: ByteString,
 }
 
 impl Broker {
     /// A Broker answering through `router`.
-    pub fn new(config: BrokerConfig, router: Addr<Router>, metrics: Addr<MetricsStore>) -> Self {
+    pub fn new(
+        config: BrokerConfig,
+        router: Addr<Router>,
+        metrics: Addr<MetricsStore>,
+        sysmon: Addr<Sysmon>,
+    ) -> Self {
         Self {
             config,
             router,
             metrics,
+            sysmon,
             processes: BTreeMap::new(),
+            services: BTreeMap::new(),
             id: ByteString::from_static(BROKER),
         }
+    }
+
+    fn spawn_service(
+        &mut self,
+        spec: ServiceConfig,
+        ctx: &mut Context<Self>,
+    ) -> Result<impl Future<Output = Result<Vec<SpawnedProcess>, SpawnError>> + use<>, SpawnError>
+    {
+        names::check_service_name(&spec.name)?;
+        if spec.workers == 0 {
+            return Err(SpawnError::NoWorkers(spec.name));
+        }
+        // In-process workers of that name (they have no bridges).
+        let in_process = !self.services.contains_key(&spec.name)
+            && self.processes.values().any(|p| p.service == spec.name);
+        let live = self
+            .services
+            .get(&spec.name)
+            .is_some_and(|workers| workers.iter().any(|w| w.bridge.connected()));
+        if live || in_process {
+            return Err(SpawnError::Running(spec.name));
+        }
+        let peers = BridgePeers {
+            router: self.router.clone(),
+            broker: ctx.address(),
+            sysmon: self.sysmon.clone(),
+        };
+        let spec = Arc::new(spec);
+        let mut workers = Vec::with_capacity(spec.workers as usize);
+        let mut starts = Vec::with_capacity(spec.workers as usize);
+        for index in 0..spec.workers {
+            let id = names::process_id(&spec.name, index);
+            let (tx, rx) = oneshot::channel();
+            let bridge = Bridge::new(
+                id.as_str().into(),
+                Arc::clone(&spec),
+                self.config.clone(),
+                peers.clone(),
+                tx,
+            )
+            .start();
+            workers.push(Worker { id, bridge });
+            starts.push(rx);
+        }
+        self.services.insert(spec.name.clone(), workers);
+        Ok(async move {
+            let mut spawned = Vec::with_capacity(starts.len());
+            for start in join_all(starts).await {
+                spawned.push(start.map_err(|_| SpawnError::Closed)?);
+            }
+            if spawned.iter().all(|p| p.pid.is_none()) {
+                return Err(SpawnError::CannotRun {
+                    service: spec.name.clone(),
+                    command: spec.command.clone(),
+                });
+            }
+            Ok(spawned)
+        })
+    }
+
+    fn stop_target(
+        &mut self,
+        target: &str,
+    ) -> Result<impl Future<Output = Vec<String>> + use<>, StopError> {
+        let bridges: Vec<(String, Addr<Bridge>)> = match self.services.get(target) {
+            Some(workers) => workers
+                .iter()
+                .map(|w| (w.id.clone(), w.bridge.clone()))
+                .collect(),
+            None => self
+                .services
+                .get(service_of(target))
+                .and_then(|workers| workers.iter().find(|w| w.id == target))
+                .map(|w| vec![(w.id.clone(), w.bridge.clone())])
+                .ok_or_else(|| StopError::Unknown(target.into()))?,
+        };
+        Ok(async move {
+            let ids: Vec<String> = bridges.iter().map(|(id, _)| id.clone()).collect();
+            // A bridge that is gone already (stopped, failed start) is stopped.
+            join_all(bridges.iter().map(|(_, b)| b.send(StopProcess))).await;
+            ids
+        })
     }
 
     fn send(&self, reply: Envelope) {
@@ -131,13 +281,39 @@ impl Broker {
                         }),
                 );
             }
-            BrokerMethod::Spawn | BrokerMethod::Stop => self.fail(
-                &request,
-                ErrorCode::UnknownMethod,
-                format!(
-                    "{method} needs the subprocess bridges, which this build does not have yet"
-                ),
-            ),
+            BrokerMethod::Spawn => {
+                let spec = match request.payload_as::<SpawnRequest>() {
+                    Ok(spec) => ServiceConfig::from(spec),
+                    Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                };
+                match self.spawn_service(spec, ctx) {
+                    Err(e) => self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                    Ok(started) => {
+                        ctx.spawn(started.into_actor(self).map(
+                            move |result, broker, _| match result {
+                                Ok(spawned) => broker.reply(&request, &spawned),
+                                Err(e) => {
+                                    broker.fail(&request, ErrorCode::BadRequest, e.to_string())
+                                }
+                            },
+                        ));
+                    }
+                }
+            }
+            BrokerMethod::Stop => {
+                let target = match request.payload_as::<StopRequest>() {
+                    Ok(stop) => stop.id,
+                    Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                };
+                match self.stop_target(&target) {
+                    Err(e) => self.fail(&request, ErrorCode::UnknownTarget, e.to_string()),
+                    Ok(stopping) => {
+                        ctx.spawn(stopping.into_actor(self).map(move |stopped, broker, _| {
+                            broker.reply(&request, &StopReply { stopped });
+                        }));
+                    }
+                }
+            }
         }
     }
 
@@ -152,18 +328,8 @@ impl Broker {
     }
 
     fn handle_event(&mut self, event: Envelope) {
-        if &*event.id == "ready" {
-            let id = event.source.to_string();
-            if let Some(info) = self.processes.get_mut(&id) {
-                info.status = ProcessStatus::Ready;
-                let info = info.clone();
-                self.lifecycle(&info);
-            }
-            self.router.do_send(SetReady {
-                id: event.source,
-                ready: true,
-            });
-        } else {
+        // `ready` is acted on by the sender's bridge, which sees it first.
+        if &*event.id != "ready" {
             tracing::debug!(process = %event.source, event = %event.id, "event to the broker ignored");
         }
     }
@@ -192,5 +358,31 @@ impl Handler<TrackProcess> for Broker {
     fn handle(&mut self, TrackProcess(info): TrackProcess, _: &mut Self::Context) {
         self.lifecycle(&info);
         self.processes.insert(info.id.clone(), info);
+    }
+}
+
+impl Handler<SpawnService> for Broker {
+    type Result = ResponseFuture<Result<Vec<SpawnedProcess>, SpawnError>>;
+
+    fn handle(
+        &mut self,
+        SpawnService(spec): SpawnService,
+        ctx: &mut Self::Context,
+    ) -> Self::Result {
+        match self.spawn_service(spec, ctx) {
+            Ok(started) => Box::pin(started),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<StopTarget> for Broker {
+    type Result = ResponseFuture<Result<Vec<String>, StopError>>;
+
+    fn handle(&mut self, StopTarget(target): StopTarget, _: &mut Self::Context) -> Self::Result {
+        match self.stop_target(&target) {
+            Ok(stopping) => Box::pin(async move { Ok(stopping.await) }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 }

@@ -27,15 +27,17 @@ use bytestring::ByteString;
 use hdrhistogram::Histogram;
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, oneshot};
 
 use super::latency;
 use super::metrics_store::{Counters, MetricsBatch, MetricsStore, ProcessSnapshot};
+use super::pacer::Pacer;
 use super::pending::{FastMap, Key, Pending, PendingTable, RecentlyExpired, ReplyTo};
 use crate::config::BrokerConfig;
 use crate::names::{BROADCAST, BROKER, CALLER};
-use crate::protocol::{Envelope, ErrorCode, MessageType};
+use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
 
 /// An envelope for a process: a request or event addressed to it, or a reply
 /// to one of its requests. Whatever backs the process (an in-process worker,
@@ -77,6 +79,39 @@ pub struct RegisterProcess {
     pub recipient: Recipient<Deliver>,
     /// Routable at once (else after [`SetReady`]).
     pub ready: bool,
+    /// A subprocess bridge's read pacing: the Router releases each envelope's
+    /// weight when it takes it (`None` for in-process senders).
+    pub pacer: Option<Arc<Pacer>>,
+}
+
+/// A frame from process `from` that was not a valid envelope (DESIGN 5.4):
+/// counted as `bad_frames`; a salvaged request gets `bad_request`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct BadFrame {
+    /// The sending process.
+    pub from: ByteString,
+    /// What was wrong, for the error message.
+    pub error: String,
+    /// The request it seems to have been, if its correlation id was readable.
+    pub request: Option<SalvagedRequest>,
+}
+
+/// An envelope the process `to` could not take (its outbox is full, or the
+/// frame is too large for its pipe). A request is answered with `code` on its
+/// worker's behalf and the worker's slot freed; an event is dropped. Both
+/// count as `busy_rejections` of their sender when `code` is `busy`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Bounce {
+    /// The process that could not take it.
+    pub to: ByteString,
+    /// The envelope as it was delivered.
+    pub envelope: Envelope,
+    /// Error code for the requester.
+    pub code: ErrorCode,
+    /// Error message for the requester.
+    pub message: String,
 }
 
 /// Marks a process routable (its `ready` event came) or not.
@@ -127,6 +162,7 @@ pub enum RouterError {
 
 struct ProcessEntry {
     service: usize,
+    pacer: Option<Arc<Pacer>>,
     recipient: Recipient<Deliver>,
     ready: bool,
     in_flight: usize,
@@ -263,10 +299,14 @@ impl Router {
     }
 
     /// Counts one envelope received from `from`.
-    fn count_received(&mut self, from: &ByteString, kind: MessageType, now: Instant) -> bool {
+    fn count_received(&mut self, from: &ByteString, envelope: &Envelope, now: Instant) -> bool {
+        let kind = envelope.kind;
         let Some(entry) = self.processes.get_mut(from) else {
             return false;
         };
+        if let Some(pacer) = &entry.pacer {
+            pacer.consumed(Pacer::weight(envelope));
+        }
         entry.saw(now);
         entry.delta.count(kind);
         true
@@ -690,7 +730,7 @@ impl Handler<Route> for Router {
     fn handle(&mut self, msg: Route, _: &mut Self::Context) {
         let now = Instant::now();
         let Route { from, mut envelope } = msg;
-        if !self.count_received(&from, envelope.kind, now) {
+        if !self.count_received(&from, &envelope, now) {
             tracing::debug!(process = %from, "envelope from an unregistered process dropped");
             return;
         }
@@ -734,6 +774,7 @@ impl Handler<RegisterProcess> for Router {
             msg.id,
             ProcessEntry {
                 service,
+                pacer: msg.pacer,
                 recipient: msg.recipient,
                 ready: msg.ready,
                 in_flight: 0,
@@ -785,5 +826,71 @@ impl Handler<PendingCount> for Router {
 
     fn handle(&mut self, _: PendingCount, _: &mut Self::Context) -> usize {
         self.pending.len()
+    }
+}
+
+impl Handler<BadFrame> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: BadFrame, _: &mut Self::Context) {
+        let now = Instant::now();
+        let Some(entry) = self.processes.get_mut(&msg.from) else {
+            return;
+        };
+        entry.delta.bad_frames += 1;
+        entry.saw(now);
+        if let Some(salvaged) = msg.request {
+            let method = salvaged.id.unwrap_or_default();
+            let mut request = Envelope::request(msg.from.clone(), method, salvaged.correlation_id);
+            request.source = msg.from.clone();
+            let message = format!("invalid envelope: {}", msg.error);
+            self.reject(
+                &request,
+                &msg.from,
+                ReplyTo::Process,
+                ErrorCode::BadRequest,
+                message,
+                now,
+            );
+        }
+    }
+}
+
+impl Handler<Bounce> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Bounce, _: &mut Self::Context) {
+        let now = Instant::now();
+        let Bounce {
+            to,
+            envelope,
+            code,
+            message,
+        } = msg;
+        let origin = envelope.source.clone();
+        if code == ErrorCode::Busy
+            && let Some(counters) = self.counters_of(&origin)
+        {
+            counters.busy_rejections += 1;
+        }
+        if envelope.kind != MessageType::Request {
+            tracing::debug!(process = %to, from = %origin, id = %envelope.id, %code, "envelope dropped: {message}");
+            return;
+        }
+        let key: Key = (origin.clone(), envelope.correlation_id);
+        let pending = match self.pending.remove(&key) {
+            Some(pending) if pending.worker == to => pending,
+            other => {
+                // Already answered (timed out, or the worker was removed).
+                if let Some(pending) = other {
+                    self.pending.restore(key, pending);
+                }
+                return;
+            }
+        };
+        if let Some(entry) = self.processes.get_mut(&to) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+        self.reject(&envelope, &origin, pending.reply_to, code, message, now);
     }
 }

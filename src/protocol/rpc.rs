@@ -186,6 +186,12 @@ pub struct SpawnRequest {
     /// Restart policy (defaults as in the config).
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Wait for the `ready` event (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub await_ready: Option<bool>,
+    /// How long to wait for it (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_ms: Option<u64>,
 }
 
 /// One element of the `Spawn` reply.

@@ -1,0 +1,639 @@
+//! Bridge: one actor per child process, between its pipes and the Router.
+//!
+//! The bridge owns one process id (`echo.2`) for its whole life and runs the
+//! child behind it, restarting it as the service's policy says. Each run of
+//! the child (an *incarnation*) has:
+//!
+//! - **stdout**: an actix stream of envelopes ([`EnvelopeCodec`]) wrapped in a
+//!   [`Paced`] gate. Each envelope gets its `source` stamped by the Router
+//!   from the id registered here, so a child cannot forge one. A bad frame is
+//!   counted and skipped (`bad_request` if it was a readable request); a
+//!   frame error (oversize length, torn frame, stray bytes) means the stream
+//!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
+//! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames. A
+//!   request or event that finds it full is bounced (`busy`); replies always
+//!   go in, and stdout is not read while the outbox is full, so a child that
+//!   never reads cannot make the broker hold more than that.
+//! - **stderr**: lines logged as `tracing` events with the process id.
+//! - **exit**: a watcher task owns the `Child`, reaps it (no zombies) and
+//!   tells the bridge; the Router then fails the requests in flight to it
+//!   with `worker_exited` at once.
+//!
+//! Why the watcher and the writer are tasks beside the actor and not futures
+//! in its context: actix polls every future of a context each time the
+//! context wakes, and polling `Child::wait` costs a `waitpid` system call.
+//!
+//! Nothing a child sends can panic this actor: a panic would kill it for good
+//! (actix's `Supervisor` does not restart panicked actors).
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use std::process::{ExitStatus, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use super::broker::{Broker, TrackProcess};
+use super::pacer::{Paced, Pacer};
+use super::router::SetReady;
+use super::router::{BadFrame, Bounce, Deliver, RegisterProcess, RemoveProcess, Route, Router};
+use super::sysmon::{Sysmon, Unwatch, Watch};
+use crate::config::{BrokerConfig, SELF_COMMAND, ServiceConfig};
+use crate::names::BROKER;
+use crate::pipe::{self, LogLines, Outbox, OutboxError};
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
+use crate::protocol::{
+    Envelope, EnvelopeCodec, ErrorCode, FrameError, InvalidEnvelope, MessageType,
+};
+
+/// The environment variable that tells a child its process id.
+pub const PROCESS_ID_ENV: &str = "PROCBROKER_PROCESS_ID";
+/// The environment variable that tells a child its service name.
+pub const SERVICE_ENV: &str = "PROCBROKER_SERVICE";
+
+/// The longest stderr line logged as one event; longer ones are split.
+const MAX_LOG_LINE: usize = 16 * 1024;
+/// The backoff resets after a child has been up this long (DESIGN 5.3).
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// Stops the child (shutdown event, EOF, SIGTERM, SIGKILL) and then the
+/// bridge; resolves once the child is reaped.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopProcess;
+
+/// The watcher's report: incarnation `generation` exited.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Exited {
+    generation: u64,
+    status: std::io::Result<ExitStatus>,
+}
+
+type StdoutItem = Result<Result<Envelope, InvalidEnvelope>, FrameError>;
+
+/// One run of the child.
+struct Incarnation {
+    generation: u64,
+    pid: u32,
+    started: Instant,
+    ready: bool,
+    outbox: Rc<Outbox>,
+    pacer: Arc<Pacer>,
+    stdout: SpawnHandle,
+    signals: mpsc::UnboundedSender<Signal>,
+    ready_timer: Option<SpawnHandle>,
+}
+
+impl Incarnation {
+    fn signal(&self, signal: Signal) {
+        let _ = self.signals.send(signal);
+    }
+}
+
+/// Where the bridge reports to.
+#[derive(Clone)]
+pub struct BridgePeers {
+    /// The Router (envelopes, registration).
+    pub router: Addr<Router>,
+    /// The Broker (process table).
+    pub broker: Addr<Broker>,
+    /// Sysmon (pids to sample).
+    pub sysmon: Addr<Sysmon>,
+}
+
+/// The bridge actor of one process id.
+pub struct Bridge {
+    id: ByteString,
+    service: ByteString,
+    spec: Arc<ServiceConfig>,
+    config: BrokerConfig,
+    peers: BridgePeers,
+    status: ProcessStatus,
+    restarts: u32,
+    exit_code: Option<i32>,
+    started_at: Option<SystemTime>,
+    pid: Option<u32>,
+    backoff: Duration,
+    generation: u64,
+    child: Option<Incarnation>,
+    restart_timer: Option<SpawnHandle>,
+    first_start: Option<oneshot::Sender<SpawnedProcess>>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    stopping: bool,
+}
+
+impl Bridge {
+    /// A bridge for worker `id` of `spec`. It spawns the child when started;
+    /// `first_start` learns how the first start went (ready, or failed).
+    pub fn new(
+        id: ByteString,
+        spec: Arc<ServiceConfig>,
+        config: BrokerConfig,
+        peers: BridgePeers,
+        first_start: oneshot::Sender<SpawnedProcess>,
+    ) -> Self {
+        let backoff = Duration::from_millis(spec.restart.backoff_initial_ms);
+        Self {
+            service: spec.name.as_str().into(),
+            id,
+            spec,
+            config,
+            peers,
+            status: ProcessStatus::Starting,
+            restarts: 0,
+            exit_code: None,
+            started_at: None,
+            pid: None,
+            backoff,
+            generation: 0,
+            child: None,
+            restart_timer: None,
+            first_start: Some(first_start),
+            stop_waiters: Vec::new(),
+            stopping: false,
+        }
+    }
+
+    fn info(&self) -> ProcessInfo {
+        ProcessInfo {
+            id: self.id.to_string(),
+            service: self.service.to_string(),
+            pid: self.pid,
+            status: self.status,
+            restarts: self.restarts,
+            started_at: self
+                .started_at
+                .map(|t| humantime::format_rfc3339_micros(t).to_string()),
+            exit_code: self.exit_code,
+        }
+    }
+
+    fn set_status(&mut self, status: ProcessStatus) {
+        self.status = status;
+        self.peers.broker.do_send(TrackProcess(self.info()));
+    }
+
+    /// Answers the Spawn that created this bridge, once.
+    fn settle_first_start(&mut self) {
+        if let Some(tx) = self.first_start.take() {
+            let _ = tx.send(SpawnedProcess {
+                id: self.id.to_string(),
+                pid: self.pid,
+                status: self.status,
+            });
+        }
+    }
+
+    fn command(&self) -> std::io::Result<Command> {
+        let program = if self.spec.command == SELF_COMMAND {
+            std::env::current_exe()?
+        } else {
+            self.spec.command.clone().into()
+        };
+        let mut command = Command::new(program);
+        command
+            .args(&self.spec.args)
+            .envs(&self.spec.env)
+            .env(PROCESS_ID_ENV, &*self.id)
+            .env(SERVICE_ENV, &*self.service)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group: a terminal's Ctrl-C reaches the broker
+            // only, which then stops the children in order (DESIGN 5.6).
+            .process_group(0);
+        Ok(command)
+    }
+
+    fn spawn_child(&mut self, ctx: &mut Context<Self>) {
+        self.restart_timer = None;
+        let spawned = self.command().and_then(|mut c| c.spawn());
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => return self.spawn_failed(&e, ctx),
+        };
+        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
+            child.stdin.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            child.id(),
+        ) else {
+            // Cannot happen with piped stdio; treat like a failed start.
+            let e = std::io::Error::other("child has no pipes");
+            return self.spawn_failed(&e, ctx);
+        };
+        for (name, result) in [
+            ("stdin", pipe::set_pipe_size(&stdin, pipe::PIPE_BYTES)),
+            ("stdout", pipe::set_pipe_size(&stdout, pipe::PIPE_BYTES)),
+        ] {
+            if let Err(e) = result {
+                tracing::debug!(process = %self.id, pipe = name, error = %e, "pipe size left as is");
+            }
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let capacity = self.config.queue_capacity;
+        let codec = EnvelopeCodec::new(self.config.max_frame_bytes);
+
+        let outbox = Rc::new(Outbox::start(stdin, codec));
+        let pacer = Arc::new(Pacer::default());
+        let waker = Arc::clone(&pacer);
+        outbox.on_written(move |depth| {
+            if depth < capacity {
+                waker.wake();
+            }
+        });
+        let full = Rc::clone(&outbox);
+        let frames = Paced::new(
+            FramedRead::new(stdout, codec),
+            Arc::clone(&pacer),
+            move || full.depth() >= capacity,
+        )
+        .map(move |item| (generation, item));
+        let stdout = ctx.add_stream(frames);
+
+        actix::spawn(log_stderr(self.id.clone(), stderr));
+        let (signals, signal_rx) = mpsc::unbounded_channel();
+        actix::spawn(watch(child, signal_rx, ctx.address(), generation));
+
+        let ready = !self.spec.await_ready;
+        self.peers.router.do_send(RegisterProcess {
+            id: self.id.clone(),
+            service: self.service.clone(),
+            recipient: ctx.address().recipient(),
+            ready,
+            pacer: Some(Arc::clone(&pacer)),
+        });
+        self.peers.sysmon.do_send(Watch {
+            id: self.id.to_string(),
+            pid,
+        });
+        let ready_timer = (!ready).then(|| {
+            let timeout = Duration::from_millis(self.spec.ready_timeout_ms);
+            ctx.run_later(timeout, move |bridge, _| bridge.ready_timed_out(generation))
+        });
+        self.child = Some(Incarnation {
+            generation,
+            pid,
+            started: Instant::now(),
+            ready,
+            outbox,
+            pacer,
+            stdout,
+            signals,
+            ready_timer,
+        });
+        self.pid = Some(pid);
+        self.started_at = Some(SystemTime::now());
+        tracing::info!(process = %self.id, pid, restarts = self.restarts, "child started");
+        if ready {
+            self.set_status(ProcessStatus::Ready);
+            self.settle_first_start();
+        } else {
+            self.set_status(ProcessStatus::Starting);
+        }
+    }
+
+    fn spawn_failed(&mut self, e: &std::io::Error, ctx: &mut Context<Self>) {
+        tracing::error!(process = %self.id, command = %self.spec.command, error = %e, "cannot start child");
+        self.pid = None;
+        if self.first_start.is_some() {
+            // The very first start: the command itself cannot run (missing,
+            // not executable). Retrying will not fix that; say so now.
+            self.set_status(ProcessStatus::Failed);
+            self.settle_first_start();
+            self.finish_stop(ctx);
+            return;
+        }
+        self.schedule_restart(Duration::ZERO, ctx);
+    }
+
+    fn ready_timed_out(&mut self, generation: u64) {
+        let Some(child) = self.child.as_mut().filter(|c| c.generation == generation) else {
+            return;
+        };
+        child.ready_timer = None;
+        if child.ready {
+            return;
+        }
+        tracing::warn!(process = %self.id, timeout_ms = self.spec.ready_timeout_ms,
+            "no ready event in time; killing the child");
+        child.signal(Signal::SIGKILL);
+    }
+
+    fn became_ready(&mut self, ctx: &mut Context<Self>) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if child.ready || self.stopping {
+            return;
+        }
+        child.ready = true;
+        if let Some(timer) = child.ready_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        self.peers.router.do_send(SetReady {
+            id: self.id.clone(),
+            ready: true,
+        });
+        self.set_status(ProcessStatus::Ready);
+        self.settle_first_start();
+    }
+
+    fn exited(
+        &mut self,
+        generation: u64,
+        status: std::io::Result<ExitStatus>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(child) = self.child.take_if(|c| c.generation == generation) else {
+            return;
+        };
+        ctx.cancel_future(child.stdout);
+        if let Some(timer) = child.ready_timer {
+            ctx.cancel_future(timer);
+        }
+        child.outbox.discard();
+        let reason = match &status {
+            Ok(s) => describe(s),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        self.exit_code = status.as_ref().ok().and_then(ExitStatus::code);
+        self.peers.router.do_send(RemoveProcess {
+            id: self.id.clone(),
+            reason: reason.clone(),
+        });
+        self.peers.sysmon.do_send(Unwatch {
+            id: self.id.to_string(),
+        });
+        let uptime = child.started.elapsed();
+        if self.stopping {
+            tracing::info!(process = %self.id, pid = child.pid, "child stopped ({reason})");
+            self.finish_stop(ctx);
+            return;
+        }
+        let policy = self.spec.restart;
+        if self.exit_code == Some(0) {
+            tracing::info!(process = %self.id, pid = child.pid, "child exited with status 0; not restarted");
+            self.set_status(ProcessStatus::Stopped);
+            self.settle_first_start();
+            return;
+        }
+        if policy.max_restarts >= 0 && i64::from(self.restarts) >= policy.max_restarts {
+            tracing::error!(process = %self.id, pid = child.pid, restarts = self.restarts,
+                "child {reason}; max_restarts reached, giving up");
+            self.set_status(ProcessStatus::Failed);
+            self.settle_first_start();
+            return;
+        }
+        if uptime >= BACKOFF_RESET_AFTER {
+            self.backoff = Duration::from_millis(policy.backoff_initial_ms);
+        }
+        let delay = self.backoff;
+        tracing::warn!(process = %self.id, pid = child.pid, delay_ms = delay.as_millis() as u64,
+            "child {reason}; restarting");
+        self.schedule_restart(delay, ctx);
+    }
+
+    fn schedule_restart(&mut self, delay: Duration, ctx: &mut Context<Self>) {
+        let max = Duration::from_millis(self.spec.restart.backoff_max_ms);
+        self.backoff = (self.backoff * 2).min(max).max(delay);
+        self.set_status(ProcessStatus::Restarting);
+        self.settle_first_start();
+        self.restart_timer = Some(ctx.run_later(delay, |bridge, ctx| {
+            bridge.restarts += 1;
+            bridge.spawn_child(ctx);
+        }));
+    }
+
+    fn finish_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.status != ProcessStatus::Failed || self.stopping {
+            self.set_status(ProcessStatus::Stopped);
+        }
+        self.settle_first_start();
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        ctx.stop();
+    }
+
+    fn route(&mut self, envelope: Envelope, ctx: &mut Context<Self>) {
+        let is_ready_event = envelope.kind == MessageType::Event
+            && &*envelope.target == BROKER
+            && &*envelope.id == "ready";
+        if is_ready_event {
+            self.became_ready(ctx);
+        }
+        if let Some(child) = &self.child {
+            child.pacer.routed(Pacer::weight(&envelope));
+        }
+        self.peers.router.do_send(Route {
+            from: self.id.clone(),
+            envelope,
+        });
+    }
+
+    fn bounce(&self, envelope: Envelope, code: ErrorCode, message: String) {
+        self.peers.router.do_send(Bounce {
+            to: self.id.clone(),
+            envelope,
+            code,
+            message,
+        });
+    }
+}
+
+/// How a child ended, for logs and error messages.
+fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+/// Logs a child's stderr, one event per line, until EOF.
+async fn log_stderr(id: ByteString, stderr: tokio::process::ChildStderr) {
+    let mut lines = FramedRead::new(stderr, LogLines::new(MAX_LOG_LINE));
+    while let Some(Ok(line)) = lines.next().await {
+        tracing::info!(target: "procbroker::child", process = %id, "{line}");
+    }
+}
+
+/// Owns the child: sends it signals on request and reaps it when it exits.
+async fn watch(
+    mut child: Child,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    bridge: Addr<Bridge>,
+    generation: u64,
+) {
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(signal) = signals.recv() => {
+                // Not reaped yet (wait has not returned), so the pid is still ours.
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                }
+            }
+        }
+    };
+    bridge.do_send(Exited { generation, status });
+}
+
+impl Actor for Bridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.spawn_child(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // Last resort (the System is going down): kill_on_drop does the rest.
+        if let Some(child) = &self.child {
+            child.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+impl StreamHandler<(u64, StdoutItem)> for Bridge {
+    fn handle(&mut self, (generation, item): (u64, StdoutItem), ctx: &mut Self::Context) {
+        if self
+            .child
+            .as_ref()
+            .is_none_or(|c| c.generation != generation)
+        {
+            return;
+        }
+        match item {
+            Ok(Ok(envelope)) => self.route(envelope, ctx),
+            Ok(Err(invalid)) => {
+                tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
+                    "invalid envelope dropped");
+                self.peers.router.do_send(BadFrame {
+                    from: self.id.clone(),
+                    error: invalid.error.to_string(),
+                    request: invalid.request,
+                });
+            }
+            Err(e) => {
+                tracing::error!(process = %self.id, error = %e,
+                    "stdout is out of sync (not a frame); killing the child");
+                self.peers.router.do_send(BadFrame {
+                    from: self.id.clone(),
+                    error: e.to_string(),
+                    request: None,
+                });
+                if let Some(child) = &self.child {
+                    child.signal(Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// End of stdout: the exit watcher reports the exit; nothing to do here
+    /// (the default would stop the actor).
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Deliver> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(envelope): Deliver, _: &mut Self::Context) {
+        let Some(child) = &self.child else {
+            // Between incarnations: requests were already failed at removal.
+            tracing::debug!(process = %self.id, id = %envelope.id, "no child; envelope dropped");
+            return;
+        };
+        let is_reply = matches!(envelope.kind, MessageType::Response | MessageType::Error);
+        let capacity = self.config.queue_capacity;
+        if !is_reply && child.outbox.depth() >= capacity {
+            let message = format!("{:?} has {capacity} frames waiting to be read", &*self.id);
+            return self.bounce(envelope, ErrorCode::Busy, message);
+        }
+        match child.outbox.push(&envelope) {
+            Ok(()) => {}
+            Err(OutboxError::TooLarge(e)) if is_reply => {
+                // The requester still gets exactly one reply.
+                let mut error = Envelope::request(
+                    envelope.target.clone(),
+                    envelope.id.clone(),
+                    envelope.correlation_id,
+                )
+                .broker_error(ErrorCode::TooLarge, e.to_string());
+                error.target = envelope.target.clone();
+                let _ = child.outbox.push(&error);
+            }
+            Err(OutboxError::TooLarge(e)) => {
+                self.bounce(envelope, ErrorCode::TooLarge, e.to_string())
+            }
+            // The child is going: its requests get `worker_exited` at removal.
+            Err(OutboxError::Closed) => {}
+        }
+    }
+}
+
+impl Handler<Exited> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Exited, ctx: &mut Self::Context) {
+        self.exited(msg.generation, msg.status, ctx);
+    }
+}
+
+impl Handler<StopProcess> for Bridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: StopProcess, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
+        if !self.stopping {
+            self.stopping = true;
+            if let Some(timer) = self.restart_timer.take() {
+                ctx.cancel_future(timer);
+            }
+            match &self.child {
+                None => self.finish_stop(ctx),
+                Some(child) => {
+                    self.peers.router.do_send(SetReady {
+                        id: self.id.clone(),
+                        ready: false,
+                    });
+                    let _ = child
+                        .outbox
+                        .push(&Envelope::event(self.id.clone(), "shutdown"));
+                    child.outbox.close();
+                    let generation = child.generation;
+                    let kill = self.config.kill_timeout;
+                    let signal_later = |signal| {
+                        move |bridge: &mut Bridge, _: &mut Context<Bridge>| {
+                            if let Some(child) =
+                                bridge.child.as_ref().filter(|c| c.generation == generation)
+                            {
+                                tracing::warn!(process = %bridge.id, %signal, "child still running; signalling");
+                                child.signal(signal);
+                            }
+                        }
+                    };
+                    ctx.run_later(kill / 2, signal_later(Signal::SIGTERM));
+                    ctx.run_later(kill, signal_later(Signal::SIGKILL));
+                    self.set_status(ProcessStatus::Stopping);
+                }
+            }
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
