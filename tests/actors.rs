@@ -618,13 +618,15 @@ async fn broker_rpcs_answer_with_the_designed_shapes() {
     let before = stats.total.counters.total_sent + stats.total.counters.total_received;
     assert_eq!(count.count, before + 3);
 
-    // Control RPCs: Rust callers are trusted but Spawn needs the bridges;
-    // a process of a service not in control_allow is forbidden.
-    let (c, _) = code(broker.call("broker", "Spawn", &()).await);
-    assert_eq!(c, "unknown_method");
+    // Control RPCs: Rust callers are trusted (a payload that is not a Spawn
+    // request is bad_request); a process of a service not in control_allow is
+    // forbidden; an allowed one gets to the point that `echo` has no
+    // subprocesses to stop (its workers are in-process).
+    let (c, m) = code(broker.call("broker", "Spawn", &()).await);
+    assert_eq!(c, "bad_request", "{m}");
     for (process, correlation_id, expected) in [
         ("client.0", 5, ErrorCode::Forbidden),
-        ("ops.0", 6, ErrorCode::UnknownMethod),
+        ("ops.0", 6, ErrorCode::UnknownTarget),
     ] {
         let mut inbox = client(&broker, process).await;
         let stop = Envelope::request("broker", "Stop", correlation_id)
