@@ -25,7 +25,6 @@
 use actix::prelude::*;
 use bytestring::ByteString;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
@@ -37,10 +36,11 @@ use crate::actors::inproc::InProcessWorker;
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::{Call, RegisterProcess, Router, RouterError};
 use crate::actors::sysmon::Sysmon;
+pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
-use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, Payload, PayloadError};
+use crate::protocol::{Envelope, MessageStats};
 use crate::service::Methods;
 
 /// Entry point of the embedding API.
@@ -137,68 +137,6 @@ pub struct BrokerHandle {
     sysmon: Addr<Sysmon>,
 }
 
-/// A successful reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply(Envelope);
-
-impl Reply {
-    /// Decodes the payload (an absent payload reads as nil).
-    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
-        self.0.payload_as()
-    }
-
-    /// The raw payload.
-    pub fn payload(&self) -> Option<&Payload> {
-        self.0.payload.as_ref()
-    }
-
-    /// The process that answered.
-    pub fn source(&self) -> &str {
-        &self.0.source
-    }
-
-    /// The whole response envelope.
-    pub fn into_envelope(self) -> Envelope {
-        self.0
-    }
-}
-
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// The callee, or the broker on its behalf, answered with an error.
-    #[error("{source_id} answered {code}: {message}")]
-    Remote {
-        /// Error code (see [`ErrorCode`] for the broker's own).
-        code: String,
-        /// Error message.
-        message: String,
-        /// Who answered (`broker` for broker-generated errors).
-        source_id: String,
-    },
-    /// The request payload could not be encoded.
-    #[error(transparent)]
-    Payload(#[from] PayloadError),
-    /// The Router is gone (the System is stopping).
-    #[error("the broker is not running")]
-    Closed,
-}
-
-impl CallError {
-    /// The error code, if the callee or broker answered with one.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            Self::Remote { code, .. } => Some(code),
-            _ => None,
-        }
-    }
-
-    /// The broker error code, if it is one of the broker's.
-    pub fn broker_code(&self) -> Option<ErrorCode> {
-        self.code().and_then(|c| c.parse().ok())
-    }
-}
-
 /// Why a service could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum AddServiceError {
@@ -236,14 +174,7 @@ impl BrokerHandle {
             reply,
         });
         let envelope = answer.await.map_err(|_| CallError::Closed)?;
-        match envelope.kind {
-            MessageType::Error => Err(CallError::Remote {
-                code: envelope.code.as_deref().unwrap_or_default().to_owned(),
-                message: envelope.error.as_deref().unwrap_or_default().to_owned(),
-                source_id: envelope.source.to_string(),
-            }),
-            _ => Ok(Reply(envelope)),
-        }
+        Reply::from_envelope(envelope)
     }
 
     /// Adds a service of `workers` in-process workers (`name.0 …`) serving

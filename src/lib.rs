@@ -35,12 +35,15 @@
 #![warn(missing_docs)]
 
 pub mod actors;
+pub mod bench;
+pub mod call;
 pub mod config;
 pub mod embed;
 pub mod names;
 pub mod pipe;
 pub mod protocol;
 pub mod service;
+pub mod workers;
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]

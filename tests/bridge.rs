@@ -1,18 +1,25 @@
-//! Subprocess bridges with real children: the Python example worker under
-//! the broker, round-robin over real processes, restarts, stop.
+//! Subprocess bridges with real children: services in Python and Rust under
+//! the broker, round-robin over real processes, service-to-service calls,
+//! restarts and `failed`, stop with escalation, 100 concurrent spawns.
 
+mod support;
+
+use futures_util::future::join_all;
+use procbroker::actors::broker::SpawnError;
+use procbroker::bench::{RunReport, RunSpec};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::ProcBroker;
 use procbroker::protocol::rpc::ProcessStatus;
-use std::time::Duration;
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::*;
 
 fn python_echo(workers: u32) -> ServiceConfig {
     ServiceConfig::new("pyecho", python())
-        .args([format!("{}/examples/python/echo_worker.py", env!("CARGO_MANIFEST_DIR"))])
+        .args([format!(
+            "{}/examples/python/echo_worker.py",
+            env!("CARGO_MANIFEST_DIR")
+        )])
         .workers(workers)
 }
 
@@ -21,12 +28,181 @@ async fn the_python_example_serves_under_the_broker() {
     let broker = ProcBroker::builder().sysmon_interval(None).start();
     let spawned = broker.spawn(python_echo(2)).await.expect("spawn");
     assert_eq!(spawned.len(), 2);
-    assert!(spawned.iter().all(|p| p.status == ProcessStatus::Ready && p.pid.is_some()), "{spawned:?}");
-    let reply = broker.call("pyecho", "Reverse", &"stressed").await.expect("call");
+    assert!(
+        spawned
+            .iter()
+            .all(|p| p.status == ProcessStatus::Ready && p.pid.is_some()),
+        "{spawned:?}"
+    );
+    let reply = broker
+        .call("pyecho", "Reverse", &"stressed")
+        .await
+        .expect("call");
     assert_eq!(reply.payload_as::<String>().expect("str"), "desserts");
+    let e = broker
+        .call("pyecho", "Nope", &())
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Some("unknown_method"));
+    let pids: Vec<u32> = spawned.iter().filter_map(|p| p.pid).collect();
     let stopped = broker.stop("pyecho").await.expect("stop");
     assert_eq!(stopped, ["pyecho.0", "pyecho.1"]);
     let table = broker.processes().await.expect("list");
-    assert!(table.iter().all(|p| p.status == ProcessStatus::Stopped), "{table:?}");
-    let _ = Duration::ZERO;
+    assert!(
+        table.iter().all(|p| p.status == ProcessStatus::Stopped),
+        "{table:?}"
+    );
+    assert!(pids.iter().all(|&pid| reaped(pid)), "zombie or survivor");
+}
+
+#[actix::test]
+async fn a_service_calls_another_through_the_broker() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker.spawn(echo("echo", 2)).await.expect("echo");
+    broker.spawn(bench_client("client")).await.expect("client");
+    let spec = RunSpec {
+        target: "echo".into(),
+        method: "Echo".into(),
+        calls: 500,
+        concurrency: 8,
+        payload_bytes: 64,
+    };
+    let report: RunReport = broker
+        .call("client", "Run", &spec)
+        .await
+        .expect("run")
+        .payload_as()
+        .expect("report");
+    assert_eq!((report.ok, report.errors), (500, 0), "{report:?}");
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process;
+    // Exactly one reply per request: 500 replies and the Run request.
+    assert_eq!(p["client.0"].counters.total_sent, 501);
+    assert_eq!(p["client.0"].counters.request_count, 500);
+    // Exact round-robin between the two workers.
+    assert_eq!(p["echo.0"].counters.request_count, 0);
+    assert_eq!(p["echo.0"].counters.response_count, 250);
+    assert_eq!(p["echo.1"].counters.response_count, 250);
+    assert_eq!(stats.latency_us["echo"].count, 500);
+}
+
+#[actix::test]
+async fn round_robin_over_four_real_workers() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let spawned = broker.spawn(echo("echo", 4)).await.expect("spawn");
+    let ids: Vec<&str> = spawned.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["echo.0", "echo.1", "echo.2", "echo.3"]);
+    let mut served = BTreeMap::<String, u32>::new();
+    for i in 0..400u32 {
+        let reply = broker.call("echo", "Anything", &i).await.expect("call");
+        assert_eq!(reply.payload_as::<u32>().expect("u32"), i);
+        *served.entry(reply.source().to_owned()).or_default() += 1;
+    }
+    assert_eq!(served.values().collect::<Vec<_>>(), [&100; 4], "{served:?}");
+}
+
+#[actix::test]
+async fn max_restarts_spent_means_failed() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let spec = ServiceConfig::new("dies", "false").restart(quick_restarts(2));
+    let first = broker.spawn(spec).await.expect("spawn");
+    // It exited before it was ready: the first start failed.
+    assert_eq!(first[0].status, ProcessStatus::Restarting);
+    let p = wait_for_process(&broker, "dies.0", |p| p.status == ProcessStatus::Failed).await;
+    assert_eq!((p.restarts, p.exit_code), (2, Some(1)));
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["dies.0"].faults.restarts, 2);
+    assert_eq!(stats.per_process["dies.0"].status, ProcessStatus::Failed);
+    let e = broker.call("dies", "X", &()).await.expect_err("no worker");
+    assert_eq!(e.code(), Some("unavailable"));
+}
+
+#[actix::test]
+async fn a_command_that_cannot_run_is_refused_at_once() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let err = broker
+        .spawn(ServiceConfig::new("ghost", "/nonexistent/program"))
+        .await
+        .expect_err("cannot run");
+    assert!(matches!(err, SpawnError::CannotRun { .. }), "{err}");
+    let p = wait_for_process(&broker, "ghost.0", |_| true).await;
+    assert_eq!((p.status, p.pid), (ProcessStatus::Failed, None));
+    // Service names are checked before anything runs.
+    let err = broker.spawn(echo("broker", 1)).await.expect_err("reserved");
+    assert!(matches!(err, SpawnError::Name(_)), "{err}");
+}
+
+#[actix::test]
+async fn no_ready_event_in_time_is_a_failed_start() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let spec = ServiceConfig::new("mute", "sleep")
+        .args(["30"])
+        .ready_timeout(Duration::from_millis(200))
+        .restart(quick_restarts(0));
+    let started = Instant::now();
+    let first = broker.spawn(spec).await.expect("spawn");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(first[0].status, ProcessStatus::Failed, "{first:?}");
+    let pid = first[0].pid.expect("it ran");
+    let p = wait_for_process(&broker, "mute.0", |p| p.exit_code.is_none()).await;
+    assert_eq!(p.status, ProcessStatus::Failed);
+    assert!(reaped(pid));
+}
+
+#[actix::test]
+async fn stop_escalates_to_sigkill_and_reaps() {
+    let broker = ProcBroker::builder()
+        .sysmon_interval(None)
+        .kill_timeout(Duration::from_millis(400))
+        .start();
+    // Ignores EOF and SIGTERM; speaks no protocol, so no handshake.
+    let spec = ServiceConfig::new("stubborn", "sh")
+        .args(["-c", "trap '' TERM; while :; do sleep 1; done"])
+        .no_ready_handshake();
+    let spawned = broker.spawn(spec).await.expect("spawn");
+    let pid = spawned[0].pid.expect("pid");
+    let started = Instant::now();
+    assert_eq!(
+        broker.stop("stubborn.0").await.expect("stop"),
+        ["stubborn.0"]
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(reaped(pid));
+    let p = wait_for_process(&broker, "stubborn.0", |_| true).await;
+    assert_eq!(p.status, ProcessStatus::Stopped);
+    assert!(broker.stop("nothing").await.is_err());
+}
+
+#[actix::test]
+async fn a_hundred_concurrent_spawns() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let names: Vec<String> = (0..100).map(|i| format!("svc{i}")).collect();
+    let spawned = join_all(names.iter().map(|n| broker.spawn(echo(n, 1)))).await;
+    let mut pids = Vec::new();
+    for (name, result) in names.iter().zip(spawned) {
+        let p = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(p[0].status, ProcessStatus::Ready, "{name}");
+        pids.push(p[0].pid.expect("pid"));
+    }
+    let replies = join_all(names.iter().map(|n| broker.call(n, "Echo", n))).await;
+    for (name, reply) in names.iter().zip(replies) {
+        let reply = reply.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(&reply.payload_as::<String>().expect("str"), name);
+    }
+    let stops = join_all(names.iter().map(|n| broker.stop(n))).await;
+    assert!(stops.iter().all(Result::is_ok));
+    let survivors: Vec<u32> = pids.into_iter().filter(|&pid| !reaped(pid)).collect();
+    assert!(survivors.is_empty(), "not reaped: {survivors:?}");
+    let table = broker.processes().await.expect("list");
+    assert_eq!(
+        table
+            .iter()
+            .filter(|p| p.status == ProcessStatus::Stopped)
+            .count(),
+        100
+    );
 }

@@ -9,13 +9,11 @@
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use futures_util::FutureExt;
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use super::router::{Deliver, Route, Router};
-use crate::protocol::{ErrorCode, MessageType};
-use crate::service::{HandlerError, HandlerResult, Methods, ReplyAddress};
+use crate::protocol::{Envelope, MessageType};
+use crate::service::{Answer, Methods};
 
 /// One in-process worker.
 pub struct InProcessWorker {
@@ -36,18 +34,10 @@ impl InProcessWorker {
 }
 
 impl InProcessWorker {
-    /// Sends the reply; a panic (caught) becomes an `internal` error.
-    fn answer(&self, address: ReplyAddress, result: std::thread::Result<HandlerResult>) {
-        let result = result.unwrap_or_else(|_| {
-            tracing::error!(process = %self.id, "handler panicked");
-            Err(HandlerError::broker(
-                ErrorCode::Internal,
-                "the handler panicked",
-            ))
-        });
+    fn send(&self, reply: Envelope) {
         self.router.do_send(Route {
             from: self.id.clone(),
-            envelope: address.reply(result),
+            envelope: reply,
         });
     }
 }
@@ -61,31 +51,18 @@ impl Handler<Deliver> for InProcessWorker {
 
     fn handle(&mut self, Deliver(envelope): Deliver, ctx: &mut Self::Context) {
         match envelope.kind {
-            MessageType::Request => {
-                let address = ReplyAddress::of(&envelope);
-                let methods = Rc::clone(&self.methods);
-                // A handler that is ready at once (most are) is answered now;
-                // only one that waits is spawned into the worker's context.
-                let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    let mut future = methods.dispatch(envelope);
-                    match (&mut future).now_or_never() {
-                        Some(result) => Ok(result),
-                        None => Err(future),
-                    }
-                }));
-                match started {
-                    Ok(Ok(result)) => self.answer(address, Ok(result)),
-                    Ok(Err(future)) => {
-                        ctx.spawn(
-                            AssertUnwindSafe(future)
-                                .catch_unwind()
-                                .into_actor(self)
-                                .map(move |result, worker, _| worker.answer(address, result)),
-                        );
-                    }
-                    Err(panic) => self.answer(address, Err(panic)),
+            // A handler that is ready at once (most are) is answered now;
+            // only one that waits is spawned into the worker's context.
+            MessageType::Request => match self.methods.answer(envelope, &self.id) {
+                Answer::Now(reply) => self.send(reply),
+                Answer::Later(future) => {
+                    ctx.spawn(
+                        future
+                            .into_actor(self)
+                            .map(|reply, worker, _| worker.send(reply)),
+                    );
                 }
-            }
+            },
             MessageType::Event => self.methods.event(envelope),
             // In-process workers send no requests, so they expect no replies.
             MessageType::Response | MessageType::Error => {}

@@ -29,8 +29,28 @@ struct Cli {
     command: Command,
 }
 
+/// The built-in workers.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WorkerName {
+    /// Answers every request with its payload verbatim.
+    Echo,
+    /// Benchmark client: its `Run` method makes calls and times them.
+    BenchClient,
+    /// Raw benchmark peer: echoes length-prefixed frames (no envelopes).
+    RawEcho,
+    /// Raw benchmark peer: the client side of the raw baseline.
+    RawClient,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run a built-in worker on stdin/stdout (the broker spawns these; with
+    /// `command = "@self"` a config re-executes this binary).
+    Worker {
+        /// Which worker.
+        #[arg(value_enum)]
+        name: WorkerName,
+    },
     /// Read frames from stdin and print each envelope as one JSON line.
     ///
     /// Invalid frames are printed as {"invalid": "<why>", ...} and reading goes
@@ -52,8 +72,20 @@ enum Command {
     },
 }
 
+fn worker(name: WorkerName) -> Result<()> {
+    use procbroker::{bench, service, workers};
+    match name {
+        WorkerName::Echo => service::run(|_| workers::echo())?,
+        WorkerName::BenchClient => service::run(bench::client::methods)?,
+        WorkerName::RawEcho => bench::raw::echo()?,
+        WorkerName::RawClient => bench::raw::client()?,
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Worker { name } => worker(name),
         Command::Decode { max_frame_bytes } => decode(max_frame_bytes),
         Command::Encode { max_frame_bytes } => encode(max_frame_bytes),
     }

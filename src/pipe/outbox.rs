@@ -167,7 +167,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
             if !state.queued.is_empty() {
                 state.writing_frames = state.queued_frames;
                 state.queued_frames = 0;
-                Some(std::mem::replace(&mut state.queued, std::mem::take(&mut spare)))
+                Some(std::mem::replace(
+                    &mut state.queued,
+                    std::mem::take(&mut spare),
+                ))
             } else if state.closing {
                 break;
             } else {

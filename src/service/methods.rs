@@ -1,17 +1,19 @@
-//! Serving methods: a table of handlers by method name, with typed payloads.
+//! A table of handlers by method name, with typed payloads.
 //!
-//! [`Methods`] is what an in-process worker (and, with the bridges, a Rust
-//! subprocess service) runs: it decodes the request's payload into the
-//! handler's parameter type, runs the handler, and encodes its result. A
-//! payload that does not fit is `bad_request`; an unknown method is
-//! `unknown_method`; a handler's own failure is `handler` unless it says
-//! otherwise.
+//! [`Methods`] is what an in-process worker and a Rust subprocess service
+//! run: it decodes the request's payload into the handler's parameter type,
+//! runs the handler, and encodes its result. A payload that does not fit is
+//! `bad_request`; an unknown method is `unknown_method`; a handler's own
+//! failure is `handler` unless it says otherwise; a handler that panics is
+//! `internal` (the worker lives on).
 
+use futures_util::FutureExt;
 use futures_util::future::LocalBoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 use bytestring::ByteString;
@@ -62,6 +64,7 @@ type EventHandler = Box<dyn Fn(Envelope)>;
 #[derive(Default)]
 pub struct Methods {
     handlers: HashMap<String, RawHandler, foldhash::fast::RandomState>,
+    fallback: Option<RawHandler>,
     on_event: Option<EventHandler>,
 }
 
@@ -108,6 +111,17 @@ impl Methods {
         self
     }
 
+    /// Serves every method not in the table with `handler` (instead of
+    /// answering `unknown_method`).
+    pub fn fallback<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Envelope) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        self.fallback = Some(Box::new(move |request| Box::pin(handler(request))));
+        self
+    }
+
     /// Handles events delivered to the worker (otherwise they are ignored).
     pub fn on_event(mut self, handler: impl Fn(Envelope) + 'static) -> Self {
         self.on_event = Some(Box::new(handler));
@@ -116,7 +130,7 @@ impl Methods {
 
     /// Runs the handler for `request.id`.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
-        match self.handlers.get(&*request.id) {
+        match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
             Some(handler) => handler(request),
             None => {
                 let error = HandlerError::broker(
@@ -177,6 +191,73 @@ impl ReplyAddress {
             }
         }
         reply
+    }
+}
+
+/// A request's reply: ready now (most handlers), or once a future is done.
+// Returned by value and consumed at once; boxing the common `Now` case would
+// cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer {
+    /// The reply.
+    Now(Envelope),
+    /// A future resolving to the reply.
+    Later(LocalBoxFuture<'static, Envelope>),
+}
+
+impl Methods {
+    /// Runs the handler for `request` up to its first wait and returns the
+    /// reply if it is already there. A panic, now or later, becomes an
+    /// `internal` error reply (logged with `worker`, the process id).
+    pub fn answer(&self, request: Envelope, worker: &str) -> Answer {
+        let address = ReplyAddress::of(&request);
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut future = self.dispatch(request);
+            match (&mut future).now_or_never() {
+                Some(result) => Ok(result),
+                None => Err(future),
+            }
+        }));
+        match started {
+            Ok(Ok(result)) => Answer::Now(address.reply(result)),
+            Ok(Err(future)) => {
+                let worker = worker.to_owned();
+                Answer::Later(Box::pin(AssertUnwindSafe(future).catch_unwind().map(
+                    move |result| address.reply(result.unwrap_or_else(|_| panicked(&worker))),
+                )))
+            }
+            Err(_) => Answer::Now(address.reply(panicked(worker))),
+        }
+    }
+}
+
+fn panicked(worker: &str) -> HandlerResult {
+    tracing::error!(process = worker, "handler panicked");
+    Err(HandlerError::broker(
+        ErrorCode::Internal,
+        "the handler panicked",
+    ))
+}
+
+impl From<crate::call::CallError> for HandlerError {
+    /// A failed call inside a handler fails the handler: the callee's code
+    /// passes through, other failures are `internal`.
+    fn from(e: crate::call::CallError) -> Self {
+        match e {
+            crate::call::CallError::Remote {
+                code,
+                message,
+                source_id,
+            } => Self::with_code(code, format!("{source_id}: {message}")),
+            other => Self::broker(ErrorCode::Internal, other.to_string()),
+        }
+    }
+}
+
+impl From<crate::protocol::PayloadError> for HandlerError {
+    /// A reply payload that does not decode is the handler's `internal` error.
+    fn from(e: crate::protocol::PayloadError) -> Self {
+        Self::broker(ErrorCode::Internal, e.to_string())
     }
 }
 

@@ -1,0 +1,80 @@
+//! Round-trip benchmark peers (DESIGN 7.1), shared by `benches/relay.rs` and
+//! `procbroker bench`.
+//!
+//! - [`client`]: a service whose `Run` method makes N calls to a target with C
+//!   in flight and reports how long they took: the client subprocess of the
+//!   relay topology (client → broker → echo → broker → client).
+//! - [`raw`]: the raw limit of the same topology: the same three processes
+//!   and pipes, blocking reads and writes of length-prefixed frames, no
+//!   actors, no MessagePack.
+
+pub mod client;
+pub mod raw;
+
+use serde::{Deserialize, Serialize};
+
+/// What to run: `calls` requests of `payload_bytes` to `target`, with
+/// `concurrency` in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Service (or process) to call.
+    pub target: String,
+    /// Method to call.
+    pub method: String,
+    /// Number of calls.
+    pub calls: u64,
+    /// Calls in flight at once.
+    pub concurrency: u64,
+    /// Payload size (a binary string of this many bytes).
+    pub payload_bytes: u64,
+}
+
+/// How a run went, as the client measured it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Calls answered with a response.
+    pub ok: u64,
+    /// Calls answered with an error.
+    pub errors: u64,
+    /// Wall time from the first request to the last reply, in nanoseconds.
+    pub elapsed_ns: u64,
+    /// Per-call latency quantiles, in nanoseconds.
+    pub latency_ns: Quantiles,
+}
+
+/// Latency quantiles in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quantiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Quantiles {
+    /// The quantiles of a nanosecond histogram.
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// A nanosecond histogram, 100 ns … 60 s, 3 significant digits.
+pub fn ns_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(100, 60_000_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("constant histogram bounds are valid"))
+}

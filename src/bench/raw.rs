@@ -1,0 +1,270 @@
+//! The raw limit of the relay topology: client → relay → echo → relay →
+//! client over the same kind of pipes, with blocking `read`/`write` of
+//! length-prefixed frames and nothing else (no actors, no MessagePack).
+//!
+//! Both peers and the relay flush only when their input buffer is drained
+//! (DESIGN 8.1), the best a blocking program can do, so the procbroker path
+//! is compared with the strongest simple baseline, not a strawman.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::{Quantiles, RunReport, ns_histogram};
+use crate::pipe::{PIPE_BYTES, set_pipe_size};
+
+const BUF: usize = 64 * 1024;
+
+/// Reads one frame body into `buf`; `false` at a clean EOF.
+fn read_frame(from: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut len = [0u8; 4];
+    match from.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    buf.resize(u32::from_be_bytes(len) as usize, 0);
+    from.read_exact(buf)?;
+    Ok(true)
+}
+
+fn write_frame(to: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    to.write_all(&len.to_be_bytes())?;
+    to.write_all(body)
+}
+
+fn stdio() -> std::io::Result<(BufReader<File>, BufWriter<File>)> {
+    let input = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let output = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    Ok((
+        BufReader::with_capacity(BUF, input),
+        BufWriter::with_capacity(BUF, output),
+    ))
+}
+
+/// The raw echo peer: every frame back, verbatim, until EOF.
+pub fn echo() -> std::io::Result<()> {
+    let (mut input, mut output) = stdio()?;
+    let mut buf = Vec::new();
+    while read_frame(&mut input, &mut buf)? {
+        write_frame(&mut output, &buf)?;
+        if input.buffer().is_empty() {
+            output.flush()?;
+        }
+    }
+    output.flush()
+}
+
+/// The raw client peer. Each run starts with a 24-byte control frame on
+/// stdin (calls, concurrency, payload bytes; u64 big-endian); the client then
+/// makes the calls and prints one line on stderr:
+/// `ok elapsed_ns p50 p90 p99 p999 max` (nanoseconds).
+pub fn client() -> std::io::Result<()> {
+    let (mut input, mut output) = stdio()?;
+    let mut err = std::io::stderr().lock();
+    let mut buf = Vec::new();
+    while read_frame(&mut input, &mut buf)? {
+        let word = |i: usize| {
+            buf.get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes)
+        };
+        let (calls, concurrency, payload) = (word(0), word(1).max(1), word(2).max(8));
+        let mut body = vec![0x5au8; usize::try_from(payload).unwrap_or(8)];
+        let mut sent_at = vec![None::<Instant>; usize::try_from(calls).unwrap_or(0)];
+        let mut histogram = ns_histogram();
+        let (mut issued, mut answered) = (0u64, 0u64);
+        let start = Instant::now();
+        while issued < calls.min(concurrency) {
+            body[..8].copy_from_slice(&issued.to_be_bytes());
+            sent_at[issued as usize] = Some(Instant::now());
+            write_frame(&mut output, &body)?;
+            issued += 1;
+        }
+        output.flush()?;
+        while answered < calls {
+            if !read_frame(&mut input, &mut buf)? {
+                return Ok(());
+            }
+            let seq = buf
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            if let Some(at) = sent_at.get(seq as usize).copied().flatten() {
+                let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                histogram.saturating_record(ns);
+            }
+            answered += 1;
+            if issued < calls {
+                body[..8].copy_from_slice(&issued.to_be_bytes());
+                sent_at[issued as usize] = Some(Instant::now());
+                write_frame(&mut output, &body)?;
+                issued += 1;
+            }
+            if input.buffer().is_empty() {
+                output.flush()?;
+            }
+        }
+        let elapsed = start.elapsed().as_nanos();
+        let q = Quantiles::of(&histogram);
+        writeln!(
+            err,
+            "{answered} {elapsed} {} {} {} {} {}",
+            q.p50, q.p90, q.p99, q.p999, q.max
+        )?;
+        err.flush()?;
+    }
+    Ok(())
+}
+
+/// Copies frames from `from` to `to`, flushing when `from` is drained.
+fn pump(mut from: BufReader<impl Read>, to: &Mutex<Option<BufWriter<ChildStdin>>>) {
+    let mut buf = Vec::new();
+    while let Ok(true) = read_frame(&mut from, &mut buf) {
+        let Ok(mut guard) = to.lock() else { return };
+        let Some(to) = guard.as_mut() else { return };
+        if write_frame(to, &buf).is_err() {
+            return;
+        }
+        if from.buffer().is_empty() && to.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// The raw relay with its two peers, `program worker raw-client` and
+/// `program worker raw-echo`, running.
+pub struct RawRelay {
+    client: Child,
+    echo: Child,
+    to_client: Arc<Mutex<Option<BufWriter<ChildStdin>>>>,
+    to_echo: Arc<Mutex<Option<BufWriter<ChildStdin>>>>,
+    report: BufReader<std::process::ChildStderr>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+fn spawn_peer(program: &Path, name: &str) -> std::io::Result<Child> {
+    let child = Command::new(program)
+        .args(["worker", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(i), Some(o)) = (&child.stdin, &child.stdout) {
+        let _ = set_pipe_size(i.as_fd(), PIPE_BYTES);
+        let _ = set_pipe_size(o.as_fd(), PIPE_BYTES);
+    }
+    Ok(child)
+}
+
+fn missing(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("peer has no {what}"))
+}
+
+impl RawRelay {
+    /// Starts both peers (from the `procbroker` binary at `program`) and the
+    /// two relay threads.
+    pub fn start(program: &Path) -> std::io::Result<Self> {
+        let mut client = spawn_peer(program, "raw-client")?;
+        let mut echo = spawn_peer(program, "raw-echo")?;
+        let wrap = |stdin: Option<ChildStdin>| {
+            stdin
+                .map(|s| Arc::new(Mutex::new(Some(BufWriter::with_capacity(BUF, s)))))
+                .ok_or_else(|| missing("stdin"))
+        };
+        let to_client = wrap(client.stdin.take())?;
+        let to_echo = wrap(echo.stdin.take())?;
+        let from_client = client.stdout.take().ok_or_else(|| missing("stdout"))?;
+        let from_echo = echo.stdout.take().ok_or_else(|| missing("stdout"))?;
+        let report = BufReader::new(client.stderr.take().ok_or_else(|| missing("stderr"))?);
+        let pumps = vec![
+            {
+                let to = Arc::clone(&to_echo);
+                std::thread::spawn(move || pump(BufReader::with_capacity(BUF, from_client), &to))
+            },
+            {
+                let to = Arc::clone(&to_client);
+                std::thread::spawn(move || pump(BufReader::with_capacity(BUF, from_echo), &to))
+            },
+        ];
+        Ok(Self {
+            client,
+            echo,
+            to_client,
+            to_echo,
+            report,
+            pumps,
+        })
+    }
+
+    /// The pids of the client and echo peers (for CPU placement).
+    pub fn pids(&self) -> [u32; 2] {
+        [self.client.id(), self.echo.id()]
+    }
+
+    /// One run: `calls` round trips of `payload_bytes` (at least 8) with
+    /// `concurrency` in flight.
+    pub fn run(
+        &mut self,
+        calls: u64,
+        concurrency: u64,
+        payload_bytes: u64,
+    ) -> std::io::Result<RunReport> {
+        {
+            let mut guard = self
+                .to_client
+                .lock()
+                .map_err(|_| std::io::Error::other("relay thread panicked"))?;
+            let to = guard.as_mut().ok_or_else(|| missing("stdin"))?;
+            let mut control = Vec::with_capacity(24);
+            for word in [calls, concurrency, payload_bytes] {
+                control.extend_from_slice(&word.to_be_bytes());
+            }
+            write_frame(to, &control)?;
+            to.flush()?;
+        }
+        let mut line = String::new();
+        if self.report.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("raw client exited"));
+        }
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .map(|w| w.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| n.get(i).copied().unwrap_or(0);
+        Ok(RunReport {
+            ok: at(0),
+            errors: calls.saturating_sub(at(0)),
+            elapsed_ns: at(1),
+            latency_ns: Quantiles {
+                p50: at(2),
+                p90: at(3),
+                p99: at(4),
+                p999: at(5),
+                max: at(6),
+            },
+        })
+    }
+}
+
+impl Drop for RawRelay {
+    /// EOF to both peers; they exit, the pumps see EOF and end; all reaped.
+    fn drop(&mut self) {
+        for to in [&self.to_client, &self.to_echo] {
+            if let Ok(mut guard) = to.lock() {
+                guard.take();
+            }
+        }
+        let _ = self.client.wait();
+        let _ = self.echo.wait();
+        for pump in self.pumps.drain(..) {
+            let _ = pump.join();
+        }
+    }
+}

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""A misbehaving worker for procbroker's fault tests (tests/chaos.rs).
+
+Methods (each a request from the test):
+  Echo      reply with the payload
+  Hold      never reply (the request stays in flight)
+  Garbage   write a frame that is not MessagePack, then a request frame that is
+            invalid (no target) but has a readable correlation id (77); wait for
+            the broker's bad_request for it, then reply with its code/message
+  Oversize  write a length prefix of 0xFFFFFFFF (stream out of sync)
+  Torn      write half a frame and exit
+  Junk      print a line of text to stdout, as a careless author would
+  Forge     send a request to "echo" that claims source "victim.0", and a
+            response for a request never received; reply with where the
+            forged request's answer was addressed
+
+With FLOOD=1 in the environment it never reads stdin and writes requests to
+the service "echo" as fast as it can.
+"""
+import os
+import struct
+import sys
+
+import msgpack
+
+ID = os.environ.get("PROCBROKER_PROCESS_ID", "chaos")
+out = sys.stdout.buffer
+inp = sys.stdin.buffer
+
+
+def log(message):
+    print(f"[{ID}] {message}", file=sys.stderr, flush=True)
+
+
+def frame(envelope):
+    body = msgpack.packb(envelope, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def send(envelope):
+    out.write(frame(envelope))
+    out.flush()
+
+
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = inp.read(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def receive():
+    head = read_exact(4)
+    if head is None:
+        return None
+    body = read_exact(struct.unpack(">I", head)[0])
+    if body is None:
+        return None
+    return msgpack.unpackb(body, raw=False)
+
+
+def reply(request, payload):
+    send({"type": "response", "id": request["id"],
+          "correlation_id": request["correlation_id"],
+          "target": request["source"], "payload": payload})
+
+
+def wait_for(correlation_id):
+    """Reads until the reply with this correlation id (serving nothing else)."""
+    while True:
+        message = receive()
+        if message is None:
+            sys.exit(0)
+        if message.get("type") in ("response", "error") and \
+                message.get("correlation_id") == correlation_id:
+            return message
+
+
+def flood():
+    n = 0
+    batch = b"".join(
+        frame({"type": "request", "id": "Echo", "correlation_id": i,
+               "target": "echo", "payload": b"x" * 64})
+        for i in range(256))
+    while True:
+        out.write(batch)  # blocks once the broker stops reading
+        n += 256
+
+
+def main():
+    if os.environ.get("FLOOD") == "1":
+        send({"type": "event", "id": "ready", "target": "broker"})
+        flood()
+    send({"type": "event", "id": "ready", "target": "broker"})
+    while True:
+        message = receive()
+        if message is None:
+            return
+        if message.get("type") != "request":
+            continue
+        method = message["id"]
+        if method == "Echo":
+            reply(message, message.get("payload"))
+        elif method == "Hold":
+            pass
+        elif method == "Garbage":
+            out.write(struct.pack(">I", 2) + b"\xc1\xc1")
+            out.write(frame({"type": "request", "id": "Lost", "correlation_id": 77}))
+            out.flush()
+            error = wait_for(77)
+            reply(message, {"code": error.get("code"), "error": error.get("error"),
+                            "source": error.get("source")})
+        elif method == "Oversize":
+            out.write(b"\xff\xff\xff\xff")
+            out.flush()
+        elif method == "Torn":
+            out.write(struct.pack(">I", 100) + b"0123456789")
+            out.flush()
+            os._exit(3)
+        elif method == "Junk":
+            print("hello from a stray print")
+            sys.stdout.flush()
+        elif method == "Forge":
+            send({"type": "request", "id": "Echo", "correlation_id": 5,
+                  "source": "victim.0", "target": "echo", "payload": "forged"})
+            send({"type": "response", "id": "Nothing", "correlation_id": 424242,
+                  "target": "@caller", "payload": None})
+            answer = wait_for(5)
+            reply(message, {"target": answer.get("target"),
+                            "payload": answer.get("payload")})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:
+        pass

@@ -1,0 +1,90 @@
+//! Shared by the subprocess tests: real children, loopback only, bounded.
+#![allow(dead_code)]
+
+use procbroker::config::ServiceConfig;
+use procbroker::embed::BrokerHandle;
+use procbroker::protocol::rpc::{ProcessInfo, ProcessStatus, RestartPolicy};
+use std::time::{Duration, Instant};
+
+/// The `procbroker` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_procbroker");
+
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `workers` children of the built-in Rust echo worker (the SDK).
+pub fn echo(name: &str, workers: u32) -> ServiceConfig {
+    ServiceConfig::new(name, BIN)
+        .args(["worker", "echo"])
+        .workers(workers)
+}
+
+/// The benchmark client (a Rust SDK service that calls others).
+pub fn bench_client(name: &str) -> ServiceConfig {
+    ServiceConfig::new(name, BIN).args(["worker", "bench-client"])
+}
+
+/// The misbehaving Python worker of tests/python/chaos_worker.py.
+pub fn chaos(name: &str) -> ServiceConfig {
+    ServiceConfig::new(name, python()).args([format!(
+        "{}/tests/python/chaos_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    )])
+}
+
+/// Restarts after 10 ms, at most `max` times.
+pub fn quick_restarts(max: i64) -> RestartPolicy {
+    RestartPolicy {
+        max_restarts: max,
+        backoff_initial_ms: 10,
+        backoff_max_ms: 40,
+    }
+}
+
+/// Polls `ListProcesses` until `id` satisfies `done` (or panics after 10 s).
+pub async fn wait_for_process(
+    broker: &BrokerHandle,
+    id: &str,
+    done: impl Fn(&ProcessInfo) -> bool,
+) -> ProcessInfo {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = broker.processes().await.expect("ListProcesses");
+        if let Some(p) = table.iter().find(|p| p.id == id)
+            && done(p)
+        {
+            return p.clone();
+        }
+        assert!(Instant::now() < deadline, "{id} never got there: {table:?}");
+        actix::clock::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn ready_again(broker: &BrokerHandle, id: &str, restarts: u32) -> ProcessInfo {
+    wait_for_process(broker, id, |p| {
+        p.status == ProcessStatus::Ready && p.restarts >= restarts
+    })
+    .await
+}
+
+/// Sends a signal to a child.
+pub fn kill(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+    nix::sys::signal::kill(pid, signal).expect("kill");
+}
+
+/// The process is gone and reaped (no `/proc` entry: not even a zombie).
+pub fn reaped(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Resident memory of this process (the broker), in kB.
+pub fn rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
