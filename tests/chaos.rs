@@ -1,0 +1,251 @@
+//! Faults from real children (DESIGN 5.3, 5.4, 5.5): bad frames, a stream out
+//! of sync, forged sources and replies, `kill -9` with requests in flight, a
+//! child that floods and never reads. Every request is counted and must be
+//! answered exactly once.
+
+mod support;
+
+use futures_util::future::join_all;
+use nix::sys::signal::Signal;
+use procbroker::actors::router::PendingCount;
+use procbroker::bench::{RunReport, RunSpec};
+use procbroker::embed::{BrokerHandle, ProcBroker};
+use procbroker::service::Methods;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::*;
+
+async fn chaos_broker() -> BrokerHandle {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker
+        .spawn(chaos("chaos").restart(quick_restarts(-1)))
+        .await
+        .expect("spawn chaos");
+    broker
+}
+
+async fn echo_ok(broker: &BrokerHandle) {
+    let reply = broker
+        .call("chaos", "Echo", &"still here")
+        .await
+        .expect("echo");
+    assert_eq!(reply.payload_as::<String>().expect("str"), "still here");
+}
+
+#[actix::test]
+async fn invalid_envelopes_are_dropped_counted_and_answered() {
+    let broker = chaos_broker().await;
+    let seen: BTreeMap<String, Option<String>> = broker
+        .call("chaos", "Garbage", &())
+        .await
+        .expect("garbage")
+        .payload_as()
+        .expect("map");
+    assert_eq!(seen["code"].as_deref(), Some("bad_request"));
+    assert_eq!(seen["source"].as_deref(), Some("broker"));
+    assert!(
+        seen["error"]
+            .as_deref()
+            .unwrap_or_default()
+            .contains("target"),
+        "{seen:?}"
+    );
+    // The pipe stayed up: same child, no restart.
+    echo_ok(&broker).await;
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process["chaos.0"];
+    assert_eq!((p.faults.bad_frames, p.faults.restarts), (2, 0));
+}
+
+#[actix::test]
+async fn a_stream_out_of_sync_kills_and_restarts_the_child() {
+    let broker = chaos_broker().await;
+    for (round, method) in ["Oversize", "Torn", "Junk"].into_iter().enumerate() {
+        let e = broker.call("chaos", method, &()).await.expect_err(method);
+        assert_eq!(e.code(), Some("worker_exited"), "{method}: {e}");
+        let restarts = u32::try_from(round).expect("small") + 1;
+        ready_again(&broker, "chaos.0", restarts).await;
+        echo_ok(&broker).await;
+    }
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process["chaos.0"];
+    // Oversize and Junk are frame errors; Torn is one too (EOF inside a frame).
+    assert_eq!((p.faults.bad_frames, p.faults.restarts), (3, 3));
+}
+
+#[actix::test]
+async fn forged_sources_and_replies_change_nothing() {
+    let broker = chaos_broker().await;
+    broker
+        .add_service("echo", 1, procbroker::workers::echo())
+        .await
+        .expect("echo");
+    let answer: BTreeMap<String, String> = broker
+        .call("chaos", "Forge", &())
+        .await
+        .expect("forge")
+        .payload_as()
+        .expect("map");
+    // The forged request was answered to its real sender, not to "victim.0".
+    assert_eq!(answer["target"], "chaos.0");
+    assert_eq!(answer["payload"], "forged");
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["chaos.0"].faults.unmatched_replies, 1);
+    assert_eq!(stats.per_process["echo.0"].counters.response_count, 1);
+}
+
+#[actix::test]
+async fn kill_9_fails_requests_in_flight_at_once_and_the_worker_comes_back() {
+    let broker = chaos_broker().await;
+    let pid = broker.processes().await.expect("list")[0].pid.expect("pid");
+    let held: Vec<_> = (0..10)
+        .map(|_| {
+            let broker = broker.clone();
+            actix::spawn(async move {
+                let result = broker.call("chaos", "Hold", &()).await;
+                (result, Instant::now())
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker.router().send(PendingCount).await.expect("router") < 10 {
+        assert!(Instant::now() < deadline, "requests never got in flight");
+        actix::clock::sleep(Duration::from_millis(2)).await;
+    }
+    let killed = Instant::now();
+    kill(pid, Signal::SIGKILL);
+    for outcome in join_all(held).await {
+        let (result, at) = outcome.expect("task");
+        let e = result.expect_err("held requests cannot succeed");
+        assert_eq!(e.code(), Some("worker_exited"), "{e}");
+        let after = at.duration_since(killed);
+        assert!(
+            after < Duration::from_millis(100),
+            "answered {after:?} after the kill"
+        );
+    }
+    let p = ready_again(&broker, "chaos.0", 1).await;
+    assert_ne!(p.pid, Some(pid));
+    assert!(reaped(pid));
+    echo_ok(&broker).await;
+    assert_eq!(broker.router().send(PendingCount).await.expect("router"), 0);
+}
+
+#[actix::test]
+async fn every_request_is_answered_exactly_once_while_workers_are_killed() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker
+        .spawn(echo("echo", 4).restart(quick_restarts(-1)))
+        .await
+        .expect("echo");
+    broker.spawn(bench_client("client")).await.expect("client");
+    let killer = {
+        let broker = broker.clone();
+        actix::spawn(async move {
+            let mut kills = 0;
+            for round in 0..8 {
+                actix::clock::sleep(Duration::from_millis(40)).await;
+                let id = format!("echo.{}", round % 4);
+                let table = broker.processes().await.expect("list");
+                if let Some(pid) = table.iter().find(|p| p.id == id).and_then(|p| p.pid) {
+                    kill(pid, Signal::SIGKILL);
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let calls = 20_000;
+    let spec = RunSpec {
+        target: "echo".into(),
+        method: "Echo".into(),
+        calls,
+        concurrency: 16,
+        payload_bytes: 64,
+    };
+    let report: RunReport = broker
+        .call("client", "Run", &spec)
+        .await
+        .expect("run")
+        .payload_as()
+        .expect("report");
+    let kills = killer.await.expect("killer");
+    assert!(kills >= 1);
+    assert_eq!(report.ok + report.errors, calls, "{report:?}");
+    let stats = broker.stats().await.expect("stats");
+    let client = &stats.per_process["client.0"];
+    // Delivered to the client: one reply per request, plus the Run request.
+    assert_eq!(client.counters.request_count, calls);
+    assert_eq!(client.counters.total_sent, calls + 1);
+    assert_eq!(
+        client.faults.unmatched_replies + client.faults.late_replies,
+        0
+    );
+    assert_eq!(stats.total.pending, 0);
+    eprintln!(
+        "exactly-once under kill -9: {calls} calls, {} ok, {} worker_exited/unavailable, {kills} kills",
+        report.ok, report.errors
+    );
+}
+
+#[actix::test]
+async fn a_flooding_child_that_never_reads_cannot_grow_the_broker() {
+    let capacity = 100;
+    let broker = ProcBroker::builder()
+        .sysmon_interval(None)
+        .queue_capacity(capacity)
+        .start();
+    broker
+        .add_service(
+            "echo",
+            1,
+            Methods::new().fallback(|r| async move { Ok(r.payload) }),
+        )
+        .await
+        .expect("echo");
+    let before = rss_kb();
+    broker
+        .spawn(chaos("flood").env("FLOOD", "1"))
+        .await
+        .expect("flood");
+    let mut peak = before;
+    let mut received = Vec::new();
+    for _ in 0..20 {
+        actix::clock::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kb());
+        let stats = broker.stats().await.expect("stats");
+        received.push(stats.per_process["flood.0"].counters.total_received);
+    }
+    // It stalled: the broker stopped reading once its replies piled up.
+    let last = received[received.len() - 1];
+    assert_eq!(
+        received[received.len() - 5],
+        last,
+        "still reading: {received:?}"
+    );
+    // Callers of the flooder get `busy` once its queue is full, and every
+    // call is answered.
+    let calls = join_all((0..capacity + 50).map(|_| {
+        broker.call_envelope(
+            procbroker::protocol::Envelope::request("flood", "Echo", 0).with_timeout_ms(300),
+        )
+    }))
+    .await;
+    let mut codes = BTreeMap::<String, usize>::new();
+    for result in calls {
+        let code = result
+            .expect_err("it never answers")
+            .code()
+            .unwrap_or("?")
+            .to_owned();
+        *codes.entry(code).or_default() += 1;
+    }
+    assert!(codes.get("busy").copied().unwrap_or(0) >= 50, "{codes:?}");
+    assert_eq!(codes.values().sum::<usize>(), capacity + 50);
+    let growth_kb = peak.saturating_sub(before);
+    eprintln!(
+        "flood: {last} frames read from the flooder, then it stalled; broker RSS {before} kB -> peak {peak} kB (+{growth_kb} kB); calls to it: {codes:?}"
+    );
+    assert!(growth_kb < 32 * 1024, "broker grew by {growth_kb} kB");
+    broker.stop("flood").await.expect("stop");
+}
