@@ -23,15 +23,22 @@
 //!   [`MetricsStore`](actors::metrics_store::MetricsStore) receives the
 //!   Router's counters and HdrHistograms in batches (never one message per
 //!   sample) and answers stats. [`Sysmon`](actors::sysmon::Sysmon) samples
-//!   `/proc` for the broker and every child.
-//! - [`service`]: handler tables ([`service::Methods`]) that serve a service's
-//!   methods with typed payloads.
-//! - [`embed`]: start the actors inside your own actix / actix-web app, add
-//!   in-process services, and `call` any service from Rust.
+//!   `/proc` for the broker and every child. A
+//!   [`Bridge`](actors::bridge::Bridge) per child process turns its stdout
+//!   frames into Router messages and writes what the Router delivers to its
+//!   stdin; it also restarts the child and reaps it.
+//! - [`pipe`]: what both ends of a pipe share: the coalescing, bounded
+//!   [`Outbox`](pipe::Outbox) writer, stderr line splitting, 1 MiB pipes.
+//! - [`service`]: writing a service. Handler tables ([`service::Methods`])
+//!   with typed payloads serve in-process workers and Rust subprocesses alike;
+//!   [`service::run`] is the whole serve loop of a subprocess, and
+//!   [`service::Client`] its way to call other services.
+//! - [`embed`]: start the actors inside your own actix / actix-web app,
+//!   spawn subprocess services or add in-process ones, and `call` any service
+//!   from Rust; [`call`] holds the result types shared with the SDK.
+//! - [`workers`], [`bench`]: the built-in workers of `procbroker worker` and
+//!   the round-trip benchmark's peers (including the raw baseline).
 //! - [`config`], [`names`]: settings and the naming rules of processes.
-//!
-//! Subprocess bridges (one actor per child, pipes in and out) are the next
-//! layer; until they land, services are in-process.
 #![warn(missing_docs)]
 
 pub mod actors;

@@ -2,7 +2,7 @@
 //! over its real stdin/stdout pipes: the `ready` handshake, replies that copy
 //! `id` and `correlation_id` and address the requester, an error code for an
 //! unknown method, a garbage frame skipped, and exit on the `shutdown` event.
-//! (Running it under the broker comes with the subprocess bridges.)
+//! (`tests/bridge.rs` runs it under the broker.)
 
 use bytes::BytesMut;
 use procbroker::protocol::{Envelope, EnvelopeCodec, FrameCodec, MessageType};
