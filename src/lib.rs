@@ -36,7 +36,7 @@
 //! - [`embed`]: start the actors inside your own actix / actix-web app,
 //!   spawn subprocess services or add in-process ones, and `call` any service
 //!   from Rust; [`call`] holds the result types shared with the SDK.
-//! - [`workers`], [`bench`]: the built-in workers of `procbroker worker` and
+//! - [`workers`], [`bench`](mod@bench): the built-in workers of `procbroker worker` and
 //!   the round-trip benchmark's peers (including the raw baseline).
 //! - [`config`], [`names`]: settings and the naming rules of processes.
 #![warn(missing_docs)]
