@@ -118,6 +118,7 @@ impl Builder {
             recipient: broker.clone().recipient(),
             ready: true,
             pacer: None,
+            batch: None,
         });
         BrokerHandle {
             router,
@@ -201,6 +202,7 @@ impl BrokerHandle {
                     recipient: worker.recipient(),
                     ready: true,
                     pacer: None,
+                    batch: None,
                 })
                 .await
                 .map_err(|_| AddServiceError::Closed)??;

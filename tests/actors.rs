@@ -48,6 +48,7 @@ async fn client(handle: &BrokerHandle, id: &str) -> mpsc::UnboundedReceiver<Enve
             recipient: addr.recipient(),
             ready: true,
             pacer: None,
+            batch: None,
         })
         .await
         .expect("router")
@@ -216,6 +217,7 @@ async fn unknown_target_unknown_method_and_unavailable() {
             recipient: addr.recipient(),
             ready: false,
             pacer: None,
+            batch: None,
         })
         .await
         .expect("router")

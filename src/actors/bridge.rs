@@ -41,11 +41,13 @@ use tokio_util::codec::FramedRead;
 use super::broker::{Broker, TrackProcess};
 use super::pacer::{Paced, Pacer};
 use super::router::SetReady;
-use super::router::{BadFrame, Bounce, Deliver, RegisterProcess, RemoveProcess, Route, Router};
+use super::router::{
+    BadFrame, Bounce, Deliver, DeliverBatch, RegisterProcess, RemoveProcess, RouteBatch, Router,
+};
 use super::sysmon::{Sysmon, Unwatch, Watch};
 use crate::config::{BrokerConfig, SELF_COMMAND, ServiceConfig};
 use crate::names::BROKER;
-use crate::pipe::{self, LogLines, Outbox, OutboxError};
+use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError};
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{
     Envelope, EnvelopeCodec, ErrorCode, FrameError, InvalidEnvelope, MessageType,
@@ -58,6 +60,8 @@ pub const SERVICE_ENV: &str = "PROCBROKER_SERVICE";
 
 /// The longest stderr line logged as one event; longer ones are split.
 const MAX_LOG_LINE: usize = 16 * 1024;
+/// Most envelopes handed to the Router in one message.
+const READ_BATCH: usize = 64;
 /// The backoff resets after a child has been up this long (DESIGN 5.3).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 
@@ -251,12 +255,15 @@ impl Bridge {
             }
         });
         let full = Rc::clone(&outbox);
-        let frames = Paced::new(
-            FramedRead::new(stdout, codec),
-            Arc::clone(&pacer),
-            move || full.depth() >= capacity,
+        let frames = Batches::new(
+            Paced::new(
+                FramedRead::new(stdout, codec),
+                Arc::clone(&pacer),
+                move || full.depth() >= capacity,
+            ),
+            READ_BATCH,
         )
-        .map(move |item| (generation, item));
+        .map(move |batch| (generation, batch));
         let stdout = ctx.add_stream(frames);
 
         actix::spawn(log_stderr(self.id.clone(), stderr));
@@ -270,6 +277,7 @@ impl Bridge {
             recipient: ctx.address().recipient(),
             ready,
             pacer: Some(Arc::clone(&pacer)),
+            batch: Some(ctx.address().recipient()),
         });
         self.peers.sysmon.do_send(Watch {
             id: self.id.to_string(),
@@ -424,7 +432,8 @@ impl Bridge {
         ctx.stop();
     }
 
-    fn route(&mut self, envelope: Envelope, ctx: &mut Context<Self>) {
+    /// Takes note of an envelope on its way to the Router.
+    fn inspect(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
         let is_ready_event = envelope.kind == MessageType::Event
             && &*envelope.target == BROKER
             && &*envelope.id == "ready";
@@ -432,12 +441,34 @@ impl Bridge {
             self.became_ready(ctx);
         }
         if let Some(child) = &self.child {
-            child.pacer.routed(Pacer::weight(&envelope));
+            child.pacer.routed(Pacer::weight(envelope));
         }
-        self.peers.router.do_send(Route {
-            from: self.id.clone(),
-            envelope,
-        });
+    }
+
+    fn bad_frame(&mut self, item: Result<InvalidEnvelope, FrameError>) {
+        match item {
+            Ok(invalid) => {
+                tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
+                    "invalid envelope dropped");
+                self.peers.router.do_send(BadFrame {
+                    from: self.id.clone(),
+                    error: invalid.error.to_string(),
+                    request: invalid.request,
+                });
+            }
+            Err(e) => {
+                tracing::error!(process = %self.id, error = %e,
+                    "stdout is out of sync (not a frame); killing the child");
+                self.peers.router.do_send(BadFrame {
+                    from: self.id.clone(),
+                    error: e.to_string(),
+                    request: None,
+                });
+                if let Some(child) = &self.child {
+                    child.signal(Signal::SIGKILL);
+                }
+            }
+        }
     }
 
     fn bounce(&self, envelope: Envelope, code: ErrorCode, message: String) {
@@ -507,8 +538,8 @@ impl Actor for Bridge {
     }
 }
 
-impl StreamHandler<(u64, StdoutItem)> for Bridge {
-    fn handle(&mut self, (generation, item): (u64, StdoutItem), ctx: &mut Self::Context) {
+impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
+    fn handle(&mut self, (generation, items): (u64, Vec<StdoutItem>), ctx: &mut Self::Context) {
         if self
             .child
             .as_ref()
@@ -516,29 +547,22 @@ impl StreamHandler<(u64, StdoutItem)> for Bridge {
         {
             return;
         }
-        match item {
-            Ok(Ok(envelope)) => self.route(envelope, ctx),
-            Ok(Err(invalid)) => {
-                tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
-                    "invalid envelope dropped");
-                self.peers.router.do_send(BadFrame {
-                    from: self.id.clone(),
-                    error: invalid.error.to_string(),
-                    request: invalid.request,
-                });
-            }
-            Err(e) => {
-                tracing::error!(process = %self.id, error = %e,
-                    "stdout is out of sync (not a frame); killing the child");
-                self.peers.router.do_send(BadFrame {
-                    from: self.id.clone(),
-                    error: e.to_string(),
-                    request: None,
-                });
-                if let Some(child) = &self.child {
-                    child.signal(Signal::SIGKILL);
+        let mut envelopes = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Ok(Ok(envelope)) => {
+                    self.inspect(&envelope, ctx);
+                    envelopes.push(envelope);
                 }
+                Ok(Err(invalid)) => self.bad_frame(Ok(invalid)),
+                Err(e) => self.bad_frame(Err(e)),
             }
+        }
+        if !envelopes.is_empty() {
+            self.peers.router.do_send(RouteBatch {
+                from: self.id.clone(),
+                envelopes,
+            });
         }
     }
 
@@ -551,6 +575,23 @@ impl Handler<Deliver> for Bridge {
     type Result = ();
 
     fn handle(&mut self, Deliver(envelope): Deliver, _: &mut Self::Context) {
+        self.deliver(envelope);
+    }
+}
+
+impl Handler<DeliverBatch> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, DeliverBatch(envelopes): DeliverBatch, _: &mut Self::Context) {
+        for envelope in envelopes {
+            self.deliver(envelope);
+        }
+    }
+}
+
+impl Bridge {
+    /// Queues an envelope for the child, or bounces it (see the module docs).
+    fn deliver(&mut self, envelope: Envelope) {
         let Some(child) = &self.child else {
             // Between incarnations: requests were already failed at removal.
             tracing::debug!(process = %self.id, id = %envelope.id, "no child; envelope dropped");

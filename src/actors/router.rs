@@ -46,6 +46,11 @@ use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
 #[rtype(result = "()")]
 pub struct Deliver(pub Envelope);
 
+/// Several envelopes for one process, in order (see [`RegisterProcess::batch`]).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DeliverBatch(pub Vec<Envelope>);
+
 /// An envelope sent by process `from` (its `source` is overwritten with `from`).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -54,6 +59,17 @@ pub struct Route {
     pub from: ByteString,
     /// What it sent.
     pub envelope: Envelope,
+}
+
+/// Several envelopes sent by process `from`, in order: what one read of its
+/// pipe brought. Same as one [`Route`] each, for one mailbox hop.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RouteBatch {
+    /// The sending process.
+    pub from: ByteString,
+    /// What it sent, oldest first.
+    pub envelopes: Vec<Envelope>,
 }
 
 /// A request from a Rust caller of the embedding API. The Router assigns the
@@ -82,6 +98,10 @@ pub struct RegisterProcess {
     /// A subprocess bridge's read pacing: the Router releases each envelope's
     /// weight when it takes it (`None` for in-process senders).
     pub pacer: Option<Arc<Pacer>>,
+    /// Where envelopes for the process may go several at a time: what routing
+    /// one [`RouteBatch`] produces for it is sent as one [`DeliverBatch`]
+    /// (`None`: always one [`Deliver`] each).
+    pub batch: Option<Recipient<DeliverBatch>>,
 }
 
 /// A frame from process `from` that was not a valid envelope (DESIGN 5.4):
@@ -164,6 +184,9 @@ struct ProcessEntry {
     service: usize,
     pacer: Option<Arc<Pacer>>,
     recipient: Recipient<Deliver>,
+    batch: Option<Recipient<DeliverBatch>>,
+    /// Held back while a [`RouteBatch`] is routed (only with `batch`).
+    outgoing: Vec<Envelope>,
     ready: bool,
     in_flight: usize,
     delta: Counters,
@@ -174,10 +197,28 @@ struct ProcessEntry {
 impl ProcessEntry {
     /// Hands an envelope to the process and counts it. Callers check
     /// `recipient.connected()` first: they still own what to do if it is gone.
-    fn deliver(&mut self, envelope: Envelope, now: Instant) {
-        self.recipient.do_send(Deliver(envelope));
+    /// While `batching`, a process that takes batches gets it at the end of
+    /// the batch; returns true when this is its first envelope held back.
+    #[inline]
+    fn deliver(&mut self, envelope: Envelope, now: Instant, batching: bool) -> bool {
         self.delta.sent += 1;
         self.saw(now);
+        if batching && self.batch.is_some() {
+            self.outgoing.push(envelope);
+            self.outgoing.len() == 1
+        } else {
+            self.recipient.do_send(Deliver(envelope));
+            false
+        }
+    }
+
+    /// Sends what was held back during a batch.
+    fn flush(&mut self) {
+        if let Some(batch) = &self.batch
+            && !self.outgoing.is_empty()
+        {
+            batch.do_send(DeliverBatch(std::mem::take(&mut self.outgoing)));
+        }
     }
 
     fn saw(&mut self, now: Instant) {
@@ -256,6 +297,10 @@ pub struct Router {
     draining: bool,
     clock: (Instant, SystemTime),
     caller_id: ByteString,
+    /// Routing a [`RouteBatch`]: deliveries to batch-taking processes wait.
+    batching: bool,
+    /// Processes with envelopes held back in this batch.
+    held: Vec<ByteString>,
 }
 
 impl Router {
@@ -276,6 +321,8 @@ impl Router {
             draining: false,
             clock: (Instant::now(), SystemTime::now()),
             caller_id: ByteString::from_static(CALLER),
+            batching: false,
+            held: Vec::new(),
         }
     }
 
@@ -324,7 +371,9 @@ impl Router {
     fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
         match self.processes.get_mut(to) {
             Some(entry) if entry.recipient.connected() => {
-                entry.deliver(envelope, now);
+                if entry.deliver(envelope, now, self.batching) {
+                    self.held.push(to.clone());
+                }
                 true
             }
             _ => false,
@@ -463,7 +512,9 @@ impl Router {
         // One lookup for delivery and the in-flight count (the hot path).
         match self.processes.get_mut(&worker) {
             Some(entry) if entry.recipient.connected() => {
-                entry.deliver(envelope, now);
+                if entry.deliver(envelope, now, self.batching) {
+                    self.held.push(worker.clone());
+                }
                 entry.in_flight += 1;
             }
             _ => {
@@ -724,21 +775,47 @@ impl Handler<Expire> for Router {
     }
 }
 
-impl Handler<Route> for Router {
-    type Result = ();
-
-    fn handle(&mut self, msg: Route, _: &mut Self::Context) {
-        let now = Instant::now();
-        let Route { from, mut envelope } = msg;
-        if !self.count_received(&from, &envelope, now) {
+impl Router {
+    fn route(&mut self, from: &ByteString, mut envelope: Envelope, now: Instant) {
+        if !self.count_received(from, &envelope, now) {
             tracing::debug!(process = %from, "envelope from an unregistered process dropped");
             return;
         }
         envelope.source = from.clone();
         match envelope.kind {
-            MessageType::Request => self.route_request(from, envelope, ReplyTo::Process, now),
-            MessageType::Response | MessageType::Error => self.route_reply(from, envelope, now),
-            MessageType::Event => self.route_event(&from, envelope, now),
+            MessageType::Request => {
+                self.route_request(from.clone(), envelope, ReplyTo::Process, now);
+            }
+            MessageType::Response | MessageType::Error => {
+                self.route_reply(from.clone(), envelope, now);
+            }
+            MessageType::Event => self.route_event(from, envelope, now),
+        }
+    }
+}
+
+impl Handler<Route> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Route, _: &mut Self::Context) {
+        self.route(&msg.from, msg.envelope, Instant::now());
+    }
+}
+
+impl Handler<RouteBatch> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouteBatch, _: &mut Self::Context) {
+        let now = Instant::now();
+        self.batching = true;
+        for envelope in msg.envelopes {
+            self.route(&msg.from, envelope, now);
+        }
+        self.batching = false;
+        for id in std::mem::take(&mut self.held) {
+            if let Some(entry) = self.processes.get_mut(&id) {
+                entry.flush();
+            }
         }
     }
 }
@@ -776,6 +853,8 @@ impl Handler<RegisterProcess> for Router {
                 service,
                 pacer: msg.pacer,
                 recipient: msg.recipient,
+                batch: msg.batch,
+                outgoing: Vec::new(),
                 ready: msg.ready,
                 in_flight: 0,
                 delta: Counters::default(),

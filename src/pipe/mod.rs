@@ -3,13 +3,17 @@
 //! - [`Outbox`]: the write side. Frames are encoded into a buffer as they are
 //!   queued and a writer task puts everything queued so far into one `write`
 //!   whenever it runs: coalescing without a timer.
+//! - [`Batches`]: whatever a stream has ready, as one batch (one actor
+//!   message for many frames).
 //! - [`LogLines`]: a decoder for a child's stderr that never fails.
 //! - [`set_pipe_size`]: 1 MiB pipes (DESIGN 8.1: a 64 KiB frame overflows the
 //!   default pipe by 4 bytes).
 
+mod batches;
 mod log_lines;
 mod outbox;
 
+pub use batches::Batches;
 pub use log_lines::LogLines;
 pub use outbox::{Outbox, OutboxError};
 
