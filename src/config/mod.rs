@@ -1,5 +1,7 @@
-//! Broker settings that the actors read (the `[broker]` and `[sysmon]` tables
-//! of the config file). All static: nothing is re-tuned at run time.
+//! Broker settings that the actors read, and the config file they come from.
+//! All static: nothing is re-tuned at run time.
+
+pub mod file;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -1,0 +1,367 @@
+//! The config file (DESIGN 7): TOML, then `PROCBROKER_…` environment
+//! variables, then command-line settings, each on top of the one before.
+//!
+//! Every key is checked: an unknown key, a value of the wrong type or out of
+//! range is an error naming the key and where it came from (the file with
+//! line and column, the environment variable, or the flag), never a panic
+//! and never a silently ignored typo.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{BrokerConfig, SELF_COMMAND, ServiceConfig};
+use crate::names;
+use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// The embedded default configuration (`procbroker run` with no file).
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Environment variables that are not settings (a broker run as a child of
+/// another broker sees its own process id and service).
+const NOT_SETTINGS: [&str; 2] = ["PROCBROKER_PROCESS_ID", "PROCBROKER_SERVICE"];
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[broker]`.
+    #[serde(default)]
+    pub broker: BrokerSection,
+    /// `[admin]`.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// `[sysmon]`.
+    #[serde(default)]
+    pub sysmon: SysmonSection,
+    /// `[[service]]`, in order.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Largest frame, in bytes.
+    pub max_frame_bytes: u64,
+    /// Requests in flight (and frames queued) per process.
+    pub queue_capacity: u64,
+    /// Default request deadline.
+    pub request_timeout_ms: u64,
+    /// At shutdown, how long in-flight requests may take.
+    pub drain_timeout_ms: u64,
+    /// Stopping a child: SIGTERM at half of this, SIGKILL at all of it.
+    pub kill_timeout_ms: u64,
+    /// Services allowed to call `Spawn` / `Stop`.
+    pub control_allow: Vec<String>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        let d = BrokerConfig::default();
+        Self {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES as u64,
+            queue_capacity: d.queue_capacity as u64,
+            request_timeout_ms: millis(d.request_timeout),
+            drain_timeout_ms: millis(d.drain_timeout),
+            kill_timeout_ms: millis(d.kill_timeout),
+            control_allow: Vec::new(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// `host:port`; `""` disables; port 0 = any free port.
+    pub listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// `[sysmon]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SysmonSection {
+    /// Sampling interval; 0 disables Sysmon.
+    pub interval_ms: u64,
+}
+
+impl Default for SysmonSection {
+    fn default() -> Self {
+        Self {
+            interval_ms: 30_000,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A configuration that was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the shape (the message
+    /// names the key, with line and column).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file, or `the embedded default`.
+        origin: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// An environment variable or flag that is not a setting, or a value
+    /// that does not fit it.
+    #[error("{origin}: {message}")]
+    Override {
+        /// `environment variable NAME` or `--set KEY`.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value out of range, or services that do not fit together.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// Where the configuration came from.
+        origin: String,
+        /// The key (`broker.queue_capacity`, `service[1].name`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A loaded, checked configuration and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The settings.
+    pub file: FileConfig,
+    /// The file (`None`: the embedded default).
+    pub path: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// Reads `path` (or the embedded default), applies `env` (name, value)
+    /// pairs whose names start with `PROCBROKER_`, then `sets` (`key=value`,
+    /// e.g. `broker.queue_capacity=500`), and checks everything.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (DEFAULT_TOML.to_owned(), "the embedded default".to_owned()),
+        };
+        let mut file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PROCBROKER_") && !NOT_SETTINGS.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (name, value) in env {
+            let key = env_key(&name).ok_or_else(|| ConfigError::Override {
+                origin: format!("environment variable {name}"),
+                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS)".into(),
+            })?;
+            file = apply(file, &key, &value, &format!("environment variable {name}"))?;
+        }
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| ConfigError::Override {
+                origin: format!("--set {set}"),
+                message: "expected KEY=VALUE, e.g. broker.queue_capacity=500".into(),
+            })?;
+            file = apply(file, key.trim(), value, &format!("--set {key}"))?;
+        }
+        let mut loaded = Self {
+            file,
+            path: path.map(Path::to_owned),
+        };
+        loaded.check(&origin)?;
+        loaded.resolve_commands();
+        Ok(loaded)
+    }
+
+    fn check(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key,
+            message: message.to_owned(),
+        };
+        let b = &self.file.broker;
+        if b.max_frame_bytes == 0 || b.max_frame_bytes > u64::from(u32::MAX) {
+            return Err(invalid(
+                "broker.max_frame_bytes".into(),
+                "must be 1 … 4294967295",
+            ));
+        }
+        if b.queue_capacity == 0 {
+            return Err(invalid(
+                "broker.queue_capacity".into(),
+                "must be at least 1",
+            ));
+        }
+        if b.request_timeout_ms == 0 {
+            return Err(invalid(
+                "broker.request_timeout_ms".into(),
+                "must be at least 1",
+            ));
+        }
+        let listen = &self.file.admin.listen;
+        if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "admin.listen".into(),
+                "must be host:port with a numeric host (\"127.0.0.1:9464\", \"[::1]:0\"), or \"\" to disable",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.file.services.iter().enumerate() {
+            if let Err(e) = names::check_service_name(&s.name) {
+                return Err(invalid(format!("service[{i}].name"), &e.to_string()));
+            }
+            if !seen.insert(s.name.as_str()) {
+                return Err(invalid(
+                    format!("service[{i}].name"),
+                    &format!("{:?} appears twice", s.name),
+                ));
+            }
+            if s.command.is_empty() {
+                return Err(invalid(
+                    format!("service[{i}].command"),
+                    "must not be empty",
+                ));
+            }
+            if s.workers == 0 {
+                return Err(invalid(
+                    format!("service[{i}].workers"),
+                    "must be at least 1",
+                ));
+            }
+            if s.restart.max_restarts < -1 {
+                return Err(invalid(
+                    format!("service[{i}].restart.max_restarts"),
+                    "must be -1 (unlimited) or more",
+                ));
+            }
+            if s.restart.backoff_initial_ms == 0
+                || s.restart.backoff_max_ms < s.restart.backoff_initial_ms
+            {
+                return Err(invalid(
+                    format!("service[{i}].restart"),
+                    "need 1 <= backoff_initial_ms <= backoff_max_ms",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A relative `command` with a `/` is relative to the file's folder.
+    fn resolve_commands(&mut self) {
+        let Some(dir) = self.path.as_deref().and_then(Path::parent) else {
+            return;
+        };
+        for s in &mut self.file.services {
+            let p = Path::new(&s.command);
+            if s.command != SELF_COMMAND && p.is_relative() && s.command.contains('/') {
+                s.command = dir.join(p).display().to_string();
+            }
+        }
+    }
+
+    /// The actors' settings.
+    pub fn broker_config(&self) -> BrokerConfig {
+        let b = &self.file.broker;
+        let interval = self.file.sysmon.interval_ms;
+        BrokerConfig {
+            max_frame_bytes: usize::try_from(b.max_frame_bytes).unwrap_or(usize::MAX),
+            queue_capacity: usize::try_from(b.queue_capacity).unwrap_or(usize::MAX),
+            request_timeout: Duration::from_millis(b.request_timeout_ms),
+            control_allow: b.control_allow.clone(),
+            sysmon_interval: (interval > 0).then(|| Duration::from_millis(interval)),
+            kill_timeout: Duration::from_millis(b.kill_timeout_ms),
+            drain_timeout: Duration::from_millis(b.drain_timeout_ms),
+            ..BrokerConfig::default()
+        }
+    }
+
+    /// The admin listen address, if enabled.
+    pub fn admin_listen(&self) -> Option<SocketAddr> {
+        self.file.admin.listen.parse().ok()
+    }
+}
+
+/// `PROCBROKER_BROKER_QUEUE_CAPACITY` → `broker.queue_capacity`.
+fn env_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("PROCBROKER_")?.to_ascii_lowercase();
+    ["broker", "admin", "sysmon"]
+        .into_iter()
+        .find_map(|section| {
+            rest.strip_prefix(section)
+                .and_then(|k| k.strip_prefix('_'))
+                .filter(|k| !k.is_empty())
+                .map(|k| format!("{section}.{k}"))
+        })
+}
+
+/// Sets `section.key` to `value` (read as a TOML value, else as a string).
+fn apply(
+    file: FileConfig,
+    key: &str,
+    value: &str,
+    origin: &str,
+) -> Result<FileConfig, ConfigError> {
+    let fail = |message: String| ConfigError::Override {
+        origin: origin.to_owned(),
+        message,
+    };
+    let Some((section, name)) = key.split_once('.') else {
+        return Err(fail(format!("{key:?} is not section.key")));
+    };
+    if !matches!(section, "broker" | "admin" | "sysmon") {
+        return Err(fail(format!(
+            "no section [{section}] to set (services are set in the file)"
+        )));
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let mut table = toml::Table::try_from(&file).map_err(|e| fail(e.to_string()))?;
+    let slot = table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(slot) = slot.as_table_mut() else {
+        return Err(fail(format!("[{section}] is not a table")));
+    };
+    slot.insert(name.to_owned(), parsed);
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| fail(format!("{key}: {}", e.message())))
+}
