@@ -30,11 +30,13 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
 use crate::actors::broker::{
-    Broker, SpawnError, SpawnService, StopError, StopTarget, TrackProcess,
+    Broker, SpawnError, SpawnService, StopAll, StopError, StopTarget, TrackProcess,
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
-use crate::actors::router::{Call, RegisterProcess, Router, RouterError};
+use crate::actors::router::{
+    Call, PendingCount, RegisterProcess, Router, RouterError, SetDraining,
+};
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
@@ -125,6 +127,7 @@ impl Builder {
             broker,
             metrics,
             sysmon,
+            config: std::sync::Arc::new(config),
         }
     }
 }
@@ -136,6 +139,18 @@ pub struct BrokerHandle {
     broker: Addr<Broker>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
+    config: std::sync::Arc<BrokerConfig>,
+}
+
+/// What [`BrokerHandle::shutdown`] did.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    /// Every request in flight was answered before the children were stopped.
+    pub drained: bool,
+    /// The subprocesses stopped.
+    pub stopped: Vec<String>,
+    /// How long it took.
+    pub took: Duration,
 }
 
 /// Why a service could not be added.
@@ -236,6 +251,46 @@ impl BrokerHandle {
             Ok(result) => result,
             // The Broker is gone: so are its children.
             Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Graceful shutdown (DESIGN 5.6): new requests are answered
+    /// `shutting_down`; requests in flight get up to `drain_timeout` to be
+    /// answered; then every child gets `shutdown`, EOF, SIGTERM and SIGKILL
+    /// (as needed) and is reaped. The actors keep running (stop the System
+    /// after this).
+    pub async fn shutdown(&self) -> ShutdownReport {
+        let started = std::time::Instant::now();
+        let _ = self.router.send(SetDraining(true)).await;
+        let deadline = started + self.config.drain_timeout;
+        // Drained once nothing is in flight at two looks 20 ms apart (a
+        // request still in a pipe at the first look is caught by the second).
+        let mut quiet = 0;
+        let mut in_flight = 0;
+        while quiet < 2 {
+            in_flight = self.router.send(PendingCount).await.unwrap_or(0);
+            if in_flight == 0 {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+        let drained = in_flight == 0;
+        if !drained {
+            tracing::warn!(
+                in_flight,
+                "drain timeout: stopping with requests in flight (they get worker_exited)"
+            );
+        }
+        let stopped = self.broker.send(StopAll).await.unwrap_or_default();
+        ShutdownReport {
+            drained,
+            stopped,
+            took: started.elapsed(),
         }
     }
 

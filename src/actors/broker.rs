@@ -49,6 +49,12 @@ pub struct SpawnService(pub ServiceConfig);
 #[rtype(result = "Result<Vec<String>, StopError>")]
 pub struct StopTarget(pub String);
 
+/// Stops every subprocess (DESIGN 5.6: `shutdown`, EOF, SIGTERM, SIGKILL)
+/// and answers with the ids stopped once all are reaped.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<String>")]
+pub struct StopAll;
+
 /// Why a service was not spawned.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -384,5 +390,21 @@ impl Handler<StopTarget> for Broker {
             Ok(stopping) => Box::pin(async move { Ok(stopping.await) }),
             Err(e) => Box::pin(async move { Err(e) }),
         }
+    }
+}
+
+impl Handler<StopAll> for Broker {
+    type Result = ResponseFuture<Vec<String>>;
+
+    fn handle(&mut self, _: StopAll, _: &mut Self::Context) -> Self::Result {
+        let stopping: Vec<_> = self
+            .services
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .iter()
+            .filter_map(|name| self.stop_target(name).ok())
+            .collect();
+        Box::pin(async move { join_all(stopping).await.into_iter().flatten().collect() })
     }
 }

@@ -1,12 +1,14 @@
-//! The `procbroker` command.
-//!
-//! For now it carries the protocol tools a service author needs to see what a
-//! worker says and to drive one by hand:
+//! The `procbroker` command: `run` the broker, run a built-in `worker`, and
+//! the protocol tools a service author needs to see what a worker says and to
+//! drive one by hand:
 //!
 //! ```text
 //! printf '%s\n' '{"type":"request","id":"Echo","correlation_id":1,"target":"echo","payload":"hi"}' \
 //!   | procbroker encode | ./my_worker | procbroker decode
 //! ```
+
+mod logging;
+mod run;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
@@ -44,6 +46,21 @@ enum WorkerName {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the broker: spawn the configured services, route between them,
+    /// stop them in order on SIGTERM / SIGINT.
+    ///
+    /// Settings: the file (or the embedded default: 4 built-in echo workers),
+    /// then PROCBROKER_<SECTION>_<KEY> environment variables, then --set.
+    /// Logs go to stderr: LOG_LEVEL or RUST_LOG, LOG_FORMAT=json|text.
+    Run {
+        /// The TOML config file (DESIGN 7 shape); default: the embedded one.
+        #[arg(long, short)]
+        config: Option<std::path::PathBuf>,
+        /// Override one setting, e.g. --set broker.queue_capacity=500
+        /// (repeatable; applied after the file and the environment).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Run a built-in worker on stdin/stdout (the broker spawns these; with
     /// `command = "@self"` a config re-executes this binary).
     Worker {
@@ -85,7 +102,14 @@ fn worker(name: WorkerName) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Worker { name } => worker(name),
+        Command::Run { config, sets } => {
+            logging::init()?;
+            run::run(config, &sets)
+        }
+        Command::Worker { name } => {
+            logging::init()?;
+            worker(name)
+        }
         Command::Decode { max_frame_bytes } => decode(max_frame_bytes),
         Command::Encode { max_frame_bytes } => encode(max_frame_bytes),
     }

@@ -1,0 +1,27 @@
+//! Logs to stderr with `tracing`: `LOG_LEVEL` (or `RUST_LOG` directives) and
+//! `LOG_FORMAT=json|text`.
+
+use anyhow::{Result, bail};
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the subscriber. `RUST_LOG` wins over `LOG_LEVEL`; the default is
+/// `info`. Children's stderr lines come out as events of target
+/// `procbroker::child` with their `process` id.
+pub fn init() -> Result<()> {
+    let filter = match (std::env::var("RUST_LOG"), std::env::var("LOG_LEVEL")) {
+        (Ok(directives), _) if !directives.is_empty() => EnvFilter::try_new(directives)?,
+        (_, Ok(level)) if !level.is_empty() => EnvFilter::try_new(level)?,
+        _ => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().init(),
+        Ok("text") | Err(_) => builder.init(),
+        Ok(other) => bail!("LOG_FORMAT={other:?}: expected json or text"),
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `procbroker run`: the broker as a daemon.
+
+use anyhow::{Context, Result, bail};
+use procbroker::actors::broker::SpawnError;
+use procbroker::config::file::Loaded;
+use procbroker::embed::ProcBroker;
+use std::path::PathBuf;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Loads the configuration, starts the actors and the services, serves
+/// until SIGTERM or SIGINT, then shuts down in order (DESIGN 5.6).
+pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
+    let loaded = Loaded::load(config.as_deref(), std::env::vars(), sets)?;
+    let origin = loaded.path.as_ref().map_or_else(
+        || "the embedded default".to_owned(),
+        |p| p.display().to_string(),
+    );
+    actix::System::new().block_on(serve(loaded, origin))
+}
+
+async fn serve(loaded: Loaded, origin: String) -> Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let broker = ProcBroker::builder().config(loaded.broker_config()).start();
+    tracing::info!(config = %origin, services = loaded.file.services.len(), "procbroker starting");
+    if let Some(listen) = loaded.admin_listen() {
+        tracing::warn!(%listen, "the admin HTTP endpoint is not built yet: [admin] is ignored");
+    }
+    for service in loaded.file.services.clone() {
+        let name = service.name.clone();
+        match broker.spawn(service).await {
+            Ok(spawned) => {
+                let ready = spawned.iter().filter(|p| p.pid.is_some()).count();
+                tracing::info!(service = %name, workers = spawned.len(), started = ready, "service spawned");
+            }
+            Err(e @ SpawnError::CannotRun { .. }) => {
+                broker.shutdown().await;
+                bail!("{origin}: {e}");
+            }
+            Err(e) => {
+                broker.shutdown().await;
+                bail!("{origin}: service {name:?}: {e}");
+            }
+        }
+    }
+    tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
+    let signal = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(signal, "shutting down");
+    let report = broker.shutdown().await;
+    tracing::info!(
+        drained = report.drained,
+        stopped = report.stopped.len(),
+        took_ms = report.took.as_millis() as u64,
+        "procbroker stopped"
+    );
+    Ok(())
+}
