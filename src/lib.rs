@@ -38,10 +38,14 @@
 //!   from Rust; [`call`] holds the result types shared with the SDK.
 //! - [`workers`], [`bench`](mod@bench): the built-in workers of `procbroker worker` and
 //!   the round-trip benchmark's peers (including the raw baseline).
-//! - [`config`], [`names`]: settings and the naming rules of processes.
+//! - [`admin`]: the operators' HTTP surface (`/metrics`, `/stats`,
+//!   `/health`, `/ready`) in the broker's own actix System.
+//! - [`config`], [`names`]: settings (and the config file) and the naming
+//!   rules of processes.
 #![warn(missing_docs)]
 
 pub mod actors;
+pub mod admin;
 pub mod bench;
 pub mod call;
 pub mod config;

@@ -146,6 +146,12 @@ pub struct SubmitMetrics(pub Vec<ProcessMetrics>);
 #[rtype(result = "MessageStats")]
 pub struct GetMessageStats;
 
+/// Sum of the recorded latencies per service (and `overall`), in
+/// microseconds: what a Prometheus summary needs besides the quantiles.
+#[derive(Debug, Message)]
+#[rtype(result = "BTreeMap<String, f64>")]
+pub struct GetLatencySums;
+
 /// The stats reply with every count up to now: flushes the Router, then asks
 /// the store. The Router's batch reaches the store before the question does
 /// (the store's mailbox is in order), so nothing counted is missing.
@@ -367,5 +373,20 @@ impl Handler<GetMessageStats> for MetricsStore {
 
     fn handle(&mut self, _: GetMessageStats, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.stats())
+    }
+}
+
+impl Handler<GetLatencySums> for MetricsStore {
+    type Result = MessageResult<GetLatencySums>;
+
+    fn handle(&mut self, _: GetLatencySums, _: &mut Self::Context) -> Self::Result {
+        let sum = |h: &Histogram<u64>| h.mean() * h.len() as f64;
+        let mut sums: BTreeMap<String, f64> = self
+            .latency
+            .iter()
+            .map(|(k, h)| (k.clone(), sum(h)))
+            .collect();
+        sums.insert("overall".into(), sum(&self.overall));
+        MessageResult(sums)
     }
 }

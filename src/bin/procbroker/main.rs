@@ -9,6 +9,7 @@
 
 mod logging;
 mod run;
+mod stats;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
@@ -61,6 +62,16 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Show a running broker's stats (its admin endpoint's /stats): per
+    /// process status, pid, memory, restarts, counters, latency.
+    Stats {
+        /// The admin endpoint (`[admin] listen` of the running broker).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// Print the GetMessageStats reply as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a built-in worker on stdin/stdout (the broker spawns these; with
     /// `command = "@self"` a config re-executes this binary).
     Worker {
@@ -106,6 +117,7 @@ fn main() -> Result<()> {
             logging::init()?;
             run::run(config, &sets)
         }
+        Command::Stats { admin, json } => stats::stats(&admin, json),
         Command::Worker { name } => {
             logging::init()?;
             worker(name)

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use procbroker::actors::broker::SpawnError;
+use procbroker::admin::Admin;
 use procbroker::config::file::Loaded;
 use procbroker::embed::ProcBroker;
 use std::path::PathBuf;
@@ -23,9 +24,21 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let broker = ProcBroker::builder().config(loaded.broker_config()).start();
     tracing::info!(config = %origin, services = loaded.file.services.len(), "procbroker starting");
-    if let Some(listen) = loaded.admin_listen() {
-        tracing::warn!(%listen, "the admin HTTP endpoint is not built yet: [admin] is ignored");
-    }
+    let admin = match loaded.admin_listen() {
+        None => None,
+        Some(listen) => {
+            let services = loaded
+                .file
+                .services
+                .iter()
+                .map(|s| s.name.clone())
+                .collect();
+            let admin = Admin::start(broker.clone(), listen, services)
+                .with_context(|| format!("{origin}: admin.listen = {listen}"))?;
+            tracing::info!(addr = %admin.addr, "admin HTTP listening (/metrics /stats /health /ready)");
+            Some(admin)
+        }
+    };
     for service in loaded.file.services.clone() {
         let name = service.name.clone();
         match broker.spawn(service).await {
@@ -50,6 +63,9 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
     };
     tracing::info!(signal, "shutting down");
     let report = broker.shutdown().await;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     tracing::info!(
         drained = report.drained,
         stopped = report.stopped.len(),

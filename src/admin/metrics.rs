@@ -1,0 +1,219 @@
+//! `/metrics`: the stats reply as Prometheus text (names `procbroker_…`).
+//!
+//! Counters per process and in total, gauges for queue depth, pending
+//! requests, status and the `/proc` samples, and request latency per service
+//! as a summary built from the HdrHistograms (p50 … p99.9 as quantiles).
+
+use prometheus::proto::{
+    Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary,
+};
+use std::collections::BTreeMap;
+
+use crate::protocol::rpc::ProcessStatus;
+use crate::protocol::stats::{FaultCounters, MessageCounters, MessageStats};
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.to_owned());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(format!("procbroker_{name}"));
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<LabelPair>, value: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+type CounterOf = fn(&MessageCounters, &FaultCounters) -> u64;
+
+/// The counters exported per process, with their help text.
+const COUNTERS: [(&str, &str, CounterOf); 11] = [
+    (
+        "messages_sent_total",
+        "Envelopes written to the process.",
+        |c, _| c.total_sent,
+    ),
+    (
+        "messages_received_total",
+        "Envelopes read from the process.",
+        |c, _| c.total_received,
+    ),
+    ("requests_total", "Requests the process sent.", |c, _| {
+        c.request_count
+    }),
+    ("responses_total", "Responses the process sent.", |c, _| {
+        c.response_count
+    }),
+    ("events_total", "Events the process sent.", |c, _| {
+        c.event_count
+    }),
+    ("errors_total", "Error replies the process sent.", |c, _| {
+        c.error_count
+    }),
+    (
+        "bad_frames_total",
+        "Frames from the process that were not valid envelopes.",
+        |_, f| f.bad_frames,
+    ),
+    (
+        "unmatched_replies_total",
+        "Replies from the process that matched no request sent to it.",
+        |_, f| f.unmatched_replies,
+    ),
+    (
+        "late_replies_total",
+        "Replies from the process after the request timed out.",
+        |_, f| f.late_replies,
+    ),
+    (
+        "busy_rejections_total",
+        "Requests of the process refused with busy.",
+        |_, f| f.busy_rejections,
+    ),
+    (
+        "timeouts_total",
+        "Requests of the process that timed out.",
+        |_, f| f.timeouts,
+    ),
+];
+
+/// The metric families for `stats` (and latency sums in µs per service).
+pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<MetricFamily> {
+    let mut out = Vec::new();
+    for (name, help, get) in COUNTERS {
+        // Per process only, so sum() is the total; embedded Rust callers are
+        // not a process and appear in /stats totals only.
+        let metrics: Vec<Metric> = stats
+            .per_process
+            .iter()
+            .map(|(id, p)| counter(vec![label("process", id)], get(&p.counters, &p.faults)))
+            .collect();
+        out.push(family(name, help, MetricType::COUNTER, metrics));
+    }
+    let per = |f: &dyn Fn(&crate::protocol::stats::ProcessStats) -> Option<f64>| -> Vec<Metric> {
+        stats
+            .per_process
+            .iter()
+            .filter_map(|(id, p)| f(p).map(|v| gauge(vec![label("process", id)], v)))
+            .collect()
+    };
+    out.push(family(
+        "restarts_total",
+        "Times the process was restarted.",
+        MetricType::COUNTER,
+        stats
+            .per_process
+            .iter()
+            .map(|(id, p)| counter(vec![label("process", id)], p.faults.restarts))
+            .collect(),
+    ));
+    out.push(family(
+        "queue_depth",
+        "Requests delivered to the process and not yet answered.",
+        MetricType::GAUGE,
+        per(&|p| Some(p.queue_depth as f64)),
+    ));
+    out.push(family(
+        "process_up",
+        "1 if the process is ready to serve, else 0.",
+        MetricType::GAUGE,
+        per(&|p| {
+            Some(if p.status == ProcessStatus::Ready {
+                1.0
+            } else {
+                0.0
+            })
+        }),
+    ));
+    out.push(family(
+        "pending_requests",
+        "Requests in flight in the broker.",
+        MetricType::GAUGE,
+        vec![gauge(Vec::new(), stats.total.pending as f64)],
+    ));
+    out.push(family(
+        "uptime_seconds",
+        "Seconds since the broker started.",
+        MetricType::GAUGE,
+        vec![gauge(Vec::new(), stats.uptime_s)],
+    ));
+    let samples = |f: &dyn Fn(&crate::protocol::ProcessMetrics) -> Option<f64>| -> Vec<Metric> {
+        stats
+            .process_metrics
+            .iter()
+            .filter_map(|(id, m)| f(m).map(|v| gauge(vec![label("process", id)], v)))
+            .collect()
+    };
+    out.push(family(
+        "process_resident_memory_bytes",
+        "VmRSS of the process at the last Sysmon sample.",
+        MetricType::GAUGE,
+        samples(&|m| m.vmrss.map(|kb| kb as f64 * 1024.0)),
+    ));
+    out.push(family(
+        "process_virtual_memory_bytes",
+        "VmSize of the process at the last Sysmon sample.",
+        MetricType::GAUGE,
+        samples(&|m| m.vmsize.map(|kb| kb as f64 * 1024.0)),
+    ));
+    out.push(family(
+        "process_threads",
+        "Threads of the process at the last Sysmon sample.",
+        MetricType::GAUGE,
+        samples(&|m| m.threads.map(|t| t as f64)),
+    ));
+    let summaries = stats
+        .latency_us
+        .iter()
+        .map(|(service, q)| {
+            let quantiles = [(0.5, q.p50), (0.9, q.p90), (0.99, q.p99), (0.999, q.p999)]
+                .into_iter()
+                .map(|(at, us)| {
+                    let mut x = Quantile::default();
+                    x.set_quantile(at);
+                    x.set_value(us as f64 / 1e6);
+                    x
+                })
+                .collect();
+            let mut s = Summary::default();
+            s.set_quantile(quantiles);
+            s.set_sample_count(q.count);
+            s.set_sample_sum(sums_us.get(service).copied().unwrap_or(0.0) / 1e6);
+            let mut m = Metric::default();
+            m.set_label(vec![label("service", service)]);
+            m.set_summary(s);
+            m
+        })
+        .collect();
+    out.push(family(
+        "request_latency_seconds",
+        "Broker-observed request latency (request read to reply read), per service and overall.",
+        MetricType::SUMMARY,
+        summaries,
+    ));
+    // promtool frowns on families without samples.
+    out.retain(|f| !f.get_metric().is_empty());
+    out
+}

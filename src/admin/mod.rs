@@ -1,0 +1,126 @@
+//! Admin HTTP (DESIGN 6.4): actix-web in the broker's own System, loopback
+//! by default.
+//!
+//! - `/metrics`: Prometheus text ([`metrics`]).
+//! - `/stats`: the `GetMessageStats` reply as JSON.
+//! - `/health`: 200 while the broker runs.
+//! - `/ready`: 200 once every configured service has a ready worker, else
+//!   503; the body says which are not.
+//!
+//! The server does not handle signals itself (`disable_signals`): the broker
+//! owns shutdown and stops the server as its last step.
+
+pub mod metrics;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::actors::metrics_store::GetLatencySums;
+use crate::embed::BrokerHandle;
+use crate::protocol::rpc::ProcessStatus;
+
+struct State {
+    broker: BrokerHandle,
+    services: Vec<String>,
+}
+
+/// A running admin server.
+pub struct Admin {
+    /// The address it listens on (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Admin {
+    /// Binds `addr` and serves in the current System. `services` are the
+    /// configured services `/ready` waits for.
+    pub fn start(
+        broker: BrokerHandle,
+        addr: SocketAddr,
+        services: Vec<String>,
+    ) -> std::io::Result<Self> {
+        let state = web::Data::new(State { broker, services });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .route("/metrics", web::get().to(metrics_page))
+                .route("/stats", web::get().to(stats_page))
+                .route(
+                    "/health",
+                    web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+                )
+                .route("/ready", web::get().to(ready_page))
+        })
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .bind(addr)?;
+        let addr = server.addrs().first().copied().unwrap_or(addr);
+        let server = server.run();
+        let handle = server.handle();
+        actix::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        });
+        Ok(Self { addr, handle })
+    }
+
+    /// Stops accepting and finishes the requests in progress.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::ServiceUnavailable().body(format!("{e}\n"))
+}
+
+async fn stats_page(state: web::Data<State>) -> HttpResponse {
+    match state.broker.stats().await {
+        Ok(stats) => HttpResponse::Ok().json(stats),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn metrics_page(state: web::Data<State>) -> HttpResponse {
+    let stats = match state.broker.stats().await {
+        Ok(stats) => stats,
+        Err(e) => return unavailable(e),
+    };
+    let sums = state
+        .broker
+        .metrics()
+        .send(GetLatencySums)
+        .await
+        .unwrap_or_default();
+    match prometheus::TextEncoder::new().encode_to_string(&metrics::families(&stats, &sums)) {
+        Ok(text) => HttpResponse::Ok()
+            .content_type(prometheus::TEXT_FORMAT)
+            .body(text),
+        Err(e) => HttpResponse::InternalServerError().body(format!("{e}\n")),
+    }
+}
+
+async fn ready_page(state: web::Data<State>) -> HttpResponse {
+    let processes = match state.broker.processes().await {
+        Ok(p) => p,
+        Err(e) => return unavailable(e),
+    };
+    let mut ready: BTreeMap<&str, usize> = state.services.iter().map(|s| (s.as_str(), 0)).collect();
+    for p in &processes {
+        if p.status == ProcessStatus::Ready
+            && let Some(n) = ready.get_mut(p.service.as_str())
+        {
+            *n += 1;
+        }
+    }
+    let all = ready.values().all(|&n| n > 0);
+    let body = serde_json::json!({ "ready": all, "ready_workers": ready });
+    if all {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
