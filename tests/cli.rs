@@ -96,3 +96,87 @@ fn encode_rejects_an_invalid_envelope_naming_the_line() {
     // The valid first line was written before the failure.
     assert_eq!(&out.stdout[..4], &[0, 0, 0, (out.stdout.len() - 4) as u8]);
 }
+
+#[test]
+fn bench_prints_the_designed_json_for_every_mode() {
+    for (mode, baseline) in [
+        ("relay", true),
+        ("direct", true),
+        ("inproc", true),
+        ("direct", false),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--mode",
+            mode,
+            "--workers",
+            "2",
+            "--concurrency",
+            "4",
+            "--requests",
+            "300",
+            "--json",
+        ];
+        if baseline {
+            args.push("--baseline");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+            .args(&args)
+            .output()
+            .expect("bench");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "baseline",
+                "concurrency",
+                "cpus",
+                "elapsed_s",
+                "errors",
+                "latency_us",
+                "mode",
+                "payload_bytes",
+                "pin",
+                "ratio_p50",
+                "requests",
+                "throughput_rps",
+                "workers"
+            ]
+        );
+        assert_eq!(
+            (
+                v["mode"].as_str(),
+                v["requests"].as_u64(),
+                v["errors"].as_u64()
+            ),
+            (Some(mode), Some(300), Some(0))
+        );
+        assert!(
+            v["latency_us"]["p50"].as_f64().is_some_and(|p| p > 0.0),
+            "{v}"
+        );
+        if baseline {
+            assert!(
+                v["baseline"]["throughput_rps"]
+                    .as_f64()
+                    .is_some_and(|r| r > 0.0),
+                "{v}"
+            );
+            assert!(v["ratio_p50"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        } else {
+            assert!(v["baseline"].is_null() && v["ratio_p50"].is_null(), "{v}");
+        }
+    }
+}

@@ -75,42 +75,10 @@ pub fn client() -> std::io::Result<()> {
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u64::from_be_bytes)
         };
-        let (calls, concurrency, payload) = (word(0), word(1).max(1), word(2).max(8));
-        let mut body = vec![0x5au8; usize::try_from(payload).unwrap_or(8)];
-        let mut sent_at = vec![None::<Instant>; usize::try_from(calls).unwrap_or(0)];
-        let mut histogram = ns_histogram();
-        let (mut issued, mut answered) = (0u64, 0u64);
+        let (calls, concurrency, payload) = (word(0), word(1), word(2));
         let start = Instant::now();
-        while issued < calls.min(concurrency) {
-            body[..8].copy_from_slice(&issued.to_be_bytes());
-            sent_at[issued as usize] = Some(Instant::now());
-            write_frame(&mut output, &body)?;
-            issued += 1;
-        }
-        output.flush()?;
-        while answered < calls {
-            if !read_frame(&mut input, &mut buf)? {
-                return Ok(());
-            }
-            let seq = buf
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            if let Some(at) = sent_at.get(seq as usize).copied().flatten() {
-                let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                histogram.saturating_record(ns);
-            }
-            answered += 1;
-            if issued < calls {
-                body[..8].copy_from_slice(&issued.to_be_bytes());
-                sent_at[issued as usize] = Some(Instant::now());
-                write_frame(&mut output, &body)?;
-                issued += 1;
-            }
-            if input.buffer().is_empty() {
-                output.flush()?;
-            }
-        }
+        let (answered, histogram) =
+            ping_pong(&mut input, &mut output, calls, concurrency, payload)?;
         let elapsed = start.elapsed().as_nanos();
         let q = Quantiles::of(&histogram);
         writeln!(
@@ -204,6 +172,7 @@ impl RawRelay {
     }
 
     /// The pids of the client and echo peers (for CPU placement).
+    #[must_use]
     pub fn pids(&self) -> [u32; 2] {
         [self.client.id(), self.echo.id()]
     }
@@ -267,4 +236,112 @@ impl Drop for RawRelay {
             let _ = pump.join();
         }
     }
+}
+
+/// The raw limit of the direct topology: this process against `workers`
+/// `program worker raw-echo` children, one thread per child keeping its
+/// share of `concurrency` in flight, blocking frames, no envelopes.
+pub fn direct(
+    program: &Path,
+    workers: u64,
+    calls: u64,
+    concurrency: u64,
+    payload_bytes: u64,
+    place: &dyn Fn(u32),
+) -> std::io::Result<RunReport> {
+    let workers = workers.clamp(1, concurrency.max(1));
+    let mut children = Vec::new();
+    for _ in 0..workers {
+        let child = spawn_peer(program, "raw-echo")?;
+        place(child.id());
+        children.push(child);
+    }
+    let start = Instant::now();
+    let mut threads = Vec::new();
+    for (i, child) in children.iter_mut().enumerate() {
+        let i = i as u64;
+        let share = calls / workers + u64::from(i < calls % workers);
+        let lanes = concurrency / workers + u64::from(i < concurrency % workers);
+        let to = BufWriter::with_capacity(BUF, child.stdin.take().ok_or_else(|| missing("stdin"))?);
+        let from =
+            BufReader::with_capacity(BUF, child.stdout.take().ok_or_else(|| missing("stdout"))?);
+        threads.push(std::thread::spawn(move || {
+            let (mut from, mut to) = (from, to);
+            ping_pong(&mut from, &mut to, share, lanes, payload_bytes)
+        }));
+    }
+    let mut histogram = ns_histogram();
+    let mut ok = 0;
+    for t in threads {
+        let (n, h) = t
+            .join()
+            .map_err(|_| std::io::Error::other("raw lane panicked"))??;
+        ok += n;
+        let _ = histogram.add(&h);
+    }
+    let elapsed_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    for mut child in children {
+        let _ = child.wait();
+    }
+    Ok(RunReport {
+        ok,
+        errors: calls.saturating_sub(ok),
+        elapsed_ns,
+        latency_ns: Quantiles::of(&histogram),
+    })
+}
+
+/// `calls` round trips over one pipe pair with `lanes` in flight, frames of
+/// `payload_bytes` (at least 8: the sequence number). Returns the replies
+/// read and their latencies.
+fn ping_pong<R: Read, W: Write>(
+    from: &mut BufReader<R>,
+    to: &mut BufWriter<W>,
+    calls: u64,
+    lanes: u64,
+    payload_bytes: u64,
+) -> std::io::Result<(u64, hdrhistogram::Histogram<u64>)> {
+    fn send<W: Write>(
+        to: &mut W,
+        seq: u64,
+        body: &mut [u8],
+        sent_at: &mut [Option<Instant>],
+    ) -> std::io::Result<()> {
+        body[..8].copy_from_slice(&seq.to_be_bytes());
+        if let Some(slot) = sent_at.get_mut(seq as usize) {
+            *slot = Some(Instant::now());
+        }
+        write_frame(to, body)
+    }
+    let mut body = vec![0x5au8; usize::try_from(payload_bytes.max(8)).unwrap_or(8)];
+    let mut sent_at = vec![None::<Instant>; usize::try_from(calls).unwrap_or(0)];
+    let mut histogram = ns_histogram();
+    let (mut issued, mut answered) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    while issued < calls.min(lanes.max(1)) {
+        send(to, issued, &mut body, &mut sent_at)?;
+        issued += 1;
+    }
+    to.flush()?;
+    while answered < calls {
+        if !read_frame(from, &mut buf)? {
+            break;
+        }
+        let seq = buf
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        if let Some(at) = sent_at.get(seq as usize).copied().flatten() {
+            histogram.saturating_record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        answered += 1;
+        if issued < calls {
+            send(to, issued, &mut body, &mut sent_at)?;
+            issued += 1;
+        }
+        if from.buffer().is_empty() {
+            to.flush()?;
+        }
+    }
+    Ok((answered, histogram))
 }

@@ -6,13 +6,13 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the subscriber. `RUST_LOG` wins over `LOG_LEVEL`; the default is
-/// `info`. Children's stderr lines come out as events of target
+/// `default_level`. Children's stderr lines come out as events of target
 /// `procbroker::child` with their `process` id.
-pub fn init() -> Result<()> {
+pub fn init(default_level: &str) -> Result<()> {
     let filter = match (std::env::var("RUST_LOG"), std::env::var("LOG_LEVEL")) {
         (Ok(directives), _) if !directives.is_empty() => EnvFilter::try_new(directives)?,
         (_, Ok(level)) if !level.is_empty() => EnvFilter::try_new(level)?,
-        _ => EnvFilter::new("info"),
+        _ => EnvFilter::new(default_level),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

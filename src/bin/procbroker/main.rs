@@ -7,6 +7,7 @@
 //!   | procbroker encode | ./my_worker | procbroker decode
 //! ```
 
+mod bench;
 mod logging;
 mod run;
 mod stats;
@@ -62,6 +63,9 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Time round trips through the broker (DESIGN 7.1); --baseline also
+    /// runs the raw limit of the same topology and prints the ratio.
+    Bench(bench::BenchArgs),
     /// Show a running broker's stats (its admin endpoint's /stats): per
     /// process status, pid, memory, restarts, counters, latency.
     Stats {
@@ -114,12 +118,17 @@ fn worker(name: WorkerName) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run { config, sets } => {
-            logging::init()?;
+            logging::init("info")?;
             run::run(config, &sets)
         }
         Command::Stats { admin, json } => stats::stats(&admin, json),
+        Command::Bench(args) => {
+            // Quiet unless asked: the result goes to stdout, progress to stderr.
+            logging::init("warn")?;
+            bench::bench(args)
+        }
         Command::Worker { name } => {
-            logging::init()?;
+            logging::init("info")?;
             worker(name)
         }
         Command::Decode { max_frame_bytes } => decode(max_frame_bytes),

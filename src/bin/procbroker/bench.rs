@@ -1,0 +1,375 @@
+//! `procbroker bench` (DESIGN 7.1): round trips through the broker, and with
+//! `--baseline` the raw limit of the same topology in the same invocation.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use procbroker::bench::raw::{self, RawRelay};
+use procbroker::bench::{Quantiles, RunReport, RunSpec, ns_histogram};
+use procbroker::config::ServiceConfig;
+use procbroker::embed::{BrokerHandle, ProcBroker};
+use procbroker::protocol::{Envelope, Payload};
+use serde_json::json;
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Client subprocess → broker → echo subprocess → broker → client.
+    Relay,
+    /// The broker's own client → Router → echo subprocess (one pipe hop).
+    Direct,
+    /// In-process echo handlers behind the Router (no pipes).
+    Inproc,
+}
+
+/// CPU placement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pin {
+    /// Wherever the kernel puts the processes.
+    None,
+    /// Every process of the run on CPU 0 (comparable runs).
+    Same,
+    /// The broker on CPU 0, the children on the other CPUs.
+    Spread,
+}
+
+/// The command's arguments.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Topology.
+    #[arg(long, value_enum, default_value = "relay")]
+    pub mode: Mode,
+    /// Echo workers.
+    #[arg(long, default_value_t = 1)]
+    pub workers: u32,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: u64,
+    /// Requests in total.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: u64,
+    /// Payload size in bytes (a MessagePack bin; the raw baseline sends the
+    /// same number of bytes, at least 8).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: u64,
+    /// Also run the raw limit of the same topology and print the ratio.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Print one JSON object (DESIGN 7.1's fields) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// CPU placement.
+    #[arg(long, value_enum, default_value = "none")]
+    pub pin: Pin,
+}
+
+fn cpus_allowed() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu)?;
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    nix::sched::sched_setaffinity(pid, &set).with_context(|| format!("pinning pid {pid}"))?;
+    Ok(())
+}
+
+/// Where children go under `pin`.
+fn placer(pin: Pin) -> impl Fn(u32) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    move |pid| {
+        let target: Vec<usize> = match pin {
+            Pin::None => return,
+            Pin::Same => vec![0],
+            Pin::Spread if cpus > 1 => (1..cpus).collect(),
+            Pin::Spread => vec![0],
+        };
+        if let Err(e) = set_cpus(pid, &target) {
+            tracing::warn!(error = %e, "placement not applied");
+        }
+    }
+}
+
+/// Prints the elapsed time on stderr every 2 s while a long run goes on
+/// (the task ends with the System).
+fn progress() {
+    let started = Instant::now();
+    actix::spawn(async move {
+        loop {
+            actix::clock::sleep(Duration::from_secs(2)).await;
+            eprintln!("bench: {:.0} s…", started.elapsed().as_secs_f64());
+        }
+    });
+}
+
+/// Runs the benchmark and prints the result.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
+        bail!("--requests, --concurrency and --workers must be at least 1");
+    }
+    if args.pin != Pin::None {
+        set_cpus(0, &[0])?;
+    }
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let cpus = match args.pin {
+        Pin::Spread => {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if n > 1 {
+                format!("broker 0, children 1-{}", n - 1)
+            } else {
+                "0".into()
+            }
+        }
+        _ => cpus_allowed(),
+    };
+    let system = actix::System::new();
+    let (report, baseline) = system.block_on(run(args.clone(), exe))?;
+    let us = |ns: u64| ns as f64 / 1e3;
+    let rate = |r: &RunReport| r.ok as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
+    let q = |q: &Quantiles| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)});
+    let ratio = baseline
+        .as_ref()
+        .map(|b| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
+    let pin = format!("{:?}", args.pin).to_lowercase();
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    if args.json {
+        let out = json!({
+            "mode": mode,
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "payload_bytes": args.payload_bytes,
+            "pin": pin,
+            "cpus": cpus,
+            "elapsed_s": report.elapsed_ns as f64 / 1e9,
+            "throughput_rps": rate(&report),
+            "errors": report.errors,
+            "latency_us": q(&report.latency_ns),
+            "baseline": baseline.as_ref().map(|b| json!({"throughput_rps": rate(b), "latency_us": q(&b.latency_ns)})),
+            "ratio_p50": ratio,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "procbroker bench: {mode}, {} worker(s), {} in flight, {} requests of {} B, pin {pin} (CPUs {cpus})",
+        args.workers, args.concurrency, args.requests, args.payload_bytes
+    );
+    println!(
+        "\n{:<14} {:>12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "", "requests/s", "elapsed s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "errors"
+    );
+    let line = |name: &str, r: &RunReport| {
+        let l = &r.latency_ns;
+        println!(
+            "{:<14} {:>12.0} {:>10.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7}",
+            name,
+            rate(r),
+            r.elapsed_ns as f64 / 1e9,
+            us(l.p50),
+            us(l.p90),
+            us(l.p99),
+            us(l.p999),
+            us(l.max),
+            r.errors
+        );
+    };
+    line("procbroker", &report);
+    if let Some(b) = &baseline {
+        line("raw baseline", b);
+        println!(
+            "\nprocbroker / raw: p50 {:.2}x, throughput {:.2}x",
+            ratio.unwrap_or(0.0),
+            rate(&report) / rate(b).max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
+async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunReport>)> {
+    let place = placer(args.pin);
+    let broker = ProcBroker::builder()
+        .sysmon_interval(None)
+        .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
+        .start();
+    let long = args.requests / args.concurrency > 50_000;
+    if long {
+        progress();
+    }
+    let echo = ServiceConfig::new("echo", exe.display().to_string())
+        .args(["worker", "echo"])
+        .workers(args.workers);
+    let report = match args.mode {
+        Mode::Inproc => {
+            broker
+                .add_service("echo", args.workers, procbroker::workers::echo())
+                .await?;
+            lanes(&broker, &args).await?
+        }
+        Mode::Direct => {
+            for p in broker.spawn(echo).await? {
+                p.pid.map(&place);
+            }
+            lanes(&broker, &args).await?
+        }
+        Mode::Relay => {
+            for p in broker.spawn(echo).await? {
+                p.pid.map(&place);
+            }
+            let client = ServiceConfig::new("client", exe.display().to_string())
+                .args(["worker", "bench-client"]);
+            for p in broker.spawn(client).await? {
+                p.pid.map(&place);
+            }
+            let spec = RunSpec {
+                target: "echo".into(),
+                method: "Echo".into(),
+                calls: args.requests,
+                concurrency: args.concurrency,
+                payload_bytes: args.payload_bytes,
+            };
+            let request = Envelope::request("client", "Run", 0)
+                .with_payload(&spec)?
+                .with_timeout_ms(24 * 3600 * 1000);
+            broker.call_envelope(request).await?.payload_as()?
+        }
+    };
+    broker.shutdown().await;
+    if !args.baseline {
+        return Ok((report, None));
+    }
+    let baseline = match args.mode {
+        Mode::Relay => {
+            let mut relay = RawRelay::start(&exe)?;
+            relay.pids().into_iter().for_each(&place);
+            relay.run(args.requests, args.concurrency, args.payload_bytes)?
+        }
+        Mode::Direct => raw::direct(
+            &exe,
+            u64::from(args.workers),
+            args.requests,
+            args.concurrency,
+            args.payload_bytes,
+            &place,
+        )?,
+        Mode::Inproc => channel_baseline(&args).await,
+    };
+    Ok((report, Some(baseline)))
+}
+
+/// `concurrency` tasks in this process calling `echo` through the Router.
+async fn lanes(broker: &BrokerHandle, args: &BenchArgs) -> Result<RunReport> {
+    let body = vec![0x5au8; usize::try_from(args.payload_bytes)?];
+    let payload = Payload::encode(serde_bytes::Bytes::new(&body))?;
+    let state = Rc::new(RefCell::new((RunReport::default(), ns_histogram(), 0u64)));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..args.concurrency.min(args.requests))
+        .map(|_| {
+            let (broker, state, payload, total) = (
+                broker.clone(),
+                Rc::clone(&state),
+                payload.clone(),
+                args.requests,
+            );
+            actix::spawn(async move {
+                loop {
+                    {
+                        let mut s = state.borrow_mut();
+                        if s.2 >= total {
+                            break;
+                        }
+                        s.2 += 1;
+                    }
+                    let request =
+                        Envelope::request("echo", "Echo", 0).with_raw_payload(payload.clone());
+                    let sent = Instant::now();
+                    let result = broker.call_envelope(request).await;
+                    let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    let mut s = state.borrow_mut();
+                    s.1.saturating_record(ns);
+                    match result {
+                        Ok(_) => s.0.ok += 1,
+                        Err(_) => s.0.errors += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    let s = state.borrow();
+    Ok(RunReport {
+        elapsed_ns: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        latency_ns: Quantiles::of(&s.1),
+        ..s.0.clone()
+    })
+}
+
+/// The in-process limit: tasks and one echo task over tokio channels (no
+/// actors, no envelopes).
+async fn channel_baseline(args: &BenchArgs) -> RunReport {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Bytes, tokio::sync::oneshot::Sender<Bytes>)>();
+    actix::spawn(async move {
+        while let Some((payload, reply)) = rx.recv().await {
+            let _ = reply.send(payload);
+        }
+    });
+    let body = Bytes::from(vec![
+        0x5au8;
+        usize::try_from(args.payload_bytes).unwrap_or(0)
+    ]);
+    let state = Rc::new(RefCell::new((ns_histogram(), 0u64, 0u64)));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..args.concurrency.min(args.requests))
+        .map(|_| {
+            let (tx, state, body, total) =
+                (tx.clone(), Rc::clone(&state), body.clone(), args.requests);
+            actix::spawn(async move {
+                loop {
+                    {
+                        let mut s = state.borrow_mut();
+                        if s.1 >= total {
+                            break;
+                        }
+                        s.1 += 1;
+                    }
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let sent = Instant::now();
+                    if tx.send((body.clone(), reply)).is_err() || answer.await.is_err() {
+                        break;
+                    }
+                    let mut s = state.borrow_mut();
+                    s.0.saturating_record(
+                        u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                    );
+                    s.2 += 1;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let s = state.borrow();
+    RunReport {
+        ok: s.2,
+        errors: args.requests.saturating_sub(s.2),
+        elapsed_ns: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        latency_ns: Quantiles::of(&s.0),
+    }
+}
