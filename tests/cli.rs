@@ -180,3 +180,25 @@ fn bench_prints_the_designed_json_for_every_mode() {
         }
     }
 }
+
+#[test]
+fn run_refuses_a_bad_config_naming_key_and_file() {
+    let dir = std::env::temp_dir().join(format!("procbroker-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("typo.toml");
+    std::fs::write(&path, "[broker]\nqueue_capcity = 5\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("typo.toml") && err.contains("queue_capcity") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

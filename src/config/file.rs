@@ -186,6 +186,7 @@ impl Loaded {
             .filter(|(k, _)| k.starts_with("PROCBROKER_") && !NOT_SETTINGS.contains(&k.as_str()))
             .collect();
         env.sort();
+        let overridden = !env.is_empty() || !sets.is_empty();
         for (name, value) in env {
             let key = env_key(&name).ok_or_else(|| ConfigError::Override {
                 origin: format!("environment variable {name}"),
@@ -204,7 +205,13 @@ impl Loaded {
             file,
             path: path.map(Path::to_owned),
         };
-        loaded.check(&origin)?;
+        if overridden {
+            loaded.check(&format!(
+                "{origin} with its environment and --set overrides"
+            ))?;
+        } else {
+            loaded.check(&origin)?;
+        }
         loaded.resolve_commands();
         Ok(loaded)
     }

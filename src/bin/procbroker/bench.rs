@@ -205,10 +205,8 @@ async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunRepo
         .sysmon_interval(None)
         .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
         .start();
-    let long = args.requests / args.concurrency > 50_000;
-    if long {
-        progress();
-    }
+    // Silent for short runs: the first line comes after 2 s.
+    progress();
     let echo = ServiceConfig::new("echo", exe.display().to_string())
         .args(["worker", "echo"])
         .workers(args.workers);

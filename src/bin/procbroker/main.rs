@@ -115,8 +115,19 @@ fn worker(name: WorkerName) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain on one line; no backtrace for a user's mistake.
+            eprintln!("procbroker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(command: Command) -> Result<()> {
+    match command {
         Command::Run { config, sets } => {
             logging::init("info")?;
             run::run(config, &sets)
