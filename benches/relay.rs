@@ -20,7 +20,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use procbroker::bench::raw::RawRelay;
-use procbroker::bench::{RunReport, RunSpec};
+use procbroker::bench::{RunReport, RunSpec, cpus_allowed};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use std::path::Path;
@@ -78,17 +78,6 @@ impl Relay {
 fn time_of(report: &RunReport, n: u64, iters: u64) -> Duration {
     let ns = u128::from(report.elapsed_ns) * u128::from(iters) / u128::from(n.max(1));
     Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-}
-
-fn cpus_allowed() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|v| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 fn relay(c: &mut Criterion) {

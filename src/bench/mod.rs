@@ -78,3 +78,17 @@ pub fn ns_histogram() -> hdrhistogram::Histogram<u64> {
     hdrhistogram::Histogram::new_with_bounds(100, 60_000_000_000, 3)
         .unwrap_or_else(|_| unreachable!("constant histogram bounds are valid"))
 }
+
+/// The CPUs this process may run on (`Cpus_allowed_list` of
+/// `/proc/self/status`), printed with every latency result: placement
+/// decides pipe latency here (DESIGN 8.1).
+pub fn cpus_allowed() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}

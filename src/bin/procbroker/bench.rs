@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use procbroker::bench::raw::{self, RawRelay};
-use procbroker::bench::{Quantiles, RunReport, RunSpec, ns_histogram};
+use procbroker::bench::{Quantiles, RunReport, RunSpec, cpus_allowed, ns_histogram};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::protocol::{Envelope, Payload};
@@ -64,17 +64,6 @@ pub struct BenchArgs {
     /// CPU placement.
     #[arg(long, value_enum, default_value = "none")]
     pub pin: Pin,
-}
-
-fn cpus_allowed() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|v| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
