@@ -118,6 +118,36 @@ async fn max_restarts_spent_means_failed() {
 }
 
 #[actix::test]
+async fn a_command_that_goes_away_spends_its_restarts_with_backoff() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let dir = std::env::temp_dir().join(format!("procbroker-gone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("fails.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 1\n").expect("write");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let policy = procbroker::protocol::rpc::RestartPolicy {
+        max_restarts: 3,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 100,
+    };
+    let spec = ServiceConfig::new("gone", script.display().to_string()).restart(policy);
+    let first = broker.spawn(spec).await.expect("it ran once");
+    assert_eq!(first[0].status, ProcessStatus::Restarting);
+    // From now on every restart fails to spawn.
+    std::fs::remove_file(&script).expect("remove");
+    let started = Instant::now();
+    let p = wait_for_process(&broker, "gone.0", |p| p.status == ProcessStatus::Failed).await;
+    // Each failed spawn counts as a restart and waits its backoff.
+    assert_eq!(p.restarts, 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[actix::test]
 async fn a_command_that_cannot_run_is_refused_at_once() {
     let broker = ProcBroker::builder().sysmon_interval(None).start();
     let err = broker

@@ -320,7 +320,9 @@ impl Bridge {
             self.finish_stop(ctx);
             return;
         }
-        self.schedule_restart(Duration::ZERO, ctx);
+        // It ran before (the file went away, fds ran out…): a failed restart,
+        // under the same policy as an exit.
+        self.restart_or_give_up(&format!("could not be started ({e})"), Duration::ZERO, ctx);
     }
 
     fn ready_timed_out(&mut self, generation: u64) {
@@ -387,32 +389,36 @@ impl Bridge {
             self.finish_stop(ctx);
             return;
         }
-        let policy = self.spec.restart;
         if self.exit_code == Some(0) {
             tracing::info!(process = %self.id, pid = child.pid, "child exited with status 0; not restarted");
             self.set_status(ProcessStatus::Stopped);
             self.settle_first_start();
             return;
         }
+        self.restart_or_give_up(&reason, uptime, ctx);
+    }
+
+    /// The restart policy (DESIGN 5.3), after a child that was `up` this
+    /// long ended for `reason`: `failed` once `max_restarts` are spent, else
+    /// a restart after the backoff, which doubles up to its ceiling and
+    /// starts over after 60 s up.
+    fn restart_or_give_up(&mut self, reason: &str, up: Duration, ctx: &mut Context<Self>) {
+        let policy = self.spec.restart;
         if policy.max_restarts >= 0 && i64::from(self.restarts) >= policy.max_restarts {
-            tracing::error!(process = %self.id, pid = child.pid, restarts = self.restarts,
+            tracing::error!(process = %self.id, restarts = self.restarts,
                 "child {reason}; max_restarts reached, giving up");
             self.set_status(ProcessStatus::Failed);
             self.settle_first_start();
             return;
         }
-        if uptime >= BACKOFF_RESET_AFTER {
+        if up >= BACKOFF_RESET_AFTER {
             self.backoff = Duration::from_millis(policy.backoff_initial_ms);
         }
         let delay = self.backoff;
-        tracing::warn!(process = %self.id, pid = child.pid, delay_ms = delay.as_millis() as u64,
+        tracing::warn!(process = %self.id, delay_ms = delay.as_millis() as u64,
             "child {reason}; restarting");
-        self.schedule_restart(delay, ctx);
-    }
-
-    fn schedule_restart(&mut self, delay: Duration, ctx: &mut Context<Self>) {
-        let max = Duration::from_millis(self.spec.restart.backoff_max_ms);
-        self.backoff = (self.backoff * 2).min(max).max(delay);
+        let max = Duration::from_millis(policy.backoff_max_ms);
+        self.backoff = (delay * 2).min(max);
         self.set_status(ProcessStatus::Restarting);
         self.settle_first_start();
         self.restart_timer = Some(ctx.run_later(delay, |bridge, ctx| {
