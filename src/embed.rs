@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
 use crate::actors::broker::{
-    Broker, SpawnError, SpawnService, StopAll, StopError, StopTarget, TrackProcess,
+    Broker, GetProcesses, SpawnError, SpawnService, StopAll, StopError, StopTarget, TrackProcess,
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
@@ -294,12 +294,13 @@ impl BrokerHandle {
         }
     }
 
-    /// The process table (`ListProcesses`).
+    /// The process table (what `ListProcesses` answers), read from the
+    /// Broker directly: polling it is not counted as requests.
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, CallError> {
-        self.call(BROKER, "ListProcesses", &())
-            .await?
-            .payload_as()
-            .map_err(CallError::from)
+        self.broker
+            .send(GetProcesses)
+            .await
+            .map_err(|_| CallError::Closed)
     }
 
     /// The stats reply (flushes the Router first, so counters are exact).

@@ -44,6 +44,15 @@ async fn the_python_example_serves_under_the_broker() {
         .await
         .expect_err("unknown");
     assert_eq!(e.code(), Some("unknown_method"));
+    // The RPC answers from the same table as the direct read.
+    let via_rpc: Vec<procbroker::protocol::rpc::ProcessInfo> = broker
+        .call("broker", "ListProcesses", &())
+        .await
+        .expect("ListProcesses")
+        .payload_as()
+        .expect("decode");
+    assert_eq!(via_rpc, broker.processes().await.expect("processes"));
+    assert_eq!(via_rpc.len(), 2);
     let pids: Vec<u32> = spawned.iter().filter_map(|p| p.pid).collect();
     let stopped = broker.stop("pyecho").await.expect("stop");
     assert_eq!(stopped, ["pyecho.0", "pyecho.1"]);

@@ -49,6 +49,13 @@ pub struct SpawnService(pub ServiceConfig);
 #[rtype(result = "Result<Vec<String>, StopError>")]
 pub struct StopTarget(pub String);
 
+/// The process table, as `ListProcesses` answers it, asked directly (not as
+/// a request through the Router: readiness probes should not count as
+/// traffic).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<ProcessInfo>")]
+pub struct GetProcesses;
+
 /// Stops every subprocess (DESIGN 5.6: `shutdown`, EOF, SIGTERM, SIGKILL)
 /// and answers with the ids stopped once all are reaped.
 #[derive(Debug, Message)]
@@ -406,5 +413,13 @@ impl Handler<StopAll> for Broker {
             .filter_map(|name| self.stop_target(name).ok())
             .collect();
         Box::pin(async move { join_all(stopping).await.into_iter().flatten().collect() })
+    }
+}
+
+impl Handler<GetProcesses> for Broker {
+    type Result = MessageResult<GetProcesses>;
+
+    fn handle(&mut self, _: GetProcesses, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.processes.values().cloned().collect())
     }
 }
