@@ -12,6 +12,9 @@ pub mod client;
 pub mod raw;
 
 use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Instant;
 
 /// What to run: `calls` requests of `payload_bytes` to `target`, with
 /// `concurrency` in flight.
@@ -91,4 +94,50 @@ pub fn cpus_allowed() -> String {
                 .map(|v| v.trim().to_owned())
         })
         .unwrap_or_else(|| "?".into())
+}
+
+/// Makes `calls` calls with `concurrency` in flight, each by `call()` (true
+/// when answered with a response), timing each one. Runs its lanes as local
+/// tasks of the current thread (an actix arbiter or a `LocalSet`).
+pub async fn drive<F, Fut>(calls: u64, concurrency: u64, call: F) -> RunReport
+where
+    F: Fn() -> Fut + 'static,
+    Fut: Future<Output = bool> + 'static,
+{
+    let call = Rc::new(call);
+    let issued = Rc::new(Cell::new(0u64));
+    let report = Rc::new(RefCell::new((RunReport::default(), ns_histogram())));
+    let start = Instant::now();
+    let lanes: Vec<_> = (0..concurrency.clamp(1, calls.max(1)))
+        .map(|_| {
+            let (call, issued, report) = (Rc::clone(&call), Rc::clone(&issued), Rc::clone(&report));
+            tokio::task::spawn_local(async move {
+                while issued.get() < calls {
+                    issued.set(issued.get() + 1);
+                    let sent = Instant::now();
+                    let ok = call().await;
+                    let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    let mut report = report.borrow_mut();
+                    report.1.saturating_record(ns);
+                    if ok {
+                        report.0.ok += 1;
+                    } else {
+                        report.0.errors += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for lane in lanes {
+        // A lane ends only when the calls are made (or `call` panicked, and
+        // its calls then count as neither ok nor errors).
+        let _ = lane.await;
+    }
+    let elapsed_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let (report, histogram) = &*report.borrow();
+    RunReport {
+        elapsed_ns,
+        latency_ns: Quantiles::of(histogram),
+        ..report.clone()
+    }
 }

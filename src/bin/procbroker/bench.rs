@@ -4,14 +4,12 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use procbroker::bench::raw::{self, RawRelay};
-use procbroker::bench::{Quantiles, RunReport, RunSpec, cpus_allowed, ns_histogram};
+use procbroker::bench::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::protocol::{Envelope, Payload};
 use serde_json::json;
-use std::cell::RefCell;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// What to run.
@@ -261,49 +259,13 @@ async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunRepo
 async fn lanes(broker: &BrokerHandle, args: &BenchArgs) -> Result<RunReport> {
     let body = vec![0x5au8; usize::try_from(args.payload_bytes)?];
     let payload = Payload::encode(serde_bytes::Bytes::new(&body))?;
-    let state = Rc::new(RefCell::new((RunReport::default(), ns_histogram(), 0u64)));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..args.concurrency.min(args.requests))
-        .map(|_| {
-            let (broker, state, payload, total) = (
-                broker.clone(),
-                Rc::clone(&state),
-                payload.clone(),
-                args.requests,
-            );
-            actix::spawn(async move {
-                loop {
-                    {
-                        let mut s = state.borrow_mut();
-                        if s.2 >= total {
-                            break;
-                        }
-                        s.2 += 1;
-                    }
-                    let request =
-                        Envelope::request("echo", "Echo", 0).with_raw_payload(payload.clone());
-                    let sent = Instant::now();
-                    let result = broker.call_envelope(request).await;
-                    let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    let mut s = state.borrow_mut();
-                    s.1.saturating_record(ns);
-                    match result {
-                        Ok(_) => s.0.ok += 1,
-                        Err(_) => s.0.errors += 1,
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await?;
-    }
-    let s = state.borrow();
-    Ok(RunReport {
-        elapsed_ns: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
-        latency_ns: Quantiles::of(&s.1),
-        ..s.0.clone()
+    let broker = broker.clone();
+    Ok(drive(args.requests, args.concurrency, move || {
+        let request = Envelope::request("echo", "Echo", 0).with_raw_payload(payload.clone());
+        let broker = broker.clone();
+        async move { broker.call_envelope(request).await.is_ok() }
     })
+    .await)
 }
 
 /// The in-process limit: tasks and one echo task over tokio channels (no
@@ -320,43 +282,10 @@ async fn channel_baseline(args: &BenchArgs) -> RunReport {
         0x5au8;
         usize::try_from(args.payload_bytes).unwrap_or(0)
     ]);
-    let state = Rc::new(RefCell::new((ns_histogram(), 0u64, 0u64)));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..args.concurrency.min(args.requests))
-        .map(|_| {
-            let (tx, state, body, total) =
-                (tx.clone(), Rc::clone(&state), body.clone(), args.requests);
-            actix::spawn(async move {
-                loop {
-                    {
-                        let mut s = state.borrow_mut();
-                        if s.1 >= total {
-                            break;
-                        }
-                        s.1 += 1;
-                    }
-                    let (reply, answer) = tokio::sync::oneshot::channel();
-                    let sent = Instant::now();
-                    if tx.send((body.clone(), reply)).is_err() || answer.await.is_err() {
-                        break;
-                    }
-                    let mut s = state.borrow_mut();
-                    s.0.saturating_record(
-                        u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX),
-                    );
-                    s.2 += 1;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        let _ = task.await;
-    }
-    let s = state.borrow();
-    RunReport {
-        ok: s.2,
-        errors: args.requests.saturating_sub(s.2),
-        elapsed_ns: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
-        latency_ns: Quantiles::of(&s.0),
-    }
+    drive(args.requests, args.concurrency, move || {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = tx.send((body.clone(), reply)).is_ok();
+        async move { sent && answer.await.is_ok() }
+    })
+    .await
 }
