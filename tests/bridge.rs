@@ -6,7 +6,6 @@ mod support;
 
 use futures_util::future::join_all;
 use procbroker::actors::broker::SpawnError;
-use procbroker::bench::{RunReport, RunSpec};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::ProcBroker;
 use procbroker::protocol::rpc::ProcessStatus;
@@ -69,19 +68,7 @@ async fn a_service_calls_another_through_the_broker() {
     let broker = ProcBroker::builder().sysmon_interval(None).start();
     broker.spawn(echo("echo", 2)).await.expect("echo");
     broker.spawn(bench_client("client")).await.expect("client");
-    let spec = RunSpec {
-        target: "echo".into(),
-        method: "Echo".into(),
-        calls: 500,
-        concurrency: 8,
-        payload_bytes: 64,
-    };
-    let report: RunReport = broker
-        .call("client", "Run", &spec)
-        .await
-        .expect("run")
-        .payload_as()
-        .expect("report");
+    let report = run_client(&broker, 500, 8).await;
     assert_eq!((report.ok, report.errors), (500, 0), "{report:?}");
     let stats = broker.stats().await.expect("stats");
     let p = &stats.per_process;

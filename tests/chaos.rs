@@ -8,7 +8,6 @@ mod support;
 use futures_util::future::join_all;
 use nix::sys::signal::Signal;
 use procbroker::actors::router::PendingCount;
-use procbroker::bench::{RunReport, RunSpec};
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::service::Methods;
 use std::collections::BTreeMap;
@@ -156,19 +155,7 @@ async fn every_request_is_answered_exactly_once_while_workers_are_killed() {
         })
     };
     let calls = 20_000;
-    let spec = RunSpec {
-        target: "echo".into(),
-        method: "Echo".into(),
-        calls,
-        concurrency: 16,
-        payload_bytes: 64,
-    };
-    let report: RunReport = broker
-        .call("client", "Run", &spec)
-        .await
-        .expect("run")
-        .payload_as()
-        .expect("report");
+    let report = run_client(&broker, calls, 16).await;
     let kills = killer.await.expect("killer");
     assert!(kills >= 1);
     assert_eq!(report.ok + report.errors, calls, "{report:?}");

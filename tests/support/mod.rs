@@ -25,6 +25,28 @@ pub fn bench_client(name: &str) -> ServiceConfig {
     ServiceConfig::new(name, BIN).args(["worker", "bench-client"])
 }
 
+/// Asks the bench client service `client` to make `calls` calls of 64 B to
+/// `echo` with `concurrency` in flight; returns its report.
+pub async fn run_client(
+    broker: &BrokerHandle,
+    calls: u64,
+    concurrency: u64,
+) -> procbroker::bench::RunReport {
+    let spec = procbroker::bench::RunSpec {
+        target: "echo".into(),
+        method: "Echo".into(),
+        calls,
+        concurrency,
+        payload_bytes: 64,
+    };
+    broker
+        .call("client", "Run", &spec)
+        .await
+        .expect("run")
+        .payload_as()
+        .expect("report")
+}
+
 /// The misbehaving Python worker of tests/python/chaos_worker.py.
 pub fn chaos(name: &str) -> ServiceConfig {
     ServiceConfig::new(name, python()).args([format!(
