@@ -19,10 +19,10 @@
 //!   taskset -c 0 cargo bench --bench relay     # every process on one CPU
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use procbroker::bench::raw::RawRelay;
-use procbroker::bench::{RunReport, RunSpec, cpus_allowed};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
+use procbroker::loadgen::raw::RawRelay;
+use procbroker::loadgen::{RunReport, RunSpec, cpus_allowed};
 use std::path::Path;
 use std::time::Duration;
 

@@ -30,13 +30,14 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
 use crate::actors::broker::{
-    Broker, GetProcesses, SpawnError, SpawnService, StopAll, StopError, StopTarget, TrackProcess,
+    Broker, GetProcesses, SpawnError, SpawnService, StopAll, StopError, StopTarget,
 };
 use crate::actors::inproc::InProcessWorker;
-use crate::actors::metrics_store::{MetricsStore, fresh_stats};
-use crate::actors::router::{
-    Call, PendingCount, RegisterProcess, Router, RouterError, SetDraining,
+use crate::actors::messages::{
+    Call, PendingCount, RegisterProcess, RouterError, SetDraining, TrackProcess,
 };
+use crate::actors::metrics_store::{MetricsStore, fresh_stats};
+use crate::actors::router::Router;
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
@@ -114,14 +115,11 @@ impl Builder {
         .start();
         // Queued before anything a caller can send, so `broker` is routable
         // from the first call on.
-        router.do_send(RegisterProcess {
-            id: ByteString::from_static(BROKER),
-            service: ByteString::from_static(BROKER),
-            recipient: broker.clone().recipient(),
-            ready: true,
-            pacer: None,
-            batch: None,
-        });
+        router.do_send(RegisterProcess::new(
+            ByteString::from_static(BROKER),
+            ByteString::from_static(BROKER),
+            broker.clone().recipient(),
+        ));
         BrokerHandle {
             router,
             broker,
@@ -211,14 +209,11 @@ impl BrokerHandle {
                 InProcessWorker::new(id.clone().into(), Rc::clone(&methods), self.router.clone())
                     .start();
             self.router
-                .send(RegisterProcess {
-                    id: id.clone().into(),
-                    service: name.into(),
-                    recipient: worker.recipient(),
-                    ready: true,
-                    pacer: None,
-                    batch: None,
-                })
+                .send(RegisterProcess::new(
+                    id.clone().into(),
+                    name.into(),
+                    worker.recipient(),
+                ))
                 .await
                 .map_err(|_| AddServiceError::Closed)??;
             self.broker.do_send(TrackProcess(ProcessInfo {

@@ -14,7 +14,8 @@
 //!   verbatim ([`protocol::Payload`]), broker error codes, the broker's RPC
 //!   payloads and the stats shapes. Everything else is built on it.
 //!
-//! - [`actors`]: the actor core. The [`Router`](actors::router::Router) is the
+//! - [`actors`]: the actor core, which speaks the messages of
+//!   [`actors::messages`]. The [`Router`](actors::router::Router) is the
 //!   hot path: it resolves targets, round-robins over a service's ready
 //!   workers, keeps every request in flight until its one reply (the
 //!   worker's, or an error it generates: `busy`, `timeout`,
@@ -36,20 +37,32 @@
 //! - [`embed`]: start the actors inside your own actix / actix-web app,
 //!   spawn subprocess services or add in-process ones, and `call` any service
 //!   from Rust; [`call`] holds the result types shared with the SDK.
-//! - [`workers`], [`bench`](mod@bench): the built-in workers of `procbroker worker` and
-//!   the round-trip benchmark's peers (including the raw baseline).
+//! - [`workers`]: the built-in workers of `procbroker worker`.
+//! - `loadgen` (feature `loadgen`, on by default): the round-trip
+//!   benchmark's peers (the load client, the raw baseline) and its driver.
 //! - [`admin`]: the operators' HTTP surface (`/metrics`, `/stats`,
 //!   `/health`, `/ready`) in the broker's own actix System.
 //! - [`config`], [`names`]: settings (and the config file) and the naming
 //!   rules of processes.
+//!
+//! `ARCHITECTURE.md` in the repository follows one request through these
+//! modules hop by hop, with the file and function of each.
+//!
+//! # Features
+//!
+//! - `cli` (default): the `procbroker` binary and its dependencies.
+//! - `loadgen` (default, implied by `cli`): the benchmark's peers.
+//!
+//! An embedder that wants the actors alone sets `default-features = false`.
 #![warn(missing_docs)]
 
 pub mod actors;
 pub mod admin;
-pub mod bench;
 pub mod call;
 pub mod config;
 pub mod embed;
+#[cfg(feature = "loadgen")]
+pub mod loadgen;
 pub mod names;
 pub mod pipe;
 pub mod protocol;

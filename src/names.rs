@@ -13,6 +13,11 @@ pub const BROADCAST: &str = "*";
 /// The `source` a worker sees on requests from embedded Rust callers.
 pub const CALLER: &str = "@caller";
 
+/// The environment variable that tells a child its process id.
+pub const PROCESS_ID_ENV: &str = "PROCBROKER_PROCESS_ID";
+/// The environment variable that tells a child its service name.
+pub const SERVICE_ENV: &str = "PROCBROKER_SERVICE";
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {

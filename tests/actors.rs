@@ -7,7 +7,7 @@
 //! the routing table under a process id, that records what it is delivered.
 
 use actix::prelude::*;
-use procbroker::actors::router::{
+use procbroker::actors::messages::{
     Deliver, PendingCount, RegisterProcess, RemoveProcess, Route, SetDraining,
 };
 use procbroker::embed::{BrokerHandle, CallError, ProcBroker};
@@ -31,8 +31,10 @@ impl Actor for Client {
 
 impl Handler<Deliver> for Client {
     type Result = ();
-    fn handle(&mut self, Deliver(envelope): Deliver, _: &mut Self::Context) {
-        let _ = self.inbox.send(envelope);
+    fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
+        for envelope in envelopes {
+            let _ = self.inbox.send(envelope);
+        }
     }
 }
 
@@ -42,14 +44,11 @@ async fn client(handle: &BrokerHandle, id: &str) -> mpsc::UnboundedReceiver<Enve
     let addr = Client { inbox: tx }.start();
     handle
         .router()
-        .send(RegisterProcess {
-            id: id.into(),
-            service: procbroker::names::service_of(id).into(),
-            recipient: addr.recipient(),
-            ready: true,
-            pacer: None,
-            batch: None,
-        })
+        .send(RegisterProcess::new(
+            id.into(),
+            procbroker::names::service_of(id).into(),
+            addr.recipient(),
+        ))
         .await
         .expect("router")
         .expect("register");
@@ -57,10 +56,7 @@ async fn client(handle: &BrokerHandle, id: &str) -> mpsc::UnboundedReceiver<Enve
 }
 
 fn route(handle: &BrokerHandle, from: &str, envelope: Envelope) {
-    handle.router().do_send(Route {
-        from: from.into(),
-        envelope,
-    });
+    handle.router().do_send(Route::one(from.into(), envelope));
 }
 
 async fn next(inbox: &mut mpsc::UnboundedReceiver<Envelope>) -> Envelope {
@@ -212,12 +208,8 @@ async fn unknown_target_unknown_method_and_unavailable() {
     broker
         .router()
         .send(RegisterProcess {
-            id: "late.0".into(),
-            service: "late".into(),
-            recipient: addr.recipient(),
             ready: false,
-            pacer: None,
-            batch: None,
+            ..RegisterProcess::new("late.0".into(), "late".into(), addr.recipient())
         })
         .await
         .expect("router")

@@ -4,7 +4,7 @@
 
 mod support;
 
-use procbroker::actors::sysmon::SampleNow;
+use procbroker::actors::messages::SampleNow;
 use procbroker::admin::Admin;
 use procbroker::embed::ProcBroker;
 use support::*;

@@ -7,7 +7,7 @@ mod support;
 
 use futures_util::future::join_all;
 use nix::sys::signal::Signal;
-use procbroker::actors::router::PendingCount;
+use procbroker::actors::messages::PendingCount;
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::service::Methods;
 use std::collections::BTreeMap;

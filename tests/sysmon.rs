@@ -3,7 +3,7 @@
 //! zombie child is reported with its state and no memory figures, never 0 kB.
 //! One test in its own binary, so no other test's threads change the count.
 
-use procbroker::actors::sysmon::{SampleNow, Watch};
+use procbroker::actors::messages::{SampleNow, Watch};
 use procbroker::embed::ProcBroker;
 use std::collections::HashMap;
 use std::process::Command;

@@ -38,25 +38,20 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
-use super::broker::{Broker, TrackProcess};
-use super::pacer::{Paced, Pacer};
-use super::router::SetReady;
-use super::router::{
-    BadFrame, Bounce, Deliver, DeliverBatch, RegisterProcess, RemoveProcess, RouteBatch, Router,
+use super::messages::{
+    BadFrame, Bounce, Deliver, Envelopes, RegisterProcess, RemoveProcess, Route, SetReady,
+    StopProcess, TrackProcess, Unwatch, Watch,
 };
-use super::sysmon::{Sysmon, Unwatch, Watch};
+use super::pacer::{Paced, Pacer};
+use super::router::Router;
+use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, SELF_COMMAND, ServiceConfig};
-use crate::names::BROKER;
+use crate::names::{BROKER, PROCESS_ID_ENV, SERVICE_ENV};
 use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError};
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{
     Envelope, EnvelopeCodec, ErrorCode, FrameError, InvalidEnvelope, MessageType,
 };
-
-/// The environment variable that tells a child its process id.
-pub const PROCESS_ID_ENV: &str = "PROCBROKER_PROCESS_ID";
-/// The environment variable that tells a child its service name.
-pub const SERVICE_ENV: &str = "PROCBROKER_SERVICE";
 
 /// The longest stderr line logged as one event; longer ones are split.
 const MAX_LOG_LINE: usize = 16 * 1024;
@@ -64,12 +59,6 @@ const MAX_LOG_LINE: usize = 16 * 1024;
 const READ_BATCH: usize = 64;
 /// The backoff resets after a child has been up this long (DESIGN 5.3).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
-
-/// Stops the child (shutdown event, EOF, SIGTERM, SIGKILL) and then the
-/// bridge; resolves once the child is reaped.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct StopProcess;
 
 /// The watcher's report: incarnation `generation` exited.
 #[derive(Debug, Message)]
@@ -106,7 +95,7 @@ pub struct BridgePeers {
     /// The Router (envelopes, registration).
     pub router: Addr<Router>,
     /// The Broker (process table).
-    pub broker: Addr<Broker>,
+    pub broker: Recipient<TrackProcess>,
     /// Sysmon (pids to sample).
     pub sysmon: Addr<Sysmon>,
 }
@@ -250,6 +239,7 @@ impl Bridge {
         let pacer = Arc::new(Pacer::default());
         let waker = Arc::clone(&pacer);
         outbox.on_written(move |depth| {
+            waker.set_backlog(depth);
             if depth < capacity {
                 waker.wake();
             }
@@ -272,12 +262,13 @@ impl Bridge {
 
         let ready = !self.spec.await_ready;
         self.peers.router.do_send(RegisterProcess {
-            id: self.id.clone(),
-            service: self.service.clone(),
-            recipient: ctx.address().recipient(),
             ready,
             pacer: Some(Arc::clone(&pacer)),
-            batch: Some(ctx.address().recipient()),
+            ..RegisterProcess::new(
+                self.id.clone(),
+                self.service.clone(),
+                ctx.address().recipient(),
+            )
         });
         self.peers.sysmon.do_send(Watch {
             id: self.id.to_string(),
@@ -553,7 +544,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         {
             return;
         }
-        let mut envelopes = Vec::with_capacity(items.len());
+        let mut envelopes = Envelopes::new();
         for item in items {
             match item {
                 Ok(Ok(envelope)) => {
@@ -565,7 +556,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
             }
         }
         if !envelopes.is_empty() {
-            self.peers.router.do_send(RouteBatch {
+            self.peers.router.do_send(Route {
                 from: self.id.clone(),
                 envelopes,
             });
@@ -580,17 +571,12 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
 impl Handler<Deliver> for Bridge {
     type Result = ();
 
-    fn handle(&mut self, Deliver(envelope): Deliver, _: &mut Self::Context) {
-        self.deliver(envelope);
-    }
-}
-
-impl Handler<DeliverBatch> for Bridge {
-    type Result = ();
-
-    fn handle(&mut self, DeliverBatch(envelopes): DeliverBatch, _: &mut Self::Context) {
+    fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
         for envelope in envelopes {
             self.deliver(envelope);
+        }
+        if let Some(child) = &self.child {
+            child.pacer.set_backlog(child.outbox.depth());
         }
     }
 }
@@ -613,13 +599,13 @@ impl Bridge {
             Ok(()) => {}
             Err(OutboxError::TooLarge(e)) if is_reply => {
                 // The requester still gets exactly one reply.
-                let mut error = Envelope::request(
-                    envelope.target.clone(),
-                    envelope.id.clone(),
+                let error = Envelope::broker_error_to(
+                    envelope.target,
+                    envelope.id,
                     envelope.correlation_id,
-                )
-                .broker_error(ErrorCode::TooLarge, e.to_string());
-                error.target = envelope.target.clone();
+                    ErrorCode::TooLarge,
+                    e.to_string(),
+                );
                 let _ = child.outbox.push(&error);
             }
             Err(OutboxError::TooLarge(e)) => {

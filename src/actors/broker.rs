@@ -20,9 +20,10 @@ use futures_util::future::join_all;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-use super::bridge::{Bridge, BridgePeers, StopProcess};
-use super::metrics_store::{MetricsStore, ProcessLifecycle, SubmitMetrics, fresh_stats};
-use super::router::{Deliver, Route, Router};
+use super::bridge::{Bridge, BridgePeers};
+use super::messages::{Deliver, ProcessLifecycle, Route, StopProcess, SubmitMetrics, TrackProcess};
+use super::metrics_store::{MetricsStore, fresh_stats};
+use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, CALLER, NameError, service_of};
@@ -31,11 +32,6 @@ use crate::protocol::rpc::{
     StopRequest, SubmitProcessMetrics, SubmitProcessMetricsReply,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
-
-/// Adds a process to the table `ListProcesses` shows.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct TrackProcess(pub ProcessInfo);
 
 /// Starts a subprocess service: one child per worker. Answers once every
 /// worker is ready or its first start failed (within `ready_timeout`).
@@ -152,7 +148,7 @@ impl Broker {
         }
         let peers = BridgePeers {
             router: self.router.clone(),
-            broker: ctx.address(),
+            broker: ctx.address().recipient(),
             sysmon: self.sysmon.clone(),
         };
         let spec = Arc::new(spec);
@@ -213,10 +209,7 @@ impl Broker {
     }
 
     fn send(&self, reply: Envelope) {
-        self.router.do_send(Route {
-            from: self.id.clone(),
-            envelope: reply,
-        });
+        self.router.do_send(Route::one(self.id.clone(), reply));
     }
 
     fn reply<T: serde::Serialize>(&self, request: &Envelope, value: &T) {
@@ -355,12 +348,14 @@ impl Actor for Broker {
 impl Handler<Deliver> for Broker {
     type Result = ();
 
-    fn handle(&mut self, Deliver(envelope): Deliver, ctx: &mut Self::Context) {
-        match envelope.kind {
-            MessageType::Request => self.handle_request(envelope, ctx),
-            MessageType::Event => self.handle_event(envelope),
-            // The broker sends no requests of its own yet.
-            MessageType::Response | MessageType::Error => {}
+    fn handle(&mut self, Deliver(envelopes): Deliver, ctx: &mut Self::Context) {
+        for envelope in envelopes {
+            match envelope.kind {
+                MessageType::Request => self.handle_request(envelope, ctx),
+                MessageType::Event => self.handle_event(envelope),
+                // The broker sends no requests of its own yet.
+                MessageType::Response | MessageType::Error => {}
+            }
         }
     }
 }

@@ -11,7 +11,8 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use std::rc::Rc;
 
-use super::router::{Deliver, Route, Router};
+use super::messages::{Deliver, Route};
+use super::router::Router;
 use crate::protocol::{Envelope, MessageType};
 use crate::service::{Answer, Methods};
 
@@ -35,10 +36,7 @@ impl InProcessWorker {
 
 impl InProcessWorker {
     fn send(&self, reply: Envelope) {
-        self.router.do_send(Route {
-            from: self.id.clone(),
-            envelope: reply,
-        });
+        self.router.do_send(Route::one(self.id.clone(), reply));
     }
 }
 
@@ -49,7 +47,15 @@ impl Actor for InProcessWorker {
 impl Handler<Deliver> for InProcessWorker {
     type Result = ();
 
-    fn handle(&mut self, Deliver(envelope): Deliver, ctx: &mut Self::Context) {
+    fn handle(&mut self, Deliver(envelopes): Deliver, ctx: &mut Self::Context) {
+        for envelope in envelopes {
+            self.take(envelope, ctx);
+        }
+    }
+}
+
+impl InProcessWorker {
+    fn take(&mut self, envelope: Envelope, ctx: &mut Context<Self>) {
         match envelope.kind {
             // A handler that is ready at once (most are) is answered now;
             // only one that waits is spawned into the worker's context.

@@ -13,144 +13,15 @@ use std::collections::HashMap;
 use std::time::{Instant, SystemTime};
 
 use super::latency;
-use super::router::{FlushMetrics, Router};
+use super::messages::{
+    Counters, FlushMetrics, GetLatencySums, GetMessageStats, MetricsBatch, ProcessLifecycle,
+    SubmitMetrics,
+};
+use super::router::Router;
 use crate::protocol::rpc::ProcessStatus;
 use crate::protocol::stats::{
     FaultCounters, MessageCounters, MessageStats, ProcessMetrics, ProcessStats, TotalStats,
 };
-
-/// Per-process counters as the Router counts them: everything is about
-/// envelopes **sent by** that process (or written to it, for `sent`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Envelopes delivered to the process.
-    pub sent: u64,
-    /// Envelopes received from the process.
-    pub received: u64,
-    /// Requests it sent.
-    pub requests: u64,
-    /// Responses it sent.
-    pub responses: u64,
-    /// Events it sent.
-    pub events: u64,
-    /// Error replies it sent.
-    pub errors: u64,
-    /// Invalid frames it sent.
-    pub bad_frames: u64,
-    /// Replies it sent that matched nothing it was asked (or were forged).
-    pub unmatched_replies: u64,
-    /// Replies it sent after the request had timed out.
-    pub late_replies: u64,
-    /// Its requests refused with `busy`.
-    pub busy_rejections: u64,
-    /// Its requests that timed out.
-    pub timeouts: u64,
-}
-
-impl Counters {
-    /// Counts one envelope received from the process.
-    #[inline]
-    pub fn count(&mut self, kind: crate::protocol::MessageType) {
-        use crate::protocol::MessageType;
-        self.received += 1;
-        match kind {
-            MessageType::Request => self.requests += 1,
-            MessageType::Response => self.responses += 1,
-            MessageType::Event => self.events += 1,
-            MessageType::Error => self.errors += 1,
-        }
-    }
-
-    fn add(&mut self, o: &Counters) {
-        self.sent += o.sent;
-        self.received += o.received;
-        self.requests += o.requests;
-        self.responses += o.responses;
-        self.events += o.events;
-        self.errors += o.errors;
-        self.bad_frames += o.bad_frames;
-        self.unmatched_replies += o.unmatched_replies;
-        self.late_replies += o.late_replies;
-        self.busy_rejections += o.busy_rejections;
-        self.timeouts += o.timeouts;
-    }
-}
-
-/// One process in a [`MetricsBatch`]: deltas since the last batch and gauges.
-#[derive(Debug, Clone)]
-pub struct ProcessSnapshot {
-    /// Process id.
-    pub id: String,
-    /// Its service.
-    pub service: String,
-    /// Counter deltas.
-    pub delta: Counters,
-    /// First envelope in this batch.
-    pub first_seen: Option<SystemTime>,
-    /// Last envelope in this batch.
-    pub last_seen: Option<SystemTime>,
-    /// Requests in flight to it now.
-    pub queue_depth: u64,
-    /// Same as `queue_depth` for now (the bridge adds unwritten frames).
-    pub pending: u64,
-    /// Routable now.
-    pub ready: bool,
-    /// It left the routing table.
-    pub removed: bool,
-}
-
-/// What the Router ships every flush interval.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct MetricsBatch {
-    /// When the batch was cut.
-    pub at: SystemTime,
-    /// Every process the Router knows, plus those removed since the last batch.
-    pub processes: Vec<ProcessSnapshot>,
-    /// Counter deltas of embedded Rust callers (`@caller`), for the totals.
-    pub caller: Counters,
-    /// Latency samples per service since the last batch.
-    pub latency: Vec<(String, Histogram<u64>)>,
-    /// Latency samples over all services since the last batch.
-    pub overall: Option<Histogram<u64>>,
-    /// Requests in flight now.
-    pub pending: u64,
-}
-
-/// A life-cycle change, reported by the Broker.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct ProcessLifecycle {
-    /// Process id.
-    pub id: String,
-    /// Its service.
-    pub service: String,
-    /// New status.
-    pub status: ProcessStatus,
-    /// OS pid of the current incarnation (`None` for in-process workers).
-    pub pid: Option<u32>,
-    /// Restarts so far.
-    pub restarts: u32,
-    /// Exit code of the last incarnation.
-    pub exit_code: Option<i32>,
-}
-
-/// Stores `/proc` samples; returns how many were stored.
-#[derive(Debug, Message)]
-#[rtype(result = "u64")]
-pub struct SubmitMetrics(pub Vec<ProcessMetrics>);
-
-/// Asks for the stats reply (flush the Router first for exact counters:
-/// [`fresh_stats`] does both).
-#[derive(Debug, Message)]
-#[rtype(result = "MessageStats")]
-pub struct GetMessageStats;
-
-/// Sum of the recorded latencies per service (and `overall`), in
-/// microseconds: what a Prometheus summary needs besides the quantiles.
-#[derive(Debug, Message)]
-#[rtype(result = "BTreeMap<String, f64>")]
-pub struct GetLatencySums;
 
 /// The stats reply with every count up to now: flushes the Router, then asks
 /// the store. The Router's batch reaches the store before the question does

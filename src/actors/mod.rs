@@ -1,21 +1,27 @@
 //! The actors. All run on actix arbiters (tokio current-thread runtimes).
 //!
-//! - [`router`]: the hot path; routing table, round-robin, pending requests,
-//!   deadlines, queue bounds, latency recording.
+//! - [`messages`]: what the actors say to each other (every message type,
+//!   and the counters the Router ships to the MetricsStore).
+//! - [`router`]: the hot path; resolves targets, delivers, keeps each
+//!   request until its one reply. Beside it, its data: `table` (processes,
+//!   services, round-robin, held deliveries), `pending` (requests in flight
+//!   and their deadlines), `deadline` (its timer tasks), [`latency`].
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
-//! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
+//! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
 //! - [`metrics_store`]: cumulative counters, histograms, samples; the stats reply.
 //! - [`sysmon`]: `/proc/{pid}/status` sampling.
 //! - [`inproc`]: workers backed by Rust handlers.
-//! - `pending`, `latency`: the Router's data structures.
 
 pub mod bridge;
 pub mod broker;
+mod deadline;
 pub mod inproc;
 pub mod latency;
+pub mod messages;
 pub mod metrics_store;
 pub mod pacer;
 mod pending;
 pub mod router;
 pub mod sysmon;
+mod table;

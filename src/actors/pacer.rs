@@ -3,7 +3,7 @@
 //!
 //! actix mailboxes have no bound (`do_send` ignores capacity), so a child that
 //! writes faster than the Router routes would grow the broker's memory without
-//! limit (notes/actix.md: +1.2 GiB in 2 s). Waiting on each `send` would bound
+//! limit (measured: +1.2 GiB in 2 s). Waiting on each `send` would bound
 //! it but costs a reply channel per frame and stalls the bridge's mailbox
 //! (`ctx.wait`). Instead the bridge adds each envelope's weight here before
 //! handing it on, the Router subtracts it when it takes the envelope, and the
@@ -23,10 +23,12 @@ use crate::protocol::Envelope;
 /// Bytes (approximately) a child may have in the Router's mailbox.
 pub const ROUTER_BUDGET: usize = 1 << 20;
 
-/// Shared by one bridge (adds) and the Router (subtracts).
+/// Shared by one bridge (adds) and the Router (subtracts). It also carries
+/// the bridge's stdin backlog to the Router's stats.
 #[derive(Debug, Default)]
 pub struct Pacer {
     in_router: AtomicUsize,
+    backlog: AtomicUsize,
     parked: AtomicBool,
     waker: AtomicWaker,
 }
@@ -50,6 +52,17 @@ impl Pacer {
     pub fn consumed(&self, weight: usize) {
         self.in_router.fetch_sub(weight, Ordering::Relaxed);
         self.wake();
+    }
+
+    /// The bridge's stdin backlog: frames not yet written to the child.
+    #[inline]
+    pub fn set_backlog(&self, frames: usize) {
+        self.backlog.store(frames, Ordering::Relaxed);
+    }
+
+    /// Frames waiting to be written to the child (stats' `queue_depth`).
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Over budget: the reader should wait.

@@ -58,6 +58,15 @@ pub(crate) struct PendingTable {
 #[derive(Debug)]
 pub(crate) struct Duplicate;
 
+/// Why a reply matched no request ([`PendingTable::take_answered_by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotPending {
+    /// In flight, but to another process.
+    Forged,
+    /// Nothing in flight under that key.
+    Absent,
+}
+
 impl PendingTable {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
@@ -98,13 +107,31 @@ impl PendingTable {
         Ok(())
     }
 
+    #[cfg(test)]
     pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending> {
         self.map.remove(key)
     }
 
-    /// Puts back an entry just removed (its heap entry is still there).
-    pub(crate) fn restore(&mut self, key: Key, pending: Pending) {
-        self.map.insert(key, pending);
+    /// Removes the request `key` if it was delivered to `worker`: only the
+    /// process a request went to may answer it. `Err(Forged)` leaves a
+    /// request delivered elsewhere in place; `Err(Absent)` means nothing is
+    /// in flight under `key` (answered, timed out, or never sent).
+    #[inline]
+    pub(crate) fn take_answered_by(
+        &mut self,
+        key: &Key,
+        worker: &ByteString,
+    ) -> Result<Pending, NotPending> {
+        // One lookup on the hot path; the rare forgery puts its entry back
+        // (its heap entry was never touched).
+        match self.map.remove(key) {
+            Some(pending) if pending.worker == *worker => Ok(pending),
+            Some(pending) => {
+                self.map.insert(key.clone(), pending);
+                Err(NotPending::Forged)
+            }
+            None => Err(NotPending::Absent),
+        }
     }
 
     /// The earliest deadline still live, dropping stale heap entries on the way.

@@ -8,32 +8,10 @@ use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use super::metrics_store::{MetricsStore, SubmitMetrics};
+use super::messages::{SampleNow, SubmitMetrics, Unwatch, Watch};
+use super::metrics_store::MetricsStore;
 use crate::names::BROKER;
 use crate::protocol::ProcessMetrics;
-
-/// Starts sampling `pid` under process id `id` (replacing an earlier pid).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Watch {
-    /// Process id (`echo.0`).
-    pub id: String,
-    /// Its OS pid.
-    pub pid: u32,
-}
-
-/// Stops sampling `id`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Unwatch {
-    /// Process id.
-    pub id: String,
-}
-
-/// Samples now (as the interval would), submits, and returns the samples.
-#[derive(Debug, Message)]
-#[rtype(result = "Vec<ProcessMetrics>")]
-pub struct SampleNow;
 
 /// Reads one process's `/proc/{pid}/status`.
 ///

@@ -16,7 +16,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::actors::metrics_store::GetLatencySums;
+use crate::actors::messages::GetLatencySums;
 use crate::embed::BrokerHandle;
 use crate::protocol::rpc::ProcessStatus;
 

@@ -1,7 +1,7 @@
 //! The write side of a pipe: frames queue in a buffer, one task writes.
 //!
-//! Why not `actix::io::FramedWrite`: it buffers without a bound and loses its
-//! buffer on drop (notes/actix.md 5.3). Here the queue is counted in frames
+//! Why not `actix::io::FramedWrite`: in actix 0.13 it buffers without a bound
+//! and does not flush what it holds when its actor stops. Here the queue is counted in frames
 //! ([`Outbox::depth`]) so its owner can bound it, dropping an `Outbox` flushes
 //! what is queued before the pipe closes, and coalescing needs no timer: a
 //! push while a write is in progress lands in the next write, which takes

@@ -219,7 +219,28 @@ impl Envelope {
 
     /// A broker-generated error reply: `source = "broker"` and a broker code.
     pub fn broker_error(&self, code: ErrorCode, message: impl Into<ByteString>) -> Self {
-        let mut reply = self.error_reply(ByteString::from_static(code.as_str()), message);
+        Self::broker_error_to(
+            self.source.clone(),
+            self.id.clone(),
+            self.correlation_id,
+            code,
+            message,
+        )
+    }
+
+    /// A broker-generated error for request `correlation_id` (method `id`)
+    /// of `origin`, addressed to it: for when the request itself is gone
+    /// (timed out, its worker exited, it could not be decoded).
+    pub fn broker_error_to(
+        origin: ByteString,
+        id: ByteString,
+        correlation_id: u64,
+        code: ErrorCode,
+        message: impl Into<ByteString>,
+    ) -> Self {
+        let mut reply = Self::new(MessageType::Error, origin, id, correlation_id);
+        reply.code = Some(ByteString::from_static(code.as_str()));
+        reply.error = Some(message.into());
         reply.source = ByteString::from_static(BROKER);
         reply
     }

@@ -21,6 +21,7 @@ mod frame;
 mod message_type;
 pub(crate) mod msgpack;
 mod payload;
+mod process_status;
 pub mod rpc;
 pub mod stats;
 

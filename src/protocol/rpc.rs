@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+pub use super::process_status::ProcessStatus;
 use super::stats::ProcessMetrics;
 
 /// The methods the broker answers itself.
@@ -101,24 +102,6 @@ pub type SubmitProcessMetrics = Vec<ProcessMetrics>;
 pub struct SubmitProcessMetricsReply {
     /// How many samples were stored.
     pub received: u64,
-}
-
-/// Where a process is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProcessStatus {
-    /// Spawned, waiting for its `ready` event.
-    Starting,
-    /// Routable.
-    Ready,
-    /// Asked to stop; draining.
-    Stopping,
-    /// Stopped on request; will not be restarted.
-    Stopped,
-    /// Exited; a restart is scheduled (backoff).
-    Restarting,
-    /// Exited and out of restarts (`max_restarts` spent).
-    Failed,
 }
 
 /// One row of `ListProcesses`.

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use super::rpc::ProcessStatus;
+use super::process_status::ProcessStatus;
 
 /// v2e's message counters (in total and per process).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

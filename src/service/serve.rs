@@ -12,8 +12,7 @@ use tokio_util::codec::FramedRead;
 
 use super::client::Client;
 use super::methods::{Answer, Methods};
-use crate::actors::bridge::PROCESS_ID_ENV;
-use crate::names::BROKER;
+use crate::names::{BROKER, PROCESS_ID_ENV};
 use crate::pipe::Outbox;
 use crate::protocol::{EnvelopeCodec, FrameError, MessageType};
 

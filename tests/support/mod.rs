@@ -31,8 +31,8 @@ pub async fn run_client(
     broker: &BrokerHandle,
     calls: u64,
     concurrency: u64,
-) -> procbroker::bench::RunReport {
-    let spec = procbroker::bench::RunSpec {
+) -> procbroker::loadgen::RunReport {
+    let spec = procbroker::loadgen::RunSpec {
         target: "echo".into(),
         method: "Echo".into(),
         calls,

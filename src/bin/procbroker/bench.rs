@@ -3,10 +3,10 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use procbroker::bench::raw::{self, RawRelay};
-use procbroker::bench::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
+use procbroker::loadgen::raw::{self, RawRelay};
+use procbroker::loadgen::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
 use procbroker::protocol::{Envelope, Payload};
 use serde_json::json;
 use std::path::PathBuf;

@@ -105,12 +105,12 @@ enum Command {
 }
 
 fn worker(name: WorkerName) -> Result<()> {
-    use procbroker::{bench, service, workers};
+    use procbroker::{loadgen, service, workers};
     match name {
         WorkerName::Echo => service::run(|_| workers::echo())?,
-        WorkerName::BenchClient => service::run(bench::client::methods)?,
-        WorkerName::RawEcho => bench::raw::echo()?,
-        WorkerName::RawClient => bench::raw::client()?,
+        WorkerName::BenchClient => service::run(loadgen::client::methods)?,
+        WorkerName::RawEcho => loadgen::raw::echo()?,
+        WorkerName::RawClient => loadgen::raw::client()?,
     }
     Ok(())
 }

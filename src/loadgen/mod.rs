@@ -1,5 +1,7 @@
-//! Round-trip benchmark peers (DESIGN 7.1), shared by `benches/relay.rs` and
-//! `procbroker bench`.
+//! The round-trip load generator (DESIGN 7.1): the peers and the driver
+//! shared by `benches/relay.rs` and `procbroker bench`. Behind the `loadgen`
+//! feature (on by default, and needed by the binary), so an embedder who
+//! turns default features off does not compile the blocking raw relays.
 //!
 //! - [`client`]: a service whose `Run` method makes N calls to a target with C
 //!   in flight and reports how long they took: the client subprocess of the

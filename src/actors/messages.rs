@@ -1,0 +1,411 @@
+//! The actors' vocabulary: every message that crosses from one actor to
+//! another, in one place.
+//!
+//! Why one file: the actors talk in both directions (the Router delivers to
+//! bridges, bridges route through the Router; the Broker starts bridges,
+//! bridges report to the Broker), so if each message lived beside its
+//! handler the actor files would import each other. Here they import this
+//! file, and an actor that must reach one that imports it holds a
+//! `Recipient<…>` of the message, not an `Addr` of the actor.
+//!
+//! Two messages carry envelopes: [`Route`] (a process sent these, to the
+//! Router) and [`Deliver`] (these are for a process, from the Router). Both
+//! hold [`Envelopes`], one or many in order, so there is one path for a
+//! single message and for what one pipe read brought.
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use hdrhistogram::Histogram;
+use smallvec::SmallVec;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::oneshot;
+
+use super::pacer::Pacer;
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
+use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
+
+// ---------------------------------------------------------------------------
+// Envelopes on the move
+
+/// One or more envelopes, oldest first. One is held inline (no allocation),
+/// which is the common case of a sequential call.
+#[derive(Debug, Default)]
+pub struct Envelopes(SmallVec<[Envelope; 1]>);
+
+impl Envelopes {
+    /// None yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one.
+    #[inline]
+    pub fn push(&mut self, envelope: Envelope) {
+        self.0.push(envelope);
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The envelopes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Envelope> {
+        self.0.iter()
+    }
+}
+
+impl From<Envelope> for Envelopes {
+    fn from(envelope: Envelope) -> Self {
+        let mut one = Self::new();
+        one.push(envelope);
+        one
+    }
+}
+
+impl From<Vec<Envelope>> for Envelopes {
+    fn from(envelopes: Vec<Envelope>) -> Self {
+        Self(SmallVec::from_vec(envelopes))
+    }
+}
+
+impl IntoIterator for Envelopes {
+    type Item = Envelope;
+    type IntoIter = smallvec::IntoIter<[Envelope; 1]>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// Envelopes sent by process `from`, to the Router. Their `source` is
+/// overwritten with `from`, whatever they say.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Route {
+    /// The sending process; authoritative.
+    pub from: ByteString,
+    /// What it sent, oldest first (for a bridge: what one pipe read brought).
+    pub envelopes: Envelopes,
+}
+
+impl Route {
+    /// One envelope from `from`.
+    pub fn one(from: ByteString, envelope: Envelope) -> Self {
+        Self {
+            from,
+            envelopes: envelope.into(),
+        }
+    }
+}
+
+/// Envelopes for a process, from the Router: requests and events addressed
+/// to it, replies to its requests. The Router sends at most one `Deliver` per
+/// process for each message it handles. Whatever backs a process (a bridge,
+/// an in-process worker, the Broker) handles it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Envelopes);
+
+/// A request from a Rust caller of the embedding API. The Router assigns the
+/// correlation id and answers exactly once on `reply`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Call {
+    /// The request (`correlation_id` is replaced).
+    pub envelope: Envelope,
+    /// Where the reply (a response or an error envelope) goes.
+    pub reply: oneshot::Sender<Envelope>,
+}
+
+// ---------------------------------------------------------------------------
+// The routing table (to the Router)
+
+/// Adds a process to the routing table.
+#[derive(Message)]
+#[rtype(result = "Result<(), RouterError>")]
+pub struct RegisterProcess {
+    /// Its id (`service.N`, or `broker`).
+    pub id: ByteString,
+    /// The service it is a worker of.
+    pub service: ByteString,
+    /// Where its envelopes go.
+    pub recipient: Recipient<Deliver>,
+    /// Routable at once (else after [`SetReady`]).
+    pub ready: bool,
+    /// A subprocess bridge's read pacing: the Router releases each envelope's
+    /// weight when it takes it (`None` for in-process senders).
+    pub pacer: Option<Arc<Pacer>>,
+}
+
+impl RegisterProcess {
+    /// Process `id` of `service`, routable at once, not paced.
+    pub fn new(id: ByteString, service: ByteString, recipient: Recipient<Deliver>) -> Self {
+        Self {
+            id,
+            service,
+            recipient,
+            ready: true,
+            pacer: None,
+        }
+    }
+}
+
+/// Registration failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    /// A process with that id is already registered.
+    #[error("process {0:?} is already registered")]
+    Duplicate(String),
+}
+
+/// Marks a process routable (its `ready` event came) or not.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetReady {
+    /// The process.
+    pub id: ByteString,
+    /// Routable or not.
+    pub ready: bool,
+}
+
+/// Removes a process (it exited or was stopped). Requests in flight to it are
+/// answered with `worker_exited` at once; requests it had sent are dropped.
+/// Returns how many requests were failed.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct RemoveProcess {
+    /// The process.
+    pub id: ByteString,
+    /// Why, for the error message.
+    pub reason: String,
+}
+
+/// A frame from process `from` that was not a valid envelope (DESIGN 5.4):
+/// counted as `bad_frames`; a salvaged request gets `bad_request`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct BadFrame {
+    /// The sending process.
+    pub from: ByteString,
+    /// What was wrong, for the error message.
+    pub error: String,
+    /// The request it seems to have been, if its correlation id was readable.
+    pub request: Option<SalvagedRequest>,
+}
+
+/// An envelope the process `to` could not take (its stdin backlog is full,
+/// or the frame is too large for its pipe). A request is answered with `code`
+/// on its worker's behalf and the worker's slot freed; an event is dropped.
+/// Both count as `busy_rejections` of their sender when `code` is `busy`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Bounce {
+    /// The process that could not take it.
+    pub to: ByteString,
+    /// The envelope as it was delivered.
+    pub envelope: Envelope,
+    /// Error code for the requester.
+    pub code: ErrorCode,
+    /// Error message for the requester.
+    pub message: String,
+}
+
+/// While draining, new requests are answered `shutting_down`; replies to
+/// requests already in flight still go through.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetDraining(pub bool);
+
+/// How many requests are in flight.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct PendingCount;
+
+/// Ships counters and histograms to the MetricsStore now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FlushMetrics;
+
+// ---------------------------------------------------------------------------
+// The control plane (Broker, Bridge)
+
+/// A process's status changed: the Broker's table (what `ListProcesses`
+/// shows) takes the new row. Sent by bridges.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct TrackProcess(pub ProcessInfo);
+
+/// Stops a bridge's child (shutdown event, EOF, SIGTERM, SIGKILL) and then
+/// the bridge; resolves once the child is reaped.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopProcess;
+
+// ---------------------------------------------------------------------------
+// Metrics (to the MetricsStore) and Sysmon
+
+/// Per-process counters as the Router counts them: everything is about
+/// envelopes **sent by** that process (or written to it, for `sent`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Envelopes delivered to the process.
+    pub sent: u64,
+    /// Envelopes received from the process.
+    pub received: u64,
+    /// Requests it sent.
+    pub requests: u64,
+    /// Responses it sent.
+    pub responses: u64,
+    /// Events it sent.
+    pub events: u64,
+    /// Error replies it sent.
+    pub errors: u64,
+    /// Invalid frames it sent.
+    pub bad_frames: u64,
+    /// Replies it sent that matched nothing it was asked (or were forged).
+    pub unmatched_replies: u64,
+    /// Replies it sent after the request had timed out.
+    pub late_replies: u64,
+    /// Its requests refused with `busy`.
+    pub busy_rejections: u64,
+    /// Its requests that timed out.
+    pub timeouts: u64,
+}
+
+impl Counters {
+    /// Counts one envelope received from the process.
+    #[inline]
+    pub fn count(&mut self, kind: MessageType) {
+        self.received += 1;
+        match kind {
+            MessageType::Request => self.requests += 1,
+            MessageType::Response => self.responses += 1,
+            MessageType::Event => self.events += 1,
+            MessageType::Error => self.errors += 1,
+        }
+    }
+
+    /// Adds another set of counts (deltas into totals).
+    pub fn add(&mut self, o: &Counters) {
+        self.sent += o.sent;
+        self.received += o.received;
+        self.requests += o.requests;
+        self.responses += o.responses;
+        self.events += o.events;
+        self.errors += o.errors;
+        self.bad_frames += o.bad_frames;
+        self.unmatched_replies += o.unmatched_replies;
+        self.late_replies += o.late_replies;
+        self.busy_rejections += o.busy_rejections;
+        self.timeouts += o.timeouts;
+    }
+}
+
+/// One process in a [`MetricsBatch`]: deltas since the last batch and gauges.
+#[derive(Debug, Clone)]
+pub struct ProcessSnapshot {
+    /// Process id.
+    pub id: String,
+    /// Its service.
+    pub service: String,
+    /// Counter deltas.
+    pub delta: Counters,
+    /// First envelope in this batch.
+    pub first_seen: Option<SystemTime>,
+    /// Last envelope in this batch.
+    pub last_seen: Option<SystemTime>,
+    /// Frames waiting in its stdin backlog, not yet written to the pipe (0
+    /// for processes without a pipe).
+    pub queue_depth: u64,
+    /// Requests delivered to it and not yet answered (what `queue_capacity`
+    /// bounds).
+    pub pending: u64,
+    /// Routable now.
+    pub ready: bool,
+    /// It left the routing table.
+    pub removed: bool,
+}
+
+/// What the Router ships every flush interval.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct MetricsBatch {
+    /// When the batch was cut.
+    pub at: SystemTime,
+    /// Every process the Router knows, plus those removed since the last batch.
+    pub processes: Vec<ProcessSnapshot>,
+    /// Counter deltas of embedded Rust callers (`@caller`), for the totals.
+    pub caller: Counters,
+    /// Latency samples per service since the last batch.
+    pub latency: Vec<(String, Histogram<u64>)>,
+    /// Latency samples over all services since the last batch.
+    pub overall: Option<Histogram<u64>>,
+    /// Requests in flight now.
+    pub pending: u64,
+}
+
+/// A life-cycle change, reported by the Broker.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ProcessLifecycle {
+    /// Process id.
+    pub id: String,
+    /// Its service.
+    pub service: String,
+    /// New status.
+    pub status: ProcessStatus,
+    /// OS pid of the current incarnation (`None` for in-process workers).
+    pub pid: Option<u32>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Exit code of the last incarnation.
+    pub exit_code: Option<i32>,
+}
+
+/// Stores `/proc` samples; returns how many were stored.
+#[derive(Debug, Message)]
+#[rtype(result = "u64")]
+pub struct SubmitMetrics(pub Vec<crate::protocol::ProcessMetrics>);
+
+/// Asks for the stats reply (flush the Router first for exact counters:
+/// [`fresh_stats`](super::metrics_store::fresh_stats) does both).
+#[derive(Debug, Message)]
+#[rtype(result = "MessageStats")]
+pub struct GetMessageStats;
+
+/// Sum of the recorded latencies per service (and `overall`), in
+/// microseconds: what a Prometheus summary needs besides the quantiles.
+#[derive(Debug, Message)]
+#[rtype(result = "BTreeMap<String, f64>")]
+pub struct GetLatencySums;
+
+/// Starts sampling `pid` under process id `id` (replacing an earlier pid).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    /// Process id (`echo.0`).
+    pub id: String,
+    /// Its OS pid.
+    pub pid: u32,
+}
+
+/// Stops sampling `id`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    /// Process id.
+    pub id: String,
+}
+
+/// Samples now (as the interval would), submits, and returns the samples.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<crate::protocol::ProcessMetrics>")]
+pub struct SampleNow;

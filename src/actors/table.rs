@@ -1,0 +1,309 @@
+//! The Router's process table: who is registered, which service each process
+//! is a worker of, the round-robin cursor of every service (DESIGN 5.1), the
+//! per-process counts, and the envelopes held for each process until the
+//! Router finishes the message it is handling.
+//!
+//! Why hold envelopes: one message the Router handles (a pipe read's worth
+//! of envelopes from a bridge, a call, an expiry pass) can produce several
+//! envelopes for the same process. Each process gets them in one
+//! [`Deliver`] at the end ([`ProcessTable::send_held`]): one mailbox hop per
+//! destination, whatever the form of the input.
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use hdrhistogram::Histogram;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::latency;
+use super::messages::{Counters, Deliver, Envelopes, RegisterProcess, RouterError};
+use super::pacer::Pacer;
+use super::pending::FastMap;
+use crate::names::{BROADCAST, BROKER};
+use crate::protocol::{Envelope, ErrorCode};
+
+/// One registered process.
+pub(crate) struct ProcessEntry {
+    /// Index of its service in [`ProcessTable::services`].
+    pub(crate) service: usize,
+    /// Its bridge's read pacing, for subprocesses.
+    pub(crate) pacer: Option<Arc<Pacer>>,
+    recipient: Recipient<Deliver>,
+    /// Envelopes for it, sent at the end of the current message.
+    outgoing: Envelopes,
+    /// In the rotation (its `ready` came).
+    pub(crate) ready: bool,
+    /// Requests delivered to it and not yet answered.
+    pub(crate) in_flight: usize,
+    /// Counts since the last metrics batch.
+    pub(crate) delta: Counters,
+    pub(crate) first_seen: Option<Instant>,
+    pub(crate) last_seen: Option<Instant>,
+}
+
+impl ProcessEntry {
+    /// Notes traffic from or to the process.
+    #[inline]
+    pub(crate) fn saw(&mut self, now: Instant) {
+        self.first_seen.get_or_insert(now);
+        self.last_seen = Some(now);
+    }
+
+    /// Frames waiting in its stdin backlog (0 without a pipe).
+    pub(crate) fn backlog(&self) -> usize {
+        self.pacer.as_ref().map_or(0, |p| p.backlog())
+    }
+}
+
+/// One service: its workers in registration order, and its latency samples
+/// since the last metrics batch.
+pub(crate) struct ServiceEntry {
+    pub(crate) name: ByteString,
+    workers: Vec<ByteString>,
+    cursor: usize,
+    pub(crate) histogram: Histogram<u64>,
+}
+
+/// The table. Process ids are the keys; services are dense indices.
+#[derive(Default)]
+pub(crate) struct ProcessTable {
+    processes: FastMap<ByteString, ProcessEntry>,
+    pub(crate) services: Vec<ServiceEntry>,
+    service_index: FastMap<ByteString, usize>,
+    /// Processes with envelopes in `outgoing`.
+    held: Vec<ByteString>,
+}
+
+impl ProcessTable {
+    pub(crate) fn get(&self, id: &ByteString) -> Option<&ProcessEntry> {
+        self.processes.get(id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &ByteString) -> Option<&mut ProcessEntry> {
+        self.processes.get_mut(id)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&ByteString, &ProcessEntry)> {
+        self.processes.iter()
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut ProcessEntry> {
+        self.processes.values_mut()
+    }
+
+    /// Adds a process at the end of its service's rotation.
+    pub(crate) fn register(&mut self, msg: RegisterProcess) -> Result<(), RouterError> {
+        if self.processes.contains_key(&msg.id) {
+            return Err(RouterError::Duplicate(msg.id.to_string()));
+        }
+        let service = self.service_slot(&msg.service);
+        self.services[service].workers.push(msg.id.clone());
+        self.processes.insert(
+            msg.id,
+            ProcessEntry {
+                service,
+                pacer: msg.pacer,
+                recipient: msg.recipient,
+                outgoing: Envelopes::new(),
+                ready: msg.ready,
+                in_flight: 0,
+                delta: Counters::default(),
+                first_seen: None,
+                last_seen: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn service_slot(&mut self, name: &ByteString) -> usize {
+        if let Some(&i) = self.service_index.get(name) {
+            return i;
+        }
+        self.services.push(ServiceEntry {
+            name: name.clone(),
+            workers: Vec::new(),
+            cursor: 0,
+            histogram: latency::new_histogram(),
+        });
+        let i = self.services.len() - 1;
+        self.service_index.insert(name.clone(), i);
+        i
+    }
+
+    /// Takes a process out of the table and its service's rotation. What was
+    /// held for it is dropped with it.
+    pub(crate) fn remove(&mut self, id: &ByteString) -> Option<ProcessEntry> {
+        let entry = self.processes.remove(id)?;
+        let service = &mut self.services[entry.service];
+        service.workers.retain(|w| w != id);
+        if service.cursor >= service.workers.len() {
+            service.cursor = 0;
+        }
+        Some(entry)
+    }
+
+    pub(crate) fn service_name(&self, entry: &ProcessEntry) -> &ByteString {
+        &self.services[entry.service].name
+    }
+
+    /// Resolves a request's target to one process: the process itself, or the
+    /// next ready worker of the service (round-robin) with fewer than
+    /// `capacity` requests in flight. Or says why not.
+    pub(crate) fn pick(
+        &mut self,
+        target: &ByteString,
+        capacity: usize,
+    ) -> Result<ByteString, (ErrorCode, String)> {
+        if let Some(entry) = self.processes.get(target) {
+            if !entry.ready {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!("process {target:?} is not ready"),
+                ));
+            }
+            if entry.in_flight >= capacity {
+                return Err((
+                    ErrorCode::Busy,
+                    format!("process {target:?} has {capacity} requests in flight"),
+                ));
+            }
+            return Ok(target.clone());
+        }
+        let Some(&slot) = self.service_index.get(target) else {
+            return Err((
+                ErrorCode::UnknownTarget,
+                format!("no process or service {target:?}"),
+            ));
+        };
+        let service = &mut self.services[slot];
+        let n = service.workers.len();
+        let mut any_ready = false;
+        for step in 0..n {
+            let i = (service.cursor + step) % n;
+            let Some(entry) = self.processes.get(&service.workers[i]) else {
+                continue;
+            };
+            if !entry.ready {
+                continue;
+            }
+            any_ready = true;
+            if entry.in_flight < capacity {
+                service.cursor = (i + 1) % n;
+                return Ok(service.workers[i].clone());
+            }
+        }
+        if any_ready {
+            Err((
+                ErrorCode::Busy,
+                format!("every worker of {target:?} has {capacity} requests in flight"),
+            ))
+        } else {
+            Err((
+                ErrorCode::Unavailable,
+                format!("service {target:?} has no ready worker"),
+            ))
+        }
+    }
+
+    /// Every process an event to `target` from `from` goes to: all ready
+    /// processes but the sender and the broker for `*`, the process itself,
+    /// or every ready worker of a service. `None` for an unknown target.
+    pub(crate) fn event_recipients(
+        &self,
+        from: &ByteString,
+        target: &ByteString,
+    ) -> Option<Vec<ByteString>> {
+        if &**target == BROADCAST {
+            Some(
+                self.processes
+                    .iter()
+                    .filter(|(id, e)| e.ready && *id != from && &***id != BROKER)
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            )
+        } else if self.processes.contains_key(target) {
+            Some(vec![target.clone()])
+        } else {
+            let &slot = self.service_index.get(target)?;
+            Some(
+                self.services[slot]
+                    .workers
+                    .iter()
+                    .filter(|id| self.processes.get(*id).is_some_and(|e| e.ready))
+                    .cloned()
+                    .collect(),
+            )
+        }
+    }
+
+    /// Holds an envelope for process `to` until [`send_held`](Self::send_held),
+    /// and counts it; false if the process is gone (its actor stopped).
+    #[inline]
+    pub(crate) fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
+        match self.processes.get_mut(to) {
+            Some(entry) => hold(entry, to, &mut self.held, envelope, now),
+            None => false,
+        }
+    }
+
+    /// [`deliver`](Self::deliver) for a request: also takes one of the
+    /// worker's `queue_capacity` slots.
+    #[inline]
+    pub(crate) fn deliver_request(
+        &mut self,
+        to: &ByteString,
+        envelope: Envelope,
+        now: Instant,
+    ) -> bool {
+        let Some(entry) = self.processes.get_mut(to) else {
+            return false;
+        };
+        let held = hold(entry, to, &mut self.held, envelope, now);
+        if held {
+            entry.in_flight += 1;
+        }
+        held
+    }
+
+    /// Gives back a slot taken by [`deliver_request`](Self::deliver_request):
+    /// its request was answered, bounced, timed out or orphaned.
+    #[inline]
+    pub(crate) fn release(&mut self, worker: &ByteString) {
+        if let Some(entry) = self.processes.get_mut(worker) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Sends each process what was held for it, in one [`Deliver`].
+    #[inline]
+    pub(crate) fn send_held(&mut self) {
+        for id in self.held.drain(..) {
+            if let Some(entry) = self.processes.get_mut(&id)
+                && !entry.outgoing.is_empty()
+            {
+                let envelopes = std::mem::take(&mut entry.outgoing);
+                entry.recipient.do_send(Deliver(envelopes));
+            }
+        }
+    }
+}
+
+#[inline]
+fn hold(
+    entry: &mut ProcessEntry,
+    id: &ByteString,
+    held: &mut Vec<ByteString>,
+    envelope: Envelope,
+    now: Instant,
+) -> bool {
+    if !entry.recipient.connected() {
+        return false;
+    }
+    entry.delta.sent += 1;
+    entry.saw(now);
+    if entry.outgoing.is_empty() {
+        held.push(id.clone());
+    }
+    entry.outgoing.push(envelope);
+    true
+}
