@@ -13,6 +13,11 @@ pub const BROADCAST: &str = "*";
 /// The `source` a worker sees on requests from embedded Rust callers.
 pub const CALLER: &str = "@caller";
 
+/// The lifecycle event the broker sends a child before closing its stdin.
+pub const SHUTDOWN_EVENT: &str = "shutdown";
+/// The lifecycle event a child sends the broker when it is ready.
+pub const READY_EVENT: &str = "ready";
+
 /// The environment variable that tells a child its process id.
 pub const PROCESS_ID_ENV: &str = "PROCBROKER_PROCESS_ID";
 /// The environment variable that tells a child its service name.

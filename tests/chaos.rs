@@ -236,3 +236,43 @@ async fn a_flooding_child_that_never_reads_cannot_grow_the_broker() {
     assert!(growth_kb < 32 * 1024, "broker grew by {growth_kb} kB");
     broker.stop("flood").await.expect("stop");
 }
+
+#[actix::test]
+async fn a_child_cannot_stop_or_ready_other_processes() {
+    let broker = chaos_broker().await;
+    let spawned = broker
+        .spawn(
+            procbroker::config::ServiceConfig::new("pyecho", python())
+                .args([format!(
+                    "{}/examples/python/echo_worker.py",
+                    env!("CARGO_MANIFEST_DIR")
+                )])
+                .restart(quick_restarts(-1)),
+        )
+        .await
+        .expect("spawn pyecho");
+    let pid = spawned[0].pid.expect("pid");
+    let sent = broker
+        .call("chaos", "Lifecycle", &"pyecho")
+        .await
+        .expect("lifecycle");
+    assert_eq!(sent.payload_as::<String>().expect("str"), "sent");
+    // Had any `shutdown` reached it, the Python worker would have exited 0
+    // and never come back. Give it the time it would take.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = broker
+        .call("pyecho", "Echo", &"alive")
+        .await
+        .expect("pyecho still serves");
+    assert_eq!(reply.payload_as::<String>().expect("str"), "alive");
+    let processes = broker.processes().await.expect("processes");
+    let row = processes
+        .iter()
+        .find(|p| p.id == "pyecho.0")
+        .expect("pyecho.0");
+    assert_eq!((row.pid, row.restarts), (Some(pid), 0));
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["chaos.0"].faults.dropped_events, 3);
+    assert_eq!(stats.total.faults.dropped_events, 3);
+    echo_ok(&broker).await;
+}

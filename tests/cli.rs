@@ -149,6 +149,7 @@ fn bench_prints_the_designed_json_for_every_mode() {
                 "mode",
                 "payload_bytes",
                 "pin",
+                "placement",
                 "ratio_p50",
                 "requests",
                 "throughput_rps",
@@ -201,4 +202,62 @@ fn run_refuses_a_bad_config_naming_key_and_file() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The CPUs this test may use, as the kernel says.
+fn allowed_cpus() -> Vec<String> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .map(|c| c.to_string())
+        .collect()
+}
+
+#[test]
+fn bench_pins_children_where_pin_says() {
+    let allowed = allowed_cpus();
+    for pin in ["same", "spread"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+            .args([
+                "bench",
+                "--mode",
+                "relay",
+                "--workers",
+                "2",
+                "--requests",
+                "200",
+                "--pin",
+                pin,
+                "--json",
+            ])
+            .output()
+            .expect("bench");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let broker = v["placement"]["broker"].as_str().expect("broker mask");
+        let children: Vec<&str> = v["placement"]["children"]
+            .as_array()
+            .expect("children")
+            .iter()
+            .map(|c| c.as_str().expect("mask"))
+            .collect();
+        // Two echo workers and the client, each as the kernel reports it.
+        assert_eq!(children.len(), 3, "{v}");
+        assert_eq!(
+            broker, allowed[0],
+            "{pin}: the broker on the first allowed CPU"
+        );
+        let expected = if pin == "spread" && allowed.len() > 1 {
+            allowed[1..].join(",")
+        } else {
+            allowed[0].clone()
+        };
+        for child in children {
+            assert_eq!(child, expected, "{pin}: {v}");
+        }
+    }
 }

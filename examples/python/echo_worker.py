@@ -101,6 +101,11 @@ def main():
         if kind == "request":
             send(out, handle(message))
         elif kind == "event" and message.get("id") == "shutdown":
+            # Only the broker may stop us: another process's `shutdown`
+            # (the broker drops those, but be safe) is ignored.
+            if message.get("source") != "broker":
+                log(f"ignoring shutdown from {message.get('source')!r}")
+                continue
             log("shutdown: exiting")
             return
 

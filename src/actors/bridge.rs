@@ -46,7 +46,7 @@ use super::pacer::{Paced, Pacer};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, SELF_COMMAND, ServiceConfig};
-use crate::names::{BROKER, PROCESS_ID_ENV, SERVICE_ENV};
+use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
 use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError};
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{
@@ -433,7 +433,7 @@ impl Bridge {
     fn inspect(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
         let is_ready_event = envelope.kind == MessageType::Event
             && &*envelope.target == BROKER
-            && &*envelope.id == "ready";
+            && &*envelope.id == READY_EVENT;
         if is_ready_event {
             self.became_ready(ctx);
         }
@@ -643,9 +643,9 @@ impl Handler<StopProcess> for Bridge {
                         id: self.id.clone(),
                         ready: false,
                     });
-                    let _ = child
-                        .outbox
-                        .push(&Envelope::event(self.id.clone(), "shutdown"));
+                    let _ = child.outbox.push(
+                        &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
+                    );
                     child.outbox.close();
                     let generation = child.generation;
                     let kill = self.config.kill_timeout;

@@ -278,6 +278,10 @@ pub struct Counters {
     pub busy_rejections: u64,
     /// Its requests that timed out.
     pub timeouts: u64,
+    /// Its events the Router dropped: lifecycle events (`shutdown`,
+    /// `ready`) addressed to anyone but the broker, events to unknown
+    /// targets.
+    pub dropped_events: u64,
 }
 
 impl Counters {
@@ -306,6 +310,7 @@ impl Counters {
         self.late_replies += o.late_replies;
         self.busy_rejections += o.busy_rejections;
         self.timeouts += o.timeouts;
+        self.dropped_events += o.dropped_events;
     }
 }
 

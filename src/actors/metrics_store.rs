@@ -104,6 +104,7 @@ fn faults(c: &Counters, restarts: u64) -> FaultCounters {
         busy_rejections: c.busy_rejections,
         timeouts: c.timeouts,
         restarts,
+        dropped_events: c.dropped_events,
     }
 }
 

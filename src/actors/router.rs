@@ -40,7 +40,7 @@ use super::pacer::Pacer;
 use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
 use super::table::{ProcessEntry, ProcessTable};
 use crate::config::BrokerConfig;
-use crate::names::CALLER;
+use crate::names::{self, BROKER, CALLER};
 use crate::protocol::{Envelope, ErrorCode, MessageType};
 
 /// The Router actor. Start it with [`Router::new`] and `Actor::start`, or let
@@ -260,10 +260,22 @@ impl Router {
     }
 
     /// An event: to a process, every ready worker of a service, or `*`.
+    /// Lifecycle events are the broker's to send: a process may address
+    /// `ready` (or any event) to the broker, but `shutdown` and `ready` to
+    /// another process would stop or confuse it, so they are dropped.
     fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
-        let Some(recipients) = self.table.event_recipients(from, &envelope.target) else {
-            tracing::warn!(process = %from, target = %envelope.target, event = %envelope.id,
-                "event to unknown target dropped");
+        let lifecycle = matches!(&*envelope.id, names::SHUTDOWN_EVENT | names::READY_EVENT);
+        let recipients = if lifecycle && &*envelope.target != BROKER {
+            None
+        } else {
+            self.table.event_recipients(from, &envelope.target)
+        };
+        let Some(recipients) = recipients else {
+            if let Some(counters) = self.counters_of(from) {
+                counters.dropped_events += 1;
+            }
+            tracing::debug!(process = %from, target = %envelope.target, event = %envelope.id,
+                lifecycle, "event dropped");
             return;
         };
         let Some((last, rest)) = recipients.split_last() else {

@@ -49,7 +49,7 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
 type CounterOf = fn(&MessageCounters, &FaultCounters) -> u64;
 
 /// The counters exported per process, with their help text.
-const COUNTERS: [(&str, &str, CounterOf); 11] = [
+const COUNTERS: [(&str, &str, CounterOf); 12] = [
     (
         "messages_sent_total",
         "Envelopes written to the process.",
@@ -96,6 +96,11 @@ const COUNTERS: [(&str, &str, CounterOf); 11] = [
         "timeouts_total",
         "Requests of the process that timed out.",
         |_, f| f.timeouts,
+    ),
+    (
+        "dropped_events_total",
+        "Events of the process the broker dropped (lifecycle events not for the broker, unknown targets).",
+        |_, f| f.dropped_events,
     ),
 ];
 

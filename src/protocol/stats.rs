@@ -44,6 +44,11 @@ pub struct FaultCounters {
     pub timeouts: u64,
     /// Process restarts.
     pub restarts: u64,
+    /// Events dropped by the broker: lifecycle events (`shutdown`, `ready`)
+    /// a process addressed to anyone but the broker, events to unknown
+    /// targets.
+    #[serde(default)]
+    pub dropped_events: u64,
 }
 
 /// `total` of the stats reply.

@@ -10,6 +10,9 @@ Methods (each a request from the test):
   Oversize  write a length prefix of 0xFFFFFFFF (stream out of sync)
   Torn      write half a frame and exit
   Junk      print a line of text to stdout, as a careless author would
+  Lifecycle send the broker's lifecycle events to other processes: `shutdown`
+            to "*" and to the service named in the payload, `ready` to its
+            worker 0; then reply
   Forge     send a request to "echo" that claims source "victim.0", and a
             response for a request never received; reply with where the
             forged request's answer was addressed
@@ -123,6 +126,13 @@ def main():
         elif method == "Junk":
             print("hello from a stray print")
             sys.stdout.flush()
+        elif method == "Lifecycle":
+            victim = message.get("payload")
+            send({"type": "event", "id": "shutdown", "target": "*"})
+            send({"type": "event", "id": "shutdown", "target": victim,
+                  "source": "broker"})
+            send({"type": "event", "id": "ready", "target": f"{victim}.0"})
+            reply(message, "sent")
         elif method == "Forge":
             send({"type": "request", "id": "Echo", "correlation_id": 5,
                   "source": "victim.0", "target": "echo", "payload": "forged"})

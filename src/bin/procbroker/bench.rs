@@ -74,18 +74,89 @@ fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Where children go under `pin`.
-fn placer(pin: Pin) -> impl Fn(u32) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    move |pid| {
-        let target: Vec<usize> = match pin {
-            Pin::None => return,
-            Pin::Same => vec![0],
-            Pin::Spread if cpus > 1 => (1..cpus).collect(),
-            Pin::Spread => vec![0],
+/// The CPUs a process may run on, as the kernel says (`0` = this one).
+fn cpus_of(pid: u32) -> Result<Vec<usize>> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    let set = nix::sched::sched_getaffinity(pid).context("reading a CPU affinity")?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Where the broker and its children go, decided from the CPUs this process
+/// may use **before** it pins itself (after, it would see only its own CPU).
+#[derive(Clone, Debug)]
+struct Placement {
+    pin: Pin,
+    broker: Vec<usize>,
+    children: Vec<usize>,
+}
+
+impl Placement {
+    fn new(pin: Pin) -> Result<Self> {
+        let allowed = cpus_of(0)?;
+        let first = allowed.first().copied().unwrap_or(0);
+        let (broker, children) = match pin {
+            Pin::None => (allowed.clone(), allowed),
+            Pin::Same => (vec![first], vec![first]),
+            Pin::Spread if allowed.len() > 1 => (vec![first], allowed[1..].to_vec()),
+            Pin::Spread => (vec![first], vec![first]),
         };
-        if let Err(e) = set_cpus(pid, &target) {
-            tracing::warn!(error = %e, "placement not applied");
+        Ok(Self {
+            pin,
+            broker,
+            children,
+        })
+    }
+
+    /// Pins this process (the broker).
+    fn pin_self(&self) -> Result<()> {
+        if self.pin != Pin::None {
+            set_cpus(0, &self.broker)?;
+        }
+        Ok(())
+    }
+
+    /// Pins children as they start; remembers the mask the kernel reports
+    /// for each, for `--json`.
+    fn placer(
+        &self,
+    ) -> (
+        impl Fn(u32) + use<>,
+        std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+    ) {
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let record = std::rc::Rc::clone(&seen);
+        let (pin, target) = (self.pin, self.children.clone());
+        let place = move |pid| {
+            if pin != Pin::None
+                && let Err(e) = set_cpus(pid, &target)
+            {
+                tracing::warn!(error = %e, "placement not applied");
+            }
+            if let Ok(cpus) = cpus_of(pid) {
+                record.borrow_mut().push(cpu_list(&cpus));
+            }
+        };
+        (place, seen)
+    }
+
+    fn describe(&self) -> String {
+        match self.pin {
+            Pin::Spread if self.broker != self.children => format!(
+                "broker {}, children {}",
+                cpu_list(&self.broker),
+                cpu_list(&self.children)
+            ),
+            Pin::None => cpus_allowed(),
+            _ => cpu_list(&self.broker),
         }
     }
 }
@@ -107,23 +178,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
         bail!("--requests, --concurrency and --workers must be at least 1");
     }
-    if args.pin != Pin::None {
-        set_cpus(0, &[0])?;
-    }
+    let placement = Placement::new(args.pin)?;
+    placement.pin_self()?;
     let exe = std::env::current_exe().context("locating this binary")?;
-    let cpus = match args.pin {
-        Pin::Spread => {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if n > 1 {
-                format!("broker 0, children 1-{}", n - 1)
-            } else {
-                "0".into()
-            }
-        }
-        _ => cpus_allowed(),
-    };
+    let cpus = placement.describe();
+    let broker_cpus = cpu_list(&cpus_of(0)?);
     let system = actix::System::new();
-    let (report, baseline) = system.block_on(run(args.clone(), exe))?;
+    let (report, baseline, children_cpus) = system.block_on(run(args.clone(), exe, placement))?;
     let us = |ns: u64| ns as f64 / 1e3;
     let rate = |r: &RunReport| r.ok as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
     let q = |q: &Quantiles| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)});
@@ -141,6 +202,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             "payload_bytes": args.payload_bytes,
             "pin": pin,
             "cpus": cpus,
+            "placement": {"broker": broker_cpus, "children": children_cpus},
             "elapsed_s": report.elapsed_ns as f64 / 1e9,
             "throughput_rps": rate(&report),
             "errors": report.errors,
@@ -186,8 +248,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunReport>)> {
-    let place = placer(args.pin);
+/// One run, and the baseline if asked; with the CPU mask of each child.
+async fn run(
+    args: BenchArgs,
+    exe: PathBuf,
+    placement: Placement,
+) -> Result<(RunReport, Option<RunReport>, Vec<String>)> {
+    let (place, placed) = placement.placer();
     let broker = ProcBroker::builder()
         .sysmon_interval(None)
         .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
@@ -234,7 +301,7 @@ async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunRepo
     };
     broker.shutdown().await;
     if !args.baseline {
-        return Ok((report, None));
+        return Ok((report, None, placed.take()));
     }
     let baseline = match args.mode {
         Mode::Relay => {
@@ -252,7 +319,7 @@ async fn run(args: BenchArgs, exe: PathBuf) -> Result<(RunReport, Option<RunRepo
         )?,
         Mode::Inproc => channel_baseline(&args).await,
     };
-    Ok((report, Some(baseline)))
+    Ok((report, Some(baseline), placed.take()))
 }
 
 /// `concurrency` tasks in this process calling `echo` through the Router.
