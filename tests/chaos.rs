@@ -276,3 +276,56 @@ async fn a_child_cannot_stop_or_ready_other_processes() {
     assert_eq!(stats.total.faults.dropped_events, 3);
     echo_ok(&broker).await;
 }
+
+/// Median of `n` sequential calls to `echo`.
+async fn echo_p50(broker: &BrokerHandle, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        broker.call("echo", "Echo", &"x").await.expect("echo");
+        times.push(t.elapsed());
+    }
+    times.sort_unstable();
+    times[n / 2]
+}
+
+#[actix::test]
+async fn a_garbage_flood_is_cut_off_and_does_not_stall_a_healthy_service() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker.spawn(echo("echo", 1)).await.expect("spawn echo");
+    echo_p50(&broker, 100).await; // warm up
+    let quiet = echo_p50(&broker, 400).await;
+    // The default restart policy (100 ms doubling): what an operator runs.
+    broker
+        .spawn(chaos("garbage").env("GARBAGE", "1"))
+        .await
+        .expect("spawn garbage");
+    // It floods, passes max_bad_frames_per_s, is killed and restarted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let processes = broker.processes().await.expect("processes");
+        let row = processes.iter().find(|p| p.id == "garbage.0").expect("row");
+        if row.restarts >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the flooder was never restarted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let flooded = echo_p50(&broker, 400).await;
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process["garbage.0"];
+    // Every incarnation was cut off just past the limit (100 a second), and
+    // every frame read was counted.
+    assert!(p.faults.restarts >= 1, "{p:?}");
+    assert!(p.faults.bad_frames > 100, "{p:?}");
+    assert_eq!(stats.per_process["echo.0"].faults.restarts, 0);
+    eprintln!(
+        "echo p50 without flood {quiet:?}, under it {flooded:?}; flooder: {} bad frames, {} restarts",
+        p.faults.bad_frames, p.faults.restarts
+    );
+    assert!(
+        flooded <= quiet * 3,
+        "healthy p50 {flooded:?} under the flood against {quiet:?} without"
+    );
+    broker.shutdown().await;
+}

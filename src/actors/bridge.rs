@@ -38,6 +38,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
+use super::log_limit::{BadFrameRate, LogLimit, Verdict};
 use super::messages::{
     BadFrame, Bounce, Deliver, Envelopes, RegisterProcess, RemoveProcess, Route, SetReady,
     StopProcess, TrackProcess, Unwatch, Watch,
@@ -81,6 +82,8 @@ struct Incarnation {
     stdout: SpawnHandle,
     signals: mpsc::UnboundedSender<Signal>,
     ready_timer: Option<SpawnHandle>,
+    /// Bad frames in the current second, against `max_bad_frames_per_s`.
+    bad_rate: BadFrameRate,
 }
 
 impl Incarnation {
@@ -119,6 +122,8 @@ pub struct Bridge {
     first_start: Option<oneshot::Sender<SpawnedProcess>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     stopping: bool,
+    /// Bad-frame warnings of this process, a few a second.
+    warnings: LogLimit,
 }
 
 impl Bridge {
@@ -150,6 +155,7 @@ impl Bridge {
             first_start: Some(first_start),
             stop_waiters: Vec::new(),
             stopping: false,
+            warnings: LogLimit::default(),
         }
     }
 
@@ -288,6 +294,7 @@ impl Bridge {
             stdout,
             signals,
             ready_timer,
+            bad_rate: BadFrameRate::new(self.config.max_bad_frames_per_s),
         });
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
@@ -442,29 +449,46 @@ impl Bridge {
         }
     }
 
-    fn bad_frame(&mut self, item: Result<InvalidEnvelope, FrameError>) {
-        match item {
-            Ok(invalid) => {
-                tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
-                    "invalid envelope dropped");
-                self.peers.router.do_send(BadFrame {
-                    from: self.id.clone(),
-                    error: invalid.error.to_string(),
-                    request: invalid.request,
-                });
-            }
-            Err(e) => {
-                tracing::error!(process = %self.id, error = %e,
-                    "stdout is out of sync (not a frame); killing the child");
-                self.peers.router.do_send(BadFrame {
-                    from: self.id.clone(),
-                    error: e.to_string(),
-                    request: None,
-                });
-                if let Some(child) = &self.child {
-                    child.signal(Signal::SIGKILL);
-                }
-            }
+    /// A frame that is not an envelope: logged (a few a second), and counted
+    /// by the Router. One that looks like a request is reported at once, so
+    /// its sender gets `bad_request`; the rest are reported as one count per
+    /// pipe read. Returns true if it was counted here and not yet reported.
+    fn invalid_envelope(&mut self, invalid: InvalidEnvelope, now: Instant) -> bool {
+        if let Verdict::Log { suppressed } = self.warnings.check(now) {
+            tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
+                suppressed, "invalid envelope dropped");
+        }
+        if invalid.request.is_none() {
+            return true;
+        }
+        self.peers.router.do_send(BadFrame {
+            from: self.id.clone(),
+            count: 1,
+            error: invalid.error.to_string(),
+            request: invalid.request,
+        });
+        false
+    }
+
+    /// Not a frame at all (oversize length, torn frame, stray bytes): the
+    /// stream is out of sync, so the child is killed and restarted.
+    fn out_of_sync(&mut self, reason: &str, ctx: &mut Context<Self>) {
+        tracing::error!(process = %self.id, "stdout is out of sync ({reason}); killing the child");
+        self.peers.router.do_send(BadFrame {
+            from: self.id.clone(),
+            count: 1,
+            error: reason.to_owned(),
+            request: None,
+        });
+        self.kill_and_stop_reading(ctx);
+    }
+
+    /// Kills this incarnation and reads nothing more from it; the exit
+    /// watcher reports the exit, which fails its requests and restarts it.
+    fn kill_and_stop_reading(&mut self, ctx: &mut Context<Self>) {
+        if let Some(child) = &self.child {
+            child.signal(Signal::SIGKILL);
+            ctx.cancel_future(child.stdout);
         }
     }
 
@@ -544,15 +568,22 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         {
             return;
         }
+        let now = Instant::now();
         let mut envelopes = Envelopes::new();
+        let (mut bad, mut unreported) = (0u64, 0u64);
+        let mut out_of_sync = None;
         for item in items {
             match item {
                 Ok(Ok(envelope)) => {
                     self.inspect(&envelope, ctx);
                     envelopes.push(envelope);
                 }
-                Ok(Err(invalid)) => self.bad_frame(Ok(invalid)),
-                Err(e) => self.bad_frame(Err(e)),
+                Ok(Err(invalid)) => {
+                    bad += 1;
+                    unreported += u64::from(self.invalid_envelope(invalid, now));
+                }
+                // The stream ends after a frame error.
+                Err(e) => out_of_sync = Some(e.to_string()),
             }
         }
         if !envelopes.is_empty() {
@@ -560,6 +591,28 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
                 from: self.id.clone(),
                 envelopes,
             });
+        }
+        if unreported > 0 {
+            self.peers.router.do_send(BadFrame {
+                from: self.id.clone(),
+                count: unreported,
+                error: "invalid envelopes".into(),
+                request: None,
+            });
+        }
+        if let Some(reason) = out_of_sync {
+            return self.out_of_sync(&reason, ctx);
+        }
+        let limit = self.config.max_bad_frames_per_s;
+        if bad > 0
+            && let Some(child) = self.child.as_mut()
+            && child.bad_rate.exceeded(bad, now)
+        {
+            // Mostly garbage: as good as out of sync. Said once; the
+            // incarnation is not read any further.
+            tracing::error!(process = %self.id, limit,
+                "more than {limit} invalid envelopes in one second; killing the child");
+            self.kill_and_stop_reading(ctx);
         }
     }
 

@@ -188,13 +188,16 @@ pub struct RemoveProcess {
     pub reason: String,
 }
 
-/// A frame from process `from` that was not a valid envelope (DESIGN 5.4):
-/// counted as `bad_frames`; a salvaged request gets `bad_request`.
+/// Frames from process `from` that were not valid envelopes (DESIGN 5.4):
+/// counted as `bad_frames`; a salvaged request (reported alone, `count` 1)
+/// gets `bad_request`.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct BadFrame {
     /// The sending process.
     pub from: ByteString,
+    /// How many bad frames this reports (one pipe read's worth).
+    pub count: u64,
     /// What was wrong, for the error message.
     pub error: String,
     /// The request it seems to have been, if its correlation id was readable.

@@ -18,6 +18,7 @@ pub mod broker;
 mod deadline;
 pub mod inproc;
 pub mod latency;
+pub mod log_limit;
 pub mod messages;
 pub mod metrics_store;
 pub mod pacer;

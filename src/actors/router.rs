@@ -392,7 +392,7 @@ impl Handler<BadFrame> for Router {
         let Some(entry) = self.table.get_mut(&msg.from) else {
             return;
         };
-        entry.delta.bad_frames += 1;
+        entry.delta.bad_frames += msg.count;
         entry.saw(Instant::now());
         if let Some(salvaged) = msg.request {
             let error = Envelope::broker_error_to(

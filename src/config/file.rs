@@ -56,6 +56,8 @@ pub struct BrokerSection {
     pub kill_timeout_ms: u64,
     /// Services allowed to call `Spawn` / `Stop`.
     pub control_allow: Vec<String>,
+    /// Invalid envelopes a second past which a child is killed and restarted.
+    pub max_bad_frames_per_s: u64,
 }
 
 impl Default for BrokerSection {
@@ -68,6 +70,7 @@ impl Default for BrokerSection {
             drain_timeout_ms: millis(d.drain_timeout),
             kill_timeout_ms: millis(d.kill_timeout),
             control_allow: Vec::new(),
+            max_bad_frames_per_s: d.max_bad_frames_per_s,
         }
     }
 }
@@ -314,6 +317,7 @@ impl Loaded {
             sysmon_interval: (interval > 0).then(|| Duration::from_millis(interval)),
             kill_timeout: Duration::from_millis(b.kill_timeout_ms),
             drain_timeout: Duration::from_millis(b.drain_timeout_ms),
+            max_bad_frames_per_s: b.max_bad_frames_per_s,
             ..BrokerConfig::default()
         }
     }

@@ -34,6 +34,9 @@ pub struct BrokerConfig {
     pub kill_timeout: Duration,
     /// At shutdown, how long in-flight requests may take to be answered.
     pub drain_timeout: Duration,
+    /// A child that sends more invalid envelopes than this in one second is
+    /// treated as out of sync: killed and restarted (0: no limit).
+    pub max_bad_frames_per_s: u64,
 }
 
 impl Default for BrokerConfig {
@@ -48,6 +51,7 @@ impl Default for BrokerConfig {
             record_latency: true,
             kill_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            max_bad_frames_per_s: 100,
         }
     }
 }

@@ -18,7 +18,8 @@ Methods (each a request from the test):
             forged request's answer was addressed
 
 With FLOOD=1 in the environment it never reads stdin and writes requests to
-the service "echo" as fast as it can.
+the service "echo" as fast as it can. With GARBAGE=1 it writes 64-byte frames
+that are not MessagePack as fast as it can.
 """
 import os
 import struct
@@ -93,7 +94,16 @@ def flood():
         n += 256
 
 
+def garbage():
+    batch = (struct.pack(">I", 64) + b"\xc1" * 64) * 256
+    while True:
+        out.write(batch)
+
+
 def main():
+    if os.environ.get("GARBAGE") == "1":
+        send({"type": "event", "id": "ready", "target": "broker"})
+        garbage()
     if os.environ.get("FLOOD") == "1":
         send({"type": "event", "id": "ready", "target": "broker"})
         flood()
