@@ -104,8 +104,10 @@ mod tests {
     #[test]
     fn five_a_second_then_one_line_with_the_count() {
         let t0 = Instant::now();
-        let mut limit = LogLimit::default();
-        limit.window_start = t0;
+        let mut limit = LogLimit {
+            window_start: t0,
+            ..LogLimit::default()
+        };
         let verdicts: Vec<Verdict> = (0..8).map(|_| limit.check(t0)).collect();
         assert_eq!(verdicts[..5], [Verdict::Log { suppressed: 0 }; 5]);
         assert_eq!(verdicts[5..], [Verdict::Suppress; 3]);
