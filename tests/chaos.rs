@@ -329,3 +329,77 @@ async fn a_garbage_flood_is_cut_off_and_does_not_stall_a_healthy_service() {
     );
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn a_child_cannot_forge_or_invent_process_metrics() {
+    let broker = chaos_broker().await;
+    broker.spawn(echo("echo", 1)).await.expect("spawn echo");
+    let answers: Vec<serde_json::Value> = broker
+        .call("chaos", "Metrics", &"echo.0")
+        .await
+        .expect("metrics")
+        .payload_as()
+        .expect("list");
+    // Another process's sample: refused. Its own: stored. Invented ids:
+    // not allowed either (they are not its own).
+    assert_eq!(
+        answers,
+        [
+            serde_json::json!("forbidden"),
+            serde_json::json!(1),
+            serde_json::json!("forbidden")
+        ]
+    );
+    let stats = broker.stats().await.expect("stats");
+    assert!(!stats.process_metrics.contains_key("echo.0"), "{stats:?}");
+    assert!(stats.process_metrics.contains_key("chaos.0"));
+    assert_eq!(stats.process_metrics.len(), 1, "no ghosts");
+    // A child whose service is in control_allow may speak for others, but
+    // only for live processes: the ghosts are dropped, the bound holds.
+    let broker = ProcBroker::builder()
+        .sysmon_interval(None)
+        .control_allow(vec!["chaos".into()])
+        .start();
+    broker
+        .spawn(chaos("chaos").restart(quick_restarts(-1)))
+        .await
+        .expect("spawn chaos");
+    broker.spawn(echo("echo", 1)).await.expect("spawn echo");
+    let answers: Vec<serde_json::Value> = broker
+        .call("chaos", "Metrics", &"echo.0")
+        .await
+        .expect("metrics")
+        .payload_as()
+        .expect("list");
+    assert_eq!(
+        answers,
+        [
+            serde_json::json!(1),
+            serde_json::json!(1),
+            serde_json::json!(0)
+        ]
+    );
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(
+        stats.process_metrics.len(),
+        2,
+        "{:?}",
+        stats.process_metrics.keys()
+    );
+    // A sample of a process that is stopped expires with it.
+    broker.stop("echo").await.expect("stop");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while broker
+        .stats()
+        .await
+        .expect("stats")
+        .process_metrics
+        .contains_key("echo.0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped process's sample stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -28,8 +28,8 @@ use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, CALLER, NameError, service_of};
 use crate::protocol::rpc::{
-    BrokerMethod, Empty, MessageCount, ProcessInfo, SpawnRequest, SpawnedProcess, StopReply,
-    StopRequest, SubmitProcessMetrics, SubmitProcessMetricsReply,
+    BrokerMethod, Empty, MessageCount, ProcessInfo, ProcessStatus, SpawnRequest, SpawnedProcess,
+    StopReply, StopRequest, SubmitProcessMetrics, SubmitProcessMetricsReply,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 
@@ -271,10 +271,31 @@ impl Broker {
                 );
             }
             BrokerMethod::SubmitProcessMetrics => {
-                let samples = match request.payload_as::<SubmitProcessMetrics>() {
+                let mut samples = match request.payload_as::<SubmitProcessMetrics>() {
                     Ok(samples) => samples,
                     Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
                 };
+                // A child speaks for itself only (else it could make any
+                // process look dead or huge); trusted callers for anyone.
+                let source = &*request.source;
+                if !self.may_control(source)
+                    && let Some(other) = samples.iter().find(|s| s.id != source)
+                {
+                    let message = format!(
+                        "{source:?} may submit metrics for itself only, not for {:?} \
+                         (its service is not in broker.control_allow)",
+                        other.id
+                    );
+                    return self.fail(&request, ErrorCode::Forbidden, message);
+                }
+                // From a process, only live processes have samples, so their
+                // number is bounded by the process table; the rest are
+                // dropped (the reply's `received` counts what was kept).
+                // Rust callers of the embedding API are trusted (they may
+                // report on processes the broker does not run).
+                if source != CALLER {
+                    samples.retain(|s| self.is_live(&s.id));
+                }
                 ctx.spawn(
                     self.metrics
                         .send(SubmitMetrics(samples))
@@ -321,6 +342,13 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// A process that is running or about to (not stopped, not failed).
+    fn is_live(&self, id: &str) -> bool {
+        self.processes
+            .get(id)
+            .is_some_and(|p| !matches!(p.status, ProcessStatus::Stopped | ProcessStatus::Failed))
     }
 
     /// Rust callers are trusted; processes only if their service is allowed.

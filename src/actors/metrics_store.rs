@@ -222,6 +222,10 @@ impl Handler<ProcessLifecycle> for MetricsStore {
     type Result = ();
 
     fn handle(&mut self, msg: ProcessLifecycle, _: &mut Self::Context) {
+        // A process that is gone has no current sample: it expires here.
+        if matches!(msg.status, ProcessStatus::Stopped | ProcessStatus::Failed) {
+            self.samples.remove(&msg.id);
+        }
         let record = self.processes.entry(msg.id.clone()).or_default();
         record.service = msg.service.clone();
         record.lifecycle = Some(msg);

@@ -13,6 +13,9 @@ Methods (each a request from the test):
   Lifecycle send the broker's lifecycle events to other processes: `shutdown`
             to "*" and to the service named in the payload, `ready` to its
             worker 0; then reply
+  Metrics   submit process metrics for the process named in the payload,
+            then for itself, then for 1000 invented ids; reply with the three
+            answers (code or received)
   Forge     send a request to "echo" that claims source "victim.0", and a
             response for a request never received; reply with where the
             forged request's answer was addressed
@@ -136,6 +139,22 @@ def main():
         elif method == "Junk":
             print("hello from a stray print")
             sys.stdout.flush()
+        elif method == "Metrics":
+            def sample(pid, who):
+                return {"pid": pid, "id": who, "vmrss": 99999999, "vmsize": 1,
+                        "threads": 999, "state": "R",
+                        "timestamp": "2026-12-02T00:00:00Z"}
+            answers = []
+            batches = [[sample(1, message.get("payload"))],
+                       [sample(os.getpid(), ID)],
+                       [sample(1, f"ghost.{i}") for i in range(1000)]]
+            for n, batch in enumerate(batches):
+                send({"type": "request", "id": "SubmitProcessMetrics",
+                      "correlation_id": 900 + n, "target": "broker",
+                      "payload": batch})
+                answer = wait_for(900 + n)
+                answers.append(answer.get("code") or answer["payload"]["received"])
+            reply(message, answers)
         elif method == "Lifecycle":
             victim = message.get("payload")
             send({"type": "event", "id": "shutdown", "target": "*"})

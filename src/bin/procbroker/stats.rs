@@ -13,6 +13,10 @@ pub fn stats(admin: &str, json: bool) -> Result<()> {
             format!("GET {url} (is `procbroker run` up, with [admin] listen = {admin:?}?)")
         })?
         .body_mut()
+        // A broker with thousands of processes answers more than ureq's
+        // default 10 MB; stats are worth reading whole.
+        .with_config()
+        .limit(1 << 30)
         .read_to_string()
         .with_context(|| format!("reading {url}"))?;
     if json {
