@@ -204,6 +204,28 @@ fn run_refuses_a_bad_config_naming_key_and_file() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+#[test]
+fn run_with_the_admin_address_in_use_says_so_in_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--set", &format!("admin.listen={addr}")])
+        .env("LOG_LEVEL", "error")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(&format!("admin.listen = {addr}"))
+            && lines[0].contains("Address already in use"),
+        "{err}"
+    );
+}
+
 /// The CPUs this test may use, as the kernel says.
 fn allowed_cpus() -> Vec<String> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");

@@ -33,8 +33,15 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
                 .iter()
                 .map(|s| s.name.clone())
                 .collect();
-            let admin = Admin::start(broker.clone(), listen, services)
-                .with_context(|| format!("{origin}: admin.listen = {listen}"))?;
+            let admin = match Admin::start(broker.clone(), listen, services) {
+                Ok(admin) => admin,
+                Err(e) => {
+                    // Stop the actors in order first: dropped unstarted
+                    // with the System, they would panic before the message.
+                    broker.shutdown().await;
+                    return Err(e).with_context(|| format!("{origin}: admin.listen = {listen}"));
+                }
+            };
             tracing::info!(addr = %admin.addr, "admin HTTP listening (/metrics /stats /health /ready)");
             Some(admin)
         }
