@@ -403,3 +403,41 @@ async fn a_child_cannot_forge_or_invent_process_metrics() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[actix::test]
+async fn a_frame_too_large_once_stamped_gets_too_large_saying_why() {
+    let config = procbroker::config::BrokerConfig {
+        max_frame_bytes: 4096,
+        ..procbroker::config::BrokerConfig::default()
+    };
+    let broker = ProcBroker::builder()
+        .config(config)
+        .sysmon_interval(None)
+        .start();
+    broker
+        .spawn(chaos("chaos").restart(quick_restarts(-1)))
+        .await
+        .expect("spawn chaos");
+    broker.spawn(echo("echo", 1)).await.expect("spawn echo");
+    // Within the limit as written; 16 bytes more once `source = "chaos.0"`
+    // (7 bytes) is stamped: 9 + 7.
+    let limit: u64 = 4096;
+    let answer: BTreeMap<String, serde_json::Value> = broker
+        .call("chaos", "Big", &(limit - 15))
+        .await
+        .expect("big")
+        .payload_as()
+        .expect("map");
+    assert_eq!(answer["len"], serde_json::json!(limit - 15));
+    assert_eq!(answer["code"], serde_json::json!("too_large"), "{answer:?}");
+    let error = answer["error"].as_str().expect("error");
+    assert!(
+        error.contains("once the broker stamps its source") && !error.contains("out of sync"),
+        "{error}"
+    );
+    // Nothing was out of sync: no bad frame, no restart, the pipe is up.
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process["chaos.0"];
+    assert_eq!((p.faults.bad_frames, p.faults.restarts), (0, 0));
+    echo_ok(&broker).await;
+}

@@ -502,6 +502,17 @@ impl Bridge {
     }
 }
 
+/// Why an envelope could not be written: the frame the sender wrote was
+/// within the limit, but the broker re-encodes it with `source` stamped, and
+/// that can add up to 9 + the length of the sender's id (PROTOCOL.md).
+fn too_large(envelope: &Envelope, e: &FrameError) -> String {
+    format!(
+        "{} {:?} from {:?} is too large once the broker stamps its source: {e} \
+         (max_frame_bytes; leave 9 + the sender's id length in bytes for the stamp)",
+        envelope.kind, &*envelope.id, &*envelope.source
+    )
+}
+
 /// How a child ended, for logs and error messages.
 fn describe(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -652,17 +663,19 @@ impl Bridge {
             Ok(()) => {}
             Err(OutboxError::TooLarge(e)) if is_reply => {
                 // The requester still gets exactly one reply.
+                let message = too_large(&envelope, &e);
                 let error = Envelope::broker_error_to(
                     envelope.target,
                     envelope.id,
                     envelope.correlation_id,
                     ErrorCode::TooLarge,
-                    e.to_string(),
+                    message,
                 );
                 let _ = child.outbox.push(&error);
             }
             Err(OutboxError::TooLarge(e)) => {
-                self.bounce(envelope, ErrorCode::TooLarge, e.to_string())
+                let message = too_large(&envelope, &e);
+                self.bounce(envelope, ErrorCode::TooLarge, message)
             }
             // The child is going: its requests get `worker_exited` at removal.
             Err(OutboxError::Closed) => {}

@@ -19,7 +19,7 @@ pub enum FrameError {
     /// The length prefix exceeds the limit; nothing was allocated for it. A
     /// peer printing text on stdout usually shows up here (`"hell"` is a
     /// length of 1.7 GB).
-    #[error("frame length {len} exceeds the limit of {max} bytes (stream out of sync?)")]
+    #[error("frame length {len} exceeds the limit of {max} bytes")]
     TooLarge {
         /// The length the prefix announced.
         len: u64,

@@ -10,6 +10,9 @@ Methods (each a request from the test):
   Oversize  write a length prefix of 0xFFFFFFFF (stream out of sync)
   Torn      write half a frame and exit
   Junk      print a line of text to stdout, as a careless author would
+  Big       send a request to "echo" whose frame is exactly the payload's
+            number of bytes long (without source); reply with the answer's
+            code and error
   Lifecycle send the broker's lifecycle events to other processes: `shutdown`
             to "*" and to the service named in the payload, `ready` to its
             worker 0; then reply
@@ -155,6 +158,20 @@ def main():
                 answer = wait_for(900 + n)
                 answers.append(answer.get("code") or answer["payload"]["received"])
             reply(message, answers)
+        elif method == "Big":
+            want = message["payload"]
+            n = want
+            while True:
+                request = {"type": "request", "id": "Echo", "correlation_id": 950,
+                           "target": "echo", "payload": b"x" * n}
+                size = len(msgpack.packb(request, use_bin_type=True))
+                if size == want:
+                    break
+                n -= size - want
+            send(request)
+            answer = wait_for(950)
+            reply(message, {"code": answer.get("code"), "error": answer.get("error"),
+                            "len": size})
         elif method == "Lifecycle":
             victim = message.get("payload")
             send({"type": "event", "id": "shutdown", "target": "*"})
