@@ -441,3 +441,52 @@ async fn a_frame_too_large_once_stamped_gets_too_large_saying_why() {
     assert_eq!((p.faults.bad_frames, p.faults.restarts), (0, 0));
     echo_ok(&broker).await;
 }
+
+#[actix::test]
+async fn a_broadcasting_child_is_held_to_its_event_budget() {
+    let config = procbroker::config::BrokerConfig {
+        max_events_per_s: 1000,
+        ..procbroker::config::BrokerConfig::default()
+    };
+    let broker = ProcBroker::builder()
+        .config(config)
+        .sysmon_interval(None)
+        .start();
+    broker
+        .spawn(
+            procbroker::config::ServiceConfig::new("pyecho", python()).args([format!(
+                "{}/examples/python/echo_worker.py",
+                env!("CARGO_MANIFEST_DIR")
+            )]),
+        )
+        .await
+        .expect("spawn pyecho");
+    let started = Instant::now();
+    broker
+        .spawn(chaos("caster").env("EVENTS", "1"))
+        .await
+        .expect("spawn caster");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The receiver is not buried: a call goes through at once.
+    let t = Instant::now();
+    let reply = broker
+        .call("pyecho", "Echo", &"through")
+        .await
+        .expect("pyecho answers");
+    assert_eq!(reply.payload_as::<String>().expect("str"), "through");
+    let waited = t.elapsed();
+    let stats = broker.stats().await.expect("stats");
+    let elapsed = started.elapsed().as_secs_f64();
+    let caster = &stats.per_process["caster.0"];
+    let delivered = stats.per_process["pyecho.0"].counters.total_sent;
+    eprintln!(
+        "in {elapsed:.2} s: caster sent {} events, {} dropped; pyecho got {delivered}; a call waited {waited:?}",
+        caster.counters.event_count, caster.faults.busy_rejections
+    );
+    assert!(caster.faults.busy_rejections > 0, "{caster:?}");
+    // At most 1000 a second got through (the window restarts each second).
+    let bound = 1000.0 * (elapsed.ceil() + 1.0) + 1.0;
+    assert!((delivered as f64) <= bound, "{delivered} > {bound}");
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    broker.shutdown().await;
+}

@@ -264,6 +264,15 @@ impl Router {
     /// `ready` (or any event) to the broker, but `shutdown` and `ready` to
     /// another process would stop or confuse it, so they are dropped.
     fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+        // A budget per sender: one process broadcasting as fast as it can
+        // must not bury everyone's replies behind its events.
+        let budget = self.config.max_events_per_s;
+        if let Some(entry) = self.table.get_mut(from)
+            && !entry.event_allowed(now, budget)
+        {
+            entry.delta.busy_rejections += 1;
+            return;
+        }
         let lifecycle = matches!(&*envelope.id, names::SHUTDOWN_EVENT | names::READY_EVENT);
         let recipients = if lifecycle && &*envelope.target != BROKER {
             None

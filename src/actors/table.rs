@@ -39,6 +39,8 @@ pub(crate) struct ProcessEntry {
     pub(crate) delta: Counters,
     pub(crate) first_seen: Option<Instant>,
     pub(crate) last_seen: Option<Instant>,
+    /// Events it sent in the current second: (second's start, count).
+    events: (Instant, u64),
 }
 
 impl ProcessEntry {
@@ -47,6 +49,19 @@ impl ProcessEntry {
     pub(crate) fn saw(&mut self, now: Instant) {
         self.first_seen.get_or_insert(now);
         self.last_seen = Some(now);
+    }
+
+    /// Counts one event it sends at `now`; false once it has sent more than
+    /// `per_second` in the current second (0: no limit).
+    #[inline]
+    pub(crate) fn event_allowed(&mut self, now: Instant, per_second: u64) -> bool {
+        let (start, count) = &mut self.events;
+        if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        per_second == 0 || *count <= per_second
     }
 
     /// Frames waiting in its stdin backlog (0 without a pipe).
@@ -110,6 +125,7 @@ impl ProcessTable {
                 delta: Counters::default(),
                 first_seen: None,
                 last_seen: None,
+                events: (Instant::now(), 0),
             },
         );
         Ok(())

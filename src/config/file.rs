@@ -58,6 +58,8 @@ pub struct BrokerSection {
     pub control_allow: Vec<String>,
     /// Invalid envelopes a second past which a child is killed and restarted.
     pub max_bad_frames_per_s: u64,
+    /// Events a second one process may send.
+    pub max_events_per_s: u64,
 }
 
 impl Default for BrokerSection {
@@ -71,6 +73,7 @@ impl Default for BrokerSection {
             kill_timeout_ms: millis(d.kill_timeout),
             control_allow: Vec::new(),
             max_bad_frames_per_s: d.max_bad_frames_per_s,
+            max_events_per_s: d.max_events_per_s,
         }
     }
 }
@@ -318,6 +321,7 @@ impl Loaded {
             kill_timeout: Duration::from_millis(b.kill_timeout_ms),
             drain_timeout: Duration::from_millis(b.drain_timeout_ms),
             max_bad_frames_per_s: b.max_bad_frames_per_s,
+            max_events_per_s: b.max_events_per_s,
             ..BrokerConfig::default()
         }
     }

@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     /// A child that sends more invalid envelopes than this in one second is
     /// treated as out of sync: killed and restarted (0: no limit).
     pub max_bad_frames_per_s: u64,
+    /// Events one process may send per second; past it its events are
+    /// dropped and counted as its `busy_rejections` (0: no limit).
+    pub max_events_per_s: u64,
 }
 
 impl Default for BrokerConfig {
@@ -52,6 +55,7 @@ impl Default for BrokerConfig {
             kill_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             max_bad_frames_per_s: 100,
+            max_events_per_s: 100_000,
         }
     }
 }

@@ -25,7 +25,8 @@ Methods (each a request from the test):
 
 With FLOOD=1 in the environment it never reads stdin and writes requests to
 the service "echo" as fast as it can. With GARBAGE=1 it writes 64-byte frames
-that are not MessagePack as fast as it can.
+that are not MessagePack as fast as it can. With EVENTS=1 it sends events to
+"*" as fast as it can.
 """
 import os
 import struct
@@ -106,7 +107,17 @@ def garbage():
         out.write(batch)
 
 
+def broadcast():
+    batch = frame({"type": "event", "id": "Tick", "target": "*",
+                   "payload": b"y" * 32}) * 256
+    while True:
+        out.write(batch)
+
+
 def main():
+    if os.environ.get("EVENTS") == "1":
+        send({"type": "event", "id": "ready", "target": "broker"})
+        broadcast()
     if os.environ.get("GARBAGE") == "1":
         send({"type": "event", "id": "ready", "target": "broker"})
         garbage()
