@@ -58,6 +58,11 @@ use crate::protocol::{
 const MAX_LOG_LINE: usize = 16 * 1024;
 /// Most envelopes handed to the Router in one message.
 const READ_BATCH: usize = 64;
+/// Stopping: stdin is closed once stdout has been quiet this long after the
+/// `shutdown` event (or at half of `kill_timeout` at the latest).
+const STOP_QUIET: Duration = Duration::from_millis(100);
+/// How often a stopping bridge looks whether stdout went quiet.
+const STOP_QUIET_POLL: Duration = Duration::from_millis(20);
 /// The backoff resets after a child has been up this long (DESIGN 5.3).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 
@@ -124,6 +129,8 @@ pub struct Bridge {
     stopping: bool,
     /// Bad-frame warnings of this process, a few a second.
     warnings: LogLimit,
+    /// When stdout last brought something (while stopping: is it quiet?).
+    last_read: Instant,
 }
 
 impl Bridge {
@@ -156,6 +163,7 @@ impl Bridge {
             stop_waiters: Vec::new(),
             stopping: false,
             warnings: LogLimit::default(),
+            last_read: Instant::now(),
         }
     }
 
@@ -580,6 +588,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
             return;
         }
         let now = Instant::now();
+        self.last_read = now;
         let mut envelopes = Envelopes::new();
         let (mut bad, mut unreported) = (0u64, 0u64);
         let mut out_of_sync = None;
@@ -691,6 +700,24 @@ impl Handler<Exited> for Bridge {
     }
 }
 
+impl Bridge {
+    /// Closes the stopping child's stdin (EOF: "exit now") once its stdout
+    /// has been quiet for [`STOP_QUIET`], so every request it wrote before it
+    /// read `shutdown` has its reply written before EOF.
+    fn close_when_quiet(&mut self, generation: u64, ctx: &mut Context<Self>) {
+        ctx.run_later(STOP_QUIET_POLL, move |bridge, ctx| {
+            let Some(child) = bridge.child.as_ref().filter(|c| c.generation == generation) else {
+                return;
+            };
+            if bridge.last_read.elapsed() >= STOP_QUIET {
+                child.outbox.close();
+            } else {
+                bridge.close_when_quiet(generation, ctx);
+            }
+        });
+    }
+}
+
 impl Handler<StopProcess> for Bridge {
     type Result = ResponseFuture<()>;
 
@@ -712,8 +739,12 @@ impl Handler<StopProcess> for Bridge {
                     let _ = child.outbox.push(
                         &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
                     );
-                    child.outbox.close();
+                    // Not EOF yet: what the child sent before it read
+                    // `shutdown` is still answered (`shutting_down` while the
+                    // broker drains) on this stdin. EOF once it is quiet.
                     let generation = child.generation;
+                    self.last_read = Instant::now();
+                    self.close_when_quiet(generation, ctx);
                     let kill = self.config.kill_timeout;
                     let signal_later = |signal| {
                         move |bridge: &mut Bridge, _: &mut Context<Bridge>| {
@@ -721,6 +752,7 @@ impl Handler<StopProcess> for Bridge {
                                 bridge.child.as_ref().filter(|c| c.generation == generation)
                             {
                                 tracing::warn!(process = %bridge.id, %signal, "child still running; signalling");
+                                child.outbox.close();
                                 child.signal(signal);
                             }
                         }

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Load for the shutdown test (tests/run.rs): keeps 16 requests in flight to
-the service "echo", stops sending at the first `shutting_down` error (the
-broker is draining), and at EOF prints its tally on stderr:
+"""Load for the shutdown test (tests/run.rs): keeps LOAD_IN_FLIGHT (default
+16) requests in flight to the service "echo", keeps sending (each answer,
+`shutting_down` included, is followed by a new request) until it reads the
+broker's `shutdown` event, as the protocol allows, and at EOF prints its
+tally on stderr:
 
   tally sent=N answered=M ok=A shutting_down=S other=O unanswered=U
 """
@@ -45,7 +47,7 @@ def main():
         next_id += 1
         sent += 1
 
-    for _ in range(16):
+    for _ in range(int(os.environ.get("LOAD_IN_FLIGHT", "16"))):
         request()
     out.flush()
     while True:
@@ -66,12 +68,14 @@ def main():
                     counts["ok"] += 1
                 elif message.get("code") == "shutting_down":
                     counts["shutting_down"] += 1
-                    sending = False
                 else:
                     counts["other"] += 1
             if sending:
                 request()
                 out.flush()
+        elif kind == "event" and message.get("id") == "shutdown" \
+                and message.get("source") == "broker":
+            sending = False
     print(f"tally sent={sent} answered={answered} ok={counts['ok']} "
           f"shutting_down={counts['shutting_down']} other={counts['other']} "
           f"unanswered={len(outstanding)}", file=sys.stderr, flush=True)
