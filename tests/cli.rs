@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
@@ -282,4 +283,72 @@ fn bench_pins_children_where_pin_says() {
             assert_eq!(child, expected, "{pin}: {v}");
         }
     }
+}
+
+#[test]
+fn an_sdk_service_exits_at_eof_even_while_a_handler_waits_on_calls() {
+    use procbroker::protocol::{Envelope, EnvelopeCodec};
+    use std::io::Read;
+    use tokio_util::codec::Encoder;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["worker", "bench-client"])
+        .env("PROCBROKER_PROCESS_ID", "client.0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("bench-client");
+    // A Run that would make a million calls to `echo`, which nobody answers:
+    // its handler always waits on calls.
+    let spec = procbroker::loadgen::RunSpec {
+        target: "echo".into(),
+        method: "Echo".into(),
+        calls: 1_000_000,
+        concurrency: 8,
+        payload_bytes: 8,
+    };
+    let request = Envelope::request("client.0", "Run", 1)
+        .with_source("@caller")
+        .with_payload(&spec)
+        .expect("payload");
+    let mut frame = bytes::BytesMut::new();
+    EnvelopeCodec::default()
+        .encode(&request, &mut frame)
+        .expect("encode");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&frame).expect("write");
+    // The parent stays alive reading its stdout (as a live broker would).
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+            let _ = seen_tx.send(total);
+        }
+    });
+    // Its calls went out: the handler is waiting on them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.recv_timeout(Duration::from_secs(5)).expect("output") < 200 {
+        assert!(Instant::now() < deadline, "no calls went out");
+    }
+    drop(stdin); // EOF: "exit now".
+    let eof = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if eof.elapsed() > Duration::from_secs(1) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 1 s after EOF");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+    eprintln!("exited {:?} after EOF", eof.elapsed());
 }

@@ -24,6 +24,8 @@ struct Inner {
     outbox: Outbox,
     pending: RefCell<HashMap<u64, oneshot::Sender<Envelope>, foldhash::fast::RandomState>>,
     next_id: Cell<u64>,
+    /// Stdin is closed: no reply can come, so no call is made any more.
+    deaf: Cell<bool>,
 }
 
 /// What handlers use to reach the broker: [`call`](Self::call) another
@@ -55,6 +57,7 @@ impl Client {
                 outbox,
                 pending: RefCell::default(),
                 next_id: Cell::new(0),
+                deaf: Cell::new(false),
             }),
         }
     }
@@ -97,6 +100,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<Reply, CallError> {
         let inner = &*self.inner;
+        if inner.deaf.get() {
+            return Err(CallError::Closed);
+        }
         let correlation_id = inner.next_id.get().wrapping_add(1);
         inner.next_id.set(correlation_id);
         request.correlation_id = correlation_id;
@@ -171,8 +177,10 @@ impl Client {
         }
     }
 
-    /// Stdin is closed: every call in flight fails with `Closed`.
+    /// Stdin is closed: every call in flight fails with `Closed`, and so
+    /// does every call made from now on (no reply could reach it).
     pub(crate) fn fail_pending(&self) {
+        self.inner.deaf.set(true);
         self.inner.pending.borrow_mut().clear();
     }
 

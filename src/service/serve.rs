@@ -111,15 +111,20 @@ where
         }
     };
     if result.is_ok() {
-        // EOF with handlers still running: they may finish, but their calls
-        // can get no reply any more.
+        // EOF means "exit now". Handlers still running get a moment to write
+        // their replies (their calls fail at once: no reply can come), and
+        // then the process ends whatever is still in flight: a handler that
+        // loops on calls must not keep an orphan alive.
         client.fail_pending();
-        busy.idle().await;
+        let _ = tokio::time::timeout(EOF_GRACE, busy.idle()).await;
     }
     client.outbox().close();
     client.outbox().closed().await;
     result
 }
+
+/// After EOF, how long running handlers may take to finish.
+const EOF_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Counts handlers still running.
 #[derive(Default)]
