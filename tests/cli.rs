@@ -352,3 +352,80 @@ fn an_sdk_service_exits_at_eof_even_while_a_handler_waits_on_calls() {
     assert!(status.success(), "{status:?}");
     eprintln!("exited {:?} after EOF", eof.elapsed());
 }
+
+/// Pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command may hold spaces and parentheses: fields follow the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn bench_stops_at_once_on_ctrl_c_says_what_it_measured_and_reaps_its_children() {
+    for (mode, signal, code) in [
+        ("relay", nix::sys::signal::Signal::SIGINT, 130),
+        ("direct", nix::sys::signal::Signal::SIGTERM, 143),
+    ] {
+        let child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+            .args([
+                "bench",
+                "--mode",
+                mode,
+                "--workers",
+                "2",
+                "--concurrency",
+                "8",
+                "--requests",
+                "100000000",
+            ])
+            .env("LOG_LEVEL", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bench");
+        let pid = child.id();
+        // Running: its children are up and calls go through.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut children = Vec::new();
+        while children.len() < 2 {
+            assert!(Instant::now() < deadline, "{mode}: no children");
+            std::thread::sleep(Duration::from_millis(50));
+            children = children_of(pid);
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let sent = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
+        let out = child.wait_with_output().expect("wait");
+        let took = sent.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(code), "{mode}: {stdout}");
+        assert!(took < Duration::from_secs(2), "{mode}: took {took:?}");
+        assert!(
+            stdout.contains(&format!("interrupted by {}", signal.as_str()))
+                && stdout.contains("requests answered through the broker"),
+            "{mode}: {stdout}"
+        );
+        for child in children {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{child}")).exists(),
+                "{mode}: child {child} left behind"
+            );
+        }
+        eprintln!("{mode}: stopped {took:?} after {signal}: {}", stdout.trim());
+    }
+}

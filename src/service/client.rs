@@ -26,6 +26,8 @@ struct Inner {
     next_id: Cell<u64>,
     /// Stdin is closed: no reply can come, so no call is made any more.
     deaf: Cell<bool>,
+    /// The broker said `shutdown`: calls in flight finish, no new ones.
+    stopping: Cell<bool>,
 }
 
 /// What handlers use to reach the broker: [`call`](Self::call) another
@@ -58,6 +60,7 @@ impl Client {
                 pending: RefCell::default(),
                 next_id: Cell::new(0),
                 deaf: Cell::new(false),
+                stopping: Cell::new(false),
             }),
         }
     }
@@ -100,7 +103,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Reply, CallError> {
         let inner = &*self.inner;
-        if inner.deaf.get() {
+        if inner.deaf.get() || inner.stopping.get() {
             return Err(CallError::Closed);
         }
         let correlation_id = inner.next_id.get().wrapping_add(1);
@@ -175,6 +178,13 @@ impl Client {
             Some(tx) => tx.send(reply).is_ok(),
             None => false,
         }
+    }
+
+    /// The broker sent `shutdown`: calls in flight may still be answered,
+    /// new ones fail with `Closed` at once (PROTOCOL.md: no new requests
+    /// after `shutdown`).
+    pub(crate) fn stop_calling(&self) {
+        self.inner.stopping.set(true);
     }
 
     /// Stdin is closed: every call in flight fails with `Closed`, and so

@@ -104,7 +104,9 @@ where
                 }
             }
             MessageType::Event if &*envelope.id == "shutdown" && &*envelope.source == BROKER => {
-                // Finish what is in flight (its calls still need stdin), then go.
+                // Finish what is in flight (its calls still need stdin), make
+                // no new calls, then go.
+                client.stop_calling();
                 draining = true;
             }
             MessageType::Event => methods.event(envelope),

@@ -10,7 +10,10 @@ use procbroker::loadgen::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
 use procbroker::protocol::{Envelope, Payload};
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::interrupt::Interrupt;
 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -161,14 +164,26 @@ impl Placement {
     }
 }
 
-/// Prints the elapsed time on stderr every 2 s while a long run goes on
-/// (the task ends with the System).
-fn progress() {
+/// Prints progress on stderr every 2 s while a long run goes on: requests
+/// answered so far (as the broker counts them), rate and time left. The task
+/// ends with the System.
+fn progress(broker: BrokerHandle, total: u64) {
     let started = Instant::now();
     actix::spawn(async move {
         loop {
             actix::clock::sleep(Duration::from_secs(2)).await;
-            eprintln!("bench: {:.0} s…", started.elapsed().as_secs_f64());
+            let done = measured(&broker).await.answered;
+            let elapsed = started.elapsed().as_secs_f64();
+            let rate = done as f64 / elapsed.max(f64::MIN_POSITIVE);
+            let left = if rate > 0.0 {
+                format!("{:.0} s left", total.saturating_sub(done) as f64 / rate)
+            } else {
+                "time left unknown".into()
+            };
+            eprintln!(
+                "bench: {elapsed:.0} s, {done} of {total} requests ({:.1} %), {rate:.0}/s, {left}",
+                100.0 * done as f64 / total.max(1) as f64
+            );
         }
     });
 }
@@ -178,13 +193,31 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
         bail!("--requests, --concurrency and --workers must be at least 1");
     }
+    // Before any thread starts, so that every thread has the signals blocked.
+    let interrupt = Interrupt::install().context("handling SIGINT and SIGTERM")?;
     let placement = Placement::new(args.pin)?;
     placement.pin_self()?;
     let exe = std::env::current_exe().context("locating this binary")?;
     let cpus = placement.describe();
     let broker_cpus = cpu_list(&cpus_of(0)?);
+    let started = Instant::now();
     let system = actix::System::new();
-    let (report, baseline, children_cpus) = system.block_on(run(args.clone(), exe, placement))?;
+    let outcome = system.block_on(run(args.clone(), exe, placement, Arc::clone(&interrupt)))?;
+    let (report, baseline, children_cpus) = match outcome {
+        Outcome::Done {
+            report,
+            baseline,
+            children_cpus,
+        } => (report, baseline, children_cpus),
+        Outcome::Interrupted { so_far } => {
+            let signal = interrupt
+                .signal()
+                .unwrap_or(nix::sys::signal::Signal::SIGINT);
+            interrupted(&args, signal, started.elapsed(), &so_far);
+            // 128 + the signal's number, as a shell reports a killed command.
+            std::process::exit(128 + signal as i32);
+        }
+    };
     let us = |ns: u64| ns as f64 / 1e3;
     let rate = |r: &RunReport| r.ok as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
     let q = |q: &Quantiles| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)});
@@ -248,78 +281,211 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One run, and the baseline if asked; with the CPU mask of each child.
+/// How a run ended.
+enum Outcome {
+    /// Every request was made.
+    Done {
+        report: RunReport,
+        baseline: Option<RunReport>,
+        /// The CPU mask of each child, as the kernel reports it.
+        children_cpus: Vec<String>,
+    },
+    /// A signal came: what was measured so far.
+    Interrupted { so_far: SoFar },
+}
+
+/// What an interrupted run had measured.
+#[derive(Default)]
+struct SoFar {
+    /// The procbroker run, if it had finished (the baseline was running).
+    report: Option<RunReport>,
+    /// Requests to `echo` answered through the broker, and their latency
+    /// as the broker observed it.
+    answered: u64,
+    latency_us: Option<procbroker::protocol::stats::LatencyQuantiles>,
+}
+
+/// Prints what an interrupted run measured (stdout, as a result would be).
+fn interrupted(args: &BenchArgs, signal: nix::sys::signal::Signal, took: Duration, so_far: &SoFar) {
+    let latency = so_far.latency_us.as_ref().map(|q| {
+        json!({"count": q.count, "p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999, "max": q.max})
+    });
+    let report = so_far.report.as_ref().map(|r| {
+        json!({"requests": r.ok + r.errors, "errors": r.errors, "elapsed_s": r.elapsed_ns as f64 / 1e9})
+    });
+    if args.json {
+        let out = json!({
+            "interrupted": signal.as_str(),
+            "elapsed_s": took.as_secs_f64(),
+            "answered_through_broker": so_far.answered,
+            "broker_latency_us": latency,
+            "procbroker": report,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "procbroker bench: interrupted by {} after {:.1} s; children stopped and reaped",
+        signal.as_str(),
+        took.as_secs_f64()
+    );
+    match &so_far.report {
+        Some(r) => println!(
+            "procbroker run complete ({} requests, {:.3} s); the raw baseline was cut short",
+            r.ok + r.errors,
+            r.elapsed_ns as f64 / 1e9
+        ),
+        None => match &so_far.latency_us {
+            Some(q) => println!(
+                "so far: {} requests answered through the broker; broker-observed p50 {} µs, p99 {} µs, max {} µs",
+                so_far.answered, q.p50, q.p99, q.max
+            ),
+            None => println!(
+                "so far: {} requests answered through the broker",
+                so_far.answered
+            ),
+        },
+    }
+}
+
+/// What the broker measured until now (its stats of the `echo` service).
+async fn measured(broker: &BrokerHandle) -> SoFar {
+    let Ok(stats) = broker.stats().await else {
+        return SoFar::default();
+    };
+    let latency = stats.latency_us.get("echo").cloned();
+    SoFar {
+        report: None,
+        answered: latency.as_ref().map_or(0, |q| q.count),
+        latency_us: latency,
+    }
+}
+
+/// One run, and the baseline if asked; stops at once on SIGINT or SIGTERM.
 async fn run(
     args: BenchArgs,
     exe: PathBuf,
     placement: Placement,
-) -> Result<(RunReport, Option<RunReport>, Vec<String>)> {
+    interrupt: Arc<Interrupt>,
+) -> Result<Outcome> {
     let (place, placed) = placement.placer();
+    let config = procbroker::config::BrokerConfig {
+        // A finished run has nothing in flight; an interrupted one must not
+        // wait: no drain, and children that do not go at once get SIGTERM
+        // after 0.2 s.
+        drain_timeout: Duration::ZERO,
+        kill_timeout: Duration::from_millis(400),
+        ..procbroker::config::BrokerConfig::default()
+    };
     let broker = ProcBroker::builder()
+        .config(config)
         .sysmon_interval(None)
         .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
         .start();
     // Silent for short runs: the first line comes after 2 s.
-    progress();
+    progress(broker.clone(), args.requests);
     let echo = ServiceConfig::new("echo", exe.display().to_string())
         .args(["worker", "echo"])
         .workers(args.workers);
-    let report = match args.mode {
-        Mode::Inproc => {
-            broker
-                .add_service("echo", args.workers, procbroker::workers::echo())
-                .await?;
-            lanes(&broker, &args).await?
+    let work = async {
+        Ok::<RunReport, anyhow::Error>(match args.mode {
+            Mode::Inproc => {
+                broker
+                    .add_service("echo", args.workers, procbroker::workers::echo())
+                    .await?;
+                lanes(&broker, &args).await?
+            }
+            Mode::Direct => {
+                for p in broker.spawn(echo).await? {
+                    p.pid.map(&place);
+                }
+                lanes(&broker, &args).await?
+            }
+            Mode::Relay => {
+                for p in broker.spawn(echo).await? {
+                    p.pid.map(&place);
+                }
+                let client = ServiceConfig::new("client", exe.display().to_string())
+                    .args(["worker", "bench-client"]);
+                for p in broker.spawn(client).await? {
+                    p.pid.map(&place);
+                }
+                let spec = RunSpec {
+                    target: "echo".into(),
+                    method: "Echo".into(),
+                    calls: args.requests,
+                    concurrency: args.concurrency,
+                    payload_bytes: args.payload_bytes,
+                };
+                let request = Envelope::request("client", "Run", 0)
+                    .with_payload(&spec)?
+                    .with_timeout_ms(24 * 3600 * 1000);
+                broker.call_envelope(request).await?.payload_as()?
+            }
+        })
+    };
+    let report = tokio::select! {
+        report = work => report,
+        () = interrupt.wake.notified() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(_) if interrupt.signal().is_some() => {
+            let so_far = measured(&broker).await;
+            broker.shutdown().await;
+            return Ok(Outcome::Interrupted { so_far });
         }
-        Mode::Direct => {
-            for p in broker.spawn(echo).await? {
-                p.pid.map(&place);
-            }
-            lanes(&broker, &args).await?
-        }
-        Mode::Relay => {
-            for p in broker.spawn(echo).await? {
-                p.pid.map(&place);
-            }
-            let client = ServiceConfig::new("client", exe.display().to_string())
-                .args(["worker", "bench-client"]);
-            for p in broker.spawn(client).await? {
-                p.pid.map(&place);
-            }
-            let spec = RunSpec {
-                target: "echo".into(),
-                method: "Echo".into(),
-                calls: args.requests,
-                concurrency: args.concurrency,
-                payload_bytes: args.payload_bytes,
-            };
-            let request = Envelope::request("client", "Run", 0)
-                .with_payload(&spec)?
-                .with_timeout_ms(24 * 3600 * 1000);
-            broker.call_envelope(request).await?.payload_as()?
+        Err(e) => {
+            broker.shutdown().await;
+            return Err(e);
         }
     };
     broker.shutdown().await;
     if !args.baseline {
-        return Ok((report, None, placed.take()));
+        return Ok(Outcome::Done {
+            report,
+            baseline: None,
+            children_cpus: placed.take(),
+        });
     }
+    // The raw peers block their threads: a signal kills them, which ends
+    // their pipes and the run.
+    let place_raw = |pid| {
+        interrupt.kill_on_signal(pid);
+        place(pid);
+    };
     let baseline = match args.mode {
-        Mode::Relay => {
-            let mut relay = RawRelay::start(&exe)?;
-            relay.pids().into_iter().for_each(&place);
-            relay.run(args.requests, args.concurrency, args.payload_bytes)?
-        }
+        Mode::Relay => RawRelay::start(&exe).and_then(|mut relay| {
+            relay.pids().into_iter().for_each(&place_raw);
+            relay.run(args.requests, args.concurrency, args.payload_bytes)
+        }),
         Mode::Direct => raw::direct(
             &exe,
             u64::from(args.workers),
             args.requests,
             args.concurrency,
             args.payload_bytes,
-            &place,
-        )?,
-        Mode::Inproc => channel_baseline(&args).await,
+            &place_raw,
+        ),
+        Mode::Inproc => {
+            tokio::select! {
+                report = channel_baseline(&args) => Ok(report),
+                () = interrupt.wake.notified() => Err(std::io::Error::other("interrupted")),
+            }
+        }
     };
-    Ok((report, Some(baseline), placed.take()))
+    if interrupt.signal().is_some() {
+        let so_far = SoFar {
+            report: Some(report),
+            ..SoFar::default()
+        };
+        return Ok(Outcome::Interrupted { so_far });
+    }
+    Ok(Outcome::Done {
+        report,
+        baseline: Some(baseline?),
+        children_cpus: placed.take(),
+    })
 }
 
 /// `concurrency` tasks in this process calling `echo` through the Router.

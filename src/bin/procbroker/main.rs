@@ -8,6 +8,7 @@
 //! ```
 
 mod bench;
+mod interrupt;
 mod logging;
 mod run;
 mod stats;
