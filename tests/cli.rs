@@ -429,3 +429,78 @@ fn bench_stops_at_once_on_ctrl_c_says_what_it_measured_and_reaps_its_children() 
         eprintln!("{mode}: stopped {took:?} after {signal}: {}", stdout.trim());
     }
 }
+
+/// A config file of `workers` built-in echo workers, no admin, no Sysmon.
+fn echo_config(tag: &str, workers: u32) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("procbroker-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("echo.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n[[service]]\nname = \"echo\"\n\
+             command = \"@self\"\nargs = [\"worker\", \"echo\"]\nworkers = {workers}\n"
+        ),
+    )
+    .expect("config");
+    path
+}
+
+#[test]
+fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
+    // Hard limit too low for 120 workers (about four descriptors each): the
+    // start fails with one line naming the service, instead of running
+    // half of it and reporting ready.
+    let config = echo_config("fds", 120);
+    let out = Command::new("prlimit")
+        .arg("--nofile=200:200")
+        .arg(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "off")
+        .output()
+        .expect("prlimit");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("service \"echo\"") && err.contains("of 120 workers could not start"),
+        "{err}"
+    );
+    // The same with a low soft limit but room below the hard one: raised,
+    // and every worker starts.
+    let mut broker = Command::new("prlimit")
+        .arg("--nofile=200:4096")
+        .arg(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit");
+    let stderr = broker.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
+    let mut spawned = None;
+    for line in lines.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "service spawned" {
+            spawned = Some(v);
+            break;
+        }
+        assert!(!line.contains("could not start"), "{line}");
+    }
+    // Keep reading its log until it exits.
+    let drain = std::thread::spawn(move || lines.count());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = broker.wait().expect("wait");
+    let _ = drain.join();
+    let spawned = spawned.expect("service spawned");
+    assert_eq!(spawned["fields"]["started"], 120, "{spawned}");
+    assert!(status.success(), "{status:?}");
+}

@@ -5,13 +5,30 @@ use procbroker::actors::broker::SpawnError;
 use procbroker::admin::Admin;
 use procbroker::config::file::Loaded;
 use procbroker::embed::ProcBroker;
+use procbroker::protocol::rpc::ProcessStatus;
 use std::path::PathBuf;
 use tokio::signal::unix::{SignalKind, signal};
+
+/// Each child costs the broker about four descriptors (three pipes and its
+/// pidfd or signal plumbing): raise the soft limit on open files to the hard
+/// one, as servers do, so thousands of workers can start.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open-files limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "open-files limit left as is"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
 
 /// Loads the configuration, starts the actors and the services, serves
 /// until SIGTERM or SIGINT, then shuts down in order (DESIGN 5.6).
 pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
     let loaded = Loaded::load(config.as_deref(), std::env::vars(), sets)?;
+    raise_fd_limit();
     let origin = loaded.path.as_ref().map_or_else(
         || "the embedded default".to_owned(),
         |p| p.display().to_string(),
@@ -50,8 +67,22 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
         let name = service.name.clone();
         match broker.spawn(service).await {
             Ok(spawned) => {
-                let ready = spawned.iter().filter(|p| p.pid.is_some()).count();
-                tracing::info!(service = %name, workers = spawned.len(), started = ready, "service spawned");
+                let started = spawned.iter().filter(|p| p.pid.is_some()).count();
+                let failed = spawned
+                    .iter()
+                    .filter(|p| p.pid.is_none() || p.status == ProcessStatus::Failed)
+                    .count();
+                if failed > 0 {
+                    // A half-started service is not running as configured:
+                    // say so once and stop, rather than report ready.
+                    broker.shutdown().await;
+                    bail!(
+                        "{origin}: service {name:?}: {failed} of {} workers could not start \
+                         (the first error is in the log above)",
+                        spawned.len()
+                    );
+                }
+                tracing::info!(service = %name, workers = spawned.len(), started, "service spawned");
             }
             Err(e @ SpawnError::CannotRun { .. }) => {
                 broker.shutdown().await;
