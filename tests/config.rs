@@ -216,3 +216,20 @@ fn a_relative_command_is_relative_to_the_file() {
     );
     assert_eq!(loaded.file.services[1].command, "@self");
 }
+
+#[test]
+fn a_relative_script_argument_is_relative_to_the_file() {
+    let dir = tmp("relative-args");
+    write(&dir, "worker.py", "print('hi')\n");
+    let path = write(
+        &dir,
+        "p.toml",
+        "[[service]]\nname = \"py\"\ncommand = \"python3\"\n\
+         args = [\"worker.py\", \"-u\", \"worker\", \"missing.py\", \"--level=info\"]\n",
+    );
+    let loaded = Loaded::load(Some(&path), none(), &[]).expect("load");
+    let args = &loaded.file.services[0].args;
+    assert_eq!(Path::new(&args[0]), dir.join("worker.py"));
+    // Flags, words and files that are not there stay as written.
+    assert_eq!(args[1..], ["-u", "worker", "missing.py", "--level=info"]);
+}

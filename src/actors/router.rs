@@ -3,15 +3,15 @@
 //! Every envelope a process sends arrives here in a [`Route`]; Rust callers
 //! send [`Call`]. The Router resolves `target` (process id, service name with
 //! round-robin over ready workers, `broker`, `*`), hands the envelope to the
-//! [process table](super::table), which holds it for its destination until
+//! process table (`table.rs`), which holds it for its destination until
 //! the message is handled and then sends one
 //! [`Deliver`](super::messages::Deliver) per destination,
-//! and remembers each request in the [pending table](super::pending) so that
+//! and remembers each request in the pending table (`pending.rs`) so that
 //! exactly one reply goes back: the worker's, or an error the Router
 //! generates (`busy`, `timeout`, `worker_exited`, …). It never decodes a
 //! payload.
 //!
-//! Read it top to bottom: the request path ([`Router::route`] →
+//! Read it top to bottom: the request path (`route` →
 //! `route_request` → `route_reply`), then the ways a request ends without
 //! its worker's reply (bounce, removal, expiry, bad frame), then the
 //! control messages and metrics.

@@ -118,12 +118,12 @@ fn millis(d: Duration) -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a separate cause: said once).
+        error: std::io::Error,
     },
     /// The file is not valid TOML or does not fit the shape (the message
     /// names the key, with line and column).
@@ -175,9 +175,9 @@ impl Loaded {
     ) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
                     path: p.to_owned(),
-                    source,
+                    error,
                 })?,
                 p.display().to_string(),
             ),
@@ -295,7 +295,11 @@ impl Loaded {
         Ok(())
     }
 
-    /// A relative `command` with a `/` is relative to the file's folder.
+    /// A relative `command` with a `/` is relative to the file's folder, and
+    /// so is a relative argument that looks like a file (it has a `/` or a
+    /// `.`, and no leading `-`) and is a file there: `args = ["worker.py"]`
+    /// beside the config runs that script from any working directory.
+    /// Other arguments are left as written.
     fn resolve_commands(&mut self) {
         let Some(dir) = self.path.as_deref().and_then(Path::parent) else {
             return;
@@ -304,6 +308,14 @@ impl Loaded {
             let p = Path::new(&s.command);
             if s.command != SELF_COMMAND && p.is_relative() && s.command.contains('/') {
                 s.command = dir.join(p).display().to_string();
+            }
+            for arg in &mut s.args {
+                let looks_like_a_file =
+                    !arg.starts_with('-') && (arg.contains('/') || arg.contains('.'));
+                let there = dir.join(&*arg);
+                if looks_like_a_file && Path::new(arg).is_relative() && there.is_file() {
+                    *arg = there.display().to_string();
+                }
             }
         }
     }

@@ -41,6 +41,15 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let broker = ProcBroker::builder().config(loaded.broker_config()).start();
     tracing::info!(config = %origin, services = loaded.file.services.len(), "procbroker starting");
+    if loaded.file.services.is_empty() {
+        tracing::warn!(config = %origin, "no [[service]] configured: the broker runs with none (Spawn can add some)");
+    }
+    for allowed in &loaded.file.broker.control_allow {
+        if !loaded.file.services.iter().any(|s| &s.name == allowed) {
+            tracing::warn!(config = %origin, service = %allowed,
+                "broker.control_allow names a service that is not configured (one spawned later under that name will be allowed)");
+        }
+    }
     let admin = match loaded.admin_listen() {
         None => None,
         Some(listen) => {
