@@ -232,3 +232,35 @@ async fn a_hundred_concurrent_spawns() {
         100
     );
 }
+
+#[actix::test]
+async fn a_new_child_is_sampled_soon_not_after_a_whole_interval() {
+    // Sysmon every 60 s: a child started now gets its first sample about a
+    // second after it starts, not at the next tick.
+    let broker = ProcBroker::builder()
+        .sysmon_interval(Some(Duration::from_secs(60)))
+        .start();
+    let spawned = broker.spawn(echo("echo", 2)).await.expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = broker.stats().await.expect("stats");
+        let sampled: Vec<_> = spawned
+            .iter()
+            .filter_map(|p| stats.process_metrics.get(&p.id))
+            .filter(|m| m.vmrss.is_some_and(|kb| kb > 0))
+            .collect();
+        if sampled.len() == spawned.len() {
+            for (m, p) in sampled.iter().zip(&spawned) {
+                assert_eq!(Some(m.pid), p.pid);
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not sampled within 5 s: {:?}",
+            stats.process_metrics
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.shutdown().await;
+}

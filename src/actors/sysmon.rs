@@ -60,7 +60,14 @@ pub struct Sysmon {
     interval: Option<Duration>,
     metrics: Addr<MetricsStore>,
     watched: BTreeMap<String, u32>,
+    /// Started since the last sample: sampled once soon, so stats show a
+    /// new child's memory without waiting a whole interval.
+    fresh: Vec<(String, u32)>,
 }
+
+/// How long after a child starts its first sample is taken (it has loaded
+/// by then; at once it would show the forked broker's pages).
+const FIRST_SAMPLE_AFTER: Duration = Duration::from_secs(1);
 
 impl Sysmon {
     /// Samples every `interval` (`None`: only on [`SampleNow`]).
@@ -69,6 +76,7 @@ impl Sysmon {
             interval,
             metrics,
             watched: BTreeMap::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -98,8 +106,27 @@ impl Actor for Sysmon {
 impl Handler<Watch> for Sysmon {
     type Result = ();
 
-    fn handle(&mut self, msg: Watch, _: &mut Self::Context) {
-        self.watched.insert(msg.id, msg.pid);
+    fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) {
+        self.watched.insert(msg.id.clone(), msg.pid);
+        let Some(interval) = self.interval.filter(|d| !d.is_zero()) else {
+            return;
+        };
+        if self.fresh.is_empty() {
+            // One timer for everything started meanwhile (a service of 1000
+            // workers is one sample pass, not 1000 timers).
+            ctx.run_later(FIRST_SAMPLE_AFTER.min(interval), |sysmon, _| {
+                let fresh = std::mem::take(&mut sysmon.fresh);
+                let samples: Vec<ProcessMetrics> = fresh
+                    .iter()
+                    .filter(|(id, pid)| sysmon.watched.get(id) == Some(pid))
+                    .map(|(id, pid)| sample(id, *pid))
+                    .collect();
+                if !samples.is_empty() {
+                    sysmon.metrics.do_send(SubmitMetrics(samples));
+                }
+            });
+        }
+        self.fresh.push((msg.id, msg.pid));
     }
 }
 
