@@ -1,4 +1,4 @@
-//! `procbroker bench` (DESIGN 7.1): round trips through the broker, and with
+//! `procbroker bench`: round trips through the broker, and with
 //! `--baseline` the raw limit of the same topology in the same invocation.
 
 use anyhow::{Context, Result, bail};
@@ -59,7 +59,7 @@ pub struct BenchArgs {
     /// Also run the raw limit of the same topology and print the ratio.
     #[arg(long)]
     pub baseline: bool,
-    /// Print one JSON object (DESIGN 7.1's fields) instead of a table.
+    /// Print one JSON object (the README's fields) instead of a table.
     #[arg(long)]
     pub json: bool,
     /// CPU placement.

@@ -56,7 +56,7 @@ enum Command {
     /// then PROCBROKER_<SECTION>_<KEY> environment variables, then --set.
     /// Logs go to stderr: LOG_LEVEL or RUST_LOG, LOG_FORMAT=json|text.
     Run {
-        /// The TOML config file (DESIGN 7 shape); default: the embedded one.
+        /// The TOML config file (the README's shape); default: the embedded one.
         #[arg(long, short)]
         config: Option<std::path::PathBuf>,
         /// Override one setting, e.g. --set broker.queue_capacity=500
@@ -64,7 +64,7 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Time round trips through the broker (DESIGN 7.1); --baseline also
+    /// Time round trips through the broker; --baseline also
     /// runs the raw limit of the same topology and prints the ratio.
     Bench(bench::BenchArgs),
     /// Show a running broker's stats (its admin endpoint's /stats): per

@@ -25,7 +25,7 @@ fn raise_fd_limit() {
 }
 
 /// Loads the configuration, starts the actors and the services, serves
-/// until SIGTERM or SIGINT, then shuts down in order (DESIGN 5.6).
+/// until SIGTERM or SIGINT, then shuts down in order.
 pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
     let loaded = Loaded::load(config.as_deref(), std::env::vars(), sets)?;
     raise_fd_limit();
