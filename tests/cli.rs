@@ -143,6 +143,7 @@ fn bench_prints_the_designed_json_for_every_mode() {
             [
                 "baseline",
                 "concurrency",
+                "cpu_us_per_call",
                 "cpus",
                 "elapsed_s",
                 "errors",
@@ -169,7 +170,26 @@ fn bench_prints_the_designed_json_for_every_mode() {
             v["latency_us"]["p50"].as_f64().is_some_and(|p| p > 0.0),
             "{v}"
         );
+        // CPU per call, per process of the run: a number where the role is
+        // a process of its own, null where it runs inside another.
+        let roles = |cpu: &serde_json::Value| {
+            ["broker", "client", "workers"].map(|r| match &cpu[r] {
+                serde_json::Value::Null => false,
+                n => n.as_f64().is_some_and(|v| v >= 0.0) || panic!("{r}: {n}"),
+            })
+        };
+        let expected = match mode {
+            "relay" => [true, true, true],
+            "direct" => [true, false, true],
+            _ => [true, false, false],
+        };
+        assert_eq!(roles(&v["cpu_us_per_call"]), expected, "{v}");
         if baseline {
+            let raw = match mode {
+                "relay" => [true, true, true],
+                _ => [true, false, false],
+            };
+            assert_eq!(roles(&v["baseline"]["cpu_us_per_call"]), raw, "{v}");
             assert!(
                 v["baseline"]["throughput_rps"]
                     .as_f64()

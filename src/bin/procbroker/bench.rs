@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cpu::{CpuMeter, CpuPerCall, Roles};
 use crate::interrupt::Interrupt;
 
 /// What to run.
@@ -203,12 +204,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let system = actix::System::new();
     let outcome = system.block_on(run(args.clone(), exe, placement, Arc::clone(&interrupt)))?;
-    let (report, baseline, children_cpus) = match outcome {
+    let (report, cpu, baseline, children_cpus) = match outcome {
         Outcome::Done {
             report,
+            cpu,
             baseline,
             children_cpus,
-        } => (report, baseline, children_cpus),
+        } => (report, cpu, baseline, children_cpus),
         Outcome::Interrupted { so_far } => {
             let signal = interrupt
                 .signal()
@@ -223,7 +225,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let q = |q: &Quantiles| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)});
     let ratio = baseline
         .as_ref()
-        .map(|b| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
+        .map(|(b, _)| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
     let pin = format!("{:?}", args.pin).to_lowercase();
     let mode = format!("{:?}", args.mode).to_lowercase();
     if args.json {
@@ -240,7 +242,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             "throughput_rps": rate(&report),
             "errors": report.errors,
             "latency_us": q(&report.latency_ns),
-            "baseline": baseline.as_ref().map(|b| json!({"throughput_rps": rate(b), "latency_us": q(&b.latency_ns)})),
+            "cpu_us_per_call": cpu.json(),
+            "baseline": baseline.as_ref().map(|(b, bcpu)| json!({
+                "throughput_rps": rate(b),
+                "latency_us": q(&b.latency_ns),
+                "cpu_us_per_call": bcpu.json(),
+            })),
             "ratio_p50": ratio,
         });
         println!("{out}");
@@ -270,8 +277,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         );
     };
     line("procbroker", &report);
-    if let Some(b) = &baseline {
+    if let Some((b, _)) = &baseline {
         line("raw baseline", b);
+    }
+    println!("\nCPU µs per call: procbroker {}", cpu.describe());
+    if let Some((b, bcpu)) = &baseline {
+        println!("                 raw baseline {}", bcpu.describe());
         println!(
             "\nprocbroker / raw: p50 {:.2}x, throughput {:.2}x",
             ratio.unwrap_or(0.0),
@@ -286,7 +297,10 @@ enum Outcome {
     /// Every request was made.
     Done {
         report: RunReport,
-        baseline: Option<RunReport>,
+        /// CPU µs per call of each process of the procbroker run.
+        cpu: CpuPerCall,
+        /// The raw limit, and its CPU per call.
+        baseline: Option<(RunReport, CpuPerCall)>,
         /// The CPU mask of each child, as the kernel reports it.
         children_cpus: Vec<String>,
     },
@@ -384,32 +398,46 @@ async fn run(
         .start();
     // Silent for short runs: the first line comes after 2 s.
     progress(broker.clone(), args.requests);
-    let echo = ServiceConfig::new("echo", exe.display().to_string())
-        .args(["worker", "echo"])
-        .workers(args.workers);
     let work = async {
-        Ok::<RunReport, anyhow::Error>(match args.mode {
+        // Set up (not measured): the workers, and the client process.
+        let mut roles = Roles {
+            broker: Some(std::process::id()),
+            ..Roles::default()
+        };
+        let echo = ServiceConfig::new("echo", exe.display().to_string())
+            .args(["worker", "echo"])
+            .workers(args.workers);
+        match args.mode {
             Mode::Inproc => {
                 broker
                     .add_service("echo", args.workers, procbroker::workers::echo())
                     .await?;
-                lanes(&broker, &args).await?
             }
-            Mode::Direct => {
-                for p in broker.spawn(echo).await? {
-                    p.pid.map(&place);
+            Mode::Direct | Mode::Relay => {
+                for pid in broker.spawn(echo).await?.into_iter().filter_map(|p| p.pid) {
+                    place(pid);
+                    roles.workers.push(pid);
                 }
-                lanes(&broker, &args).await?
             }
+        }
+        if args.mode == Mode::Relay {
+            let client = ServiceConfig::new("client", exe.display().to_string())
+                .args(["worker", "bench-client"]);
+            for pid in broker
+                .spawn(client)
+                .await?
+                .into_iter()
+                .filter_map(|p| p.pid)
+            {
+                place(pid);
+                roles.client = Some(pid);
+            }
+        }
+        // The measured phase.
+        let meter = CpuMeter::start(roles);
+        let report = match args.mode {
+            Mode::Inproc | Mode::Direct => lanes(&broker, &args).await?,
             Mode::Relay => {
-                for p in broker.spawn(echo).await? {
-                    p.pid.map(&place);
-                }
-                let client = ServiceConfig::new("client", exe.display().to_string())
-                    .args(["worker", "bench-client"]);
-                for p in broker.spawn(client).await? {
-                    p.pid.map(&place);
-                }
                 let spec = RunSpec {
                     target: "echo".into(),
                     method: "Echo".into(),
@@ -422,14 +450,16 @@ async fn run(
                     .with_timeout_ms(24 * 3600 * 1000);
                 broker.call_envelope(request).await?.payload_as()?
             }
-        })
+        };
+        let cpu = meter.stop(args.requests);
+        Ok::<_, anyhow::Error>((report, cpu))
     };
-    let report = tokio::select! {
-        report = work => report,
+    let measured_run = tokio::select! {
+        run = work => run,
         () = interrupt.wake.notified() => Err(anyhow::anyhow!("interrupted")),
     };
-    let report = match report {
-        Ok(report) => report,
+    let (report, cpu) = match measured_run {
+        Ok(run) => run,
         Err(_) if interrupt.signal().is_some() => {
             let so_far = measured(&broker).await;
             broker.shutdown().await;
@@ -444,6 +474,7 @@ async fn run(
     if !args.baseline {
         return Ok(Outcome::Done {
             report,
+            cpu,
             baseline: None,
             children_cpus: placed.take(),
         });
@@ -454,22 +485,44 @@ async fn run(
         interrupt.kill_on_signal(pid);
         place(pid);
     };
+    let me = std::process::id();
     let baseline = match args.mode {
         Mode::Relay => RawRelay::start(&exe).and_then(|mut relay| {
-            relay.pids().into_iter().for_each(&place_raw);
-            relay.run(args.requests, args.concurrency, args.payload_bytes)
+            let [client, echo] = relay.pids();
+            place_raw(client);
+            place_raw(echo);
+            let meter = CpuMeter::start(Roles {
+                broker: Some(me),
+                client: Some(client),
+                workers: vec![echo],
+            });
+            let report = relay.run(args.requests, args.concurrency, args.payload_bytes)?;
+            Ok((report, meter.stop(args.requests)))
         }),
-        Mode::Direct => raw::direct(
-            &exe,
-            u64::from(args.workers),
-            args.requests,
-            args.concurrency,
-            args.payload_bytes,
-            &place_raw,
-        ),
+        Mode::Direct => {
+            // The raw client is threads of this process; its workers are
+            // reaped inside the run, so only this process is measured.
+            let meter = CpuMeter::start(Roles {
+                broker: Some(me),
+                ..Roles::default()
+            });
+            raw::direct(
+                &exe,
+                u64::from(args.workers),
+                args.requests,
+                args.concurrency,
+                args.payload_bytes,
+                &place_raw,
+            )
+            .map(|report| (report, meter.stop(args.requests)))
+        }
         Mode::Inproc => {
+            let meter = CpuMeter::start(Roles {
+                broker: Some(me),
+                ..Roles::default()
+            });
             tokio::select! {
-                report = channel_baseline(&args) => Ok(report),
+                report = channel_baseline(&args) => Ok((report, meter.stop(args.requests))),
                 () = interrupt.wake.notified() => Err(std::io::Error::other("interrupted")),
             }
         }
@@ -483,6 +536,7 @@ async fn run(
     }
     Ok(Outcome::Done {
         report,
+        cpu,
         baseline: Some(baseline?),
         children_cpus: placed.take(),
     })

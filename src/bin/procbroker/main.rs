@@ -8,6 +8,7 @@
 //! ```
 
 mod bench;
+mod cpu;
 mod interrupt;
 mod logging;
 mod run;
