@@ -490,3 +490,19 @@ async fn a_broadcasting_child_is_held_to_its_event_budget() {
     assert!(waited < Duration::from_secs(2), "{waited:?}");
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn a_request_with_an_integer_id_is_answered_bad_request() {
+    let broker = chaos_broker().await;
+    let answer: BTreeMap<String, Option<String>> = broker
+        .call("chaos", "IntId", &())
+        .await
+        .expect("int id")
+        .payload_as()
+        .expect("map");
+    assert_eq!(answer["code"].as_deref(), Some("bad_request"), "{answer:?}");
+    assert_eq!(answer["source"].as_deref(), Some("broker"));
+    let stats = broker.stats().await.expect("stats");
+    let p = &stats.per_process["chaos.0"];
+    assert_eq!((p.faults.bad_frames, p.faults.restarts), (1, 0));
+}

@@ -174,3 +174,61 @@ proptest! {
         let _ = decode_chunked(&[&bytes]);
     }
 }
+
+/// A value that is anything but a str.
+fn not_a_str() -> impl Strategy<Value = rmpv::Value> {
+    msgpack_value().prop_filter("not a str", |v| !v.is_str())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A request whose fields come in any order, with wrong types anywhere
+    /// (its `id`, extra keys that are not strs, values of any shape), is
+    /// still salvaged by its `correlation_id`: it gets `bad_request`, never
+    /// silence.
+    #[test]
+    fn a_bad_request_is_salvaged_whatever_its_key_order_and_wrong_types(
+        correlation_id in any::<u64>(),
+        bad_id in not_a_str(),
+        extras in proptest::collection::vec((prop_oneof![
+            name().prop_map(rmpv::Value::from),
+            not_a_str(),
+        ], msgpack_value()), 0..5),
+        order in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        use rmpv::Value;
+        let mut entries: Vec<(Value, Value)> = extras
+            .into_iter()
+            .filter(|(k, _)| !matches!(k.as_str(), Some("type" | "correlation_id" | "id")))
+            .collect();
+        entries.push(("id".into(), bad_id));
+        entries.push(("target".into(), "echo".into()));
+        // Shuffle the fields deterministically from the seed, then put
+        // `correlation_id` anywhere, `type` first or last.
+        let mut state = seed | 1;
+        for i in (1..entries.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            entries.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let at = order.index(entries.len() + 1);
+        entries.insert(at, ("correlation_id".into(), Value::from(correlation_id)));
+        if seed % 2 == 0 {
+            entries.insert(0, ("type".into(), "request".into()));
+        } else {
+            entries.push(("type".into(), "request".into()));
+        }
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, &Value::Map(entries)).expect("encode");
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&body);
+        let item = EnvelopeCodec::default().decode(&mut wire).expect("in sync").expect("whole");
+        let invalid = item.expect_err("an id that is not a str is invalid");
+        let salvaged = invalid.request.expect("salvaged");
+        prop_assert_eq!(salvaged.correlation_id, correlation_id);
+    }
+}

@@ -535,33 +535,48 @@ pub(crate) fn salvage_request(frame: &Bytes) -> Option<SalvagedRequest> {
     let mut is_request = false;
     let mut correlation_id = None;
     let mut id = None;
+    // A field of the wrong type is skipped, never the end of the search: a
+    // bad `id` must not hide the `correlation_id` after it (that request
+    // would go unanswered). Only a truncated value stops the walk.
     for _ in 0..entries {
         let Ok(key_marker) = reader.marker() else {
             break;
         };
-        let Ok(Some(key)) = reader.str_body(key_marker) else {
-            break;
+        let key = match reader.str_body(key_marker) {
+            Ok(Some(range)) => Some(range),
+            Ok(None) => match reader.skip_body(key_marker) {
+                Ok(()) => None,
+                Err(_) => break,
+            },
+            Err(_) => break,
         };
-        let key = &frame[key];
         let Ok(marker) = reader.marker() else { break };
-        match key {
-            b"type" => match reader.str_body(marker) {
-                Ok(Some(range)) => is_request = &frame[range] == b"request",
-                _ => break,
-            },
-            b"correlation_id" => match reader.uint_body(marker) {
-                Ok(Some(Some(v))) => correlation_id = Some(v),
-                _ => break,
-            },
-            b"id" => match reader.str_body(marker) {
-                Ok(Some(range)) => id = ByteString::try_from(frame.slice(range)).ok(),
-                _ => break,
-            },
-            _ => {
+        let read = match key.map(|k| &frame[k]) {
+            Some(b"type") => reader
+                .str_body(marker)
+                .map(|range| range.map(|r| is_request = &frame[r] == b"request")),
+            Some(b"correlation_id") => reader.uint_body(marker).map(|v| {
+                v.map(|v| {
+                    if let Some(v) = v {
+                        correlation_id = Some(v);
+                    }
+                })
+            }),
+            Some(b"id") => reader
+                .str_body(marker)
+                .map(|range| range.map(|r| id = ByteString::try_from(frame.slice(r)).ok())),
+            _ => Ok(None),
+        };
+        match read {
+            Ok(Some(())) => {}
+            // Not the type this key should have (or a key we do not need):
+            // its value is skipped whole.
+            Ok(None) => {
                 if reader.skip_body(marker).is_err() {
                     break;
                 }
             }
+            Err(_) => break,
         }
     }
     if !is_request {

@@ -10,6 +10,9 @@ Methods (each a request from the test):
   Oversize  write a length prefix of 0xFFFFFFFF (stream out of sync)
   Torn      write half a frame and exit
   Junk      print a line of text to stdout, as a careless author would
+  IntId     send a request whose `id` is an integer (12345) and whose
+            correlation id (78) comes after it; reply with the answer's
+            code and source
   Big       send a request to "echo" whose frame is exactly the payload's
             number of bytes long (without source); reply with the answer's
             code and error
@@ -169,6 +172,11 @@ def main():
                 answer = wait_for(900 + n)
                 answers.append(answer.get("code") or answer["payload"]["received"])
             reply(message, answers)
+        elif method == "IntId":
+            send({"type": "request", "id": 12345, "correlation_id": 78,
+                  "target": "echo"})
+            answer = wait_for(78)
+            reply(message, {"code": answer.get("code"), "source": answer.get("source")})
         elif method == "Big":
             want = message["payload"]
             n = want
