@@ -524,3 +524,107 @@ fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
     assert_eq!(spawned["fields"]["started"], 120, "{spawned}");
     assert!(status.success(), "{status:?}");
 }
+
+/// True once `pid` is gone or a zombie (dead, waiting for its reaper).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Starts `procbroker run` on `config` (JSON logs) and returns it with the
+/// pids of its children once they are all up.
+fn run_broker(
+    config: &std::path::Path,
+    children: usize,
+) -> (
+    std::process::Child,
+    Vec<u32>,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("procbroker run");
+    let stderr = broker.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let mut pids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.len() < children {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("children started");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "child started" {
+            pids.push(v["fields"]["pid"].as_u64().expect("pid") as u32);
+        }
+    }
+    (broker, pids, reader)
+}
+
+#[test]
+fn a_broker_killed_with_sigkill_leaves_no_child_running() {
+    let dir = std::env::temp_dir().join(format!("procbroker-cli-orphan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("stubborn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n[[service]]\nname = \"stubborn\"\n\
+             command = \"python3\"\nargs = [\"{}/tests/python/chaos_worker.py\"]\nworkers = 2\n\
+             env = {{ STUBBORN = \"1\" }}\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .expect("config");
+    let (mut broker, pids, _log) = run_broker(&config, 2);
+    // Ignores SIGTERM, never reads stdin: only the kernel can help.
+    broker.kill().expect("SIGKILL");
+    broker.wait().expect("reap the broker");
+    let killed = Instant::now();
+    for pid in pids {
+        while !dead(pid) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(1),
+                "child {pid} outlived the broker by 1 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn sighup_does_not_stop_the_broker() {
+    let config = echo_config("hup", 1);
+    let (broker, pids, log) = run_broker(&config, 1);
+    let pid = nix::unistd::Pid::from_raw(broker.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut broker = broker;
+    assert!(
+        broker.try_wait().expect("wait").is_none(),
+        "SIGHUP stopped the broker"
+    );
+    assert!(!dead(pids[0]), "its child is still there");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    assert!(broker.wait().expect("wait").success());
+    let log = log.join().expect("log");
+    assert!(log.iter().any(|l| l.contains("SIGHUP")), "{log:?}");
+}

@@ -214,8 +214,25 @@ impl Bridge {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             // Its own process group: a terminal's Ctrl-C reaches the broker
-            // only, which then stops the children in order (DESIGN 5.6).
+            // only, which then stops the children in order (DESIGN 5.6);
+            // and signals to the group reach the child's own children.
             .process_group(0);
+        let broker = nix::unistd::getpid();
+        // SAFETY: runs in the forked child before exec; it only makes
+        // async-signal-safe system calls (prctl, getppid, kill) and
+        // allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // No orphans: the child is killed when the broker dies,
+                // however it dies (kill_on_drop cannot help on SIGKILL).
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The broker may have died between fork and prctl.
+                if nix::unistd::getppid() != broker {
+                    let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGKILL);
+                }
+                Ok(())
+            });
+        }
         Ok(command)
     }
 
@@ -549,17 +566,30 @@ async fn watch(
     bridge: Addr<Bridge>,
     generation: u64,
 ) {
+    // The child leads its own process group (`process_group(0)`), so the
+    // group's id is its pid; the group outlives it while its own children
+    // (our grandchildren) live, and the kernel does not reuse a pid that is
+    // still a group's id.
+    let group = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(nix::unistd::Pid::from_raw);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
             Some(signal) = signals.recv() => {
-                // Not reaped yet (wait has not returned), so the pid is still ours.
-                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                // Not reaped yet (wait has not returned): the group is ours.
+                // The whole group, so grandchildren go too (killasgroup).
+                if let Some(group) = group {
+                    let _ = nix::sys::signal::killpg(group, signal);
                 }
             }
         }
     };
+    // Whatever the child left behind in its group goes with it: no orphans.
+    if let Some(group) = group {
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+    }
     bridge.do_send(Exited { generation, status });
 }
 

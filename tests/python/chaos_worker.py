@@ -10,6 +10,7 @@ Methods (each a request from the test):
   Oversize  write a length prefix of 0xFFFFFFFF (stream out of sync)
   Torn      write half a frame and exit
   Junk      print a line of text to stdout, as a careless author would
+  Grandchild start `sleep 300` as a child of its own and reply with its pid
   IntId     send a request whose `id` is an integer (12345) and whose
             correlation id (78) comes after it; reply with the answer's
             code and source
@@ -29,7 +30,8 @@ Methods (each a request from the test):
 With FLOOD=1 in the environment it never reads stdin and writes requests to
 the service "echo" as fast as it can. With GARBAGE=1 it writes 64-byte frames
 that are not MessagePack as fast as it can. With EVENTS=1 it sends events to
-"*" as fast as it can.
+"*" as fast as it can. With STUBBORN=1 it ignores SIGTERM, says ready and
+then never reads stdin (so never sees EOF): only SIGKILL ends it.
 """
 import os
 import struct
@@ -118,6 +120,13 @@ def broadcast():
 
 
 def main():
+    if os.environ.get("STUBBORN") == "1":
+        import signal
+        import time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        send({"type": "event", "id": "ready", "target": "broker"})
+        while True:
+            time.sleep(3600)
     if os.environ.get("EVENTS") == "1":
         send({"type": "event", "id": "ready", "target": "broker"})
         broadcast()
@@ -172,6 +181,10 @@ def main():
                 answer = wait_for(900 + n)
                 answers.append(answer.get("code") or answer["payload"]["received"])
             reply(message, answers)
+        elif method == "Grandchild":
+            import subprocess
+            sleeper = subprocess.Popen(["sleep", "300"])
+            reply(message, sleeper.pid)
         elif method == "IntId":
             send({"type": "request", "id": 12345, "correlation_id": 78,
                   "target": "echo"})

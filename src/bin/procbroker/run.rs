@@ -39,6 +39,9 @@ pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
 async fn serve(loaded: Loaded, origin: String) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    // SIGHUP's default action would kill the broker and every child with
+    // it; operators send it expecting a reload, never a stop.
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let broker = ProcBroker::builder().config(loaded.broker_config()).start();
     tracing::info!(config = %origin, services = loaded.file.services.len(), "procbroker starting");
     if loaded.file.services.is_empty() {
@@ -104,9 +107,14 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
         }
     }
     tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
-    let signal = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    let signal = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = hangup.recv() => {
+                tracing::warn!("SIGHUP: reloading the configuration is not supported yet; nothing changed, the broker keeps running");
+            }
+        }
     };
     tracing::info!(signal, "shutting down");
     let report = broker.shutdown().await;
