@@ -10,7 +10,12 @@ fn cpu_us(pid: u32) -> Option<f64> {
         .ok()?
         .stat()
         .ok()?;
-    let ticks = procfs::ticks_per_second().max(1) as f64;
+    // sysconf, not procfs's auxv reader (which valgrind cannot run).
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     Some((stat.utime + stat.stime) as f64 * 1e6 / ticks)
 }
 
