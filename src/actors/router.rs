@@ -182,11 +182,11 @@ impl Router {
             );
             return self.reject(&envelope, key.0, reply_to, ErrorCode::BadRequest, message);
         }
-        let worker = match self
+        let slot = match self
             .table
             .pick(&envelope.target, self.config.queue_capacity)
         {
-            Ok(worker) => worker,
+            Ok(slot) => slot,
             Err((code, message)) => {
                 if code == ErrorCode::Busy {
                     self.count_busy(&key.0);
@@ -198,9 +198,12 @@ impl Router {
             .timeout_ms
             .map_or(self.config.request_timeout, Duration::from_millis);
         let deadline = now + timeout;
+        let Some(worker) = self.table.id_of(slot).cloned() else {
+            return;
+        };
         let method = envelope.id.clone();
         envelope.source = key.0.clone();
-        if !self.table.deliver_request(&worker, envelope, now) {
+        if !self.table.deliver_request(slot, envelope, now) {
             // Its actor stopped without a RemoveProcess: take it out now.
             self.remove_process(&worker, "its actor stopped");
             let message = format!("worker {worker:?} is gone");

@@ -70,64 +70,98 @@ impl ProcessEntry {
     }
 }
 
-/// One service: its workers in registration order, and its latency samples
-/// since the last metrics batch.
+/// One service: its workers in registration order (as slots of the
+/// table), and its latency samples since the last metrics batch.
 pub(crate) struct ServiceEntry {
     pub(crate) name: ByteString,
-    workers: Vec<ByteString>,
+    workers: Vec<usize>,
     cursor: usize,
     pub(crate) histogram: Histogram<u64>,
 }
 
-/// The table. Process ids are the keys; services are dense indices.
+/// The table. Processes live in dense slots (so the hot path, round-robin
+/// and the held deliveries, indexes instead of hashing ids); the id index
+/// finds a slot by name.
 #[derive(Default)]
 pub(crate) struct ProcessTable {
-    processes: FastMap<ByteString, ProcessEntry>,
+    slots: Vec<Option<(ByteString, ProcessEntry)>>,
+    index: FastMap<ByteString, usize>,
+    free: Vec<usize>,
     pub(crate) services: Vec<ServiceEntry>,
     service_index: FastMap<ByteString, usize>,
-    /// Processes with envelopes in `outgoing`.
-    held: Vec<ByteString>,
+    /// Slots with envelopes in `outgoing`.
+    held: Vec<usize>,
 }
 
 impl ProcessTable {
-    pub(crate) fn get(&self, id: &ByteString) -> Option<&ProcessEntry> {
-        self.processes.get(id)
+    #[inline]
+    fn slot_of(&self, id: &ByteString) -> Option<usize> {
+        self.index.get(id).copied()
     }
 
+    #[inline]
+    fn at(&self, slot: usize) -> Option<&ProcessEntry> {
+        self.slots.get(slot)?.as_ref().map(|(_, e)| e)
+    }
+
+    #[inline]
+    fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
+        self.slots.get_mut(slot)?.as_mut().map(|(_, e)| e)
+    }
+
+    pub(crate) fn get(&self, id: &ByteString) -> Option<&ProcessEntry> {
+        self.at(self.slot_of(id)?)
+    }
+
+    #[inline]
     pub(crate) fn get_mut(&mut self, id: &ByteString) -> Option<&mut ProcessEntry> {
-        self.processes.get_mut(id)
+        let slot = self.slot_of(id)?;
+        self.at_mut(slot)
+    }
+
+    /// The id of the process in `slot` (from [`pick`](Self::pick)).
+    pub(crate) fn id_of(&self, slot: usize) -> Option<&ByteString> {
+        self.slots.get(slot)?.as_ref().map(|(id, _)| id)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&ByteString, &ProcessEntry)> {
-        self.processes.iter()
+        self.slots.iter().flatten().map(|(id, e)| (id, e))
     }
 
     pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut ProcessEntry> {
-        self.processes.values_mut()
+        self.slots.iter_mut().flatten().map(|(_, e)| e)
     }
 
     /// Adds a process at the end of its service's rotation.
     pub(crate) fn register(&mut self, msg: RegisterProcess) -> Result<(), RouterError> {
-        if self.processes.contains_key(&msg.id) {
+        if self.index.contains_key(&msg.id) {
             return Err(RouterError::Duplicate(msg.id.to_string()));
         }
         let service = self.service_slot(&msg.service);
-        self.services[service].workers.push(msg.id.clone());
-        self.processes.insert(
-            msg.id,
-            ProcessEntry {
-                service,
-                pacer: msg.pacer,
-                recipient: msg.recipient,
-                outgoing: Envelopes::new(),
-                ready: msg.ready,
-                in_flight: 0,
-                delta: Counters::default(),
-                first_seen: None,
-                last_seen: None,
-                events: (Instant::now(), 0),
-            },
-        );
+        let entry = ProcessEntry {
+            service,
+            pacer: msg.pacer,
+            recipient: msg.recipient,
+            outgoing: Envelopes::new(),
+            ready: msg.ready,
+            in_flight: 0,
+            delta: Counters::default(),
+            first_seen: None,
+            last_seen: None,
+            events: (Instant::now(), 0),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some((msg.id.clone(), entry));
+                slot
+            }
+            None => {
+                self.slots.push(Some((msg.id.clone(), entry)));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(msg.id, slot);
+        self.services[service].workers.push(slot);
         Ok(())
     }
 
@@ -149,9 +183,11 @@ impl ProcessTable {
     /// Takes a process out of the table and its service's rotation. What was
     /// held for it is dropped with it.
     pub(crate) fn remove(&mut self, id: &ByteString) -> Option<ProcessEntry> {
-        let entry = self.processes.remove(id)?;
+        let slot = self.index.remove(id)?;
+        let (_, entry) = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
         let service = &mut self.services[entry.service];
-        service.workers.retain(|w| w != id);
+        service.workers.retain(|&w| w != slot);
         if service.cursor >= service.workers.len() {
             service.cursor = 0;
         }
@@ -162,15 +198,17 @@ impl ProcessTable {
         &self.services[entry.service].name
     }
 
-    /// Resolves a request's target to one process: the process itself, or the
-    /// next ready worker of the service (round-robin) with fewer than
-    /// `capacity` requests in flight. Or says why not.
+    /// Resolves a request's target to the slot of one process: the process
+    /// itself, or the next ready worker of the service (round-robin) with
+    /// fewer than `capacity` requests in flight. Or says why not.
     pub(crate) fn pick(
         &mut self,
         target: &ByteString,
         capacity: usize,
-    ) -> Result<ByteString, (ErrorCode, String)> {
-        if let Some(entry) = self.processes.get(target) {
+    ) -> Result<usize, (ErrorCode, String)> {
+        if let Some(slot) = self.slot_of(target)
+            && let Some(entry) = self.at(slot)
+        {
             if !entry.ready {
                 return Err((
                     ErrorCode::Unavailable,
@@ -183,20 +221,21 @@ impl ProcessTable {
                     format!("process {target:?} has {capacity} requests in flight"),
                 ));
             }
-            return Ok(target.clone());
+            return Ok(slot);
         }
-        let Some(&slot) = self.service_index.get(target) else {
+        let Some(&service) = self.service_index.get(target) else {
             return Err((
                 ErrorCode::UnknownTarget,
                 format!("no process or service {target:?}"),
             ));
         };
-        let service = &mut self.services[slot];
-        let n = service.workers.len();
+        let n = self.services[service].workers.len();
+        let cursor = self.services[service].cursor;
         let mut any_ready = false;
         for step in 0..n {
-            let i = (service.cursor + step) % n;
-            let Some(entry) = self.processes.get(&service.workers[i]) else {
+            let i = (cursor + step) % n;
+            let slot = self.services[service].workers[i];
+            let Some(entry) = self.at(slot) else {
                 continue;
             };
             if !entry.ready {
@@ -204,8 +243,8 @@ impl ProcessTable {
             }
             any_ready = true;
             if entry.in_flight < capacity {
-                service.cursor = (i + 1) % n;
-                return Ok(service.workers[i].clone());
+                self.services[service].cursor = (i + 1) % n;
+                return Ok(slot);
             }
         }
         if any_ready {
@@ -231,22 +270,22 @@ impl ProcessTable {
     ) -> Option<Vec<ByteString>> {
         if &**target == BROADCAST {
             Some(
-                self.processes
-                    .iter()
+                self.iter()
                     .filter(|(id, e)| e.ready && *id != from && &***id != BROKER)
                     .map(|(id, _)| id.clone())
                     .collect(),
             )
-        } else if self.processes.contains_key(target) {
+        } else if self.index.contains_key(target) {
             Some(vec![target.clone()])
         } else {
-            let &slot = self.service_index.get(target)?;
+            let &service = self.service_index.get(target)?;
             Some(
-                self.services[slot]
+                self.services[service]
                     .workers
                     .iter()
-                    .filter(|id| self.processes.get(*id).is_some_and(|e| e.ready))
-                    .cloned()
+                    .filter_map(|&slot| self.slots.get(slot)?.as_ref())
+                    .filter(|(_, e)| e.ready)
+                    .map(|(id, _)| id.clone())
                     .collect(),
             )
         }
@@ -256,36 +295,56 @@ impl ProcessTable {
     /// and counts it; false if the process is gone (its actor stopped).
     #[inline]
     pub(crate) fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
-        match self.processes.get_mut(to) {
-            Some(entry) => hold(entry, to, &mut self.held, envelope, now),
+        match self.slot_of(to) {
+            Some(slot) => self.hold(slot, envelope, now),
             None => false,
         }
     }
 
-    /// [`deliver`](Self::deliver) for a request: also takes one of the
-    /// worker's `queue_capacity` slots.
+    /// [`deliver`](Self::deliver) of a request to the process in `slot`
+    /// (from [`pick`](Self::pick)): also takes one of its `queue_capacity`
+    /// slots.
     #[inline]
     pub(crate) fn deliver_request(
         &mut self,
-        to: &ByteString,
+        slot: usize,
         envelope: Envelope,
         now: Instant,
     ) -> bool {
-        let Some(entry) = self.processes.get_mut(to) else {
-            return false;
-        };
-        let held = hold(entry, to, &mut self.held, envelope, now);
-        if held {
+        let held = self.hold(slot, envelope, now);
+        if held && let Some(entry) = self.at_mut(slot) {
             entry.in_flight += 1;
         }
         held
+    }
+
+    #[inline]
+    fn hold(&mut self, slot: usize, envelope: Envelope, now: Instant) -> bool {
+        let Some(entry) = self
+            .slots
+            .get_mut(slot)
+            .and_then(|s| s.as_mut())
+            .map(|(_, e)| e)
+        else {
+            return false;
+        };
+        if !entry.recipient.connected() {
+            return false;
+        }
+        entry.delta.sent += 1;
+        entry.saw(now);
+        if entry.outgoing.is_empty() {
+            self.held.push(slot);
+        }
+        entry.outgoing.push(envelope);
+        true
     }
 
     /// Gives back a slot taken by [`deliver_request`](Self::deliver_request):
     /// its request was answered, bounced, timed out or orphaned.
     #[inline]
     pub(crate) fn release(&mut self, worker: &ByteString) {
-        if let Some(entry) = self.processes.get_mut(worker) {
+        if let Some(entry) = self.get_mut(worker) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
     }
@@ -293,8 +352,9 @@ impl ProcessTable {
     /// Sends each process what was held for it, in one [`Deliver`].
     #[inline]
     pub(crate) fn send_held(&mut self) {
-        for id in self.held.drain(..) {
-            if let Some(entry) = self.processes.get_mut(&id)
+        for slot in self.held.drain(..) {
+            // A slot emptied meanwhile (the process was removed) has nothing.
+            if let Some(Some((_, entry))) = self.slots.get_mut(slot)
                 && !entry.outgoing.is_empty()
             {
                 let envelopes = std::mem::take(&mut entry.outgoing);
@@ -302,24 +362,4 @@ impl ProcessTable {
             }
         }
     }
-}
-
-#[inline]
-fn hold(
-    entry: &mut ProcessEntry,
-    id: &ByteString,
-    held: &mut Vec<ByteString>,
-    envelope: Envelope,
-    now: Instant,
-) -> bool {
-    if !entry.recipient.connected() {
-        return false;
-    }
-    entry.delta.sent += 1;
-    entry.saw(now);
-    if entry.outgoing.is_empty() {
-        held.push(id.clone());
-    }
-    entry.outgoing.push(envelope);
-    true
 }
