@@ -126,6 +126,7 @@ async fn a_command_that_goes_away_spends_its_restarts_with_backoff() {
         max_restarts: 3,
         backoff_initial_ms: 100,
         backoff_max_ms: 100,
+        ..procbroker::protocol::rpc::RestartPolicy::default()
     };
     let spec = ServiceConfig::new("gone", script.display().to_string()).restart(policy);
     let first = broker.spawn(spec).await.expect("it ran once");
@@ -262,5 +263,66 @@ async fn a_new_child_is_sampled_soon_not_after_a_whole_interval() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    broker.shutdown().await;
+}
+
+/// A Python child that exits with status 1 after `after_s` seconds.
+fn crashes_after(name: &str, after_s: &str, max_restarts: i64, window_ms: u64) -> ServiceConfig {
+    ServiceConfig::new(name, python())
+        .args([
+            "-c".to_owned(),
+            format!("import time, sys; time.sleep({after_s}); sys.exit(1)"),
+        ])
+        .no_ready_handshake()
+        .restart(procbroker::protocol::rpc::RestartPolicy {
+            max_restarts,
+            backoff_initial_ms: 10,
+            backoff_max_ms: 10,
+            window_ms,
+        })
+}
+
+async fn row(
+    broker: &procbroker::embed::BrokerHandle,
+    id: &str,
+) -> procbroker::protocol::rpc::ProcessInfo {
+    broker
+        .processes()
+        .await
+        .expect("processes")
+        .into_iter()
+        .find(|p| p.id == id)
+        .expect("row")
+}
+
+#[actix::test]
+async fn restart_intensity_counts_only_the_restarts_inside_the_window() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    // Exits at once: a fourth exit inside 10 s with max_restarts = 3.
+    broker
+        .spawn(crashes_after("fast", "0", 3, 10_000))
+        .await
+        .expect("spawn fast");
+    // Exits every 0.45 s with a 0.3 s window and max_restarts = 1: never
+    // two restarts inside one window, so it keeps being restarted (v1's
+    // lifetime count would have failed it at its second exit).
+    broker
+        .spawn(crashes_after("slow", "0.45", 1, 300))
+        .await
+        .expect("spawn slow");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let fast = row(&broker, "fast.0").await;
+        if fast.status == ProcessStatus::Failed {
+            assert_eq!(fast.restarts, 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "fast.0 never failed: {fast:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let slow = row(&broker, "slow.0").await;
+    assert_ne!(slow.status, ProcessStatus::Failed, "{slow:?}");
+    assert!(slow.restarts >= 3, "{slow:?}");
     broker.shutdown().await;
 }

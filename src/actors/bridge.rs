@@ -131,6 +131,8 @@ pub struct Bridge {
     warnings: LogLimit,
     /// When stdout last brought something (while stopping: is it quiet?).
     last_read: Instant,
+    /// When it was restarted, within the policy's `window_ms`.
+    recent_restarts: std::collections::VecDeque<Instant>,
 }
 
 impl Bridge {
@@ -164,6 +166,7 @@ impl Bridge {
             stopping: false,
             warnings: LogLimit::default(),
             last_read: Instant::now(),
+            recent_restarts: std::collections::VecDeque::new(),
         }
     }
 
@@ -427,8 +430,25 @@ impl Bridge {
     /// starts over after 60 s up.
     fn restart_or_give_up(&mut self, reason: &str, up: Duration, ctx: &mut Context<Self>) {
         let policy = self.spec.restart;
-        if policy.max_restarts >= 0 && i64::from(self.restarts) >= policy.max_restarts {
+        let now = Instant::now();
+        let counted = if policy.window_ms > 0 {
+            // Restart intensity (OTP's intensity/period): only restarts
+            // inside the last window count.
+            let window = Duration::from_millis(policy.window_ms);
+            while self
+                .recent_restarts
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > window)
+            {
+                self.recent_restarts.pop_front();
+            }
+            self.recent_restarts.len() as i64
+        } else {
+            i64::from(self.restarts)
+        };
+        if policy.max_restarts >= 0 && counted >= policy.max_restarts {
             tracing::error!(process = %self.id, restarts = self.restarts,
+                window_ms = policy.window_ms,
                 "child {reason}; max_restarts reached, giving up");
             self.set_status(ProcessStatus::Failed);
             self.settle_first_start();
@@ -444,6 +464,9 @@ impl Bridge {
         self.backoff = (delay * 2).min(max);
         self.set_status(ProcessStatus::Restarting);
         self.settle_first_start();
+        if policy.window_ms > 0 {
+            self.recent_restarts.push_back(now);
+        }
         self.restart_timer = Some(ctx.run_later(delay, |bridge, ctx| {
             bridge.restarts += 1;
             bridge.spawn_child(ctx);

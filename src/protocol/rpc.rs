@@ -133,6 +133,11 @@ pub struct RestartPolicy {
     pub backoff_initial_ms: u64,
     /// Backoff ceiling (the delay doubles up to here).
     pub backoff_max_ms: u64,
+    /// Restart intensity: when > 0, more than `max_restarts` restarts
+    /// inside any window of this many milliseconds make the process
+    /// `failed` (a process up longer than the window starts afresh). 0:
+    /// `max_restarts` counts over the process's whole life.
+    pub window_ms: u64,
 }
 
 impl Default for RestartPolicy {
@@ -141,6 +146,7 @@ impl Default for RestartPolicy {
             max_restarts: -1,
             backoff_initial_ms: 100,
             backoff_max_ms: 30_000,
+            window_ms: 0,
         }
     }
 }

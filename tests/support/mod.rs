@@ -61,6 +61,7 @@ pub fn quick_restarts(max: i64) -> RestartPolicy {
         max_restarts: max,
         backoff_initial_ms: 10,
         backoff_max_ms: 40,
+        ..RestartPolicy::default()
     }
 }
 
