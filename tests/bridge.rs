@@ -326,3 +326,42 @@ async fn restart_intensity_counts_only_the_restarts_inside_the_window() {
     assert!(slow.restarts >= 3, "{slow:?}");
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn the_sdk_and_the_python_example_answer_health_checks() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let check = procbroker::config::HealthCheck {
+        method: "Ping".into(),
+        interval_ms: 100,
+        timeout_ms: 200,
+        failures: 1,
+    };
+    broker
+        .spawn(echo("echo", 1).health(check.clone()))
+        .await
+        .expect("spawn echo");
+    broker
+        .spawn(
+            ServiceConfig::new("pyecho", python())
+                .args([format!(
+                    "{}/examples/python/echo_worker.py",
+                    env!("CARGO_MANIFEST_DIR")
+                )])
+                .health(check),
+        )
+        .await
+        .expect("spawn pyecho");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stats = broker.stats().await.expect("stats");
+    for id in ["echo.0", "pyecho.0"] {
+        let p = &stats.per_process[id];
+        assert_eq!(
+            (p.faults.health_failures, p.faults.restarts),
+            (0, 0),
+            "{id}"
+        );
+        // Checks are not traffic: nothing was routed to or from them.
+        assert_eq!(p.counters.total_sent, 0, "{id}");
+    }
+    broker.shutdown().await;
+}

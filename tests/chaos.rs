@@ -538,3 +538,38 @@ async fn stopping_a_child_takes_its_own_children_with_it() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[actix::test]
+async fn a_stuck_worker_is_killed_by_its_health_check_and_its_request_answered() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let check = procbroker::config::HealthCheck {
+        method: "Ping".into(),
+        interval_ms: 200,
+        timeout_ms: 100,
+        failures: 2,
+    };
+    let spawned = broker
+        .spawn(chaos("chaos").restart(quick_restarts(-1)).health(check))
+        .await
+        .expect("spawn chaos");
+    let pid = spawned[0].pid.expect("pid");
+    // Healthy: checks pass while it serves.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    echo_ok(&broker).await;
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["chaos.0"].faults.health_failures, 0);
+    // Stuck: its main loop blocks. Two failed checks (2 x 200 ms + 100 ms,
+    // plus up to one interval of phase) and it is killed.
+    let t = Instant::now();
+    let e = broker.call("chaos", "Block", &()).await.expect_err("stuck");
+    let detected = t.elapsed();
+    assert_eq!(e.code(), Some("worker_exited"), "{e}");
+    assert!(detected < Duration::from_millis(1500), "{detected:?}");
+    let again = ready_again(&broker, "chaos.0", 1).await;
+    assert_ne!(again.pid, Some(pid), "a new incarnation");
+    echo_ok(&broker).await;
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["chaos.0"].faults.health_failures, 2);
+    eprintln!("stuck worker detected and killed after {detected:?}");
+    broker.shutdown().await;
+}

@@ -76,6 +76,8 @@ def handle(request):
     payload = request.get("payload")
     if method == "Echo":
         return reply(request, payload)
+    if method == "Ping":  # the broker's health check
+        return reply(request, {})
     if method == "Reverse":
         if not isinstance(payload, str):
             return reply(request, error="Reverse takes a string", code="bad_request")

@@ -38,10 +38,11 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
-use super::log_limit::{BadFrameRate, LogLimit, Verdict};
+use super::health::{Health, Verdict};
+use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::messages::{
-    BadFrame, Bounce, Deliver, Envelopes, RegisterProcess, RemoveProcess, Route, SetReady,
-    StopProcess, TrackProcess, Unwatch, Watch,
+    BadFrame, Bounce, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, Route,
+    SetReady, StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
 use super::router::Router;
@@ -89,6 +90,10 @@ struct Incarnation {
     ready_timer: Option<SpawnHandle>,
     /// Bad frames in the current second, against `max_bad_frames_per_s`.
     bad_rate: BadFrameRate,
+    /// Its health checks, once it is ready (if the service has them).
+    health: Option<Health>,
+    /// The interval that sends them.
+    health_timer: Option<SpawnHandle>,
 }
 
 impl Incarnation {
@@ -323,6 +328,8 @@ impl Bridge {
             signals,
             ready_timer,
             bad_rate: BadFrameRate::new(self.config.max_bad_frames_per_s),
+            health: None,
+            health_timer: None,
         });
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
@@ -330,6 +337,7 @@ impl Bridge {
         if ready {
             self.set_status(ProcessStatus::Ready);
             self.settle_first_start();
+            self.start_health(ctx);
         } else {
             self.set_status(ProcessStatus::Starting);
         }
@@ -381,6 +389,76 @@ impl Bridge {
         });
         self.set_status(ProcessStatus::Ready);
         self.settle_first_start();
+        self.start_health(ctx);
+    }
+
+    /// Starts the health checks of the current incarnation, if the service
+    /// has them: one every `interval_ms` while no earlier one is waiting.
+    fn start_health(&mut self, ctx: &mut Context<Self>) {
+        let Some(check) = self.spec.health.clone() else {
+            return;
+        };
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let generation = child.generation;
+        let interval = Duration::from_millis(check.interval_ms.max(1));
+        child.health = Some(Health::new(check));
+        child.health_timer = Some(ctx.run_interval(interval, move |bridge, ctx| {
+            bridge.health_tick(generation, ctx);
+        }));
+    }
+
+    fn health_tick(&mut self, generation: u64, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
+        let Some(child) = self.child.as_mut().filter(|c| c.generation == generation) else {
+            return;
+        };
+        let Some(health) = child.health.as_mut() else {
+            return;
+        };
+        let Some(request) = health.start(&self.id) else {
+            return;
+        };
+        let correlation_id = request.correlation_id;
+        let timeout = Duration::from_millis(health.check().timeout_ms);
+        // Into the child's stdin like any request (not through the Router).
+        let _ = child.outbox.push(&request);
+        ctx.run_later(timeout, move |bridge, ctx| {
+            let verdict = bridge
+                .child
+                .as_mut()
+                .filter(|c| c.generation == generation)
+                .and_then(|c| c.health.as_mut())
+                .and_then(|h| h.timed_out(correlation_id));
+            if let Some(verdict) = verdict {
+                bridge.health_verdict(verdict, ctx);
+            }
+        });
+    }
+
+    /// Acts on a health check's outcome: counted, logged (a few a second),
+    /// and the worker killed once enough have failed in a row.
+    fn health_verdict(&mut self, verdict: Verdict, ctx: &mut Context<Self>) {
+        let Verdict::Failed {
+            reason,
+            in_a_row,
+            kill,
+        } = verdict
+        else {
+            return;
+        };
+        self.peers.router.do_send(HealthFailure {
+            id: self.id.clone(),
+        });
+        if kill {
+            tracing::error!(process = %self.id, in_a_row, "health check failed ({reason}); killing the worker");
+            self.kill_and_stop_reading(ctx);
+        } else if let LogLine::Log { suppressed } = self.warnings.check(Instant::now()) {
+            tracing::warn!(process = %self.id, in_a_row, suppressed, "health check failed ({reason})");
+        }
     }
 
     fn exited(
@@ -393,7 +471,10 @@ impl Bridge {
             return;
         };
         ctx.cancel_future(child.stdout);
-        if let Some(timer) = child.ready_timer {
+        for timer in [child.ready_timer, child.health_timer]
+            .into_iter()
+            .flatten()
+        {
             ctx.cancel_future(timer);
         }
         child.outbox.discard();
@@ -502,7 +583,7 @@ impl Bridge {
     /// its sender gets `bad_request`; the rest are reported as one count per
     /// pipe read. Returns true if it was counted here and not yet reported.
     fn invalid_envelope(&mut self, invalid: InvalidEnvelope, now: Instant) -> bool {
-        if let Verdict::Log { suppressed } = self.warnings.check(now) {
+        if let LogLine::Log { suppressed } = self.warnings.check(now) {
             tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
                 suppressed, "invalid envelope dropped");
         }
@@ -648,8 +729,20 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         for item in items {
             match item {
                 Ok(Ok(envelope)) => {
-                    self.inspect(&envelope, ctx);
-                    envelopes.push(envelope);
+                    // A health check's reply stays here.
+                    let check = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.health.as_mut())
+                        .and_then(|h| h.reply(&envelope));
+                    match check {
+                        Some(Some(verdict)) => self.health_verdict(verdict, ctx),
+                        Some(None) => {}
+                        None => {
+                            self.inspect(&envelope, ctx);
+                            envelopes.push(envelope);
+                        }
+                    }
                 }
                 Ok(Err(invalid)) => {
                     bad += 1;

@@ -32,7 +32,7 @@ impl Default for LogLimit {
 
 /// What to do with one warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum LogLine {
     /// Log it; `suppressed` lines were left out since the last one logged
     /// (say so in the same line, or before it).
     Log {
@@ -45,19 +45,19 @@ pub enum Verdict {
 
 impl LogLimit {
     /// Asks to log one warning at `now`.
-    pub fn check(&mut self, now: Instant) -> Verdict {
+    pub fn check(&mut self, now: Instant) -> LogLine {
         if now.saturating_duration_since(self.window_start) >= WINDOW {
             self.window_start = now;
             self.in_window = 0;
         }
         if self.in_window < WARNINGS_PER_SECOND {
             self.in_window += 1;
-            Verdict::Log {
+            LogLine::Log {
                 suppressed: std::mem::take(&mut self.suppressed),
             }
         } else {
             self.suppressed += 1;
-            Verdict::Suppress
+            LogLine::Suppress
         }
     }
 
@@ -108,12 +108,12 @@ mod tests {
             window_start: t0,
             ..LogLimit::default()
         };
-        let verdicts: Vec<Verdict> = (0..8).map(|_| limit.check(t0)).collect();
-        assert_eq!(verdicts[..5], [Verdict::Log { suppressed: 0 }; 5]);
-        assert_eq!(verdicts[5..], [Verdict::Suppress; 3]);
+        let verdicts: Vec<LogLine> = (0..8).map(|_| limit.check(t0)).collect();
+        assert_eq!(verdicts[..5], [LogLine::Log { suppressed: 0 }; 5]);
+        assert_eq!(verdicts[5..], [LogLine::Suppress; 3]);
         assert_eq!(limit.pending(), 3);
         let later = t0 + Duration::from_millis(1001);
-        assert_eq!(limit.check(later), Verdict::Log { suppressed: 3 });
+        assert_eq!(limit.check(later), LogLine::Log { suppressed: 3 });
         assert_eq!(limit.pending(), 0);
     }
 

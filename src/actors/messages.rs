@@ -221,6 +221,15 @@ pub struct Bounce {
     pub message: String,
 }
 
+/// A health check of process `id` failed (counted as its
+/// `health_failures`).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct HealthFailure {
+    /// The process.
+    pub id: ByteString,
+}
+
 /// While draining, new requests are answered `shutting_down`; replies to
 /// requests already in flight still go through.
 #[derive(Debug, Message)]
@@ -285,6 +294,8 @@ pub struct Counters {
     /// `ready`) addressed to anyone but the broker, events to unknown
     /// targets.
     pub dropped_events: u64,
+    /// Its failed health checks.
+    pub health_failures: u64,
 }
 
 impl Counters {
@@ -314,6 +325,7 @@ impl Counters {
         self.busy_rejections += o.busy_rejections;
         self.timeouts += o.timeouts;
         self.dropped_events += o.dropped_events;
+        self.health_failures += o.health_failures;
     }
 }
 

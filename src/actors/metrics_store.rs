@@ -105,6 +105,7 @@ fn faults(c: &Counters, restarts: u64) -> FaultCounters {
         timeouts: c.timeouts,
         restarts,
         dropped_events: c.dropped_events,
+        health_failures: c.health_failures,
     }
 }
 

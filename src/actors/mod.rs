@@ -16,6 +16,7 @@
 pub mod bridge;
 pub mod broker;
 mod deadline;
+pub mod health;
 pub mod inproc;
 pub mod latency;
 pub mod log_limit;

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant, SystemTime};
 use super::deadline::{Deadline, Expire};
 use super::latency;
 use super::messages::{
-    BadFrame, Bounce, Call, Counters, FlushMetrics, MetricsBatch, PendingCount, ProcessSnapshot,
-    RegisterProcess, RemoveProcess, Route, RouterError, SetDraining, SetReady,
+    BadFrame, Bounce, Call, Counters, FlushMetrics, HealthFailure, MetricsBatch, PendingCount,
+    ProcessSnapshot, RegisterProcess, RemoveProcess, Route, RouterError, SetDraining, SetReady,
 };
 use super::pacer::Pacer;
 use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
@@ -502,6 +502,16 @@ impl Handler<SetReady> for Router {
     fn handle(&mut self, msg: SetReady, _: &mut Self::Context) {
         if let Some(entry) = self.table.get_mut(&msg.id) {
             entry.ready = msg.ready;
+        }
+    }
+}
+
+impl Handler<HealthFailure> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: HealthFailure, _: &mut Self::Context) {
+        if let Some(entry) = self.table.get_mut(&msg.id) {
+            entry.delta.health_failures += 1;
         }
     }
 }

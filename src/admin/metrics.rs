@@ -49,7 +49,7 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
 type CounterOf = fn(&MessageCounters, &FaultCounters) -> u64;
 
 /// The counters exported per process, with their help text.
-const COUNTERS: [(&str, &str, CounterOf); 12] = [
+const COUNTERS: [(&str, &str, CounterOf); 13] = [
     (
         "messages_sent_total",
         "Envelopes written to the process.",
@@ -101,6 +101,11 @@ const COUNTERS: [(&str, &str, CounterOf); 12] = [
         "dropped_events_total",
         "Events of the process the broker dropped (lifecycle events not for the broker, unknown targets).",
         |_, f| f.dropped_events,
+    ),
+    (
+        "health_failures_total",
+        "Health checks of the process that failed (no reply in time, or an error).",
+        |_, f| f.health_failures,
     ),
 ];
 

@@ -291,6 +291,17 @@ impl Loaded {
                     "need 1 <= backoff_initial_ms <= backoff_max_ms",
                 ));
             }
+            if let Some(h) = &s.health
+                && (h.method.is_empty()
+                    || h.interval_ms == 0
+                    || h.timeout_ms == 0
+                    || h.failures == 0)
+            {
+                return Err(invalid(
+                    format!("service[{i}].health"),
+                    "need a method and interval_ms, timeout_ms, failures of at least 1",
+                ));
+            }
         }
         Ok(())
     }

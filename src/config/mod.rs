@@ -89,6 +89,37 @@ pub struct ServiceConfig {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Health check of each ready worker (none by default).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// `health = { method, interval_ms, timeout_ms, failures }`: every
+/// `interval_ms` the broker calls `method` on each ready worker; after
+/// `failures` consecutive checks without a good reply within `timeout_ms`
+/// the worker is killed and restarted as after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The method called (the SDK and the Python example answer `Ping`).
+    pub method: String,
+    /// Time between checks.
+    pub interval_ms: u64,
+    /// How long a check may wait for its reply.
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that get the worker killed.
+    pub failures: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            method: "Ping".into(),
+            interval_ms: 5000,
+            timeout_ms: 1000,
+            failures: 3,
+        }
+    }
 }
 
 fn default_workers() -> u32 {
@@ -115,6 +146,7 @@ impl ServiceConfig {
             ready_timeout_ms: default_ready_timeout_ms(),
             env: BTreeMap::new(),
             restart: RestartPolicy::default(),
+            health: None,
         }
     }
 
@@ -142,6 +174,12 @@ impl ServiceConfig {
         self
     }
 
+    /// Checks each ready worker's health.
+    pub fn health(mut self, check: HealthCheck) -> Self {
+        self.health = Some(check);
+        self
+    }
+
     /// Sets the restart policy.
     pub fn restart(mut self, policy: RestartPolicy) -> Self {
         self.restart = policy;
@@ -166,6 +204,7 @@ impl From<SpawnRequest> for ServiceConfig {
             ready_timeout_ms: r.ready_timeout_ms.unwrap_or_else(default_ready_timeout_ms),
             env: r.env,
             restart: r.restart,
+            health: None,
         }
     }
 }

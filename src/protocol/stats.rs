@@ -49,6 +49,9 @@ pub struct FaultCounters {
     /// targets.
     #[serde(default)]
     pub dropped_events: u64,
+    /// Health checks that failed (no reply in time, or an error reply).
+    #[serde(default)]
+    pub health_failures: u64,
 }
 
 /// `total` of the stats reply.

@@ -54,6 +54,9 @@ impl HandlerError {
 /// What a handler resolves to: a payload (or none) or an error.
 pub type HandlerResult = Result<Option<Payload>, HandlerError>;
 
+/// The method the broker's health checks call by default.
+pub const PING: &str = "Ping";
+
 /// A boxed handler future. Local: handlers run on the worker's arbiter.
 pub type HandlerFuture = LocalBoxFuture<'static, HandlerResult>;
 
@@ -132,6 +135,13 @@ impl Methods {
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
             Some(handler) => handler(request),
+            // The broker's health check (DESIGN 10.3): answered with `{}`
+            // unless the service serves `Ping` itself.
+            None if &*request.id == PING => Box::pin(async {
+                crate::protocol::Payload::encode(&crate::protocol::rpc::Empty {})
+                    .map(Some)
+                    .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))
+            }),
             None => {
                 let error = HandlerError::broker(
                     ErrorCode::UnknownMethod,

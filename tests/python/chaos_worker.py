@@ -4,6 +4,8 @@
 Methods (each a request from the test):
   Echo      reply with the payload
   Hold      never reply (the request stays in flight)
+  Block     block its main loop (alive, reading nothing, answering nothing)
+  Ping      reply {} (the broker's health check)
   Garbage   write a frame that is not MessagePack, then a request frame that is
             invalid (no target) but has a readable correlation id (77); wait for
             the broker's bad_request for it, then reply with its code/message
@@ -148,6 +150,11 @@ def main():
             reply(message, message.get("payload"))
         elif method == "Hold":
             pass
+        elif method == "Block":
+            import time
+            time.sleep(600)
+        elif method == "Ping":
+            reply(message, {})
         elif method == "Garbage":
             out.write(struct.pack(">I", 2) + b"\xc1\xc1")
             out.write(frame({"type": "request", "id": "Lost", "correlation_id": 77}))
