@@ -29,8 +29,10 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
+pub use crate::actors::broker::ControlError;
 use crate::actors::broker::{
-    Broker, GetProcesses, SpawnError, SpawnService, StopAll, StopError, StopTarget,
+    Broker, GetProcesses, RestartTarget, ScaleService, SpawnError, SpawnService, StopAll,
+    StopError, StopTarget,
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::messages::{
@@ -42,7 +44,7 @@ use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
-use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
 use crate::protocol::{Envelope, MessageStats};
 use crate::service::Methods;
 
@@ -247,6 +249,30 @@ impl BrokerHandle {
             // The Broker is gone: so are its children.
             Err(_) => Ok(Vec::new()),
         }
+    }
+
+    /// Sets a subprocess service's number of workers: starts `name.N…`, or
+    /// takes the highest-numbered out of rotation, lets what was delivered
+    /// to them be answered (up to `drain_timeout`), and stops them.
+    pub async fn scale(&self, service: &str, workers: u32) -> Result<ScaleReply, ControlError> {
+        self.broker
+            .send(ScaleService {
+                service: service.into(),
+                workers,
+            })
+            .await
+            .map_err(|_| ControlError::Unknown(service.into()))?
+    }
+
+    /// Restarts a process (`echo.1`) or every worker of a service, one at a
+    /// time: out of rotation, drained, stopped, started, ready, then the
+    /// next. With two or more workers under load no caller sees an error.
+    /// Returns the ids restarted.
+    pub async fn restart(&self, target: &str) -> Result<Vec<String>, ControlError> {
+        self.broker
+            .send(RestartTarget(target.into()))
+            .await
+            .map_err(|_| ControlError::Unknown(target.into()))?
     }
 
     /// Graceful shutdown (DESIGN 5.6): new requests are answered

@@ -365,3 +365,114 @@ async fn the_sdk_and_the_python_example_answer_health_checks() {
     }
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn scale_and_a_rolling_restart_under_load_cost_no_caller_an_error() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker.spawn(echo("echo", 2)).await.expect("spawn");
+    // Eight callers keep a request in flight each, all along.
+    let running = Rc::new(Cell::new(true));
+    let (ok, failed) = (
+        Rc::new(Cell::new(0u64)),
+        Rc::new(Cell::new(Vec::<String>::new())),
+    );
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let (broker, running, ok, failed) = (
+            broker.clone(),
+            Rc::clone(&running),
+            Rc::clone(&ok),
+            Rc::clone(&failed),
+        );
+        callers.push(actix::spawn(async move {
+            while running.get() {
+                match broker.call("echo", "Echo", &"x").await {
+                    Ok(_) => ok.set(ok.get() + 1),
+                    Err(e) => {
+                        let mut seen = failed.take();
+                        seen.push(e.to_string());
+                        failed.set(seen);
+                    }
+                }
+            }
+        }));
+    }
+    let pids =
+        |list: Vec<procbroker::protocol::rpc::ProcessInfo>| -> BTreeMap<String, Option<u32>> {
+            list.into_iter()
+                .filter(|p| p.service == "echo" && p.status == ProcessStatus::Ready)
+                .map(|p| (p.id, p.pid))
+                .collect()
+        };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let up = broker.scale("echo", 4).await.expect("scale up");
+    assert_eq!(
+        (up.workers, up.started, up.stopped.len()),
+        (4, vec!["echo.2".to_owned(), "echo.3".to_owned()], 0)
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let down = broker.scale("echo", 1).await.expect("scale down");
+    assert_eq!(down.stopped, ["echo.1", "echo.2", "echo.3"]);
+    assert!(down.started.is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker.scale("echo", 3).await.expect("scale up again");
+    let before = pids(broker.processes().await.expect("list"));
+    assert_eq!(before.len(), 3, "{before:?}");
+    let t = Instant::now();
+    let restarted = broker.restart("echo").await.expect("rolling restart");
+    eprintln!("rolling restart of 3 workers under load: {:?}", t.elapsed());
+    assert_eq!(restarted, ["echo.0", "echo.1", "echo.2"]);
+    let after = pids(broker.processes().await.expect("list"));
+    for (id, pid) in &before {
+        assert_ne!(after.get(id), Some(pid), "{id} has a new pid");
+    }
+    let rows = broker.processes().await.expect("list");
+    assert!(
+        rows.iter()
+            .filter(|p| p.service == "echo")
+            .all(|p| p.restarts == 0),
+        "{rows:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.set(false);
+    join_all(callers).await;
+    let failed = failed.take();
+    assert!(
+        failed.is_empty(),
+        "{} errors: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok.get() > 100, "{} calls", ok.get());
+    // The RPCs' bad payloads change nothing.
+    for (payload, code) in [
+        (
+            serde_json::json!({"service": "nope", "workers": 2}),
+            "unknown_target",
+        ),
+        (
+            serde_json::json!({"service": "echo", "workers": -1}),
+            "bad_request",
+        ),
+        (serde_json::json!({"service": "echo"}), "bad_request"),
+        (
+            serde_json::json!({"service": "echo", "workers": 0}),
+            "bad_request",
+        ),
+    ] {
+        let e = broker
+            .call("broker", "Scale", &payload)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Some(code), "{payload}: {e}");
+    }
+    let e = broker
+        .call("broker", "Restart", &serde_json::json!({"id": "echo.9"}))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Some("unknown_target"));
+    assert_eq!(pids(broker.processes().await.expect("list")).len(), 3);
+    broker.shutdown().await;
+}

@@ -175,6 +175,13 @@ impl Bridge {
         }
     }
 
+    /// Carries over the restart count of an earlier bridge of the same id
+    /// (a rolling restart is not a crash, and does not reset the count).
+    pub fn with_restarts(mut self, restarts: u32) -> Self {
+        self.restarts = restarts;
+        self
+    }
+
     fn info(&self) -> ProcessInfo {
         ProcessInfo {
             id: self.id.to_string(),

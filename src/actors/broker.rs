@@ -21,15 +21,19 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::bridge::{Bridge, BridgePeers};
-use super::messages::{Deliver, ProcessLifecycle, Route, StopProcess, SubmitMetrics, TrackProcess};
+use super::messages::{
+    Deliver, InFlightOf, ProcessLifecycle, Route, SetReady, StopProcess, SubmitMetrics,
+    TrackProcess,
+};
 use super::metrics_store::{MetricsStore, fresh_stats};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, CALLER, NameError, service_of};
 use crate::protocol::rpc::{
-    BrokerMethod, Empty, MessageCount, ProcessInfo, ProcessStatus, SpawnRequest, SpawnedProcess,
-    StopReply, StopRequest, SubmitProcessMetrics, SubmitProcessMetricsReply,
+    BrokerMethod, Empty, MessageCount, ProcessInfo, ProcessStatus, RestartReply, RestartRequest,
+    ScaleReply, ScaleRequest, SpawnRequest, SpawnedProcess, StopReply, StopRequest,
+    SubmitProcessMetrics, SubmitProcessMetricsReply,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 
@@ -96,6 +100,66 @@ struct Worker {
     bridge: Addr<Bridge>,
 }
 
+/// Why a control RPC changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No subprocess or subprocess service of that name.
+    #[error("no subprocess or subprocess service {0:?}")]
+    Unknown(String),
+    /// The request does not fit (e.g. `workers = 0`).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Takes worker `id` out of rotation and waits, up to `timeout`, until the
+/// requests already delivered to it are answered.
+async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::time::Duration) {
+    let id = ByteString::from(id);
+    let _ = router
+        .send(SetReady {
+            id: id.clone(),
+            ready: false,
+        })
+        .await;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        match router.send(InFlightOf(id.clone())).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => actix::clock::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// The current bridge of worker `id` (internal to a rolling restart).
+#[derive(Message)]
+#[rtype(result = "Option<Addr<Bridge>>")]
+struct BridgeOf(String);
+
+/// Starts worker `id` of `service` again after a rolling restart stopped it
+/// (its `restarts` carried over); answers with its first-start receiver.
+#[derive(Message)]
+#[rtype(result = "Option<oneshot::Receiver<SpawnedProcess>>")]
+struct StartAgain {
+    service: String,
+    id: String,
+}
+
+/// Sets a subprocess service's number of workers ([`ScaleReply`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<ScaleReply, ControlError>")]
+pub struct ScaleService {
+    /// The service.
+    pub service: String,
+    /// Its workers from now on.
+    pub workers: u32,
+}
+
+/// Restarts a process or every worker of a service, one at a time; answers
+/// with the ids restarted.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<String>, ControlError>")]
+pub struct RestartTarget(pub String);
+
 /// The Broker actor.
 pub struct Broker {
     config: BrokerConfig,
@@ -104,6 +168,8 @@ pub struct Broker {
     sysmon: Addr<Sysmon>,
     processes: BTreeMap<String, ProcessInfo>,
     services: BTreeMap<String, Vec<Worker>>,
+    /// How each subprocess service was started (for Scale and Restart).
+    specs: BTreeMap<String, Arc<ServiceConfig>>,
     id: ByteString,
 }
 
@@ -122,6 +188,7 @@ impl Broker {
             sysmon,
             processes: BTreeMap::new(),
             services: BTreeMap::new(),
+            specs: BTreeMap::new(),
             id: ByteString::from_static(BROKER),
         }
     }
@@ -146,28 +213,15 @@ impl Broker {
         if live || in_process {
             return Err(SpawnError::Running(spec.name));
         }
-        let peers = BridgePeers {
-            router: self.router.clone(),
-            broker: ctx.address().recipient(),
-            sysmon: self.sysmon.clone(),
-        };
         let spec = Arc::new(spec);
         let mut workers = Vec::with_capacity(spec.workers as usize);
         let mut starts = Vec::with_capacity(spec.workers as usize);
         for index in 0..spec.workers {
-            let id = names::process_id(&spec.name, index);
-            let (tx, rx) = oneshot::channel();
-            let bridge = Bridge::new(
-                id.as_str().into(),
-                Arc::clone(&spec),
-                self.config.clone(),
-                peers.clone(),
-                tx,
-            )
-            .start();
-            workers.push(Worker { id, bridge });
-            starts.push(rx);
+            let (worker, started) = self.start_worker(&spec, index, 0, ctx);
+            workers.push(worker);
+            starts.push(started);
         }
+        self.specs.insert(spec.name.clone(), Arc::clone(&spec));
         self.services.insert(spec.name.clone(), workers);
         Ok(async move {
             let mut spawned = Vec::with_capacity(starts.len());
@@ -181,6 +235,152 @@ impl Broker {
                 });
             }
             Ok(spawned)
+        })
+    }
+
+    /// Starts the bridge of worker `index` of `spec` (which spawns the child);
+    /// the receiver learns how its first start went.
+    fn start_worker(
+        &self,
+        spec: &Arc<ServiceConfig>,
+        index: u32,
+        restarts: u32,
+        ctx: &mut Context<Self>,
+    ) -> (Worker, oneshot::Receiver<SpawnedProcess>) {
+        let peers = BridgePeers {
+            router: self.router.clone(),
+            broker: ctx.address().recipient(),
+            sysmon: self.sysmon.clone(),
+        };
+        let id = names::process_id(&spec.name, index);
+        let (tx, rx) = oneshot::channel();
+        let bridge = Bridge::new(
+            id.as_str().into(),
+            Arc::clone(spec),
+            self.config.clone(),
+            peers,
+            tx,
+        )
+        .with_restarts(restarts)
+        .start();
+        (Worker { id, bridge }, rx)
+    }
+
+    /// `Scale`: starts `name.N…` up to `workers`, or drains and stops the
+    /// highest-numbered workers down to it (DESIGN 10.4).
+    fn scale(
+        &mut self,
+        service: &str,
+        workers: u32,
+        ctx: &mut Context<Self>,
+    ) -> Result<impl Future<Output = ScaleReply> + use<>, ControlError> {
+        if workers == 0 {
+            return Err(ControlError::Invalid(format!(
+                "service {service:?}: workers must be at least 1 (Stop removes a service)"
+            )));
+        }
+        let (Some(spec), Some(current)) = (self.specs.get(service), self.services.get(service))
+        else {
+            return Err(ControlError::Unknown(service.to_owned()));
+        };
+        let spec = Arc::clone(spec);
+        let have = u32::try_from(current.len()).unwrap_or(u32::MAX);
+        let mut starts = Vec::new();
+        let mut retired = Vec::new();
+        if workers > have {
+            for index in have..workers {
+                let (worker, started) = self.start_worker(&spec, index, 0, ctx);
+                starts.push((worker.id.clone(), started));
+                if let Some(list) = self.services.get_mut(service) {
+                    list.push(worker);
+                }
+            }
+        } else if let Some(list) = self.services.get_mut(service) {
+            retired = list.split_off(workers as usize);
+        }
+        let mut resized = (*spec).clone();
+        resized.workers = workers;
+        self.specs.insert(service.to_owned(), Arc::new(resized));
+        let router = self.router.clone();
+        let drain = self.config.drain_timeout;
+        let service = service.to_owned();
+        Ok(async move {
+            let mut started = Vec::new();
+            for (id, start) in starts {
+                let _ = start.await;
+                started.push(id);
+            }
+            // Out of rotation at once, then stopped once what was
+            // delivered to them is answered (all of them side by side).
+            let stopped = join_all(retired.into_iter().map(|w| {
+                let router = router.clone();
+                async move {
+                    drain_worker(&router, &w.id, drain).await;
+                    let _ = w.bridge.send(StopProcess).await;
+                    w.id
+                }
+            }))
+            .await;
+            ScaleReply {
+                service,
+                workers,
+                started,
+                stopped,
+            }
+        })
+    }
+
+    /// `Restart`: one worker at a time, out of rotation, drained, stopped,
+    /// started again and ready before the next (DESIGN 10.4).
+    fn restart(
+        &mut self,
+        target: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<impl Future<Output = Vec<String>> + use<>, ControlError> {
+        let (service, ids): (String, Vec<String>) = match self.services.get(target) {
+            Some(workers) => (
+                target.to_owned(),
+                workers.iter().map(|w| w.id.clone()).collect(),
+            ),
+            None => {
+                let service = service_of(target);
+                let known = self
+                    .services
+                    .get(service)
+                    .is_some_and(|workers| workers.iter().any(|w| w.id == target));
+                if !known {
+                    return Err(ControlError::Unknown(target.to_owned()));
+                }
+                (service.to_owned(), vec![target.to_owned()])
+            }
+        };
+        let me = ctx.address();
+        let router = self.router.clone();
+        let drain = self.config.drain_timeout;
+        Ok(async move {
+            let mut restarted = Vec::new();
+            for id in ids {
+                // The worker's current bridge (it may have been restarted by
+                // its own policy meanwhile).
+                let Ok(Some(bridge)) = me.send(BridgeOf(id.clone())).await else {
+                    continue;
+                };
+                drain_worker(&router, &id, drain).await;
+                let _ = bridge.send(StopProcess).await;
+                let Ok(Some(started)) = me
+                    .send(StartAgain {
+                        service: service.clone(),
+                        id: id.clone(),
+                    })
+                    .await
+                else {
+                    continue;
+                };
+                // Back in rotation once ready (or its first start failed).
+                let _ = started.await;
+                restarted.push(id);
+            }
+            restarted
         })
     }
 
@@ -327,6 +527,41 @@ impl Broker {
                     }
                 }
             }
+            BrokerMethod::Scale => {
+                let scale = match request.payload_as::<ScaleRequest>() {
+                    Ok(scale) => scale,
+                    Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                };
+                match self.scale(&scale.service, scale.workers, ctx) {
+                    Err(e @ ControlError::Unknown(_)) => {
+                        self.fail(&request, ErrorCode::UnknownTarget, e.to_string())
+                    }
+                    Err(e) => self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                    Ok(scaling) => {
+                        ctx.spawn(scaling.into_actor(self).map(move |reply, broker, _| {
+                            broker.reply(&request, &reply);
+                        }));
+                    }
+                }
+            }
+            BrokerMethod::Restart => {
+                let target = match request.payload_as::<RestartRequest>() {
+                    Ok(restart) => restart.id,
+                    Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                };
+                match self.restart(&target, ctx) {
+                    Err(e) => self.fail(&request, ErrorCode::UnknownTarget, e.to_string()),
+                    Ok(restarting) => {
+                        ctx.spawn(
+                            restarting
+                                .into_actor(self)
+                                .map(move |restarted, broker, _| {
+                                    broker.reply(&request, &RestartReply { restarted });
+                                }),
+                        );
+                    }
+                }
+            }
             BrokerMethod::Stop => {
                 let target = match request.payload_as::<StopRequest>() {
                     Ok(stop) => stop.id,
@@ -436,6 +671,63 @@ impl Handler<StopAll> for Broker {
             .filter_map(|name| self.stop_target(name).ok())
             .collect();
         Box::pin(async move { join_all(stopping).await.into_iter().flatten().collect() })
+    }
+}
+
+impl Handler<ScaleService> for Broker {
+    type Result = ResponseFuture<Result<ScaleReply, ControlError>>;
+
+    fn handle(&mut self, msg: ScaleService, ctx: &mut Self::Context) -> Self::Result {
+        match self.scale(&msg.service, msg.workers, ctx) {
+            Ok(scaling) => Box::pin(async move { Ok(scaling.await) }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<RestartTarget> for Broker {
+    type Result = ResponseFuture<Result<Vec<String>, ControlError>>;
+
+    fn handle(
+        &mut self,
+        RestartTarget(target): RestartTarget,
+        ctx: &mut Self::Context,
+    ) -> Self::Result {
+        match self.restart(&target, ctx) {
+            Ok(restarting) => Box::pin(async move { Ok(restarting.await) }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<BridgeOf> for Broker {
+    type Result = Option<Addr<Bridge>>;
+
+    fn handle(&mut self, BridgeOf(id): BridgeOf, _: &mut Self::Context) -> Self::Result {
+        self.services
+            .get(service_of(&id))?
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| w.bridge.clone())
+    }
+}
+
+impl Handler<StartAgain> for Broker {
+    type Result = Option<oneshot::Receiver<SpawnedProcess>>;
+
+    fn handle(&mut self, msg: StartAgain, ctx: &mut Self::Context) -> Self::Result {
+        let spec = Arc::clone(self.specs.get(&msg.service)?);
+        let index = self
+            .services
+            .get(&msg.service)?
+            .iter()
+            .position(|w| w.id == msg.id)?;
+        let restarts = self.processes.get(&msg.id).map_or(0, |p| p.restarts);
+        let (worker, started) = self.start_worker(&spec, u32::try_from(index).ok()?, restarts, ctx);
+        if let Some(list) = self.services.get_mut(&msg.service) {
+            list[index] = worker;
+        }
+        Some(started)
     }
 }
 

@@ -241,6 +241,11 @@ pub struct SetDraining(pub bool);
 #[rtype(result = "usize")]
 pub struct PendingCount;
 
+/// How many requests are in flight to one process (0 if it is unknown).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct InFlightOf(pub ByteString);
+
 /// Ships counters and histograms to the MetricsStore now.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

@@ -33,8 +33,9 @@ use std::time::{Duration, Instant, SystemTime};
 use super::deadline::{Deadline, Expire};
 use super::latency;
 use super::messages::{
-    BadFrame, Bounce, Call, Counters, FlushMetrics, HealthFailure, MetricsBatch, PendingCount,
-    ProcessSnapshot, RegisterProcess, RemoveProcess, Route, RouterError, SetDraining, SetReady,
+    BadFrame, Bounce, Call, Counters, FlushMetrics, HealthFailure, InFlightOf, MetricsBatch,
+    PendingCount, ProcessSnapshot, RegisterProcess, RemoveProcess, Route, RouterError, SetDraining,
+    SetReady,
 };
 use super::pacer::Pacer;
 use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
@@ -521,6 +522,14 @@ impl Handler<SetDraining> for Router {
 
     fn handle(&mut self, msg: SetDraining, _: &mut Self::Context) {
         self.draining = msg.0;
+    }
+}
+
+impl Handler<InFlightOf> for Router {
+    type Result = usize;
+
+    fn handle(&mut self, InFlightOf(id): InFlightOf, _: &mut Self::Context) -> usize {
+        self.table.get(&id).map_or(0, |e| e.in_flight)
     }
 }
 

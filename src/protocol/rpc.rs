@@ -28,11 +28,16 @@ pub enum BrokerMethod {
     Spawn,
     /// Control RPC: stops a process or a whole service ([`StopRequest`]).
     Stop,
+    /// Control RPC: sets a service's number of workers ([`ScaleRequest`]).
+    Scale,
+    /// Control RPC: restarts a process or a service, one worker at a time
+    /// ([`RestartRequest`]).
+    Restart,
 }
 
 impl BrokerMethod {
     /// Every method, in DESIGN order.
-    pub const ALL: [BrokerMethod; 7] = [
+    pub const ALL: [BrokerMethod; 9] = [
         Self::Ping,
         Self::GetMessageStats,
         Self::GetMessageCount,
@@ -40,6 +45,8 @@ impl BrokerMethod {
         Self::ListProcesses,
         Self::Spawn,
         Self::Stop,
+        Self::Scale,
+        Self::Restart,
     ];
 
     /// The method name (the request's `id`).
@@ -52,12 +59,14 @@ impl BrokerMethod {
             Self::ListProcesses => "ListProcesses",
             Self::Spawn => "Spawn",
             Self::Stop => "Stop",
+            Self::Scale => "Scale",
+            Self::Restart => "Restart",
         }
     }
 
     /// Control RPCs run commands; only services in `control_allow` may call them.
     pub const fn is_control(self) -> bool {
-        matches!(self, Self::Spawn | Self::Stop)
+        matches!(self, Self::Spawn | Self::Stop | Self::Scale | Self::Restart)
     }
 }
 
@@ -207,6 +216,46 @@ pub struct StopRequest {
 pub struct StopReply {
     /// The process ids that were stopped.
     pub stopped: Vec<String>,
+}
+
+/// Payload of `Scale`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    /// A running subprocess service.
+    pub service: String,
+    /// Its number of workers from now on (at least 1; `Stop` removes a
+    /// service).
+    pub workers: u32,
+}
+
+/// Reply of `Scale`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ScaleReply {
+    /// The service.
+    pub service: String,
+    /// Its number of workers now.
+    pub workers: u32,
+    /// Workers started (scaling up).
+    pub started: Vec<String>,
+    /// Workers drained and stopped (scaling down: the highest-numbered).
+    pub stopped: Vec<String>,
+}
+
+/// Payload of `Restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartRequest {
+    /// A process id (`echo.2`) or a service name (`echo`: all its workers,
+    /// one at a time).
+    pub id: String,
+}
+
+/// Reply of `Restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RestartReply {
+    /// The process ids restarted, in order.
+    pub restarted: Vec<String>,
 }
 
 #[cfg(test)]
