@@ -31,8 +31,8 @@ use tokio::sync::oneshot;
 
 pub use crate::actors::broker::ControlError;
 use crate::actors::broker::{
-    Broker, GetProcesses, RestartTarget, ScaleService, SpawnError, SpawnService, StopAll,
-    StopError, StopTarget,
+    Broker, GetProcesses, Reconfigure, RestartTarget, ScaleService, SpawnError, SpawnService,
+    StopAll, StopError, StopTarget,
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::messages::{
@@ -251,6 +251,27 @@ impl BrokerHandle {
         }
     }
 
+    /// Removes a subprocess service gracefully: its workers leave the
+    /// rotation at once, what was delivered to them is answered (up to
+    /// `drain_timeout`), then they are stopped. Returns the ids stopped.
+    pub async fn retire(&self, service: &str) -> Result<Vec<String>, StopError> {
+        let ids: Vec<String> = self
+            .processes()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.service == service)
+            .map(|p| p.id)
+            .collect();
+        let drain = self.config.drain_timeout;
+        futures_util::future::join_all(
+            ids.iter()
+                .map(|id| crate::actors::broker::drain_worker(&self.router, id, drain)),
+        )
+        .await;
+        self.stop(service).await
+    }
+
     /// Sets a subprocess service's number of workers: starts `name.N…`, or
     /// takes the highest-numbered out of rotation, lets what was delivered
     /// to them be answered (up to `drain_timeout`), and stops them.
@@ -273,6 +294,17 @@ impl BrokerHandle {
             .send(RestartTarget(target.into()))
             .await
             .map_err(|_| ControlError::Unknown(target.into()))?
+    }
+
+    /// Gives a running subprocess service new settings (command, args, env,
+    /// restart policy, health…; its number of workers is [`scale`](Self::scale)'s)
+    /// and restarts it rolling so each worker runs with them.
+    pub async fn reconfigure(&self, spec: ServiceConfig) -> Result<Vec<String>, ControlError> {
+        let name = spec.name.clone();
+        self.broker
+            .send(Reconfigure(spec))
+            .await
+            .map_err(|_| ControlError::Unknown(name))?
     }
 
     /// Graceful shutdown (DESIGN 5.6): new requests are answered

@@ -628,3 +628,116 @@ fn sighup_does_not_stop_the_broker() {
     let log = log.join().expect("log");
     assert!(log.iter().any(|l| l.contains("SIGHUP")), "{log:?}");
 }
+
+/// What a test waits for: children started (process, pid) and log lines seen.
+type Until<'a> = dyn Fn(&[(String, u64)], &[String]) -> bool + 'a;
+
+#[test]
+fn sighup_reloads_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("procbroker-cli-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("reload.toml");
+    let service = |name: &str, workers: u32, x: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\n\
+             workers = {workers}\nenv = {{ X = \"{x}\" }}\n"
+        )
+    };
+    let head = "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n";
+    std::fs::write(
+        &config,
+        format!("{head}{}{}", service("a", 1, "1"), service("b", 2, "1")),
+    )
+    .expect("v1");
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("procbroker run");
+    let stderr = broker.stderr.take().expect("stderr");
+    let (tx, log) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
+        }
+    });
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    // Collects "child started" (process -> pid) until `until` holds.
+    let mut started: Vec<(String, u64)> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait = |started: &mut Vec<(String, u64)>, until: &Until<'_>| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !until(started, &seen) {
+            let v = log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("timed out; started {started:?}"));
+            if message(&v) == "child started" {
+                let id = v["fields"]["process"].as_str().unwrap_or("").to_owned();
+                started.push((id, v["fields"]["pid"].as_u64().unwrap_or(0)));
+            }
+            seen.push(format!("{} {}", message(&v), v["fields"]));
+        }
+    };
+    let count = |s: &[(String, u64)], id: &str| s.iter().filter(|(p, _)| p == id).count();
+    wait(&mut started, &|s, _| s.len() == 3);
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(broker.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP")
+    };
+    // a: 1 -> 2 workers (a Scale: a.0 untouched); b: new env (a rolling
+    // restart of b only); c: new.
+    std::fs::write(
+        &config,
+        format!(
+            "{head}{}{}{}",
+            service("a", 2, "1"),
+            service("b", 2, "2"),
+            service("c", 1, "1")
+        ),
+    )
+    .expect("v2");
+    hup();
+    wait(&mut started, &|s, _| {
+        count(s, "a.1") == 1 && count(s, "c.0") == 1 && count(s, "b.0") == 2 && count(s, "b.1") == 2
+    });
+    assert_eq!(
+        count(&started, "a.0"),
+        1,
+        "a.0 was not restarted: {started:?}"
+    );
+    // A broken file changes nothing and says where it is broken.
+    std::fs::write(
+        &config,
+        format!("{head}[[service]]\nname = \"a\"\nworkers = \"many\"\n"),
+    )
+    .expect("broken");
+    hup();
+    wait(&mut started, &|_, seen| {
+        seen.iter()
+            .any(|l| l.contains("did not load") && l.contains("line 7"))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(v) = log.try_recv() {
+        assert_ne!(
+            message(&v),
+            "child started",
+            "a broken file changed something"
+        );
+        if message(&v).contains("did not load") {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(broker.wait().expect("wait").success());
+}

@@ -113,7 +113,7 @@ pub enum ControlError {
 
 /// Takes worker `id` out of rotation and waits, up to `timeout`, until the
 /// requests already delivered to it are answered.
-async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::time::Duration) {
+pub(crate) async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::time::Duration) {
     let id = ByteString::from(id);
     let _ = router
         .send(SetReady {
@@ -153,6 +153,13 @@ pub struct ScaleService {
     /// Its workers from now on.
     pub workers: u32,
 }
+
+/// Gives a running subprocess service new settings (its number of workers
+/// aside: that is a [`ScaleService`]) and restarts it, rolling, so each
+/// worker runs with them; answers with the ids restarted.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<String>, ControlError>")]
+pub struct Reconfigure(pub ServiceConfig);
 
 /// Restarts a process or every worker of a service, one at a time; answers
 /// with the ids restarted.
@@ -694,6 +701,27 @@ impl Handler<RestartTarget> for Broker {
         ctx: &mut Self::Context,
     ) -> Self::Result {
         match self.restart(&target, ctx) {
+            Ok(restarting) => Box::pin(async move { Ok(restarting.await) }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<Reconfigure> for Broker {
+    type Result = ResponseFuture<Result<Vec<String>, ControlError>>;
+
+    fn handle(
+        &mut self,
+        Reconfigure(mut spec): Reconfigure,
+        ctx: &mut Self::Context,
+    ) -> Self::Result {
+        let Some(workers) = self.services.get(&spec.name).map(Vec::len) else {
+            return Box::pin(async move { Err(ControlError::Unknown(spec.name)) });
+        };
+        spec.workers = u32::try_from(workers).unwrap_or(u32::MAX);
+        let name = spec.name.clone();
+        self.specs.insert(name.clone(), Arc::new(spec));
+        match self.restart(&name, ctx) {
             Ok(restarting) => Box::pin(async move { Ok(restarting.await) }),
             Err(e) => Box::pin(async move { Err(e) }),
         }

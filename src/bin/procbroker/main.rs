@@ -11,6 +11,7 @@ mod bench;
 mod cpu;
 mod interrupt;
 mod logging;
+mod reload;
 mod run;
 mod stats;
 

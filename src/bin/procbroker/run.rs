@@ -33,10 +33,15 @@ pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
         || "the embedded default".to_owned(),
         |p| p.display().to_string(),
     );
-    actix::System::new().block_on(serve(loaded, origin))
+    actix::System::new().block_on(serve(loaded, origin, config, sets))
 }
 
-async fn serve(loaded: Loaded, origin: String) -> Result<()> {
+async fn serve(
+    loaded: Loaded,
+    origin: String,
+    path: Option<PathBuf>,
+    sets: &[String],
+) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // SIGHUP's default action would kill the broker and every child with
@@ -107,12 +112,14 @@ async fn serve(loaded: Loaded, origin: String) -> Result<()> {
         }
     }
     tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
+    let mut current = loaded;
     let signal = loop {
         tokio::select! {
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
             _ = hangup.recv() => {
-                tracing::warn!("SIGHUP: reloading the configuration is not supported yet; nothing changed, the broker keeps running");
+                tracing::info!(config = %origin, "SIGHUP: reloading the configuration");
+                current = crate::reload::reload(&broker, current, path.as_deref(), sets).await;
             }
         }
     };
