@@ -741,3 +741,85 @@ fn sighup_reloads_the_config_file() {
     .expect("SIGTERM");
     assert!(broker.wait().expect("wait").success());
 }
+
+#[test]
+fn a_garbage_flood_logs_at_a_limited_rate_and_counts_every_frame() {
+    let dir = std::env::temp_dir().join(format!("procbroker-cli-garbage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("garbage.toml");
+    // No bad-frame limit, so the flood goes on and the log must cope.
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nmax_bad_frames_per_s = 0\nkill_timeout_ms = 1000\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[sysmon]\ninterval_ms = 0\n\
+             [[service]]\nname = \"garbage\"\ncommand = \"python3\"\n\
+             args = [\"{}/tests/python/chaos_worker.py\"]\nenv = {{ GARBAGE = \"1\" }}\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .expect("config");
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("procbroker run");
+    let stderr = broker.stderr.take().expect("stderr");
+    let (tx, log) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
+        }
+    });
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let mut addr = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("running");
+        if message(&v).starts_with("admin HTTP listening") {
+            addr = v["fields"]["addr"].as_str().map(str::to_owned);
+        }
+        if message(&v).contains("procbroker running") {
+            break;
+        }
+    }
+    let addr = addr.expect("admin address");
+    // Two seconds of flood.
+    let flood = Instant::now();
+    let (mut warnings, mut suppressed) = (0u64, 0u64);
+    while flood.elapsed() < Duration::from_secs(2) {
+        if let Ok(v) = log.recv_timeout(Duration::from_millis(50))
+            && message(&v) == "invalid envelope dropped"
+        {
+            warnings += 1;
+            suppressed += v["fields"]["suppressed"].as_u64().unwrap_or(0);
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["stats", "--admin", &addr, "--json"])
+        .output()
+        .expect("stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let bad = stats["per_process"]["garbage.0"]["bad_frames"]
+        .as_u64()
+        .expect("bad_frames");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(broker.wait().expect("wait").success());
+    eprintln!(
+        "in 2 s: {bad} bad frames counted, {warnings} warning lines ({suppressed} suppressed)"
+    );
+    // At most 5 a second (3 windows may overlap 2 s), every frame counted.
+    assert!(warnings <= 15, "{warnings} warning lines in 2 s");
+    assert!(bad > 10_000, "{bad}");
+    assert!(suppressed > 1000, "{suppressed}");
+}
