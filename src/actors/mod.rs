@@ -7,6 +7,8 @@
 //!   services, round-robin, held deliveries), `pending` (requests in flight
 //!   and their deadlines), `deadline` (its timer tasks), [`latency`].
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
+//!   Beside it: [`health`] (its health checks), [`log_limit`] (warnings
+//!   that cannot flood the log).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
 //! - [`metrics_store`]: cumulative counters, histograms, samples; the stats reply.
