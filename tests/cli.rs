@@ -823,3 +823,32 @@ fn a_garbage_flood_logs_at_a_limited_rate_and_counts_every_frame() {
     assert!(bad > 10_000, "{bad}");
     assert!(suppressed > 1000, "{suppressed}");
 }
+
+#[test]
+fn the_broker_outlives_whoever_reads_its_log() {
+    let config = echo_config("lostlog", 1);
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("procbroker run");
+    let mut stderr = std::io::BufReader::new(broker.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("procbroker running") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).expect("log");
+        assert!(n > 0, "log ended before the broker ran");
+    }
+    // The log's reader goes away; every line from now on hits EPIPE.
+    drop(stderr);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = broker.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -5,6 +5,25 @@ use anyhow::{Result, bail};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
+/// Stderr that drops what it cannot write. When whoever reads the broker's
+/// log goes away, a write fails with EPIPE; tracing-subscriber then reports
+/// the failure with `eprintln!`, which panics on the same broken pipe. A
+/// daemon must outlive its log reader, so a line that cannot be written is
+/// lost, and nothing else.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// Installs the subscriber. `RUST_LOG` wins over `LOG_LEVEL`; the default is
 /// `default_level`. Children's stderr lines come out as events of target
 /// `procbroker::child` with their `process` id.
@@ -16,7 +35,7 @@ pub fn init(default_level: &str) -> Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::stderr().is_terminal());
     match std::env::var("LOG_FORMAT").as_deref() {
         Ok("json") => builder.json().init(),
