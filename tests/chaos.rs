@@ -507,17 +507,6 @@ async fn a_request_with_an_integer_id_is_answered_bad_request() {
     assert_eq!((p.faults.bad_frames, p.faults.restarts), (1, 0));
 }
 
-/// True once `pid` is gone or a zombie (dead, waiting for its reaper).
-fn dead(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X"),
-    }
-}
-
 #[actix::test]
 async fn stopping_a_child_takes_its_own_children_with_it() {
     let broker = chaos_broker().await;

@@ -2,7 +2,11 @@
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
+use support::dead;
+
+mod support;
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
@@ -525,27 +529,9 @@ fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
     assert!(status.success(), "{status:?}");
 }
 
-/// True once `pid` is gone or a zombie (dead, waiting for its reaper).
-fn dead(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X"),
-    }
-}
-
-/// Starts `procbroker run` on `config` (JSON logs) and returns it with the
-/// pids of its children once they are all up.
-fn run_broker(
-    config: &std::path::Path,
-    children: usize,
-) -> (
-    std::process::Child,
-    Vec<u32>,
-    std::thread::JoinHandle<Vec<String>>,
-) {
+/// `procbroker run --config config` with JSON logs; every log line arrives
+/// parsed on the receiver (which ends when the broker's stderr does).
+fn run_json(config: &std::path::Path) -> (std::process::Child, Receiver<serde_json::Value>) {
     let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
         .args(["run", "--config"])
         .arg(config)
@@ -556,27 +542,38 @@ fn run_broker(
         .spawn()
         .expect("procbroker run");
     let stderr = broker.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push(line);
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
         }
-        all
     });
+    (broker, log)
+}
+
+/// A JSON log line's message.
+fn message(v: &serde_json::Value) -> String {
+    v["fields"]["message"].as_str().unwrap_or("").to_owned()
+}
+
+/// [`run_json`], returned once `children` children have started, with
+/// their pids.
+fn run_broker(
+    config: &std::path::Path,
+    children: usize,
+) -> (std::process::Child, Vec<u32>, Receiver<serde_json::Value>) {
+    let (broker, log) = run_json(config);
     let mut pids = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.len() < children {
-        let line = rx
+        let v = log
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("children started");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "child started" {
+        if message(&v) == "child started" {
             pids.push(v["fields"]["pid"].as_u64().expect("pid") as u32);
         }
     }
-    (broker, pids, reader)
+    (broker, pids, log)
 }
 
 #[test]
@@ -625,7 +622,7 @@ fn sighup_does_not_stop_the_broker() {
     assert!(!dead(pids[0]), "its child is still there");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     assert!(broker.wait().expect("wait").success());
-    let log = log.join().expect("log");
+    let log: Vec<String> = log.iter().map(|v| message(&v)).collect();
     assert!(log.iter().any(|l| l.contains("SIGHUP")), "{log:?}");
 }
 
@@ -649,23 +646,7 @@ fn sighup_reloads_the_config_file() {
         format!("{head}{}{}", service("a", 1, "1"), service("b", 2, "1")),
     )
     .expect("v1");
-    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("LOG_LEVEL", "info")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("procbroker run");
-    let stderr = broker.stderr.take().expect("stderr");
-    let (tx, log) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
-        }
-    });
-    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let (mut broker, log) = run_json(&config);
     // Collects "child started" (process -> pid) until `until` holds.
     let mut started: Vec<(String, u64)> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
@@ -759,23 +740,7 @@ fn a_garbage_flood_logs_at_a_limited_rate_and_counts_every_frame() {
         ),
     )
     .expect("config");
-    let mut broker = Command::new(env!("CARGO_BIN_EXE_procbroker"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("LOG_LEVEL", "info")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("procbroker run");
-    let stderr = broker.stderr.take().expect("stderr");
-    let (tx, log) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
-        }
-    });
-    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let (mut broker, log) = run_json(&config);
     let mut addr = None;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -102,6 +102,18 @@ pub fn reaped(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The process is dead: gone, or a zombie waiting for its reaper (in a
+/// container, init may never reap an orphan; it is dead all the same).
+pub fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
 /// Resident memory of this process (the broker), in kB.
 pub fn rss_kb() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
