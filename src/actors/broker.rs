@@ -130,6 +130,17 @@ pub(crate) async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::
     }
 }
 
+/// The reply of a handler whose work was refused at once (`Err`) or goes on
+/// as a future: the control operations' common shape.
+fn respond<T, E: 'static>(
+    work: Result<impl Future<Output = T> + 'static, E>,
+) -> ResponseFuture<Result<T, E>> {
+    match work {
+        Ok(work) => Box::pin(async move { Ok(work.await) }),
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
 /// The current bridge of worker `id` (internal to a rolling restart).
 #[derive(Message)]
 #[rtype(result = "Option<Addr<Bridge>>")]
@@ -658,10 +669,7 @@ impl Handler<StopTarget> for Broker {
     type Result = ResponseFuture<Result<Vec<String>, StopError>>;
 
     fn handle(&mut self, StopTarget(target): StopTarget, _: &mut Self::Context) -> Self::Result {
-        match self.stop_target(&target) {
-            Ok(stopping) => Box::pin(async move { Ok(stopping.await) }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        respond(self.stop_target(&target))
     }
 }
 
@@ -685,10 +693,7 @@ impl Handler<ScaleService> for Broker {
     type Result = ResponseFuture<Result<ScaleReply, ControlError>>;
 
     fn handle(&mut self, msg: ScaleService, ctx: &mut Self::Context) -> Self::Result {
-        match self.scale(&msg.service, msg.workers, ctx) {
-            Ok(scaling) => Box::pin(async move { Ok(scaling.await) }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        respond(self.scale(&msg.service, msg.workers, ctx))
     }
 }
 
@@ -700,10 +705,7 @@ impl Handler<RestartTarget> for Broker {
         RestartTarget(target): RestartTarget,
         ctx: &mut Self::Context,
     ) -> Self::Result {
-        match self.restart(&target, ctx) {
-            Ok(restarting) => Box::pin(async move { Ok(restarting.await) }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        respond(self.restart(&target, ctx))
     }
 }
 
@@ -721,10 +723,7 @@ impl Handler<Reconfigure> for Broker {
         spec.workers = u32::try_from(workers).unwrap_or(u32::MAX);
         let name = spec.name.clone();
         self.specs.insert(name.clone(), Arc::new(spec));
-        match self.restart(&name, ctx) {
-            Ok(restarting) => Box::pin(async move { Ok(restarting.await) }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        respond(self.restart(&name, ctx))
     }
 }
 
