@@ -134,7 +134,7 @@ pub struct Bridge {
     stopping: bool,
     /// Bad-frame warnings of this process, a few a second.
     warnings: LogLimit,
-    /// When stdout last brought something (while stopping: is it quiet?).
+    /// While stopping: when stdout last brought something (is it quiet?).
     last_read: Instant,
     /// When it was restarted, within the policy's `window_ms`.
     recent_restarts: std::collections::VecDeque<Instant>,
@@ -589,8 +589,8 @@ impl Bridge {
     /// by the Router. One that looks like a request is reported at once, so
     /// its sender gets `bad_request`; the rest are reported as one count per
     /// pipe read. Returns true if it was counted here and not yet reported.
-    fn invalid_envelope(&mut self, invalid: InvalidEnvelope, now: Instant) -> bool {
-        if let LogLine::Log { suppressed } = self.warnings.check(now) {
+    fn invalid_envelope(&mut self, invalid: InvalidEnvelope) -> bool {
+        if let LogLine::Log { suppressed } = self.warnings.check(Instant::now()) {
             tracing::warn!(process = %self.id, len = invalid.len, error = %invalid.error,
                 suppressed, "invalid envelope dropped");
         }
@@ -728,8 +728,10 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         {
             return;
         }
-        let now = Instant::now();
-        self.last_read = now;
+        if self.stopping {
+            // Only a stopping bridge asks whether stdout went quiet.
+            self.last_read = Instant::now();
+        }
         let mut envelopes = Envelopes::new();
         let (mut bad, mut unreported) = (0u64, 0u64);
         let mut out_of_sync = None;
@@ -753,7 +755,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
                 }
                 Ok(Err(invalid)) => {
                     bad += 1;
-                    unreported += u64::from(self.invalid_envelope(invalid, now));
+                    unreported += u64::from(self.invalid_envelope(invalid));
                 }
                 // The stream ends after a frame error.
                 Err(e) => out_of_sync = Some(e.to_string()),
@@ -779,7 +781,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         let limit = self.config.max_bad_frames_per_s;
         if bad > 0
             && let Some(child) = self.child.as_mut()
-            && child.bad_rate.exceeded(bad, now)
+            && child.bad_rate.exceeded(bad, Instant::now())
         {
             // Mostly garbage: as good as out of sync. Said once; the
             // incarnation is not read any further.
