@@ -732,7 +732,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
             // Only a stopping bridge asks whether stdout went quiet.
             self.last_read = Instant::now();
         }
-        let mut envelopes = Envelopes::new();
+        let mut envelopes = Envelopes::with_capacity(items.len());
         let (mut bad, mut unreported) = (0u64, 0u64);
         let mut out_of_sync = None;
         for item in items {

@@ -40,6 +40,16 @@ impl Envelopes {
         Self::default()
     }
 
+    /// Room for `n` (more than one allocates once).
+    pub fn with_capacity(n: usize) -> Self {
+        Self(SmallVec::with_capacity(n))
+    }
+
+    /// Room for `n` more.
+    pub fn reserve(&mut self, n: usize) {
+        self.0.reserve(n);
+    }
+
     /// Appends one.
     #[inline]
     pub fn push(&mut self, envelope: Envelope) {

@@ -31,6 +31,8 @@ pub(crate) struct ProcessEntry {
     recipient: Recipient<Deliver>,
     /// Envelopes for it, sent at the end of the current message.
     outgoing: Envelopes,
+    /// How many the last [`Deliver`] carried: the size to reserve next time.
+    last_held: usize,
     /// In the rotation (its `ready` came).
     pub(crate) ready: bool,
     /// Requests delivered to it and not yet answered.
@@ -143,6 +145,7 @@ impl ProcessTable {
             pacer: msg.pacer,
             recipient: msg.recipient,
             outgoing: Envelopes::new(),
+            last_held: 0,
             ready: msg.ready,
             in_flight: 0,
             delta: Counters::default(),
@@ -335,6 +338,9 @@ impl ProcessTable {
         entry.saw(now);
         if entry.outgoing.is_empty() {
             self.held.push(slot);
+            // Last time's count is the best guess of this time's: one
+            // allocation instead of a chain of doublings (each a copy).
+            entry.outgoing.reserve(entry.last_held);
         }
         entry.outgoing.push(envelope);
         true
@@ -358,6 +364,7 @@ impl ProcessTable {
                 && !entry.outgoing.is_empty()
             {
                 let envelopes = std::mem::take(&mut entry.outgoing);
+                entry.last_held = envelopes.len();
                 entry.recipient.do_send(Deliver(envelopes));
             }
         }

@@ -13,6 +13,8 @@ use std::task::{Context, Poll};
 pub struct Batches<S> {
     inner: S,
     max: usize,
+    /// The last batch's length: the capacity to start the next one with.
+    last: usize,
     done: bool,
 }
 
@@ -22,6 +24,7 @@ impl<S> Batches<S> {
         Self {
             inner,
             max: max.max(1),
+            last: 1,
             done: false,
         }
     }
@@ -35,7 +38,9 @@ impl<S: Stream + Unpin> Stream for Batches<S> {
         if this.done {
             return Poll::Ready(None);
         }
-        let mut batch = Vec::new();
+        // Sized like the last batch: under steady load one allocation, not
+        // a chain of doublings that copies every item again.
+        let mut batch = Vec::with_capacity(this.last);
         while batch.len() < this.max {
             match Pin::new(&mut this.inner).poll_next(cx) {
                 Poll::Ready(Some(item)) => batch.push(item),
@@ -46,6 +51,7 @@ impl<S: Stream + Unpin> Stream for Batches<S> {
                 Poll::Pending => break,
             }
         }
+        this.last = batch.len().max(1);
         if batch.is_empty() {
             if this.done {
                 Poll::Ready(None)
