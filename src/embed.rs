@@ -105,7 +105,7 @@ impl Builder {
     /// Panics outside an actix System (as `Actor::start` does).
     pub fn start(self) -> BrokerHandle {
         let config = self.config;
-        let metrics = MetricsStore::default().start();
+        let metrics = MetricsStore::new(config.latency_window).start();
         let router = Router::new(config.clone(), metrics.clone()).start();
         let sysmon = Sysmon::new(config.sysmon_interval, metrics.clone()).start();
         let broker = Broker::new(

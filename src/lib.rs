@@ -23,7 +23,8 @@
 //!   is the control plane and answers the broker's own RPCs. The
 //!   [`MetricsStore`](actors::metrics_store::MetricsStore) receives the
 //!   Router's counters and HdrHistograms in batches (never one message per
-//!   sample) and answers stats. [`Sysmon`](actors::sysmon::Sysmon) samples
+//!   sample) and answers stats, since start and over the last minute (a
+//!   ring of histograms, so alerts react in minutes). [`Sysmon`](actors::sysmon::Sysmon) samples
 //!   `/proc` for the broker and every child. A
 //!   [`Bridge`](actors::bridge::Bridge) per child process turns its stdout
 //!   frames into Router messages and writes what the Router delivers to its
@@ -41,7 +42,8 @@
 //! - `loadgen` (feature `loadgen`, on by default): the round-trip
 //!   benchmark's peers (the load client, the raw baseline) and its driver.
 //! - [`admin`]: the operators' HTTP surface (`/metrics`, `/stats`,
-//!   `/health`, `/ready`) in the broker's own actix System.
+//!   `/health`, `/ready`, and the live dashboard `/` fed by `/events`) in
+//!   the broker's own actix System.
 //! - [`config`], [`names`]: settings (and the config file) and the naming
 //!   rules of processes.
 //!

@@ -1,13 +1,18 @@
-//! Admin HTTP (DESIGN 6.4): /health, /ready, /stats and a /metrics page that
-//! `promtool check metrics` accepts; the example alert rules pass
-//! `promtool check rules`.
+//! Admin HTTP (DESIGN 6.4, 13): /health, /ready, /stats and a /metrics page
+//! that `promtool check metrics` accepts; the dashboard page and its
+//! `/events` stream; latency quantiles over a window that follows a change
+//! of load; the example alert rules pass `promtool check rules`.
 
 mod support;
 
 use procbroker::actors::messages::SampleNow;
 use procbroker::admin::Admin;
+use procbroker::config::BrokerConfig;
 use procbroker::embed::ProcBroker;
+use procbroker::service::Methods;
+use std::time::{Duration, Instant};
 use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[actix::test]
 async fn admin_endpoints_serve_stats_readiness_and_valid_prometheus_text() {
@@ -66,5 +71,188 @@ fn the_example_alert_rules_are_valid() {
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/alerts.yml");
     let (ok, report) = promtool(&["check", "rules", rules.to_str().expect("utf-8")], "");
     assert!(ok, "{report}");
-    assert!(report.contains("7 rules"), "{report}");
+    assert!(report.contains("8 rules"), "{report}");
+}
+
+/// Reads server-sent events from `/events` for `period`: the response head
+/// and the JSON of every `data:` line, until EOF or the period ends.
+async fn read_events(
+    addr: std::net::SocketAddr,
+    period: Duration,
+) -> (String, Vec<serde_json::Value>, bool) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET /events HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut lines = BufReader::new(stream).lines();
+    let mut head = String::new();
+    let mut events = Vec::new();
+    let until = Instant::now() + period;
+    let mut ended = false;
+    let mut in_head = true;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, lines.next_line()).await {
+            Err(_) => break,
+            Ok(Ok(Some(line))) => {
+                if in_head {
+                    in_head = !line.is_empty();
+                    head.push_str(&line);
+                    head.push('\n');
+                } else if let Some(json) = line.strip_prefix("data: ") {
+                    events.push(serde_json::from_str(json).expect("each event is JSON"));
+                }
+            }
+            Ok(_) => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    (head, events, ended)
+}
+
+#[actix::test]
+async fn the_dashboard_is_served_and_events_stream_stats_every_second() {
+    let broker = ProcBroker::builder().start();
+    broker.spawn(echo("echo", 2)).await.expect("echo");
+    broker.call("echo", "Echo", &1u32).await.expect("call");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = Admin::start(broker.clone(), any, vec!["echo".into()]).expect("admin");
+    let addr = admin.addr;
+
+    let (status, page) = get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.starts_with("<!doctype html>"),
+        "{}",
+        &page[..80.min(page.len())]
+    );
+    assert!(
+        page.contains("new EventSource(\"/events\")"),
+        "the page reads /events"
+    );
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no CDN"
+    );
+
+    let (head, events, ended) = read_events(addr, Duration::from_secs(3)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    assert!(!ended, "the stream stays open");
+    assert!(events.len() >= 2, "{} events in 3 s", events.len());
+    for event in &events {
+        assert_eq!(event["per_process"]["echo.1"]["status"], "ready");
+        assert_eq!(event["per_process"]["echo.1"]["service"], "echo");
+        assert!(event["latency_window_us"]["echo"].is_object(), "{event}");
+        assert_eq!(event["total"]["broker_errors"]["timeout"], 0);
+    }
+
+    // An open stream does not hold up the server's stop: it ends.
+    let watcher = actix::spawn(read_events(addr, Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    admin.stop().await;
+    let (_, _, ended) = watcher.await.expect("reader");
+    assert!(ended, "the stream ended when the server stopped");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
+    broker.shutdown().await;
+}
+
+#[actix::test]
+async fn windowed_quantiles_follow_a_change_of_load() {
+    // A 600 ms window: six slots of 100 ms.
+    let config = BrokerConfig {
+        latency_window: Duration::from_millis(600),
+        sysmon_interval: None,
+        ..BrokerConfig::default()
+    };
+    let broker = ProcBroker::builder().config(config).start();
+    let methods = Methods::new().method("Wait", |ms: u64| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    });
+    broker.add_service("wait", 1, methods).await.expect("add");
+    for _ in 0..10 {
+        broker
+            .call("wait", "Wait", &30u64)
+            .await
+            .expect("slow call");
+    }
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.latency_window_us["wait"].count, 10);
+    assert!(stats.latency_window_us["wait"].p99 >= 30_000, "{stats:?}");
+
+    // The slow calls age out of the window; only the fast ones are left.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..50 {
+        broker.call("wait", "Wait", &0u64).await.expect("fast call");
+    }
+    let stats = broker.stats().await.expect("stats");
+    let window = stats.latency_window_us["wait"];
+    let since_start = stats.latency_us["wait"];
+    assert_eq!(window.count, 50, "{window:?}");
+    assert!(window.p99 < 20_000, "{window:?}");
+    assert_eq!(since_start.count, 60);
+    assert!(since_start.p99 >= 30_000, "{since_start:?}");
+
+    // /metrics quantiles are the window's; count and sum since start.
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = Admin::start(broker.clone(), any, vec![]).expect("admin");
+    let (_, metrics) = get(admin.addr, "/metrics").await;
+    let p99: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "procbroker_request_latency_seconds{service=\"wait\",quantile=\"0.99\"} ",
+            )
+        })
+        .expect("p99 line")
+        .parse()
+        .expect("a number");
+    assert!(p99 < 0.020, "window p99 {p99} s:\n{metrics}");
+    assert!(
+        metrics.contains("procbroker_request_latency_seconds_count{service=\"wait\"} 60"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("procbroker_broker_errors_total{code=\"timeout\"} 0"),
+        "{metrics}"
+    );
+    let (ok, report) = promtool(&["check", "metrics"], &metrics);
+    assert!(ok, "promtool check metrics:\n{report}");
+
+    // Once the window is empty the quantiles are NaN (no samples), and
+    // promtool still accepts the page.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, metrics) = get(admin.addr, "/metrics").await;
+    assert!(
+        metrics
+            .contains("procbroker_request_latency_seconds{service=\"wait\",quantile=\"0.99\"} NaN"),
+        "{metrics}"
+    );
+    let (ok, report) = promtool(&["check", "metrics"], &metrics);
+    assert!(ok, "promtool check metrics:\n{report}");
+    admin.stop().await;
+    broker.shutdown().await;
+}
+
+#[actix::test]
+async fn broker_errors_are_counted_by_code() {
+    let broker = ProcBroker::builder().start();
+    let unknown = broker.call("nowhere", "Echo", &1u32).await;
+    assert!(unknown.is_err());
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.total.broker_errors["unknown_target"], 1);
+    assert_eq!(stats.total.broker_errors["timeout"], 0);
+    assert_eq!(stats.total.broker_errors.len(), 11, "every code is listed");
+    broker.shutdown().await;
 }

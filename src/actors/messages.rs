@@ -383,6 +383,9 @@ pub struct MetricsBatch {
     pub latency: Vec<(String, Histogram<u64>)>,
     /// Latency samples over all services since the last batch.
     pub overall: Option<Histogram<u64>>,
+    /// Errors the Router answered in place of a worker since the last
+    /// batch, by [`ErrorCode::index`].
+    pub broker_errors: [u64; ErrorCode::ALL.len()],
     /// Requests in flight now.
     pub pending: u64,
 }

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::latency;
 use super::messages::{
@@ -18,6 +18,8 @@ use super::messages::{
     SubmitMetrics,
 };
 use super::router::Router;
+use super::window::LatencyWindow;
+use crate::protocol::ErrorCode;
 use crate::protocol::rpc::ProcessStatus;
 use crate::protocol::stats::{
     FaultCounters, MessageCounters, MessageStats, ProcessMetrics, ProcessStats, TotalStats,
@@ -44,6 +46,8 @@ struct ProcessRecord {
     pending: u64,
     ready: bool,
     lifecycle: Option<ProcessLifecycle>,
+    /// When the current incarnation was started (its pid first seen).
+    incarnation: Option<Instant>,
 }
 
 /// The MetricsStore actor.
@@ -55,12 +59,22 @@ pub struct MetricsStore {
     caller_last: Option<SystemTime>,
     latency: HashMap<String, Histogram<u64>>,
     overall: Histogram<u64>,
+    window: LatencyWindow,
+    broker_errors: [u64; ErrorCode::ALL.len()],
     pending: u64,
     samples: BTreeMap<String, ProcessMetrics>,
 }
 
 impl Default for MetricsStore {
+    /// A store whose windowed latency covers the last 60 s.
     fn default() -> Self {
+        Self::new(Duration::from_secs(60))
+    }
+}
+
+impl MetricsStore {
+    /// A store whose windowed latency covers the last `latency_window`.
+    pub fn new(latency_window: Duration) -> Self {
         Self {
             started: Instant::now(),
             processes: BTreeMap::new(),
@@ -69,6 +83,8 @@ impl Default for MetricsStore {
             caller_last: None,
             latency: HashMap::new(),
             overall: latency::new_histogram(),
+            window: LatencyWindow::new(latency_window),
+            broker_errors: [0; ErrorCode::ALL.len()],
             pending: 0,
             samples: BTreeMap::new(),
         }
@@ -132,6 +148,7 @@ impl MetricsStore {
         let mut last = self.caller_last;
         let mut restarts_total = 0u64;
         let mut per_process = BTreeMap::new();
+        let now = Instant::now();
         for (id, record) in &self.processes {
             total.add(&record.counters);
             first = earliest(first, record.first);
@@ -157,6 +174,15 @@ impl MetricsStore {
                     queue_depth: record.queue_depth,
                     pending: record.pending,
                     exit_code: lifecycle.and_then(|l| l.exit_code),
+                    service: record.service.clone(),
+                    uptime_s: match status {
+                        ProcessStatus::Stopped | ProcessStatus::Failed => None,
+                        // The broker's own entry lives as long as the store.
+                        _ => record
+                            .incarnation
+                            .or((id == crate::names::BROKER).then_some(self.started))
+                            .map(|t| now.saturating_duration_since(t).as_secs()),
+                    },
                 },
             );
         }
@@ -166,14 +192,21 @@ impl MetricsStore {
             .map(|(service, h)| (service.clone(), latency::quantiles(h)))
             .collect();
         latency_us.insert("overall".into(), latency::quantiles(&self.overall));
+        let latency_window_us = self.window.quantiles(now, self.latency.keys());
+        let broker_errors = ErrorCode::ALL
+            .iter()
+            .map(|code| (code.as_str().to_string(), self.broker_errors[code.index()]))
+            .collect();
         MessageStats {
             total: TotalStats {
                 counters: message_counters(&total, first, last),
                 faults: faults(&total, restarts_total),
                 pending: self.pending,
+                broker_errors,
             },
             per_process,
             latency_us,
+            latency_window_us,
             process_metrics: self.samples.clone(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -204,6 +237,11 @@ impl Handler<MetricsBatch> for MetricsStore {
             self.caller_first.get_or_insert(batch.at);
             self.caller_last = Some(batch.at);
         }
+        self.window
+            .add(Instant::now(), &batch.latency, batch.overall.as_ref());
+        for (total, delta) in self.broker_errors.iter_mut().zip(batch.broker_errors) {
+            *total += delta;
+        }
         for (service, h) in batch.latency {
             let slot = self
                 .latency
@@ -229,6 +267,12 @@ impl Handler<ProcessLifecycle> for MetricsStore {
         }
         let record = self.processes.entry(msg.id.clone()).or_default();
         record.service = msg.service.clone();
+        let previous = record.lifecycle.as_ref();
+        // A new pid is a new incarnation (a restart); in-process workers
+        // have none and start once.
+        if previous.is_none_or(|p| p.pid != msg.pid) {
+            record.incarnation = Some(Instant::now());
+        }
         record.lifecycle = Some(msg);
     }
 }

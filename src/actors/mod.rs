@@ -11,7 +11,8 @@
 //!   that cannot flood the log).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
-//! - [`metrics_store`]: cumulative counters, histograms, samples; the stats reply.
+//! - [`metrics_store`]: cumulative counters, histograms, samples; the stats
+//!   reply. Beside it: [`window`] (latency of the last minute).
 //! - [`sysmon`]: `/proc/{pid}/status` sampling.
 //! - [`inproc`]: workers backed by Rust handlers.
 
@@ -29,3 +30,4 @@ mod pending;
 pub mod router;
 pub mod sysmon;
 mod table;
+pub mod window;

@@ -60,6 +60,9 @@ pub struct Router {
     caller: Counters,
     /// Processes removed since the last metrics batch.
     retired: Vec<ProcessSnapshot>,
+    /// Errors the Router answered in place of a worker since the last
+    /// batch, by [`ErrorCode::index`].
+    broker_errors: [u64; ErrorCode::ALL.len()],
     clock: (Instant, SystemTime),
 }
 
@@ -78,6 +81,7 @@ impl Router {
             next_call_id: 0,
             caller: Counters::default(),
             retired: Vec::new(),
+            broker_errors: [0; ErrorCode::ALL.len()],
             clock: (Instant::now(), SystemTime::now()),
         }
     }
@@ -321,6 +325,9 @@ impl Router {
 
     /// Sends a broker-generated reply to whoever waits for it.
     fn answer(&mut self, error: Envelope, reply_to: ReplyTo) {
+        if let Some(code) = error.error_code() {
+            self.broker_errors[code.index()] += 1;
+        }
         match reply_to {
             ReplyTo::Caller(tx) => {
                 let _ = tx.send(error);
@@ -608,6 +615,7 @@ impl Router {
             caller,
             latency,
             overall,
+            broker_errors: std::mem::take(&mut self.broker_errors),
             pending: self.pending.len() as u64,
         });
     }

@@ -2,7 +2,8 @@
 //!
 //! Counters per process and in total, gauges for queue depth, pending
 //! requests, status and the `/proc` samples, and request latency per service
-//! as a summary built from the HdrHistograms (p50 … p99.9 as quantiles).
+//! as a summary built from the HdrHistograms (p50 … p99.9 over the latency
+//! window as quantiles), and the broker's own errors by code.
 
 use prometheus::proto::{
     Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary,
@@ -10,6 +11,7 @@ use prometheus::proto::{
 use std::collections::BTreeMap;
 
 use crate::protocol::rpc::ProcessStatus;
+use crate::protocol::stats::LatencyQuantiles;
 use crate::protocol::stats::{FaultCounters, MessageCounters, MessageStats};
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -194,19 +196,41 @@ pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<Me
         MetricType::GAUGE,
         samples(&|m| m.threads.map(|t| t as f64)),
     ));
+    out.push(family(
+        "broker_errors_total",
+        "Errors the broker answered in place of a worker, by code.",
+        MetricType::COUNTER,
+        stats
+            .total
+            .broker_errors
+            .iter()
+            .map(|(code, n)| counter(vec![label("code", code)], *n))
+            .collect(),
+    ));
+    // Quantiles describe the latency window (the last minute), count and
+    // sum the whole uptime: what Prometheus client summaries do, so an
+    // alert on p99 reacts within the window. No sample in the window: NaN.
     let summaries = stats
         .latency_us
         .iter()
         .map(|(service, q)| {
-            let quantiles = [(0.5, q.p50), (0.9, q.p90), (0.99, q.p99), (0.999, q.p999)]
-                .into_iter()
-                .map(|(at, us)| {
-                    let mut x = Quantile::default();
-                    x.set_quantile(at);
-                    x.set_value(us as f64 / 1e6);
-                    x
-                })
-                .collect();
+            let window = stats.latency_window_us.get(service).filter(|w| w.count > 0);
+            let of =
+                |pick: fn(&LatencyQuantiles) -> u64| window.map_or(f64::NAN, |w| pick(w) as f64);
+            let quantiles = [
+                (0.5, of(|w| w.p50)),
+                (0.9, of(|w| w.p90)),
+                (0.99, of(|w| w.p99)),
+                (0.999, of(|w| w.p999)),
+            ]
+            .into_iter()
+            .map(|(at, us)| {
+                let mut x = Quantile::default();
+                x.set_quantile(at);
+                x.set_value(us / 1e6);
+                x
+            })
+            .collect();
             let mut s = Summary::default();
             s.set_quantile(quantiles);
             s.set_sample_count(q.count);
@@ -219,7 +243,7 @@ pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<Me
         .collect();
     out.push(family(
         "request_latency_seconds",
-        "Broker-observed request latency (request read to reply read), per service and overall.",
+        "Broker-observed request latency (request read to reply read), per service and overall; quantiles over the latency window (60 s by default), count and sum since start.",
         MetricType::SUMMARY,
         summaries,
     ));

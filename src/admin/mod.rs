@@ -1,6 +1,10 @@
 //! Admin HTTP (DESIGN 6.4): actix-web in the broker's own System, loopback
 //! by default.
 //!
+//! - `/`: the dashboard, one self-contained HTML page (`dashboard.html`,
+//!   compiled in) that reads `/events`.
+//! - `/events`: the stats reply once a second, as server-sent events
+//!   ([`events`]).
 //! - `/metrics`: Prometheus text ([`metrics`]).
 //! - `/stats`: the `GetMessageStats` reply as JSON.
 //! - `/health`: 200 while the broker runs.
@@ -10,11 +14,13 @@
 //! The server does not handle signals itself (`disable_signals`): the broker
 //! owns shutdown and stops the server as its last step.
 
+pub mod events;
 pub mod metrics;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use tokio::sync::watch;
 
 use crate::actors::messages::GetLatencySums;
 use crate::embed::BrokerHandle;
@@ -23,13 +29,19 @@ use crate::protocol::rpc::ProcessStatus;
 struct State {
     broker: BrokerHandle,
     services: Vec<String>,
+    /// Turns true when the server stops: open event streams end.
+    closing: watch::Receiver<bool>,
 }
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// A running admin server.
 pub struct Admin {
     /// The address it listens on (the real port when 0 was asked for).
     pub addr: SocketAddr,
     handle: actix_web::dev::ServerHandle,
+    closing: watch::Sender<bool>,
 }
 
 impl Admin {
@@ -40,10 +52,17 @@ impl Admin {
         addr: SocketAddr,
         services: Vec<String>,
     ) -> std::io::Result<Self> {
-        let state = web::Data::new(State { broker, services });
+        let (closing_tx, closing) = watch::channel(false);
+        let state = web::Data::new(State {
+            broker,
+            services,
+            closing,
+        });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .route("/", web::get().to(dashboard_page))
+                .route("/events", web::get().to(events_page))
                 .route("/metrics", web::get().to(metrics_page))
                 .route("/stats", web::get().to(stats_page))
                 .route(
@@ -64,17 +83,38 @@ impl Admin {
                 tracing::error!(error = %e, "admin HTTP server failed");
             }
         });
-        Ok(Self { addr, handle })
+        Ok(Self {
+            addr,
+            handle,
+            closing: closing_tx,
+        })
     }
 
-    /// Stops accepting and finishes the requests in progress.
+    /// Ends the event streams, stops accepting and finishes the requests
+    /// in progress.
     pub async fn stop(self) {
+        let _ = self.closing.send(true);
         self.handle.stop(true).await;
     }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
     HttpResponse::ServiceUnavailable().body(format!("{e}\n"))
+}
+
+async fn dashboard_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(DASHBOARD)
+}
+
+async fn events_page(state: web::Data<State>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        // Proxies such as nginx would otherwise buffer the stream.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(events::stream(state.broker.clone(), state.closing.clone()))
 }
 
 async fn stats_page(state: web::Data<State>) -> HttpResponse {

@@ -60,6 +60,8 @@ pub struct BrokerSection {
     pub max_bad_frames_per_s: u64,
     /// Events a second one process may send.
     pub max_events_per_s: u64,
+    /// The windowed latency covers the last this many milliseconds.
+    pub latency_window_ms: u64,
 }
 
 impl Default for BrokerSection {
@@ -74,6 +76,7 @@ impl Default for BrokerSection {
             control_allow: Vec::new(),
             max_bad_frames_per_s: d.max_bad_frames_per_s,
             max_events_per_s: d.max_events_per_s,
+            latency_window_ms: millis(d.latency_window),
         }
     }
 }
@@ -345,6 +348,7 @@ impl Loaded {
             drain_timeout: Duration::from_millis(b.drain_timeout_ms),
             max_bad_frames_per_s: b.max_bad_frames_per_s,
             max_events_per_s: b.max_events_per_s,
+            latency_window: Duration::from_millis(b.latency_window_ms.max(1)),
             ..BrokerConfig::default()
         }
     }

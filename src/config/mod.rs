@@ -40,6 +40,9 @@ pub struct BrokerConfig {
     /// Events one process may send per second; past it its events are
     /// dropped and counted as its `busy_rejections` (0: no limit).
     pub max_events_per_s: u64,
+    /// What the windowed latency (`latency_window_us`, `/metrics`
+    /// quantiles, the dashboard) covers: the last this much.
+    pub latency_window: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -56,6 +59,7 @@ impl Default for BrokerConfig {
             drain_timeout: Duration::from_secs(10),
             max_bad_frames_per_s: 100,
             max_events_per_s: 100_000,
+            latency_window: Duration::from_secs(60),
         }
     }
 }

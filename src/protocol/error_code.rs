@@ -50,6 +50,11 @@ impl ErrorCode {
         Self::Internal,
     ];
 
+    /// Its position in [`ALL`](Self::ALL), for counting by code.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The string written under `code`.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -65,6 +65,11 @@ pub struct TotalStats {
     pub faults: FaultCounters,
     /// Requests in flight now.
     pub pending: u64,
+    /// Errors the broker answered in place of a worker (`timeout`, `busy`,
+    /// `worker_exited`, …), by code, since start. Every broker code is
+    /// listed, 0 included.
+    #[serde(default)]
+    pub broker_errors: BTreeMap<String, u64>,
 }
 
 /// One entry of `per_process`.
@@ -86,6 +91,13 @@ pub struct ProcessStats {
     pub pending: u64,
     /// Exit code of the last incarnation.
     pub exit_code: Option<i32>,
+    /// Its service.
+    #[serde(default)]
+    pub service: String,
+    /// Whole seconds since the current incarnation was started; nil while
+    /// it is stopped or failed.
+    #[serde(default)]
+    pub uptime_s: Option<u64>,
 }
 
 /// Latency quantiles in microseconds (HdrHistogram, 3 significant digits).
@@ -112,8 +124,13 @@ pub struct MessageStats {
     pub total: TotalStats,
     /// Per process id.
     pub per_process: BTreeMap<String, ProcessStats>,
-    /// `overall` and one entry per service: broker-observed request latency.
+    /// `overall` and one entry per service: broker-observed request latency
+    /// since start.
     pub latency_us: BTreeMap<String, LatencyQuantiles>,
+    /// The same over the last `broker.latency_window_ms` (60 s by default;
+    /// DESIGN 13): what `/metrics` quantiles and the dashboard show.
+    #[serde(default)]
+    pub latency_window_us: BTreeMap<String, LatencyQuantiles>,
     /// Latest sample per process id (the broker's own under `broker`).
     pub process_metrics: BTreeMap<String, ProcessMetrics>,
     /// Seconds since the broker started.
@@ -179,10 +196,15 @@ mod tests {
                 queue_depth: 0,
                 pending: 1,
                 exit_code: None,
+                service: "echo".into(),
+                uptime_s: Some(2),
             },
         );
         stats
             .latency_us
+            .insert("overall".into(), LatencyQuantiles::default());
+        stats
+            .latency_window_us
             .insert("overall".into(), LatencyQuantiles::default());
         stats.process_metrics.insert(
             "broker".into(),
@@ -204,6 +226,7 @@ mod tests {
                 "total",
                 "per_process",
                 "latency_us",
+                "latency_window_us",
                 "process_metrics",
                 "uptime_s",
                 "version"
@@ -221,6 +244,7 @@ mod tests {
             "last_message_time",
             "bad_frames",
             "pending",
+            "broker_errors",
         ] {
             assert!(keys(total).contains(&key), "total lacks {key}");
         }
@@ -232,6 +256,8 @@ mod tests {
             "restarts",
             "queue_depth",
             "bad_frames",
+            "service",
+            "uptime_s",
         ] {
             assert!(keys(echo).contains(&key), "per_process lacks {key}");
         }

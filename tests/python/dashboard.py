@@ -1,0 +1,124 @@
+"""Drives the dashboard in a real headless Chromium through WebDriver.
+
+Usage: dashboard.py URL PIDS_JSON SCREENSHOT
+
+PIDS_JSON maps each echo worker's process id to its real pid. The script
+checks that the page shows every worker with that pid, that its numbers
+change without a reload, that a worker killed here (SIGKILL) comes back on
+the page with a new pid and one restart, and that the browser console has
+no errors. It saves a screenshot to SCREENSHOT and prints one JSON line:
+{"killed": ID, "old_pid": N, "new_pid": N}. Any failed check exits non-zero
+with the reason on stderr.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+
+def fail(message):
+    print(f"dashboard check failed: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def find(names):
+    for name in names:
+        path = shutil.which(name) or (name if os.path.exists(name) else None)
+        if path:
+            return path
+    fail(f"none of {names} found (scripts/test installs chromium and chromium-driver)")
+
+
+def wait_until(what, check, timeout=15.0):
+    """Polls `check` until it returns a true value; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:  # the page may be mid-render
+            last = e
+        time.sleep(0.2)
+    fail(f"{what} (last: {last!r})")
+
+
+def main():
+    url, pids, screenshot = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    options = webdriver.ChromeOptions()
+    options.binary_location = find(["chromium", "chromium-browser", "/usr/bin/chromium"])
+    for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--disable-gpu", "--window-size=1400,1000", "--no-first-run",
+                "--disable-extensions", "--disable-background-networking"]:
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=find(["chromedriver", "/usr/bin/chromedriver"]))
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        driver.set_page_load_timeout(20)
+        driver.get(url)
+        driver.execute_script("window.__loaded_once = true;")
+
+        def cell(process, field):
+            return driver.find_element(
+                By.CSS_SELECTOR, f'tr[data-process="{process}"] [data-field="{field}"]').text
+
+        # Every worker, with its real pid.
+        for process, pid in pids.items():
+            wait_until(f"{process} shows pid {pid}", lambda: cell(process, "pid") == str(pid))
+            if cell(process, "status") != "ready":
+                fail(f"{process} is {cell(process, 'status')!r}, not ready")
+        wait_until("the link says live",
+                   lambda: driver.find_element(By.ID, "link").text == "live")
+
+        # Live numbers: the request counter moves while traffic runs, and the
+        # page was never reloaded.
+        def requests():
+            return driver.execute_script(
+                "return document.querySelector('#totals div:nth-child(2) b').textContent")
+        first = wait_until("the request total is shown", requests)
+        wait_until("the request total changes without a reload",
+                   lambda: requests() != first)
+        wait_until("a worker shows a message rate",
+                   lambda: any(cell(p, "rate") not in ("–", "0/s", "0.0/s") for p in pids))
+        if not driver.execute_script("return window.__loaded_once === true"):
+            fail("the page was reloaded")
+        if driver.execute_script("return performance.getEntriesByType('navigation').length") != 1:
+            fail("more than one navigation")
+        wait_until("a latency chart is drawn", lambda: driver.find_elements(
+            By.CSS_SELECTOR, 'tr[data-service="echo"] svg polyline'))
+
+        # A killed worker: new pid and one restart, on the same page.
+        victim = sorted(pids)[-1]
+        old_pid = pids[victim]
+        os.kill(old_pid, signal.SIGKILL)
+        wait_until(f"{victim} shows a new pid",
+                   lambda: cell(victim, "pid") not in ("–", str(old_pid)), timeout=20)
+        wait_until(f"{victim} shows one restart", lambda: cell(victim, "restarts") == "1")
+        wait_until(f"{victim} is ready again", lambda: cell(victim, "status") == "ready")
+        new_pid = int(cell(victim, "pid"))
+
+        # Let the chart gather a few more points, then keep a picture.
+        time.sleep(2)
+        os.makedirs(os.path.dirname(os.path.abspath(screenshot)), exist_ok=True)
+        if not driver.save_screenshot(screenshot):
+            fail(f"could not save {screenshot}")
+
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        if errors:
+            fail(f"browser console errors: {errors}")
+        print(json.dumps({"killed": victim, "old_pid": old_pid, "new_pid": new_pid}))
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()
