@@ -76,8 +76,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin: String,
         /// Print the GetMessageStats reply as JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw the table every second, like `top`, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// Run a built-in worker on stdin/stdout (the broker spawns these; with
     /// `command = "@self"` a config re-executes this binary).
@@ -135,7 +138,13 @@ fn run_command(command: Command) -> Result<()> {
             logging::init("info")?;
             run::run(config, &sets)
         }
-        Command::Stats { admin, json } => stats::stats(&admin, json),
+        Command::Stats { admin, json, watch } => {
+            if watch {
+                stats::watch(&admin)
+            } else {
+                stats::stats(&admin, json)
+            }
+        }
         Command::Bench(args) => {
             // Quiet unless asked: the result goes to stdout, progress to stderr.
             logging::init("warn")?;

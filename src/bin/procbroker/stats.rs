@@ -1,13 +1,53 @@
-//! `procbroker stats`: a running broker's `GetMessageStats`, as a table.
+//! `procbroker stats`: a running broker's `GetMessageStats`, as a table,
+//! once or (`--watch`) redrawn every second like `top`.
 
 use anyhow::{Context, Result};
 use procbroker::protocol::MessageStats;
 use std::fmt::Write;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
 
 /// Fetches `http://ADMIN/stats` and prints it.
 pub fn stats(admin: &str, json: bool) -> Result<()> {
+    let body = fetch(admin)?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    print!("{}", table(&parse(admin, &body)?, None));
+    Ok(())
+}
+
+/// Redraws the table every second until interrupted. A broker that stops
+/// answering is said on screen and tried again, as `top` would.
+pub fn watch(admin: &str) -> Result<()> {
+    // The first fetch fails loudly: a wrong address is a usage error.
+    let mut previous = (Instant::now(), parse(admin, &fetch(admin)?)?);
+    redraw(&table(&previous.1, None));
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = Instant::now();
+        match fetch(admin).and_then(|body| parse(admin, &body)) {
+            Ok(stats) => {
+                let dt = now.duration_since(previous.0).as_secs_f64();
+                redraw(&table(&stats, Some((&previous.1, dt))));
+                previous = (now, stats);
+            }
+            Err(e) => redraw(&format!("{}\n\n{e:#}\n", table(&previous.1, None))),
+        }
+    }
+}
+
+/// Home, clear, draw: one write, so the screen never shows half a table.
+fn redraw(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "\x1b[H\x1b[2J{text}\nevery 1 s; Ctrl-C to quit\n");
+    let _ = out.flush();
+}
+
+fn fetch(admin: &str) -> Result<String> {
     let url = format!("http://{admin}/stats");
-    let body = ureq::get(&url)
+    ureq::get(&url)
         .call()
         .with_context(|| {
             format!("GET {url} (is `procbroker run` up, with [admin] listen = {admin:?}?)")
@@ -18,23 +58,24 @@ pub fn stats(admin: &str, json: bool) -> Result<()> {
         .with_config()
         .limit(1 << 30)
         .read_to_string()
-        .with_context(|| format!("reading {url}"))?;
-    if json {
-        println!("{body}");
-        return Ok(());
-    }
-    let stats: MessageStats =
-        serde_json::from_str(&body).with_context(|| format!("{url} is not a stats reply"))?;
-    print!("{}", table(&stats));
-    Ok(())
+        .with_context(|| format!("reading {url}"))
+}
+
+fn parse(admin: &str, body: &str) -> Result<MessageStats> {
+    serde_json::from_str(body).with_context(|| format!("http://{admin}/stats is not a stats reply"))
 }
 
 fn kb(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |kb| format!("{:.1}M", kb as f64 / 1024.0))
 }
 
-/// The human view: one line per process, then latency per service.
-pub fn table(s: &MessageStats) -> String {
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The human view: one line per process, then latency per service. With a
+/// previous snapshot and the seconds since it, messages per second too.
+pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String {
     let mut out = String::new();
     let t = &s.total;
     let _ = writeln!(
@@ -50,38 +91,47 @@ pub fn table(s: &MessageStats) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6}",
+        "\n{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>8}",
         "PROCESS",
         "STATUS",
         "PID",
         "RSS",
         "THR",
         "RST",
+        "UP",
         "SENT",
         "RECEIVED",
         "REQUESTS",
         "ERRORS",
         "BAD",
-        "QUEUE"
+        "QUEUE",
+        "MSG/S"
     );
     for (id, p) in &s.per_process {
         let m = s.process_metrics.get(id);
+        let rate = previous.and_then(|(before, dt)| {
+            let old = before.per_process.get(id)?;
+            let moved =
+                |c: &procbroker::protocol::stats::MessageCounters| c.total_sent + c.total_received;
+            (dt > 0.0).then(|| moved(&p.counters).saturating_sub(moved(&old.counters)) as f64 / dt)
+        });
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6}",
+            "{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>8}",
             id,
             format!("{:?}", p.status).to_lowercase(),
-            p.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            dash(p.pid),
             kb(m.and_then(|m| m.vmrss)),
-            m.and_then(|m| m.threads)
-                .map_or_else(|| "-".into(), |t| t.to_string()),
+            dash(m.and_then(|m| m.threads)),
             p.faults.restarts,
+            p.uptime_s.map_or_else(|| "-".into(), |s| format!("{s}s")),
             p.counters.total_sent,
             p.counters.total_received,
             p.counters.request_count,
             p.counters.error_count,
             p.faults.bad_frames,
-            p.queue_depth
+            p.queue_depth,
+            rate.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
         );
     }
     let _ = writeln!(
@@ -95,6 +145,29 @@ pub fn table(s: &MessageStats) -> String {
             "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
             service, q.count, q.p50, q.p90, q.p99, q.p999, q.max
         );
+    }
+    if !s.latency_window_us.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "WINDOW µs", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
+        );
+        for (service, q) in &s.latency_window_us {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                service, q.count, q.p50, q.p90, q.p99, q.p999, q.max
+            );
+        }
+    }
+    let errors: Vec<String> = t
+        .broker_errors
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "\nbroker errors: {}", errors.join(", "));
     }
     out
 }
