@@ -36,7 +36,7 @@ use crate::actors::broker::{
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::messages::{
-    Call, PendingCount, RegisterProcess, RouterError, SetDraining, TrackProcess,
+    Call, PendingCount, Publish, RegisterProcess, RouterError, SetDraining, TrackProcess,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::Router;
@@ -179,6 +179,22 @@ impl BrokerHandle {
     ) -> Result<Reply, CallError> {
         let request = Envelope::request(target, method, 0).with_payload(payload)?;
         self.call_envelope(request).await
+    }
+
+    /// Sends event `id` with `payload` to `target` (a process id, every
+    /// ready worker of a service, or `*`); returns how many processes it
+    /// was delivered to (0 for an unknown target). Events are not answered.
+    pub async fn event<P: Serialize + ?Sized>(
+        &self,
+        target: &str,
+        id: &str,
+        payload: &P,
+    ) -> Result<usize, CallError> {
+        let event = Envelope::event(target, id).with_payload(payload)?;
+        self.router
+            .send(Publish(event))
+            .await
+            .map_err(|_| CallError::Closed)
     }
 
     /// [`call`](Self::call) with a request built by hand (raw payload,

@@ -98,6 +98,20 @@ fn the_v2e_example_loads() {
 }
 
 #[test]
+fn the_neovim_example_loads_as_msgpack_rpc() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nvim.toml");
+    let loaded = Loaded::load(Some(&path), none(), &[]).expect("nvim");
+    let nvim = &loaded.file.services[0];
+    assert_eq!(nvim.protocol, procbroker::config::Protocol::MsgpackRpc);
+    assert_eq!(nvim.ready_probe, "nvim_get_api_info");
+    assert_eq!(
+        (nvim.calls_to.as_str(), nvim.events_to.as_str()),
+        ("host", "editor-events")
+    );
+    assert!(nvim.awaits_ready());
+}
+
+#[test]
 fn unknown_keys_and_bad_values_are_refused_naming_key_and_file() {
     let dir = tmp("bad");
     for (text, must_say) in [
@@ -108,6 +122,10 @@ fn unknown_keys_and_bad_values_are_refused_naming_key_and_file() {
             "workerz",
         ),
         ("[nonsense]\n", "nonsense"),
+        (
+            "[[service]]\nname = \"a\"\ncommand = \"x\"\nprotocol = \"json-rpc\"\n",
+            "json-rpc",
+        ),
         (
             "[[service]]\nname = \"a\"\ncommand = \"x\"\nrestart = { max_restart = 1 }\n",
             "max_restart",
@@ -137,6 +155,14 @@ fn unknown_keys_and_bad_values_are_refused_naming_key_and_file() {
         (
             "[[service]]\nname = \"a\"\ncommand = \"x\"\nworkers = 0\n",
             "service[0].workers",
+        ),
+        (
+            "[[service]]\nname = \"a\"\ncommand = \"x\"\nready_probe = \"p\"\n",
+            "service[0].ready_probe",
+        ),
+        (
+            "[[service]]\nname = \"a\"\ncommand = \"x\"\nprotocol = \"procbroker\"\ncalls_to = \"b\"\n",
+            "service[0].calls_to",
         ),
     ] {
         let path = write(&dir, "invalid.toml", text);

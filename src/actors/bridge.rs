@@ -15,6 +15,11 @@
 //!   go in, and stdout is not read while the outbox is full, so a child that
 //!   never reads cannot make the broker hold more than that.
 //! - **stderr**: lines logged as `tracing` events with the process id.
+//! - **wire**: a service with `protocol = "msgpack-rpc"` speaks
+//!   MessagePack-RPC instead of envelopes ([`WireCodec`]); the codec
+//!   translates at the pipe, so everything here still sees envelopes. Such a
+//!   child has no `ready`/`shutdown` handshake: it is ready when it answers
+//!   `ready_probe` (or at once), and is stopped by EOF on stdin.
 //! - **exit**: a watcher task owns the `Child`, reaps it (no zombies) and
 //!   tells the bridge; the Router then fails the requests in flight to it
 //!   with `worker_exited` at once.
@@ -47,9 +52,10 @@ use super::messages::{
 use super::pacer::{Paced, Pacer};
 use super::router::Router;
 use super::sysmon::Sysmon;
-use crate::config::{BrokerConfig, SELF_COMMAND, ServiceConfig};
+use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
-use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError};
+use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError, WireCodec};
+use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{
     Envelope, EnvelopeCodec, ErrorCode, FrameError, InvalidEnvelope, MessageType,
@@ -64,6 +70,9 @@ const READ_BATCH: usize = 64;
 const STOP_QUIET: Duration = Duration::from_millis(100);
 /// How often a stopping bridge looks whether stdout went quiet.
 const STOP_QUIET_POLL: Duration = Duration::from_millis(20);
+/// The correlation id of a MessagePack-RPC child's `ready_probe` (source
+/// `broker`; health checks use ids with the top bit set).
+const PROBE_ID: u64 = 0;
 /// The backoff resets after a child has been up this long (DESIGN 5.3).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 
@@ -279,9 +288,19 @@ impl Bridge {
         self.generation += 1;
         let generation = self.generation;
         let capacity = self.config.queue_capacity;
-        let codec = EnvelopeCodec::new(self.config.max_frame_bytes);
+        let max = self.config.max_frame_bytes;
+        let codec: WireCodec = match self.spec.protocol {
+            Protocol::Procbroker => EnvelopeCodec::new(max).into(),
+            Protocol::MsgpackRpc => MsgpackRpcCodec::new(
+                max,
+                &self.spec.calls_to,
+                &self.spec.events_to,
+                self.config.request_timeout,
+            )
+            .into(),
+        };
 
-        let outbox = Rc::new(Outbox::start(stdin, codec));
+        let outbox = Rc::new(Outbox::start(stdin, codec.clone()));
         let pacer = Arc::new(Pacer::default());
         let waker = Arc::clone(&pacer);
         outbox.on_written(move |depth| {
@@ -306,7 +325,7 @@ impl Bridge {
         let (signals, signal_rx) = mpsc::unbounded_channel();
         actix::spawn(watch(child, signal_rx, ctx.address(), generation));
 
-        let ready = !self.spec.await_ready;
+        let ready = !self.spec.awaits_ready();
         self.peers.router.do_send(RegisterProcess {
             ready,
             pacer: Some(Arc::clone(&pacer)),
@@ -341,6 +360,16 @@ impl Bridge {
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
         tracing::info!(process = %self.id, pid, restarts = self.restarts, "child started");
+        if self.spec.protocol == Protocol::MsgpackRpc
+            && !ready
+            && let Some(child) = &self.child
+        {
+            // Its answer, whatever it is, makes the worker ready.
+            let probe =
+                Envelope::request(self.id.clone(), self.spec.ready_probe.as_str(), PROBE_ID)
+                    .with_source(BROKER);
+            let _ = child.outbox.push(&probe);
+        }
         if ready {
             self.set_status(ProcessStatus::Ready);
             self.settle_first_start();
@@ -572,6 +601,14 @@ impl Bridge {
         ctx.stop();
     }
 
+    /// Whether `envelope` answers this incarnation's `ready_probe`.
+    fn is_probe_reply(&self, envelope: &Envelope) -> bool {
+        self.spec.protocol == Protocol::MsgpackRpc
+            && matches!(envelope.kind, MessageType::Response | MessageType::Error)
+            && envelope.correlation_id == PROBE_ID
+            && &*envelope.target == BROKER
+    }
+
     /// Takes note of an envelope on its way to the Router.
     fn inspect(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
         let is_ready_event = envelope.kind == MessageType::Event
@@ -737,6 +774,14 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         let mut out_of_sync = None;
         for item in items {
             match item {
+                Ok(Ok(envelope)) if self.is_probe_reply(&envelope) => {
+                    if envelope.kind == MessageType::Error {
+                        tracing::warn!(process = %self.id, probe = %self.spec.ready_probe,
+                            error = envelope.error.as_deref().unwrap_or(""),
+                            "ready probe answered with an error; ready all the same");
+                    }
+                    self.became_ready(ctx);
+                }
                 Ok(Ok(envelope)) => {
                     // A health check's reply stays here.
                     let check = self
@@ -891,9 +936,12 @@ impl Handler<StopProcess> for Bridge {
                         id: self.id.clone(),
                         ready: false,
                     });
-                    let _ = child.outbox.push(
-                        &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
-                    );
+                    // A MessagePack-RPC program has no `shutdown`: EOF is its stop.
+                    if self.spec.protocol == Protocol::Procbroker {
+                        let _ = child.outbox.push(
+                            &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
+                        );
+                    }
                     // Not EOF yet: what the child sent before it read
                     // `shutdown` is still answered (`shutting_down` while the
                     // broker drains) on this stdin. EOF once it is quiet.

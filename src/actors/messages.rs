@@ -135,6 +135,12 @@ pub struct Call {
     pub reply: oneshot::Sender<Envelope>,
 }
 
+/// An event from a Rust caller of the embedding API, to a process, every
+/// ready worker of a service, or `*`. Returns how many it was delivered to.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct Publish(pub Envelope);
+
 // ---------------------------------------------------------------------------
 // The routing table (to the Router)
 

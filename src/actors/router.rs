@@ -34,8 +34,8 @@ use super::deadline::{Deadline, Expire};
 use super::latency;
 use super::messages::{
     BadFrame, Bounce, Call, Counters, FlushMetrics, HealthFailure, InFlightOf, MetricsBatch,
-    PendingCount, ProcessSnapshot, RegisterProcess, RemoveProcess, Route, RouterError, SetDraining,
-    SetReady,
+    PendingCount, ProcessSnapshot, Publish, RegisterProcess, RemoveProcess, Route, RouterError,
+    SetDraining, SetReady,
 };
 use super::pacer::Pacer;
 use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
@@ -136,6 +136,26 @@ impl Handler<Call> for Router {
         self.caller.count(MessageType::Request);
         self.route_request(origin, envelope, ReplyTo::Caller(reply), now);
         self.table.send_held();
+    }
+}
+
+impl Handler<Publish> for Router {
+    type Result = usize;
+
+    fn handle(&mut self, Publish(mut event): Publish, _: &mut Self::Context) -> usize {
+        let now = Instant::now();
+        event.kind = MessageType::Event;
+        event.source = self.caller_id.clone();
+        self.caller.count(MessageType::Event);
+        let recipients = self
+            .table
+            .event_recipients(&self.caller_id, &event.target)
+            .unwrap_or_default();
+        for id in &recipients {
+            self.table.deliver(id, event.clone(), now);
+        }
+        self.table.send_held();
+        recipients.len()
     }
 }
 

@@ -280,6 +280,20 @@ impl Loaded {
                     "must be at least 1",
                 ));
             }
+            if s.protocol == super::Protocol::Procbroker
+                && let Some(key) = [
+                    ("ready_probe", &s.ready_probe),
+                    ("calls_to", &s.calls_to),
+                    ("events_to", &s.events_to),
+                ]
+                .iter()
+                .find_map(|(key, v)| (!v.is_empty()).then_some(key))
+            {
+                return Err(invalid(
+                    format!("service[{i}].{key}"),
+                    "applies to protocol = \"msgpack-rpc\" only",
+                ));
+            }
             if s.restart.max_restarts < -1 {
                 return Err(invalid(
                     format!("service[{i}].restart.max_restarts"),

@@ -96,6 +96,34 @@ pub struct ServiceConfig {
     /// Health check of each ready worker (none by default).
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// The wire the child speaks: procbroker's envelopes (the default) or
+    /// MessagePack-RPC (DESIGN 12).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `msgpack-rpc`: the method called once at each start whose reply
+    /// makes the worker ready (`""`: ready at once). Replaces the `ready`
+    /// handshake, which such programs do not have.
+    #[serde(default)]
+    pub ready_probe: String,
+    /// `msgpack-rpc`: where the child's own requests go (a service or
+    /// process; `""`: answered with an error).
+    #[serde(default)]
+    pub calls_to: String,
+    /// `msgpack-rpc`: where the child's notifications go as events (`""`:
+    /// dropped and counted).
+    #[serde(default)]
+    pub events_to: String,
+}
+
+/// `protocol = "procbroker" | "msgpack-rpc"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Length-prefixed envelopes (DESIGN 3), `ready` and `shutdown` events.
+    #[default]
+    Procbroker,
+    /// MessagePack-RPC values on stdio, no handshake (DESIGN 12).
+    MsgpackRpc,
 }
 
 /// `health = { method, interval_ms, timeout_ms, failures }`: every
@@ -151,6 +179,39 @@ impl ServiceConfig {
             env: BTreeMap::new(),
             restart: RestartPolicy::default(),
             health: None,
+            protocol: Protocol::Procbroker,
+            ready_probe: String::new(),
+            calls_to: String::new(),
+            events_to: String::new(),
+        }
+    }
+
+    /// Speaks MessagePack-RPC (DESIGN 12); `ready_probe` is called at each
+    /// start and its reply makes the worker ready (`""`: ready at once).
+    pub fn msgpack_rpc(mut self, ready_probe: impl Into<String>) -> Self {
+        self.protocol = Protocol::MsgpackRpc;
+        self.ready_probe = ready_probe.into();
+        self
+    }
+
+    /// Where a MessagePack-RPC child's requests go.
+    pub fn calls_to(mut self, target: impl Into<String>) -> Self {
+        self.calls_to = target.into();
+        self
+    }
+
+    /// Where a MessagePack-RPC child's notifications go.
+    pub fn events_to(mut self, target: impl Into<String>) -> Self {
+        self.events_to = target.into();
+        self
+    }
+
+    /// Whether the worker waits for something before it is routable: the
+    /// `ready` event, or the reply to `ready_probe`.
+    pub fn awaits_ready(&self) -> bool {
+        match self.protocol {
+            Protocol::Procbroker => self.await_ready,
+            Protocol::MsgpackRpc => !self.ready_probe.is_empty(),
         }
     }
 
@@ -208,7 +269,7 @@ impl From<SpawnRequest> for ServiceConfig {
             ready_timeout_ms: r.ready_timeout_ms.unwrap_or_else(default_ready_timeout_ms),
             env: r.env,
             restart: r.restart,
-            health: None,
+            ..Self::new(String::new(), String::new())
         }
     }
 }

@@ -6,16 +6,19 @@
 //! - [`Batches`]: whatever a stream has ready, as one batch (one actor
 //!   message for many frames).
 //! - [`LogLines`]: a decoder for a child's stderr that never fails.
+//! - [`WireCodec`]: envelopes or MessagePack-RPC, whichever the child speaks.
 //! - [`set_pipe_size`]: 1 MiB pipes (DESIGN 8.1: a 64 KiB frame overflows the
 //!   default pipe by 4 bytes).
 
 mod batches;
 mod log_lines;
 mod outbox;
+mod wire;
 
 pub use batches::Batches;
 pub use log_lines::LogLines;
 pub use outbox::{Outbox, OutboxError};
+pub use wire::WireCodec;
 
 use std::os::fd::AsFd;
 

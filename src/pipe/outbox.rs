@@ -16,7 +16,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Encoder;
 
-use crate::protocol::{Envelope, EnvelopeCodec, FrameError};
+use super::WireCodec;
+use crate::protocol::{Envelope, FrameError};
 
 /// A buffer above this size is not kept for reuse after a write.
 const KEEP_BYTES: usize = 1 << 20;
@@ -33,7 +34,7 @@ pub enum OutboxError {
 }
 
 struct State {
-    codec: EnvelopeCodec,
+    codec: WireCodec,
     queued: BytesMut,
     queued_frames: usize,
     writing_frames: usize,
@@ -60,13 +61,13 @@ pub struct Outbox {
 
 impl Outbox {
     /// Starts the writer task for `pipe` on the current thread's local set.
-    pub fn start<W>(pipe: W, codec: EnvelopeCodec) -> Self
+    pub fn start<W>(pipe: W, codec: impl Into<WireCodec>) -> Self
     where
         W: AsyncWrite + Unpin + 'static,
     {
         let shared = Rc::new(Shared {
             state: RefCell::new(State {
-                codec,
+                codec: codec.into(),
                 queued: BytesMut::new(),
                 queued_frames: 0,
                 writing_frames: 0,
@@ -211,6 +212,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::EnvelopeCodec;
     use tokio::io::AsyncReadExt;
 
     fn run<F: Future>(f: F) -> F::Output {

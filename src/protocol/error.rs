@@ -37,6 +37,10 @@ pub enum FrameError {
     /// Reading or writing the pipe failed.
     #[error("pipe I/O: {0}")]
     Io(#[from] io::Error),
+    /// A `protocol = "msgpack-rpc"` child sent a value that is not a
+    /// MessagePack-RPC request, response or notification (DESIGN 12).
+    #[error("not MessagePack-RPC: {0}")]
+    NotRpc(String),
 }
 
 /// A whole frame that is not a valid envelope. The stream is still in sync.

@@ -8,6 +8,8 @@
 //! - [`EnvelopeCodec`]: both together, for `FramedRead` / `FramedWrite`, with
 //!   "stream broken" ([`FrameError`]) and "bad frame" ([`InvalidEnvelope`])
 //!   kept apart because the broker answers them differently.
+//! - [`msgpack_rpc`]: the other wire a child may speak, MessagePack-RPC
+//!   (DESIGN 12), translated to and from envelopes at the pipe.
 //! - Typed payloads of the broker's RPCs ([`rpc`]) and stats ([`stats`]).
 //!
 //! `PROTOCOL.md` at the repository root is the same contract written for
@@ -20,6 +22,7 @@ mod error_code;
 mod frame;
 mod message_type;
 pub(crate) mod msgpack;
+pub mod msgpack_rpc;
 mod payload;
 mod process_status;
 pub mod rpc;
