@@ -104,16 +104,22 @@ fn encode_rejects_an_invalid_envelope_naming_the_line() {
 
 #[test]
 fn bench_prints_the_designed_json_for_every_mode() {
-    for (mode, baseline) in [
-        ("relay", true),
-        ("direct", true),
-        ("inproc", true),
-        ("direct", false),
+    for (mode, baseline, worker) in [
+        ("relay", true, "echo"),
+        ("direct", true, "echo"),
+        ("inproc", true, "echo"),
+        ("direct", false, "echo"),
+        ("relay", false, "rpc-echo"),
+        ("direct", true, "rpc-echo"),
+        // Its baseline is a Python client calling neovim directly.
+        ("direct", true, "nvim"),
     ] {
         let mut args = vec![
             "bench",
             "--mode",
             mode,
+            "--worker",
+            worker,
             "--workers",
             "2",
             "--concurrency",
@@ -159,16 +165,18 @@ fn bench_prints_the_designed_json_for_every_mode() {
                 "ratio_p50",
                 "requests",
                 "throughput_rps",
+                "worker",
                 "workers"
             ]
         );
         assert_eq!(
             (
                 v["mode"].as_str(),
+                v["worker"].as_str(),
                 v["requests"].as_u64(),
                 v["errors"].as_u64()
             ),
-            (Some(mode), Some(300), Some(0))
+            (Some(mode), Some(worker), Some(300), Some(0))
         );
         assert!(
             v["latency_us"]["p50"].as_f64().is_some_and(|p| p > 0.0),
@@ -189,8 +197,9 @@ fn bench_prints_the_designed_json_for_every_mode() {
         };
         assert_eq!(roles(&v["cpu_us_per_call"]), expected, "{v}");
         if baseline {
-            let raw = match mode {
-                "relay" => [true, true, true],
+            let raw = match (mode, worker) {
+                ("relay", _) => [true, true, true],
+                ("direct", "nvim") => [false, true, true],
                 _ => [true, false, false],
             };
             assert_eq!(roles(&v["baseline"]["cpu_us_per_call"]), raw, "{v}");

@@ -293,7 +293,7 @@ impl Encoder<&Envelope> for MsgpackRpcCodec {
 
 /// One value of the stream, with the spans of its parts.
 #[derive(Debug, PartialEq, Eq)]
-enum RpcMessage {
+pub(crate) enum RpcMessage {
     Request {
         msgid: u32,
         method: Range<usize>,
@@ -348,7 +348,8 @@ fn next_array(r: &mut Reader<'_>, value: &[u8]) -> Result<Range<usize>, FrameErr
 }
 
 impl RpcMessage {
-    fn parse(value: &[u8]) -> Result<Self, FrameError> {
+    /// Reads one whole value.
+    pub(crate) fn parse(value: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(value);
         let marker = r.marker().map_err(|e| not_rpc(&e.to_string()))?;
         let len = match marker {
@@ -397,6 +398,32 @@ fn error_message(error: &[u8]) -> String {
         Some(v) => format!("error {v}"),
         None => "error".to_string(),
     })
+}
+
+/// Answers every request in `input` with its params, as
+/// `[1, msgid, nil, params]` appended to `output`; returns how many bytes of
+/// `input` were whole values (the rest waits for more). Notifications and
+/// responses are ignored. The built-in `rpc-echo` worker is this in a loop.
+pub(crate) fn echo_requests(input: &[u8], output: &mut BytesMut) -> Result<usize, FrameError> {
+    let mut reader = Reader::new(input);
+    let mut used = 0;
+    loop {
+        match reader.value_span() {
+            Ok(span) => {
+                let value = &input[span.clone()];
+                if let RpcMessage::Request { msgid, params, .. } = RpcMessage::parse(value)? {
+                    array(output, 4);
+                    uint(output, 1);
+                    uint(output, u64::from(msgid));
+                    output.put_u8(0xc0);
+                    output.put_slice(&value[params]);
+                }
+                used = span.end;
+            }
+            Err(MsgpackError::Truncated { .. }) => return Ok(used),
+            Err(e) => return Err(FrameError::NotRpc(e.to_string())),
+        }
+    }
 }
 
 fn array(dst: &mut BytesMut, len: usize) {

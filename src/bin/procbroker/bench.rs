@@ -27,6 +27,19 @@ pub enum Mode {
     Inproc,
 }
 
+/// The echo service's workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Worker {
+    /// The built-in echo (Rust SDK, length-prefixed envelopes).
+    Echo,
+    /// The built-in MessagePack-RPC echo (`protocol = "msgpack-rpc"`).
+    RpcEcho,
+    /// Real `nvim --clean --embed --headless`, called with `nvim_eval("1")`
+    /// (direct mode); `--baseline` is a Python client calling neovim
+    /// directly, the anchor DESIGN 12 measures against.
+    Nvim,
+}
+
 /// CPU placement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pin {
@@ -66,6 +79,9 @@ pub struct BenchArgs {
     /// CPU placement.
     #[arg(long, value_enum, default_value = "none")]
     pub pin: Pin,
+    /// What serves the calls (relay and direct modes).
+    #[arg(long, value_enum, default_value = "echo")]
+    pub worker: Worker,
 }
 
 fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
@@ -194,6 +210,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
         bail!("--requests, --concurrency and --workers must be at least 1");
     }
+    match (args.mode, args.worker) {
+        (Mode::Inproc, Worker::RpcEcho | Worker::Nvim) => {
+            bail!("--worker rpc-echo and nvim are subprocesses: use --mode direct or relay")
+        }
+        (Mode::Relay, Worker::Nvim) => {
+            bail!("--worker nvim answers nvim_eval only: use --mode direct")
+        }
+        _ => {}
+    }
     // Before any thread starts, so that every thread has the signals blocked.
     let interrupt = Interrupt::install().context("handling SIGINT and SIGTERM")?;
     let placement = Placement::new(args.pin)?;
@@ -228,9 +253,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         .map(|(b, _)| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
     let pin = format!("{:?}", args.pin).to_lowercase();
     let mode = format!("{:?}", args.mode).to_lowercase();
+    let worker = match args.worker {
+        Worker::Echo => "echo",
+        Worker::RpcEcho => "rpc-echo",
+        Worker::Nvim => "nvim",
+    };
     if args.json {
         let out = json!({
             "mode": mode,
+            "worker": worker,
             "workers": args.workers,
             "concurrency": args.concurrency,
             "requests": args.requests,
@@ -254,7 +285,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "procbroker bench: {mode}, {} worker(s), {} in flight, {} requests of {} B, pin {pin} (CPUs {cpus})",
+        "procbroker bench: {mode}, {} {worker} worker(s), {} in flight, {} requests of {} B, pin {pin} (CPUs {cpus})",
         args.workers, args.concurrency, args.requests, args.payload_bytes
     );
     println!(
@@ -276,15 +307,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             r.errors
         );
     };
+    // With neovim the yardstick is a Python client calling it directly.
+    let (anchor, short) = match args.worker {
+        Worker::Nvim => ("python direct", "direct"),
+        Worker::Echo | Worker::RpcEcho => ("raw baseline", "raw"),
+    };
     line("procbroker", &report);
     if let Some((b, _)) = &baseline {
-        line("raw baseline", b);
+        line(anchor, b);
     }
     println!("\nCPU µs per call: procbroker {}", cpu.describe());
     if let Some((b, bcpu)) = &baseline {
-        println!("                 raw baseline {}", bcpu.describe());
+        println!("                 {anchor} {}", bcpu.describe());
         println!(
-            "\nprocbroker / raw: p50 {:.2}x, throughput {:.2}x",
+            "\nprocbroker / {short}: p50 {:.2}x, throughput {:.2}x",
             ratio.unwrap_or(0.0),
             rate(&report) / rate(b).max(f64::MIN_POSITIVE)
         );
@@ -404,9 +440,17 @@ async fn run(
             broker: Some(std::process::id()),
             ..Roles::default()
         };
-        let echo = ServiceConfig::new("echo", exe.display().to_string())
-            .args(["worker", "echo"])
-            .workers(args.workers);
+        let this = exe.display().to_string();
+        let echo = match args.worker {
+            Worker::Echo => ServiceConfig::new("echo", this).args(["worker", "echo"]),
+            Worker::RpcEcho => ServiceConfig::new("echo", this)
+                .args(["worker", "rpc-echo"])
+                .msgpack_rpc(""),
+            Worker::Nvim => ServiceConfig::new("echo", "nvim")
+                .args(["--clean", "--embed", "--headless"])
+                .msgpack_rpc("nvim_get_api_info"),
+        }
+        .workers(args.workers);
         match args.mode {
             Mode::Inproc => {
                 broker
@@ -487,6 +531,13 @@ async fn run(
     };
     let me = std::process::id();
     let baseline = match args.mode {
+        Mode::Direct if args.worker == Worker::Nvim => {
+            let cpus = match placement.pin {
+                Pin::None => "-".to_string(),
+                _ => cpu_list(&placement.children),
+            };
+            nvim_direct(&args, &cpus)
+        }
         Mode::Relay => RawRelay::start(&exe).and_then(|mut relay| {
             let [client, echo] = relay.pids();
             place_raw(client);
@@ -544,11 +595,16 @@ async fn run(
 
 /// `concurrency` tasks in this process calling `echo` through the Router.
 async fn lanes(broker: &BrokerHandle, args: &BenchArgs) -> Result<RunReport> {
-    let body = vec![0x5au8; usize::try_from(args.payload_bytes)?];
-    let payload = Payload::encode(serde_bytes::Bytes::new(&body))?;
+    let (method, payload) = match args.worker {
+        Worker::Nvim => ("nvim_eval", Payload::encode(&("1",))?),
+        Worker::Echo | Worker::RpcEcho => {
+            let body = vec![0x5au8; usize::try_from(args.payload_bytes)?];
+            ("Echo", Payload::encode(serde_bytes::Bytes::new(&body))?)
+        }
+    };
     let broker = broker.clone();
     Ok(drive(args.requests, args.concurrency, move || {
-        let request = Envelope::request("echo", "Echo", 0).with_raw_payload(payload.clone());
+        let request = Envelope::request("echo", method, 0).with_raw_payload(payload.clone());
         let broker = broker.clone();
         async move { broker.call_envelope(request).await.is_ok() }
     })
@@ -575,4 +631,33 @@ async fn channel_baseline(args: &BenchArgs) -> RunReport {
         async move { sent && answer.await.is_ok() }
     })
     .await
+}
+
+/// The anchor of `--worker nvim`: a Python client calling `nvim_eval("1")`
+/// on a neovim of its own, no broker (`nvim_direct.py`, run with
+/// `python3 -c`), pinned to `cpus` ("-": unpinned).
+fn nvim_direct(args: &BenchArgs, cpus: &str) -> std::io::Result<(RunReport, CpuPerCall)> {
+    #[derive(serde::Deserialize)]
+    struct Direct {
+        #[serde(flatten)]
+        report: RunReport,
+        cpu_us_per_call: CpuPerCall,
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", include_str!("nvim_direct.py")])
+        .args([
+            args.requests.to_string(),
+            args.concurrency.to_string(),
+            cpus.into(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "the direct Python client failed ({}); it needs python3 with msgpack, and nvim",
+            out.status
+        )));
+    }
+    let direct: Direct = serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)?;
+    Ok((direct.report, direct.cpu_us_per_call))
 }

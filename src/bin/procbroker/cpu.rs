@@ -76,7 +76,7 @@ impl CpuMeter {
 }
 
 /// CPU µs per call, per role.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
 pub struct CpuPerCall {
     /// The relaying process (with an in-process client, that too).
     pub broker: Option<f64>,

@@ -41,6 +41,9 @@ struct Cli {
 enum WorkerName {
     /// Answers every request with its payload verbatim.
     Echo,
+    /// Answers every MessagePack-RPC request with its params (for
+    /// `protocol = "msgpack-rpc"`).
+    RpcEcho,
     /// Benchmark client: its `Run` method makes calls and times them.
     BenchClient,
     /// Raw benchmark peer: echoes length-prefixed frames (no envelopes).
@@ -114,6 +117,9 @@ fn worker(name: WorkerName) -> Result<()> {
     use procbroker::{loadgen, service, workers};
     match name {
         WorkerName::Echo => service::run(|_| workers::echo())?,
+        WorkerName::RpcEcho => {
+            workers::rpc_echo(std::io::stdin().lock(), std::io::stdout().lock())?
+        }
         WorkerName::BenchClient => service::run(loadgen::client::methods)?,
         WorkerName::RawEcho => loadgen::raw::echo()?,
         WorkerName::RawClient => loadgen::raw::client()?,
