@@ -79,17 +79,23 @@ enum Field {
 }
 
 impl Field {
+    /// By length first, then one comparison of the whole key as an array
+    /// (a word load or two, where a byte-wise match costs a compare and a
+    /// branch per byte).
     fn from_key(key: &[u8]) -> Option<Self> {
-        Some(match key {
-            b"type" => Self::Type,
-            b"id" => Self::Id,
-            b"correlation_id" => Self::CorrelationId,
-            b"source" => Self::Source,
-            b"target" => Self::Target,
-            b"payload" => Self::Payload,
-            b"error" => Self::Error,
-            b"code" => Self::Code,
-            b"timeout_ms" => Self::TimeoutMs,
+        fn is<const N: usize>(key: &[u8], name: &[u8; N]) -> bool {
+            <&[u8; N]>::try_from(key).is_ok_and(|k| k == name)
+        }
+        Some(match key.len() {
+            2 if is(key, b"id") => Self::Id,
+            4 if is(key, b"type") => Self::Type,
+            4 if is(key, b"code") => Self::Code,
+            5 if is(key, b"error") => Self::Error,
+            6 if is(key, b"source") => Self::Source,
+            6 if is(key, b"target") => Self::Target,
+            7 if is(key, b"payload") => Self::Payload,
+            10 if is(key, b"timeout_ms") => Self::TimeoutMs,
+            14 if is(key, b"correlation_id") => Self::CorrelationId,
             _ => return None,
         })
     }
@@ -113,19 +119,23 @@ impl Field {
     }
 }
 
-/// Reads a str field (nil reads as absent) as a slice of the frame.
+/// Reads a str field (nil reads as absent): checks it is UTF-8 and returns
+/// its span in the frame. The `ByteString` is made once the loop is done:
+/// spans keep the decode loop's state small (no values with destructors
+/// live across it), which is most of what decoding costs.
 fn read_str(
-    frame: &Bytes,
+    frame: &[u8],
     reader: &mut Reader<'_>,
     field: Field,
-) -> Result<Option<ByteString>, EnvelopeError> {
+) -> Result<Option<Range<usize>>, EnvelopeError> {
     let marker = reader.marker()?;
     match reader.str_body(marker)? {
-        Some(range) => ByteString::try_from(frame.slice(range))
-            .map(Some)
-            .map_err(|_| EnvelopeError::InvalidUtf8 {
+        Some(range) => match std::str::from_utf8(&frame[range.clone()]) {
+            Ok(_) => Ok(Some(range)),
+            Err(_) => Err(EnvelopeError::InvalidUtf8 {
                 field: field.name(),
             }),
+        },
         None if marker == m::NIL => Ok(None),
         None => Err(EnvelopeError::WrongType {
             field: field.name(),
@@ -133,6 +143,14 @@ fn read_str(
             found: kind_name(marker),
         }),
     }
+}
+
+/// The `ByteString` of a span [`read_str`] checked.
+fn text(frame: &Bytes, span: Range<usize>) -> ByteString {
+    // SAFETY: `read_str` returned this span only after `from_utf8` accepted
+    // exactly these bytes of this frame; checking them again would double
+    // the cost of the envelope's strings.
+    unsafe { ByteString::from_bytes_unchecked(frame.slice(span)) }
 }
 
 /// Reads a non-negative int field (nil reads as absent).
@@ -368,15 +386,16 @@ impl Envelope {
             field: "type",
             kind: None,
         })?;
+        let text = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
         let envelope = Self {
             kind,
-            id: id.unwrap_or_default(),
+            id: text(id).unwrap_or_default(),
             correlation_id: correlation_id.unwrap_or(0),
-            source: source.unwrap_or_default(),
-            target: target.unwrap_or_default(),
+            source: text(source).unwrap_or_default(),
+            target: text(target).unwrap_or_default(),
             payload: payload.map(|span| Payload::from_checked(frame.slice(span))),
-            error,
-            code,
+            error: text(error),
+            code: text(code),
             timeout_ms,
         };
         envelope.check_required(correlation_id.is_some())?;
