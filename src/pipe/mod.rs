@@ -13,6 +13,8 @@
 mod batches;
 mod log_lines;
 mod outbox;
+#[cfg(test)]
+pub(crate) use outbox::tests as outbox_tests;
 mod wire;
 
 pub use batches::Batches;

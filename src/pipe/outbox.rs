@@ -210,12 +210,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::protocol::EnvelopeCodec;
     use tokio::io::AsyncReadExt;
 
-    fn run<F: Future>(f: F) -> F::Output {
+    /// Runs `f` on a current-thread runtime inside a `LocalSet`, as the
+    /// bridge and the SDK run (also used by the SDK client's tests).
+    pub(crate) fn run<F: Future>(f: F) -> F::Output {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -262,15 +262,8 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipe::outbox_tests::run;
     use crate::protocol::EnvelopeCodec;
-
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        tokio::task::LocalSet::new().block_on(&rt, f)
-    }
 
     #[test]
     fn an_unanswered_call_gives_up_after_its_deadline_and_grace() {

@@ -134,31 +134,9 @@ pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String
             rate.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
         );
     }
-    let _ = writeln!(
-        out,
-        "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "LATENCY µs", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
-    );
-    for (service, q) in &s.latency_us {
-        let _ = writeln!(
-            out,
-            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            service, q.count, q.p50, q.p90, q.p99, q.p999, q.max
-        );
-    }
+    latency_table(&mut out, "LATENCY µs", &s.latency_us);
     if !s.latency_window_us.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "WINDOW µs", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
-        );
-        for (service, q) in &s.latency_window_us {
-            let _ = writeln!(
-                out,
-                "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                service, q.count, q.p50, q.p90, q.p99, q.p999, q.max
-            );
-        }
+        latency_table(&mut out, "WINDOW µs", &s.latency_window_us);
     }
     let errors: Vec<String> = t
         .broker_errors
@@ -170,4 +148,24 @@ pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String
         let _ = writeln!(out, "\nbroker errors: {}", errors.join(", "));
     }
     out
+}
+
+/// One latency table: a title row, then one row per service.
+fn latency_table(
+    out: &mut String,
+    title: &str,
+    rows: &std::collections::BTreeMap<String, procbroker::protocol::stats::LatencyQuantiles>,
+) {
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        title, "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
+    );
+    for (service, q) in rows {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            service, q.count, q.p50, q.p90, q.p99, q.p999, q.max
+        );
+    }
 }
