@@ -270,6 +270,19 @@ async fn bad_values_from_a_msgpack_rpc_child_put_it_out_of_sync() {
         .expect("params back");
     assert_eq!(echoed, ("x".to_string(), 1));
 
+    // A reply under a msgid nobody used is dropped and counted; the real
+    // one still reaches its caller.
+    let answer: String = broker
+        .call("fake", "stray", &())
+        .await
+        .expect("the right reply")
+        .payload_as()
+        .expect("str");
+    assert_eq!(answer, "ok");
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(stats.per_process["fake.0"].faults.unmatched_replies, 1);
+    assert_eq!(stats.per_process["fake.0"].faults.bad_frames, 0);
+
     for (round, method) in ["garbage", "wrong_type", "huge"].into_iter().enumerate() {
         let error = broker
             .call("fake", method, &())

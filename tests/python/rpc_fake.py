@@ -1,6 +1,7 @@
 """A MessagePack-RPC child that misbehaves on request (tests/msgpack_rpc.rs).
 
-Answers method `echo` with its params and `pid` with its pid; for `garbage`,
+Answers method `echo` with its params and `pid` with its pid; `stray` is
+answered twice, first under a msgid nobody used, then properly; for `garbage`,
 `wrong_type` and `huge` it writes, instead of a reply, bytes that are not
 MessagePack, a 4-element array of the wrong type, and a value larger than
 the broker's limit (`PROCBROKER_TEST_HUGE` bytes). Exits at EOF.
@@ -34,6 +35,9 @@ while True:
             write([1, msgid, None, params])
         elif method == "pid":
             write([1, msgid, None, os.getpid()])
+        elif method == "stray":
+            write([1, msgid + 1000, None, "stray"])
+            write([1, msgid, None, "ok"])
         elif method == "garbage":
             write(b"\xc1\xc1\xc1 this is not msgpack")
         elif method == "wrong_type":
