@@ -256,3 +256,48 @@ async fn broker_errors_are_counted_by_code() {
     assert_eq!(stats.total.broker_errors.len(), 11, "every code is listed");
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn stats_watch_redraws_every_second_with_rates() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker.spawn(echo("echo", 1)).await.expect("echo");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = Admin::start(broker.clone(), any, vec![]).expect("admin");
+    let mut watch = tokio::process::Command::new(BIN)
+        .args(["stats", "--watch", "--admin", &admin.addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("procbroker stats --watch");
+    // Traffic while it watches: 2.6 s, so at least three screens.
+    let until = Instant::now() + Duration::from_millis(2600);
+    let mut calls = 0u32;
+    while Instant::now() < until {
+        broker.call("echo", "Echo", &calls).await.expect("call");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    watch.start_kill().expect("stop the watcher");
+    let out = watch.wait_with_output().await.expect("its output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let screens: Vec<&str> = text.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert!(screens.len() >= 2, "{} screens:\n{text}", screens.len());
+    // From the second screen on, the echo worker has a message rate.
+    let last = screens[screens.len() - 1];
+    let row = last
+        .lines()
+        .find(|l| l.starts_with("echo.0"))
+        .unwrap_or_else(|| panic!("no echo.0 row:\n{last}"));
+    let rate: f64 = row
+        .split_whitespace()
+        .last()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no MSG/S figure: {row}"));
+    assert!(rate > 0.0, "{row}");
+    assert!(
+        last.contains("WINDOW µs") && last.contains("Ctrl-C"),
+        "{last}"
+    );
+    admin.stop().await;
+    broker.shutdown().await;
+}
