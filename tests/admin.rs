@@ -301,3 +301,19 @@ async fn stats_watch_redraws_every_second_with_rates() {
     admin.stop().await;
     broker.shutdown().await;
 }
+
+#[actix::test]
+async fn events_keep_flowing_when_the_admin_value_is_dropped_without_stop() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = Admin::start(broker.clone(), any, vec![]).expect("admin");
+    let addr = admin.addr;
+    // Dropping the value does not stop the server (only `stop` does), so
+    // its event streams must not end either.
+    drop(admin);
+    let (head, events, ended) = read_events(addr, Duration::from_millis(2500)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!ended, "the stream ended without a stop");
+    assert!(events.len() >= 2, "{} events in 2.5 s", events.len());
+    broker.shutdown().await;
+}

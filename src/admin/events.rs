@@ -36,9 +36,16 @@ pub fn stream(
             // The first snapshot goes out at once.
             None => tokio::time::interval(PERIOD),
         };
+        // Only a stop ends the stream: an `Admin` dropped without `stop`
+        // leaves its server running, and its streams with it.
+        let stopped = async {
+            if closing.wait_for(|closed| *closed).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = closing.wait_for(|closed| *closed) => return None,
+            () = stopped => return None,
         }
         if *closing.borrow() {
             return None;
