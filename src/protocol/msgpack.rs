@@ -270,6 +270,7 @@ pub enum SingleValueError {
 
 // ---- writing -------------------------------------------------------------
 
+/// Bytes of a map's header (an array's is the same size).
 pub(crate) fn map_header_len(entries: usize) -> usize {
     match entries {
         0..=15 => 1,
@@ -325,15 +326,28 @@ impl<'a> SliceWriter<'a> {
 
     #[inline]
     pub(crate) fn map_header(&mut self, entries: usize) {
-        match entries {
-            0..=15 => self.bytes(&[0x80 | entries as u8]),
+        self.header(entries, [0x80, 0xde, 0xdf]);
+    }
+
+    /// An array's header; its size is [`map_header_len`]'s, as for a map.
+    #[inline]
+    pub(crate) fn array_header(&mut self, len: usize) {
+        self.header(len, [0x90, 0xdc, 0xdd]);
+    }
+
+    /// A map or array header: the fix marker with the count, or the 16- or
+    /// 32-bit marker and the count after it.
+    #[inline]
+    fn header(&mut self, n: usize, [fix, x16, x32]: [u8; 3]) {
+        match n {
+            0..=15 => self.bytes(&[fix | n as u8]),
             16..=0xffff => {
-                self.bytes(&[0xde]);
-                self.bytes(&(entries as u16).to_be_bytes());
+                self.bytes(&[x16]);
+                self.bytes(&(n as u16).to_be_bytes());
             }
             _ => {
-                self.bytes(&[0xdf]);
-                self.bytes(&(entries as u32).to_be_bytes());
+                self.bytes(&[x32]);
+                self.bytes(&(n as u32).to_be_bytes());
             }
         }
     }

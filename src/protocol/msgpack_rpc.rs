@@ -40,7 +40,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::envelope::Envelope;
 use super::error::{FrameError, InvalidEnvelope};
 use super::message_type::MessageType;
-use super::msgpack::{MsgpackError, Reader};
+use super::msgpack::{self, MsgpackError, Reader, SliceWriter};
 use super::payload::Payload;
 
 /// The `code` of an error the child's handler returned.
@@ -426,59 +426,25 @@ pub(crate) fn echo_requests(input: &[u8], output: &mut BytesMut) -> Result<usize
     }
 }
 
+// The envelope's writer does the encoding; these append one item each.
+
+/// Appends `len` bytes written by `f`.
+fn put(dst: &mut BytesMut, len: usize, f: impl FnOnce(&mut SliceWriter<'_>)) {
+    let start = dst.len();
+    dst.resize(start + len, 0);
+    f(&mut SliceWriter::new(&mut dst[start..]));
+}
+
 fn array(dst: &mut BytesMut, len: usize) {
-    match len {
-        0..=15 => dst.put_u8(0x90 | len as u8),
-        16..=0xffff => {
-            dst.put_u8(0xdc);
-            dst.put_u16(len as u16);
-        }
-        _ => {
-            dst.put_u8(0xdd);
-            dst.put_u32(len as u32);
-        }
-    }
+    put(dst, msgpack::map_header_len(len), |w| w.array_header(len));
 }
 
 fn uint(dst: &mut BytesMut, v: u64) {
-    match v {
-        0..=0x7f => dst.put_u8(v as u8),
-        0x80..=0xff => {
-            dst.put_u8(0xcc);
-            dst.put_u8(v as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xcd);
-            dst.put_u16(v as u16);
-        }
-        0x1_0000..=0xffff_ffff => {
-            dst.put_u8(0xce);
-            dst.put_u32(v as u32);
-        }
-        _ => {
-            dst.put_u8(0xcf);
-            dst.put_u64(v);
-        }
-    }
+    put(dst, msgpack::uint_len(v), |w| w.uint(v));
 }
 
 fn string(dst: &mut BytesMut, s: &str) {
-    match s.len() {
-        0..=31 => dst.put_u8(0xa0 | s.len() as u8),
-        32..=0xff => {
-            dst.put_u8(0xd9);
-            dst.put_u8(s.len() as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xda);
-            dst.put_u16(s.len() as u16);
-        }
-        _ => {
-            dst.put_u8(0xdb);
-            dst.put_u32(s.len() as u32);
-        }
-    }
-    dst.put_slice(s.as_bytes());
+    put(dst, msgpack::str_len(s), |w| w.str(s));
 }
 
 /// `params`: the payload if it is an array, else `[payload]`; `[]` if absent.
