@@ -253,11 +253,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         .map(|(b, _)| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
     let pin = format!("{:?}", args.pin).to_lowercase();
     let mode = format!("{:?}", args.mode).to_lowercase();
-    let worker = match args.worker {
-        Worker::Echo => "echo",
-        Worker::RpcEcho => "rpc-echo",
-        Worker::Nvim => "nvim",
-    };
+    // The name `--worker` takes, from clap's own table.
+    let worker = clap::ValueEnum::to_possible_value(&args.worker)
+        .map_or_else(String::new, |v| v.get_name().to_owned());
     if args.json {
         let out = json!({
             "mode": mode,
