@@ -55,6 +55,16 @@ async fn broker() -> (BrokerHandle, Seen) {
     (broker, seen)
 }
 
+/// Runs `code` as Lua in one of the neovims (`nvim_exec_lua`), returning its result.
+async fn lua<T: serde::de::DeserializeOwned>(broker: &BrokerHandle, code: &str) -> T {
+    broker
+        .call("nvim", "nvim_exec_lua", &(code, [(); 0]))
+        .await
+        .unwrap_or_else(|e| panic!("{code}: {e}"))
+        .payload_as()
+        .unwrap_or_else(|e| panic!("{code}: {e}"))
+}
+
 async fn eval(broker: &BrokerHandle, target: &str, expr: &str) -> serde_json::Value {
     broker
         .call(target, "nvim_eval", &(expr,))
@@ -104,40 +114,16 @@ async fn neovim_serves_calls_makes_calls_and_notifies_through_the_broker() {
     assert_eq!(order[1], order[3]);
 
     // neovim calls another service while answering us.
-    let looked_up: i64 = broker
-        .call(
-            "nvim",
-            "nvim_exec_lua",
-            &("return vim.rpcrequest(1, 'Lookup', 21)", [(); 0]),
-        )
-        .await
-        .expect("rpcrequest")
-        .payload_as()
-        .expect("number");
+    let looked_up: i64 = lua(&broker, "return vim.rpcrequest(1, 'Lookup', 21)").await;
     assert_eq!(looked_up, 42);
     // …and gets an error (the broker's `unknown_method`, sent as
     // `[code, message]`) when the method does not exist.
-    let (ok, _): (bool, serde_json::Value) = broker
-        .call(
-            "nvim",
-            "nvim_exec_lua",
-            &("return {pcall(vim.rpcrequest, 1, 'Nope', 1)}", [(); 0]),
-        )
-        .await
-        .expect("pcall")
-        .payload_as()
-        .expect("[ok, err]");
+    let (ok, _): (bool, serde_json::Value) =
+        lua(&broker, "return {pcall(vim.rpcrequest, 1, 'Nope', 1)}").await;
     assert!(!ok, "the failed call raised an error in neovim");
 
     // neovim notifies: an event to `sink`.
-    broker
-        .call(
-            "nvim",
-            "nvim_exec_lua",
-            &("vim.rpcnotify(1, 'changed', 'a', 1)", [(); 0]),
-        )
-        .await
-        .expect("rpcnotify");
+    let () = lua(&broker, "vim.rpcnotify(1, 'changed', 'a', 1)").await;
     for _ in 0..100 {
         if !seen.borrow().is_empty() {
             break;
