@@ -36,7 +36,8 @@ use crate::actors::broker::{
 };
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::messages::{
-    Call, PendingCount, Publish, RegisterProcess, RouterError, SetDraining, TrackProcess,
+    Call, Leave, ListNodes, PendingCount, Publish, RegisterProcess, RouterError, SetDraining,
+    TrackProcess,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::Router;
@@ -44,7 +45,7 @@ use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
-use crate::protocol::rpc::{ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
+use crate::protocol::rpc::{NodeInfo, ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
 use crate::protocol::{Envelope, MessageStats};
 use crate::service::Methods;
 
@@ -101,6 +102,12 @@ impl Builder {
         self
     }
 
+    /// Joins a cluster through NATS (DESIGN 11); the default has none.
+    pub fn cluster(mut self, cluster: crate::config::ClusterConfig) -> Self {
+        self.config.cluster = cluster;
+        self
+    }
+
     /// Starts MetricsStore, Router, Broker and Sysmon on the current arbiter.
     /// Panics outside an actix System (as `Actor::start` does).
     pub fn start(self) -> BrokerHandle {
@@ -122,14 +129,45 @@ impl Builder {
             ByteString::from_static(BROKER),
             broker.clone().recipient(),
         ));
+        let cluster = start_cluster(&config, &router, &metrics);
         BrokerHandle {
             router,
             broker,
             metrics,
             sysmon,
+            cluster,
             config: std::sync::Arc::new(config),
         }
     }
+}
+
+/// Starts the Cluster actor if `cluster.nats_url` is set.
+#[cfg(feature = "cluster")]
+fn start_cluster(
+    config: &BrokerConfig,
+    router: &Addr<Router>,
+    metrics: &Addr<MetricsStore>,
+) -> Option<Recipient<Leave>> {
+    use crate::actors::cluster::Cluster;
+    config.cluster.enabled().then(|| {
+        Cluster::new(config.cluster.clone(), router.clone(), metrics.clone())
+            .start()
+            .recipient()
+    })
+}
+
+#[cfg(not(feature = "cluster"))]
+fn start_cluster(
+    config: &BrokerConfig,
+    _: &Addr<Router>,
+    _: &Addr<MetricsStore>,
+) -> Option<Recipient<Leave>> {
+    if config.cluster.enabled() {
+        tracing::error!(
+            "cluster.nats_url is set but procbroker was built without its `cluster` feature: serving this node only"
+        );
+    }
+    None
 }
 
 /// Addresses of the running actors, and the typed call API.
@@ -139,6 +177,8 @@ pub struct BrokerHandle {
     broker: Addr<Broker>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
+    /// The Cluster actor, when this broker is part of one.
+    cluster: Option<Recipient<Leave>>,
     config: std::sync::Arc<BrokerConfig>,
 }
 
@@ -355,6 +395,11 @@ impl BrokerHandle {
                 "drain timeout: stopping with requests in flight (they get worker_exited)"
             );
         }
+        // Answered what it had; now out of the other nodes' rotation at
+        // once, before its workers go.
+        if let Some(cluster) = &self.cluster {
+            let _ = cluster.send(Leave).await;
+        }
         let stopped = self.broker.send(StopAll).await.unwrap_or_default();
         ShutdownReport {
             drained,
@@ -368,6 +413,15 @@ impl BrokerHandle {
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, CallError> {
         self.broker
             .send(GetProcesses)
+            .await
+            .map_err(|_| CallError::Closed)
+    }
+
+    /// The nodes of the cluster (what `ListNodes` answers): this one first,
+    /// then every other node heard from. Empty on a single host.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, CallError> {
+        self.metrics
+            .send(ListNodes)
             .await
             .map_err(|_| CallError::Closed)
     }

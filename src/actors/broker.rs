@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::bridge::{Bridge, BridgePeers};
 use super::messages::{
-    Deliver, InFlightOf, ProcessLifecycle, Route, SetReady, StopProcess, SubmitMetrics,
+    Deliver, InFlightOf, ListNodes, ProcessLifecycle, Route, SetReady, StopProcess, SubmitMetrics,
     TrackProcess,
 };
 use super::metrics_store::{MetricsStore, fresh_stats};
@@ -487,6 +487,14 @@ impl Broker {
                             }
                         }),
                 );
+            }
+            BrokerMethod::ListNodes => {
+                ctx.spawn(self.metrics.send(ListNodes).into_actor(self).map(
+                    move |nodes, broker, _| match nodes {
+                        Ok(nodes) => broker.reply(&request, &nodes),
+                        Err(e) => broker.fail(&request, ErrorCode::Internal, e.to_string()),
+                    },
+                ));
             }
             BrokerMethod::SubmitProcessMetrics => {
                 let mut samples = match request.payload_as::<SubmitProcessMetrics>() {

@@ -394,6 +394,132 @@ pub struct MetricsBatch {
     pub broker_errors: [u64; ErrorCode::ALL.len()],
     /// Requests in flight now.
     pub pending: u64,
+    /// Remote nodes as the Router routes to them: counter deltas (what was
+    /// sent to the node, what came from it) and the latency of the
+    /// requests it served, since the last batch.
+    pub nodes: Vec<NodeSnapshot>,
+}
+
+/// One remote node in a [`MetricsBatch`].
+#[derive(Debug, Clone)]
+pub struct NodeSnapshot {
+    /// The node's name.
+    pub node: String,
+    /// Counter deltas, as for a process: `sent` = envelopes published to
+    /// it, `requests` = its callers' requests, `responses`/`errors` = the
+    /// replies it sent, `late_replies` … as for a worker.
+    pub delta: Counters,
+    /// Round trips of requests this node served, since the last batch.
+    pub latency: Option<Histogram<u64>>,
+}
+
+// ---------------------------------------------------------------------------
+// Federation (DESIGN 11): the Cluster actor and the Router
+
+/// A remote node is up (its heartbeat came): routable as `@node`, with
+/// the services it advertises. Sent on every advertisement; the first one
+/// registers it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct NodeUp {
+    /// The node's name.
+    pub node: ByteString,
+    /// Its exported services and their ready workers.
+    pub services: Vec<(ByteString, u32)>,
+    /// Where envelopes for the node go (the Cluster actor publishes them).
+    pub link: Recipient<Deliver>,
+}
+
+/// A remote node is gone (3 heartbeats missed, it left, the NATS
+/// connection was lost): its requests in flight are answered
+/// `worker_exited` now and it leaves the rotation. Returns how many.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct NodeDown {
+    /// The node's name.
+    pub node: ByteString,
+    /// Why, for the error message.
+    pub reason: String,
+}
+
+/// Envelopes that came over NATS, each with the node it came from
+/// (`@node`, as the Router knows it). Requests carry `source = id@node`,
+/// replies `source = worker@node`: the Cluster stamped both.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FromNodes(pub Vec<(ByteString, Envelope)>);
+
+/// A request published to a node cannot be answered by it (NATS said no
+/// responders, it was too large to publish): the Router answers `code`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct NodeFailed {
+    /// The node (`@node`).
+    pub node: ByteString,
+    /// The caller (a local process id, or `@caller`).
+    pub origin: ByteString,
+    /// The caller's correlation id.
+    pub correlation_id: u64,
+    /// `unavailable`, `too_large`, …
+    pub code: ErrorCode,
+    /// The error's message.
+    pub message: String,
+}
+
+/// The nodes of the cluster, this one first (`ListNodes`); empty on a
+/// single host. Answered by the MetricsStore from the last [`ClusterState`].
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<crate::protocol::rpc::NodeInfo>")]
+pub struct ListNodes;
+
+/// The broker is stopping: the Cluster tells the other nodes it leaves.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Leave;
+
+/// Ready workers per local service (for this node's heartbeat).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<(String, u32)>")]
+pub struct ReadyCounts;
+
+/// The Cluster's view, pushed to the MetricsStore when it changes and at
+/// every heartbeat: stats, `/metrics` and `ListNodes` read it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ClusterState {
+    /// The cluster's name.
+    pub name: String,
+    /// This node.
+    pub node: String,
+    /// What this node advertises.
+    pub services: BTreeMap<String, u32>,
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// Connections established after the first.
+    pub reconnects: u64,
+    /// Slow-consumer events the NATS client reported (messages it dropped).
+    pub slow_consumers: u64,
+    /// The server's `max_payload` (0 before the first connection).
+    pub max_payload: u64,
+    /// Every node heard from since start.
+    pub nodes: Vec<NodeState>,
+}
+
+/// One remote node in [`ClusterState`].
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// Its name.
+    pub node: String,
+    /// In the rotation now.
+    pub up: bool,
+    /// Its exported services and ready workers, as last advertised.
+    pub services: BTreeMap<String, u32>,
+    /// When it was last heard from.
+    pub last_seen: std::time::Instant,
+    /// Requests to it that NATS answered "no responders".
+    pub no_responders: u64,
+    /// Requests to it refused as larger than the server's `max_payload`.
+    pub too_large: u64,
 }
 
 /// A life-cycle change, reported by the Broker.

@@ -14,15 +14,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::latency;
 use super::messages::{
-    Counters, FlushMetrics, GetLatencySums, GetMessageStats, MetricsBatch, ProcessLifecycle,
-    SubmitMetrics,
+    ClusterState, Counters, FlushMetrics, GetLatencySums, GetMessageStats, ListNodes, MetricsBatch,
+    ProcessLifecycle, SubmitMetrics,
 };
 use super::router::Router;
 use super::window::LatencyWindow;
 use crate::protocol::ErrorCode;
-use crate::protocol::rpc::ProcessStatus;
+use crate::protocol::rpc::{NodeInfo, ProcessStatus};
 use crate::protocol::stats::{
-    FaultCounters, MessageCounters, MessageStats, ProcessMetrics, ProcessStats, TotalStats,
+    ClusterStats, FaultCounters, MessageCounters, MessageStats, NodeStats, ProcessMetrics,
+    ProcessStats, TotalStats,
 };
 
 /// The stats reply with every count up to now: flushes the Router, then asks
@@ -50,6 +51,14 @@ struct ProcessRecord {
     incarnation: Option<Instant>,
 }
 
+/// This broker's traffic with one other node, since start.
+struct NodeRecord {
+    counters: Counters,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
+    latency: Histogram<u64>,
+}
+
 /// The MetricsStore actor.
 pub struct MetricsStore {
     started: Instant,
@@ -63,6 +72,9 @@ pub struct MetricsStore {
     broker_errors: [u64; ErrorCode::ALL.len()],
     pending: u64,
     samples: BTreeMap<String, ProcessMetrics>,
+    /// The Cluster's last word (`None` on a single host).
+    cluster: Option<ClusterState>,
+    nodes: BTreeMap<String, NodeRecord>,
 }
 
 impl Default for MetricsStore {
@@ -87,6 +99,8 @@ impl MetricsStore {
             broker_errors: [0; ErrorCode::ALL.len()],
             pending: 0,
             samples: BTreeMap::new(),
+            cluster: None,
+            nodes: BTreeMap::new(),
         }
     }
 }
@@ -210,8 +224,76 @@ impl MetricsStore {
             process_metrics: self.samples.clone(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             version: env!("CARGO_PKG_VERSION").into(),
+            cluster: self.cluster_stats(now),
         }
     }
+
+    fn cluster_stats(&self, now: Instant) -> Option<ClusterStats> {
+        let state = self.cluster.as_ref()?;
+        let nodes = state
+            .nodes
+            .iter()
+            .map(|n| {
+                let record = self.nodes.get(&n.node);
+                let counters = record.map(|r| r.counters).unwrap_or_default();
+                let stats = NodeStats {
+                    up: n.up,
+                    services: n.services.clone(),
+                    last_seen_ms: millis_since(now, n.last_seen),
+                    counters: message_counters(
+                        &counters,
+                        record.and_then(|r| r.first),
+                        record.and_then(|r| r.last),
+                    ),
+                    faults: faults(&counters, 0),
+                    no_responders: n.no_responders,
+                    too_large: n.too_large,
+                    latency_us: record
+                        .map(|r| latency::quantiles(&r.latency))
+                        .unwrap_or_default(),
+                };
+                (n.node.clone(), stats)
+            })
+            .collect();
+        Some(ClusterStats {
+            name: state.name.clone(),
+            node: state.node.clone(),
+            connected: state.connected,
+            reconnects: state.reconnects,
+            slow_consumers: state.slow_consumers,
+            max_payload: state.max_payload,
+            services: state.services.clone(),
+            nodes,
+        })
+    }
+
+    /// `ListNodes`: this node first, then the others by name.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let Some(state) = &self.cluster else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let this = NodeInfo {
+            node: state.node.clone(),
+            services: state.services.clone(),
+            last_seen_ms: 0,
+            up: state.connected,
+            local: true,
+        };
+        std::iter::once(this)
+            .chain(state.nodes.iter().map(|n| NodeInfo {
+                node: n.node.clone(),
+                services: n.services.clone(),
+                last_seen_ms: millis_since(now, n.last_seen),
+                up: n.up,
+                local: false,
+            }))
+            .collect()
+    }
+}
+
+fn millis_since(now: Instant, then: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(then).as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Actor for MetricsStore {
@@ -254,6 +336,38 @@ impl Handler<MetricsBatch> for MetricsStore {
             let _ = self.overall.add(&h);
         }
         self.pending = batch.pending;
+        for n in batch.nodes {
+            let record = self.nodes.entry(n.node).or_insert_with(|| NodeRecord {
+                counters: Counters::default(),
+                first: None,
+                last: None,
+                latency: latency::new_histogram(),
+            });
+            if n.delta != Counters::default() {
+                record.counters.add(&n.delta);
+                record.first.get_or_insert(batch.at);
+                record.last = Some(batch.at);
+            }
+            if let Some(h) = n.latency {
+                let _ = record.latency.add(&h);
+            }
+        }
+    }
+}
+
+impl Handler<ClusterState> for MetricsStore {
+    type Result = ();
+
+    fn handle(&mut self, state: ClusterState, _: &mut Self::Context) {
+        self.cluster = Some(state);
+    }
+}
+
+impl Handler<ListNodes> for MetricsStore {
+    type Result = MessageResult<ListNodes>;
+
+    fn handle(&mut self, _: ListNodes, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.nodes())
     }
 }
 

@@ -5,11 +5,15 @@
 //! - [`router`]: the hot path; resolves targets, delivers, keeps each
 //!   request until its one reply. Beside it, its data: `table` (processes,
 //!   services, round-robin, held deliveries), `pending` (requests in flight
-//!   and their deadlines), `deadline` (its timer tasks), [`latency`].
+//!   and their deadlines), `deadline` (its timer tasks), [`latency`],
+//!   `nodes` (the other nodes of a cluster and the choice among them).
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
 //!   Beside it: [`health`] (its health checks), [`log_limit`] (warnings
 //!   that cannot flood the log).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
+//! - `cluster` (feature `cluster`): this broker's membership of a
+//!   federation over NATS (DESIGN 11): heartbeats, other nodes' liveness,
+//!   requests and replies to and from them.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
 //! - [`metrics_store`]: cumulative counters, histograms, samples; the stats
 //!   reply. Beside it: [`window`] (latency of the last minute).
@@ -18,6 +22,8 @@
 
 pub mod bridge;
 pub mod broker;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod deadline;
 pub mod health;
 pub mod inproc;
@@ -25,6 +31,7 @@ pub mod latency;
 pub mod log_limit;
 pub mod messages;
 pub mod metrics_store;
+mod nodes;
 pub mod pacer;
 mod pending;
 pub mod router;

@@ -33,10 +33,12 @@ use std::time::{Duration, Instant, SystemTime};
 use super::deadline::{Deadline, Expire};
 use super::latency;
 use super::messages::{
-    BadFrame, Bounce, Call, Counters, FlushMetrics, HealthFailure, InFlightOf, MetricsBatch,
-    PendingCount, ProcessSnapshot, Publish, RegisterProcess, RemoveProcess, Route, RouterError,
-    SetDraining, SetReady,
+    BadFrame, Bounce, Call, Counters, FlushMetrics, FromNodes, HealthFailure, InFlightOf,
+    MetricsBatch, NodeDown, NodeFailed, NodeSnapshot, NodeUp, PendingCount, ProcessSnapshot,
+    Publish, ReadyCounts, RegisterProcess, RemoveProcess, Route, RouterError, SetDraining,
+    SetReady,
 };
+use super::nodes::{self, Choice, Nodes};
 use super::pacer::Pacer;
 use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
 use super::table::{ProcessEntry, ProcessTable};
@@ -50,6 +52,8 @@ pub struct Router {
     config: BrokerConfig,
     metrics: Recipient<MetricsBatch>,
     table: ProcessTable,
+    /// Other nodes of the cluster (empty on a single host).
+    nodes: Nodes,
     pending: PendingTable,
     expired: RecentlyExpired,
     deadline: Deadline,
@@ -69,10 +73,16 @@ pub struct Router {
 impl Router {
     /// A Router that ships its metrics to `metrics` (the MetricsStore).
     pub fn new(config: BrokerConfig, metrics: impl Into<Recipient<MetricsBatch>>) -> Self {
+        let nodes = if config.cluster.enabled() {
+            Nodes::new(config.cluster.node_name(), config.cluster.balance)
+        } else {
+            Nodes::default()
+        };
         Self {
             config,
             metrics: metrics.into(),
             table: ProcessTable::default(),
+            nodes,
             pending: PendingTable::default(),
             expired: RecentlyExpired::new(65_536),
             deadline: Deadline::default(),
@@ -134,7 +144,7 @@ impl Handler<Call> for Router {
         envelope.kind = MessageType::Request;
         let origin = self.caller_id.clone();
         self.caller.count(MessageType::Request);
-        self.route_request(origin, envelope, ReplyTo::Caller(reply), now);
+        self.route_request(origin, envelope, ReplyTo::Caller(reply), false, now);
         self.table.send_held();
     }
 }
@@ -174,7 +184,7 @@ impl Router {
         envelope.source = from.clone();
         match envelope.kind {
             MessageType::Request => {
-                self.route_request(from.clone(), envelope, ReplyTo::Process, now);
+                self.route_request(from.clone(), envelope, ReplyTo::Process, false, now);
             }
             MessageType::Response | MessageType::Error => self.route_reply(from, envelope, now),
             MessageType::Event => self.route_event(from, envelope, now),
@@ -182,11 +192,14 @@ impl Router {
     }
 
     /// A request: pick a worker, deliver, remember it until its one reply.
+    /// `local_only`: it came from another node, which chose this one; it is
+    /// never sent on.
     fn route_request(
         &mut self,
         origin: ByteString,
         mut envelope: Envelope,
         reply_to: ReplyTo,
+        local_only: bool,
         now: Instant,
     ) {
         if self.draining {
@@ -207,10 +220,13 @@ impl Router {
             );
             return self.reject(&envelope, key.0, reply_to, ErrorCode::BadRequest, message);
         }
-        let slot = match self
-            .table
-            .pick(&envelope.target, self.config.queue_capacity)
-        {
+        let picked = if local_only {
+            self.table
+                .pick(&envelope.target, self.config.queue_capacity)
+        } else {
+            self.pick(&mut envelope)
+        };
+        let slot = match picked {
             Ok(slot) => slot,
             Err((code, message)) => {
                 if code == ErrorCode::Busy {
@@ -228,6 +244,11 @@ impl Router {
         };
         let method = envelope.id.clone();
         envelope.source = key.0.clone();
+        if worker.starts_with('@') {
+            // To another node: the remaining budget travels along, so the
+            // node times out too (DESIGN 11.3).
+            envelope.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        }
         if !self.table.deliver_request(slot, envelope, now) {
             // Its actor stopped without a RemoveProcess: take it out now.
             self.remove_process(&worker, "its actor stopped");
@@ -247,6 +268,92 @@ impl Router {
             .pending
             .insert(key, worker, method, now, deadline, reply_to);
         self.deadline.arm(deadline);
+    }
+
+    /// Resolves a request's target to the slot of one process, or of the
+    /// node that will serve it (DESIGN 11.2); rewrites a plain service name
+    /// sent to another node as `service@node`, the name that node needs.
+    #[inline]
+    fn pick(&mut self, envelope: &mut Envelope) -> Result<usize, (ErrorCode, String)> {
+        let capacity = self.config.queue_capacity;
+        if self.nodes.is_empty() && !envelope.target.contains('@') {
+            return self.table.pick(&envelope.target, capacity);
+        }
+        self.pick_in_cluster(envelope)
+    }
+
+    #[cold]
+    fn pick_in_cluster(&mut self, envelope: &mut Envelope) -> Result<usize, (ErrorCode, String)> {
+        let capacity = self.config.queue_capacity;
+        if let Some((local, node)) = nodes::split(&envelope.target) {
+            let (local, node) = (local.to_owned(), node.to_owned());
+            if node == self.nodes.this() {
+                envelope.target = local.into();
+                return self.table.pick(&envelope.target, capacity);
+            }
+            if local == BROKER {
+                return Err((
+                    ErrorCode::Forbidden,
+                    format!("control RPCs never cross nodes: {:?}", envelope.target),
+                ));
+            }
+            return self.node_slot(&node);
+        }
+        let service = envelope.target.clone();
+        let local_ready = self.table.has_ready(&service);
+        match self.nodes.choose(&service, local_ready) {
+            Some(Choice::Remote(node)) => {
+                let slot = self.node_slot(&node)?;
+                envelope.target = format!("{service}@{node}").into();
+                Ok(slot)
+            }
+            Some(Choice::Local) => self.table.pick(&service, capacity),
+            None => match self.table.pick(&service, capacity) {
+                Err((ErrorCode::UnknownTarget, _)) if self.nodes.knows(&service) => Err((
+                    ErrorCode::Unavailable,
+                    format!("no node has a ready worker of {service:?}"),
+                )),
+                other => other,
+            },
+        }
+    }
+
+    /// The slot node `node` is routed under, if it is up and not full: it
+    /// may hold `queue_capacity` requests in flight per ready worker it
+    /// advertises.
+    fn node_slot(&self, node: &str) -> Result<usize, (ErrorCode, String)> {
+        match self.nodes.state(node) {
+            None => {
+                return Err((
+                    ErrorCode::UnknownTarget,
+                    format!("unknown node {node:?} (no heartbeat from it)"),
+                ));
+            }
+            Some(false) => {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!("node {node:?} is not connected"),
+                ));
+            }
+            Some(true) => {}
+        }
+        let Some((slot, in_flight)) = self.table.exact(&nodes::node_id(node)) else {
+            return Err((
+                ErrorCode::Unavailable,
+                format!("node {node:?} is not connected"),
+            ));
+        };
+        let limit = self
+            .config
+            .queue_capacity
+            .saturating_mul(self.nodes.ready(node).max(1) as usize);
+        if in_flight >= limit {
+            return Err((
+                ErrorCode::Busy,
+                format!("node {node:?} has {limit} requests in flight"),
+            ));
+        }
+        Ok(slot)
     }
 
     /// A reply: only the worker its request went to may answer, once.
@@ -375,6 +482,136 @@ impl Router {
 }
 
 // ---------------------------------------------------------------------------
+// Other nodes (DESIGN 11): they are routed as processes named `@node`
+
+impl Handler<FromNodes> for Router {
+    type Result = ();
+
+    fn handle(&mut self, FromNodes(envelopes): FromNodes, _: &mut Self::Context) {
+        let now = Instant::now();
+        for (node, envelope) in envelopes {
+            let Some(entry) = self.table.get_mut(&node) else {
+                tracing::debug!(%node, "envelope from a node that is gone dropped");
+                continue;
+            };
+            entry.saw(now);
+            entry.delta.count(envelope.kind);
+            match envelope.kind {
+                MessageType::Request => self.route_remote_request(envelope, now),
+                MessageType::Response | MessageType::Error => {
+                    self.route_reply(&node, envelope, now);
+                }
+                // Events do not cross nodes; the Cluster never sends one.
+                MessageType::Event => {}
+            }
+        }
+        self.table.send_held();
+    }
+}
+
+impl Router {
+    /// A request another node sent here (its `source` is `proc@node`): to
+    /// an exported local service or process, never to the broker, never on
+    /// to a third node.
+    fn route_remote_request(&mut self, mut envelope: Envelope, now: Instant) {
+        let origin = envelope.source.clone();
+        if let Some((local, node)) = nodes::split(&envelope.target) {
+            if node != self.nodes.this() {
+                let message = format!(
+                    "node {:?} does not forward to {:?}",
+                    self.nodes.this(),
+                    envelope.target
+                );
+                return self.reject(
+                    &envelope,
+                    origin,
+                    ReplyTo::Process,
+                    ErrorCode::UnknownTarget,
+                    message,
+                );
+            }
+            envelope.target = local.to_owned().into();
+        }
+        let service = names::service_of(&envelope.target);
+        if service == BROKER || &*envelope.target == names::BROADCAST {
+            let message = format!("control RPCs never cross nodes: {:?}", envelope.target);
+            return self.reject(
+                &envelope,
+                origin,
+                ReplyTo::Process,
+                ErrorCode::Forbidden,
+                message,
+            );
+        }
+        if !self.config.cluster.exports(service) {
+            let message = format!("node {:?} does not export {service:?}", self.nodes.this());
+            return self.reject(
+                &envelope,
+                origin,
+                ReplyTo::Process,
+                ErrorCode::UnknownTarget,
+                message,
+            );
+        }
+        self.route_request(origin, envelope, ReplyTo::Process, true, now);
+    }
+}
+
+impl Handler<NodeUp> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeUp, _: &mut Self::Context) {
+        let id = nodes::node_id(&msg.node);
+        if self.table.exact(&id).is_none() {
+            let mut register = RegisterProcess::new(id.clone(), id.clone(), msg.link);
+            // Never a target of its own: not in `*`, not picked by name.
+            register.ready = false;
+            let _ = self.table.register(register);
+        }
+        if self.nodes.up(&msg.node, msg.services) {
+            tracing::info!(node = %msg.node, "node joined");
+        }
+    }
+}
+
+impl Handler<NodeDown> for Router {
+    type Result = usize;
+
+    fn handle(&mut self, msg: NodeDown, _: &mut Self::Context) -> usize {
+        self.nodes.down(&msg.node);
+        let failed = self.remove_process(&nodes::node_id(&msg.node), &msg.reason);
+        self.table.send_held();
+        if failed > 0 || self.nodes.state(&msg.node).is_some() {
+            tracing::warn!(node = %msg.node, reason = %msg.reason, failed, "node left");
+        }
+        failed
+    }
+}
+
+impl Handler<NodeFailed> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeFailed, _: &mut Self::Context) {
+        let key: Key = (msg.origin, msg.correlation_id);
+        if let Ok(pending) = self.pending.take_answered_by(&key, &msg.node) {
+            self.table.release(&msg.node);
+            let error =
+                Envelope::broker_error_to(key.0, pending.method, key.1, msg.code, msg.message);
+            self.answer(error, pending.reply_to);
+            self.table.send_held();
+        }
+    }
+}
+
+impl Handler<ReadyCounts> for Router {
+    type Result = MessageResult<ReadyCounts>;
+
+    fn handle(&mut self, _: ReadyCounts, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.table.ready_counts())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Requests that end without their worker's reply
 
 impl Handler<Bounce> for Router {
@@ -470,7 +707,10 @@ impl Router {
         let failed = self.pending.drain_where(|_, p| p.worker == *id);
         let count = failed.len();
         for ((origin, correlation_id), pending) in failed {
-            let message = format!("worker {id:?} exited with the request in flight ({reason})");
+            let message = match id.strip_prefix('@') {
+                Some(node) => format!("node {node:?} left with the request in flight ({reason})"),
+                None => format!("worker {id:?} exited with the request in flight ({reason})"),
+            };
             let error = Envelope::broker_error_to(
                 origin,
                 pending.method,
@@ -599,6 +839,7 @@ impl Router {
     }
 
     /// Ships counter deltas and the histograms since the last batch.
+    /// Remote nodes (`@node` in the table) go out as nodes, not processes.
     fn flush(&mut self) {
         let mut processes = std::mem::take(&mut self.retired);
         processes.extend(
@@ -610,6 +851,16 @@ impl Router {
             entry.delta = Counters::default();
             entry.first_seen = None;
         }
+        let (remote, processes): (Vec<_>, Vec<_>) =
+            processes.into_iter().partition(|p| p.id.starts_with('@'));
+        let mut nodes: Vec<NodeSnapshot> = remote
+            .into_iter()
+            .map(|p| NodeSnapshot {
+                node: p.id[1..].to_owned(),
+                delta: p.delta,
+                latency: None,
+            })
+            .collect();
         let mut latency = Vec::new();
         let mut overall: Option<Histogram<u64>> = None;
         for service in &mut self.table.services {
@@ -626,7 +877,14 @@ impl Router {
                 }
                 None => overall = Some(shipped.clone()),
             }
-            latency.push((service.name.to_string(), shipped));
+            match service.name.strip_prefix('@') {
+                Some(node) => {
+                    if let Some(n) = nodes.iter_mut().find(|n| n.node == node) {
+                        n.latency = Some(shipped);
+                    }
+                }
+                None => latency.push((service.name.to_string(), shipped)),
+            }
         }
         let caller = std::mem::take(&mut self.caller);
         self.metrics.do_send(MetricsBatch {
@@ -637,6 +895,7 @@ impl Router {
             overall,
             broker_errors: std::mem::take(&mut self.broker_errors),
             pending: self.pending.len() as u64,
+            nodes,
         });
     }
 }

@@ -96,9 +96,57 @@ pub(crate) struct ProcessTable {
 }
 
 impl ProcessTable {
+    /// The slot of process `id`. A caller on another node (`proc@node`)
+    /// resolves to that node's slot (`@node`): replies to it go there, and
+    /// it is counted there.
     #[inline]
     fn slot_of(&self, id: &ByteString) -> Option<usize> {
-        self.index.get(id).copied()
+        match self.index.get(id) {
+            Some(&slot) => Some(slot),
+            None => self.remote_slot_of(id),
+        }
+    }
+
+    #[cold]
+    fn remote_slot_of(&self, id: &str) -> Option<usize> {
+        match id.rfind('@') {
+            Some(0) | None => None,
+            Some(at) => self.index.get(&id[at..]).copied(),
+        }
+    }
+
+    /// The slot of the process registered exactly as `id` (no `@node`
+    /// resolution) and its requests in flight.
+    pub(crate) fn exact(&self, id: &str) -> Option<(usize, usize)> {
+        let slot = *self.index.get(id)?;
+        Some((slot, self.at(slot)?.in_flight))
+    }
+
+    /// Ready workers of every service of processes (not of the broker, not
+    /// of remote nodes), for this node's heartbeat.
+    pub(crate) fn ready_counts(&self) -> Vec<(String, u32)> {
+        self.services
+            .iter()
+            .filter(|s| !s.name.starts_with('@') && &*s.name != BROKER)
+            .map(|s| {
+                let ready = s
+                    .workers
+                    .iter()
+                    .filter(|&&slot| self.at(slot).is_some_and(|e| e.ready))
+                    .count();
+                (s.name.to_string(), u32::try_from(ready).unwrap_or(u32::MAX))
+            })
+            .collect()
+    }
+
+    /// Whether `service` has a ready worker here.
+    pub(crate) fn has_ready(&self, service: &str) -> bool {
+        self.service_index.get(service).is_some_and(|&i| {
+            self.services[i]
+                .workers
+                .iter()
+                .any(|&slot| self.at(slot).is_some_and(|e| e.ready))
+        })
     }
 
     #[inline]

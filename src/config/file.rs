@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{BrokerConfig, SELF_COMMAND, ServiceConfig};
+use super::{BrokerConfig, ClusterConfig, SELF_COMMAND, ServiceConfig};
 use crate::names;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 
@@ -35,6 +35,9 @@ pub struct FileConfig {
     /// `[sysmon]`.
     #[serde(default)]
     pub sysmon: SysmonSection,
+    /// `[cluster]` (DESIGN 11).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// `[[service]]`, in order.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -199,7 +202,7 @@ impl Loaded {
         for (name, value) in env {
             let key = env_key(&name).ok_or_else(|| ConfigError::Override {
                 origin: format!("environment variable {name}"),
-                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS)".into(),
+                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS, PROCBROKER_CLUSTER_…)".into(),
             })?;
             file = apply(file, &key, &value, &format!("environment variable {name}"))?;
         }
@@ -256,6 +259,9 @@ impl Loaded {
                 "admin.listen".into(),
                 "must be host:port with a numeric host (\"127.0.0.1:9464\", \"[::1]:0\"), or \"\" to disable",
             ));
+        }
+        if let Err((key, message)) = self.file.cluster.check() {
+            return Err(invalid(key.into(), &message));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.file.services.iter().enumerate() {
@@ -363,6 +369,7 @@ impl Loaded {
             max_bad_frames_per_s: b.max_bad_frames_per_s,
             max_events_per_s: b.max_events_per_s,
             latency_window: Duration::from_millis(b.latency_window_ms.max(1)),
+            cluster: self.file.cluster.clone(),
             ..BrokerConfig::default()
         }
     }
@@ -376,7 +383,7 @@ impl Loaded {
 /// `PROCBROKER_BROKER_QUEUE_CAPACITY` → `broker.queue_capacity`.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix("PROCBROKER_")?.to_ascii_lowercase();
-    ["broker", "admin", "sysmon"]
+    ["broker", "admin", "sysmon", "cluster"]
         .into_iter()
         .find_map(|section| {
             rest.strip_prefix(section)
@@ -400,7 +407,7 @@ fn apply(
     let Some((section, name)) = key.split_once('.') else {
         return Err(fail(format!("{key:?} is not section.key")));
     };
-    if !matches!(section, "broker" | "admin" | "sysmon") {
+    if !matches!(section, "broker" | "admin" | "sysmon" | "cluster") {
         return Err(fail(format!(
             "no section [{section}] to set (services are set in the file)"
         )));

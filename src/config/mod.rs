@@ -1,7 +1,10 @@
 //! Broker settings that the actors read, and the config file they come from.
 //! All static: nothing is re-tuned at run time.
 
+pub mod cluster;
 pub mod file;
+
+pub use cluster::{Balance, ClusterConfig, NatsUrls};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,6 +46,8 @@ pub struct BrokerConfig {
     /// What the windowed latency (`latency_window_us`, `/metrics`
     /// quantiles, the dashboard) covers: the last this much.
     pub latency_window: Duration,
+    /// Federation over NATS (`[cluster]`; off by default).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for BrokerConfig {
@@ -60,6 +65,7 @@ impl Default for BrokerConfig {
             max_bad_frames_per_s: 100,
             max_events_per_s: 100_000,
             latency_window: Duration::from_secs(60),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -10,6 +10,8 @@
 //!   kept apart because the broker answers them differently.
 //! - [`msgpack_rpc`]: the other wire a child may speak, MessagePack-RPC
 //!   (DESIGN 12), translated to and from envelopes at the pipe.
+//! - [`federation`]: between brokers of a cluster (DESIGN 11), the NATS
+//!   subjects, headers and heartbeat around unchanged envelopes.
 //! - Typed payloads of the broker's RPCs ([`rpc`]) and stats ([`stats`]).
 //!
 //! `PROTOCOL.md` at the repository root is the same contract written for
@@ -19,6 +21,7 @@ mod codec;
 mod envelope;
 mod error;
 mod error_code;
+pub mod federation;
 mod frame;
 mod message_type;
 pub(crate) mod msgpack;
@@ -36,4 +39,4 @@ pub use frame::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, LENGTH_PREFIX};
 pub use message_type::{MessageType, UnknownMessageType};
 pub use msgpack::{MsgpackError, SingleValueError};
 pub use payload::{Payload, PayloadError};
-pub use stats::{MessageStats, ProcessMetrics};
+pub use stats::{ClusterStats, MessageStats, NodeStats, ProcessMetrics};

@@ -33,11 +33,13 @@ pub enum BrokerMethod {
     /// Control RPC: restarts a process or a service, one worker at a time
     /// ([`RestartRequest`]).
     Restart,
+    /// Array of [`NodeInfo`]: the nodes of the cluster (DESIGN 11.2).
+    ListNodes,
 }
 
 impl BrokerMethod {
     /// Every method, in DESIGN order.
-    pub const ALL: [BrokerMethod; 9] = [
+    pub const ALL: [BrokerMethod; 10] = [
         Self::Ping,
         Self::GetMessageStats,
         Self::GetMessageCount,
@@ -47,6 +49,7 @@ impl BrokerMethod {
         Self::Stop,
         Self::Scale,
         Self::Restart,
+        Self::ListNodes,
     ];
 
     /// The method name (the request's `id`).
@@ -61,6 +64,7 @@ impl BrokerMethod {
             Self::Stop => "Stop",
             Self::Scale => "Scale",
             Self::Restart => "Restart",
+            Self::ListNodes => "ListNodes",
         }
     }
 
@@ -130,6 +134,22 @@ pub struct ProcessInfo {
     pub started_at: Option<String>,
     /// Exit code of the last incarnation (`None` if it has not exited or was killed by a signal).
     pub exit_code: Option<i32>,
+}
+
+/// One row of `ListNodes`: a node of the cluster as this broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its name.
+    pub node: String,
+    /// Its exported services and their ready workers, as last advertised.
+    pub services: BTreeMap<String, u32>,
+    /// Milliseconds since it was last heard from (0 for this node).
+    pub last_seen_ms: u64,
+    /// In the rotation now (false: it missed 3 heartbeats, left, or this
+    /// broker lost its NATS connection).
+    pub up: bool,
+    /// This broker's own node.
+    pub local: bool,
 }
 
 /// Restart policy of a service (DESIGN 5.3, config `restart = {…}`).

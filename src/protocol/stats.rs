@@ -137,6 +137,58 @@ pub struct MessageStats {
     pub uptime_s: f64,
     /// procbroker's version.
     pub version: String,
+    /// The cluster (DESIGN 11); absent on a single host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStats>,
+}
+
+/// `cluster` of the stats reply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// The cluster's name (its subject prefix).
+    pub name: String,
+    /// This node.
+    pub node: String,
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// Connections made after the first (the client reconnects by itself).
+    pub reconnects: u64,
+    /// Slow-consumer events of the NATS client (it dropped messages).
+    pub slow_consumers: u64,
+    /// The server's `max_payload` in bytes (0 before the first connection).
+    pub max_payload: u64,
+    /// What this node advertises: exported services and ready workers.
+    pub services: BTreeMap<String, u32>,
+    /// Every other node heard from since start, by name.
+    pub nodes: BTreeMap<String, NodeStats>,
+}
+
+/// One other node in [`ClusterStats`]. Its counters are this broker's
+/// traffic with it, named as for a process: `total_sent` envelopes
+/// published to it, `request_count` requests its callers sent here,
+/// `response_count` + `error_count` its replies; `late_replies`,
+/// `unmatched_replies` as for a worker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// In the rotation now.
+    pub up: bool,
+    /// Its exported services and ready workers, as last advertised.
+    pub services: BTreeMap<String, u32>,
+    /// Milliseconds since it was last heard from.
+    pub last_seen_ms: u64,
+    /// Message counters.
+    #[serde(flatten)]
+    pub counters: MessageCounters,
+    /// Fault counters.
+    #[serde(flatten)]
+    pub faults: FaultCounters,
+    /// Requests to it that NATS answered "no responders" (`unavailable`).
+    pub no_responders: u64,
+    /// Requests to it refused before publishing as larger than the
+    /// server's `max_payload` (`too_large`).
+    pub too_large: u64,
+    /// Round trips of the requests it served, as timed here, since start.
+    pub latency_us: LatencyQuantiles,
 }
 
 /// One `/proc/{pid}/status` sample (as v2e).

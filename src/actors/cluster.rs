@@ -1,0 +1,774 @@
+//! Cluster: this broker's membership of a federation over NATS (DESIGN 11).
+//!
+//! NATS carries the messages; nothing here votes or gossips. The actor
+//! owns the NATS client (async-nats, on this arbiter's current-thread
+//! runtime) and does four things:
+//!
+//! - **Advertise**: every `heartbeat_ms` it publishes this node's exported
+//!   services and their ready workers (asked of the Router) on `name.hb`.
+//! - **Watch**: it keeps the other nodes' heartbeats; a node unheard for 3
+//!   of its intervals, one that says it leaves, one that restarted, or all
+//!   of them when the NATS connection drops, go to the Router as
+//!   [`NodeDown`]: their requests in flight are answered `worker_exited`
+//!   at once. A heartbeat puts a node (back) in the rotation ([`NodeUp`]).
+//! - **Send**: the Router routes to a node as to a process named `@node`
+//!   whose [`Deliver`] lands here; requests are published to the node's
+//!   request subject, replies to the reply subject the request named.
+//!   Larger than the server's `max_payload`: `too_large`, never published.
+//! - **Receive**: requests for this node and replies to it, decoded once
+//!   and handed to the Router ([`FromNodes`]) with `source` stamped
+//!   `proc@node`; a "no responders" status fails its request `unavailable`.
+//!
+//! The pending table, deadlines and the one reply stay the Router's: this
+//! actor keeps no per-request state (the reply subject names the request),
+//! so nothing here can leak when a reply never comes.
+
+use actix::prelude::*;
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, StatusCode};
+use bytes::Bytes;
+use bytestring::ByteString;
+use futures_util::StreamExt;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+use super::messages::{
+    ClusterState, Deliver, FromNodes, Leave, NodeDown, NodeFailed, NodeState, NodeUp, ReadyCounts,
+};
+use super::nodes::{self, node_id};
+use super::router::Router;
+use crate::config::ClusterConfig;
+use crate::protocol::federation::{
+    BUDGET_HEADER, Heartbeat, NODE_HEADER, heartbeat_subject, parse_reply_subject, reply_subject,
+    reply_wildcard, request_subject,
+};
+use crate::protocol::{Envelope, ErrorCode, MessageType};
+
+/// Bytes a message's headers and subjects may take beside the envelope,
+/// counted against `max_payload` (NATS counts headers in it).
+const HEADROOM: usize = 256;
+
+/// Another node, as heard.
+struct Remote {
+    instance: u64,
+    up: bool,
+    last_seen: Instant,
+    heartbeat: Duration,
+    services: BTreeMap<String, u32>,
+    no_responders: u64,
+    too_large: u64,
+}
+
+/// One message for the publisher task. `fails` names the request to fail
+/// if it cannot be published: (node id, origin, correlation id).
+struct Outgoing {
+    subject: String,
+    reply: Option<String>,
+    headers: HeaderMap,
+    payload: Bytes,
+    fails: Option<(ByteString, ByteString, u64)>,
+}
+
+/// A subscription whose drop is safe anywhere. async-nats unsubscribes
+/// from `Drop` with `tokio::spawn`, which panics outside a runtime, and an
+/// actix System drops its actors' streams after its runtime is gone. With
+/// no runtime there is no connection left to unsubscribe from either, so
+/// the subscriber is then let go without it.
+struct Subscription(Option<async_nats::Subscriber>);
+
+impl futures_util::Stream for Subscription {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.0.as_mut() {
+            Some(subscriber) => subscriber.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            std::mem::forget(self.0.take());
+        }
+    }
+}
+
+/// What the subscriptions bring.
+enum Inbound {
+    Request(async_nats::Message),
+    Reply(async_nats::Message),
+    Heartbeat(async_nats::Message),
+}
+
+/// A NATS client event (connected, disconnected, slow consumer…).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct NatsEvent(Event);
+
+/// The Cluster actor. Started by the embedding builder when
+/// `cluster.nats_url` is set.
+pub struct Cluster {
+    config: ClusterConfig,
+    node: String,
+    instance: u64,
+    router: Addr<Router>,
+    metrics: Recipient<ClusterState>,
+    client: Option<Client>,
+    out: Option<mpsc::UnboundedSender<Outgoing>>,
+    nodes: BTreeMap<String, Remote>,
+    connected: bool,
+    connections: u64,
+    slow_consumers: u64,
+    max_payload: usize,
+    advertised: BTreeMap<String, u32>,
+    next_heartbeat: Instant,
+    /// Another broker uses this node's name (warned once per instance).
+    impostor: Option<u64>,
+    /// The last server error logged.
+    last_error: Option<String>,
+}
+
+impl Cluster {
+    /// The member of `config`'s cluster; reaches local workers through
+    /// `router`, reports to the MetricsStore through `metrics`.
+    pub fn new(
+        config: ClusterConfig,
+        router: Addr<Router>,
+        metrics: impl Into<Recipient<ClusterState>>,
+    ) -> Self {
+        let node = config.node_name();
+        Self {
+            config,
+            node,
+            instance: instance_id(),
+            router,
+            metrics: metrics.into(),
+            client: None,
+            out: None,
+            nodes: BTreeMap::new(),
+            connected: false,
+            connections: 0,
+            slow_consumers: 0,
+            max_payload: 0,
+            advertised: BTreeMap::new(),
+            next_heartbeat: Instant::now(),
+            impostor: None,
+            last_error: None,
+        }
+    }
+}
+
+/// Random enough to tell two starts of one node apart.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::fast::RandomState::default().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish().max(1)
+}
+
+impl Actor for Cluster {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let options = self.options(ctx.address());
+        let urls = self.config.nats_url.list();
+        let node = self.node.clone();
+        ctx.spawn(
+            async move { options.await?.connect(urls).await.map_err(|e| e.to_string()) }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(client) => act.serve(client, ctx),
+                    Err(e) => {
+                        tracing::error!(%node, error = %e, "cluster: cannot use NATS; this broker serves its own services only");
+                    }
+                }),
+        );
+        // Liveness is checked four times per interval, so a node is gone
+        // within 3¼ of its intervals.
+        let tick = (self.config.heartbeat() / 4).max(Duration::from_millis(5));
+        ctx.run_interval(tick, |act, ctx| act.tick(ctx));
+        // Stats show the cluster (not connected yet) from the start.
+        self.push_state();
+    }
+}
+
+impl Cluster {
+    /// The client's options: auth and TLS as configured, reconnecting
+    /// forever without blocking the start (a broker that comes up before
+    /// NATS serves locally meanwhile).
+    fn options(
+        &self,
+        addr: Addr<Self>,
+    ) -> impl std::future::Future<Output = Result<ConnectOptions, String>> + use<> {
+        let c = self.config.clone();
+        let name = format!("procbroker {}", self.node);
+        // A dead link is noticed as fast as a dead node.
+        let ping = (self.config.heartbeat() * 3).max(Duration::from_secs(1));
+        async move {
+            let mut o = ConnectOptions::new();
+            if !c.creds_file.is_empty() {
+                o = o
+                    .credentials_file(&c.creds_file)
+                    .await
+                    .map_err(|e| format!("cluster.creds_file {:?}: {e}", c.creds_file))?;
+            }
+            if !c.token.is_empty() {
+                o = o.token(c.token.clone());
+            }
+            if !c.user.is_empty() {
+                o = o.user_and_password(c.user.clone(), c.password.clone());
+            }
+            if !c.tls_ca_file.is_empty() {
+                o = o
+                    .add_root_certificates(c.tls_ca_file.clone().into())
+                    .require_tls(true);
+            }
+            if !c.tls_cert_file.is_empty() {
+                o = o
+                    .add_client_certificate(
+                        c.tls_cert_file.clone().into(),
+                        c.tls_key_file.clone().into(),
+                    )
+                    .require_tls(true);
+            }
+            Ok(o.name(name)
+                .retry_on_initial_connect()
+                .ping_interval(ping)
+                .reconnect_delay_callback(|attempts| {
+                    Duration::from_millis((50u64 << attempts.min(5)).min(1000))
+                })
+                .event_callback(move |event| {
+                    let addr = addr.clone();
+                    async move { addr.do_send(NatsEvent(event)) }
+                }))
+        }
+    }
+
+    /// Connected (or connecting): subscribe, start the publisher.
+    fn serve(&mut self, client: Client, ctx: &mut Context<Self>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        actix::spawn(publish(client.clone(), rx, self.router.clone()));
+        self.out = Some(tx);
+        let name = &self.config.name;
+        let subjects = [
+            request_subject(name, &self.node),
+            reply_wildcard(name, &self.node),
+            heartbeat_subject(name),
+        ];
+        let subscriber = client.clone();
+        ctx.spawn(
+            async move {
+                let [req, rep, hb] = subjects;
+                Ok::<_, async_nats::SubscribeError>((
+                    subscriber.subscribe(req).await?,
+                    subscriber.subscribe(rep).await?,
+                    subscriber.subscribe(hb).await?,
+                ))
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| match result {
+                Ok((req, rep, hb)) => {
+                    let safe = |s| Subscription(Some(s));
+                    ctx.add_stream(safe(req).map(Inbound::Request));
+                    ctx.add_stream(safe(rep).map(Inbound::Reply));
+                    ctx.add_stream(safe(hb).map(Inbound::Heartbeat));
+                }
+                Err(e) => {
+                    tracing::error!(node = %act.node, error = %e, "cluster: cannot subscribe");
+                }
+            }),
+        );
+        self.client = Some(client);
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let Some(client) = &self.client else {
+            return;
+        };
+        // Events can be missed (their channel is bounded): the state is the truth.
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        if connected != self.connected {
+            self.connection_changed(connected, ctx);
+        }
+        let now = Instant::now();
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.up && now.saturating_duration_since(n.last_seen) > n.heartbeat * 3)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.node_down(&name, "missed 3 heartbeats");
+        }
+        if self.connected && now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.config.heartbeat();
+            self.advertise(ctx);
+        }
+    }
+
+    fn connection_changed(&mut self, connected: bool, ctx: &mut Context<Self>) {
+        self.connected = connected;
+        if connected {
+            self.connections += 1;
+            if let Some(client) = &self.client {
+                self.max_payload = client.server_info().max_payload;
+            }
+            self.last_error = None;
+            tracing::info!(node = %self.node, max_payload = self.max_payload,
+                reconnect = self.connections > 1, "cluster: connected to NATS");
+            // Tell the others at once rather than at the next interval.
+            self.next_heartbeat = Instant::now();
+            self.advertise(ctx);
+        } else {
+            tracing::warn!(node = %self.node, "cluster: NATS connection lost; remote calls are unavailable until it is back");
+            let up: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.up)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in up {
+                self.node_down(&name, "this broker lost its NATS connection");
+            }
+        }
+        self.push_state();
+    }
+
+    /// Asks the Router for ready workers, publishes the heartbeat.
+    fn advertise(&mut self, ctx: &mut Context<Self>) {
+        ctx.spawn(
+            self.router
+                .send(ReadyCounts)
+                .into_actor(self)
+                .map(|counts, act, _| {
+                    let Ok(counts) = counts else { return };
+                    act.advertised = counts
+                        .into_iter()
+                        .filter(|(service, _)| act.config.exports(service))
+                        .collect();
+                    act.publish_heartbeat(false);
+                    act.push_state();
+                }),
+        );
+    }
+
+    fn publish_heartbeat(&self, leaving: bool) {
+        let heartbeat = Heartbeat {
+            node: self.node.clone(),
+            instance: self.instance,
+            heartbeat_ms: self.config.heartbeat_ms,
+            services: self.advertised.clone(),
+            leaving,
+        };
+        let Ok(json) = serde_json::to_vec(&heartbeat) else {
+            return;
+        };
+        self.send(Outgoing {
+            subject: heartbeat_subject(&self.config.name),
+            reply: None,
+            headers: HeaderMap::new(),
+            payload: json.into(),
+            fails: None,
+        });
+    }
+
+    fn send(&self, message: Outgoing) {
+        if let Some(out) = &self.out {
+            let _ = out.send(message);
+        }
+    }
+
+    fn node_down(&mut self, name: &str, reason: &str) {
+        if let Some(remote) = self.nodes.get_mut(name) {
+            remote.up = false;
+        }
+        self.router.do_send(NodeDown {
+            node: name.into(),
+            reason: reason.into(),
+        });
+        self.push_state();
+    }
+
+    /// Node `name` is alive (a heartbeat, or a message from it).
+    fn node_up(&mut self, name: &str, ctx: &mut Context<Self>) {
+        let Some(remote) = self.nodes.get_mut(name) else {
+            return;
+        };
+        let joined = !remote.up;
+        remote.up = true;
+        remote.last_seen = Instant::now();
+        let services = remote
+            .services
+            .iter()
+            .map(|(s, n)| (ByteString::from(s.as_str()), *n))
+            .collect();
+        self.router.do_send(NodeUp {
+            node: name.into(),
+            services,
+            link: ctx.address().recipient(),
+        });
+        if joined {
+            self.push_state();
+        }
+    }
+
+    fn remote(&mut self, name: &str) -> &mut Remote {
+        let heartbeat = self.config.heartbeat();
+        self.nodes.entry(name.to_owned()).or_insert_with(|| Remote {
+            instance: 0,
+            up: false,
+            last_seen: Instant::now(),
+            heartbeat,
+            services: BTreeMap::new(),
+            no_responders: 0,
+            too_large: 0,
+        })
+    }
+
+    fn push_state(&self) {
+        self.metrics.do_send(ClusterState {
+            name: self.config.name.clone(),
+            node: self.node.clone(),
+            services: self.advertised.clone(),
+            connected: self.connected,
+            reconnects: self.connections.saturating_sub(1),
+            slow_consumers: self.slow_consumers,
+            max_payload: self.max_payload as u64,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(name, n)| NodeState {
+                    node: name.clone(),
+                    up: n.up,
+                    services: n.services.clone(),
+                    last_seen: n.last_seen,
+                    no_responders: n.no_responders,
+                    too_large: n.too_large,
+                })
+                .collect(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Receiving
+
+impl StreamHandler<Inbound> for Cluster {
+    fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
+        match inbound {
+            Inbound::Request(msg) => self.request_in(msg, ctx),
+            Inbound::Reply(msg) => self.reply_in(msg),
+            Inbound::Heartbeat(msg) => self.heartbeat_in(&msg.payload, ctx),
+        }
+    }
+
+    /// A subscription ends only with the client; the actor stays.
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    Some(msg.headers.as_ref()?.get(name)?.as_str())
+}
+
+impl Cluster {
+    fn heartbeat_in(&mut self, payload: &[u8], ctx: &mut Context<Self>) {
+        let hb: Heartbeat = match serde_json::from_slice(payload) {
+            Ok(hb) => hb,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster: heartbeat not understood, dropped");
+                return;
+            }
+        };
+        if hb.node == self.node {
+            if hb.instance != self.instance && self.impostor != Some(hb.instance) {
+                self.impostor = Some(hb.instance);
+                tracing::error!(node = %self.node, "cluster: another broker uses this node's name; give each a distinct cluster.node");
+            }
+            return;
+        }
+        let restarted = {
+            let remote = self.remote(&hb.node);
+            let restarted = remote.up && remote.instance != 0 && remote.instance != hb.instance;
+            remote.instance = hb.instance;
+            remote.heartbeat = Duration::from_millis(hb.heartbeat_ms.max(1));
+            remote.last_seen = Instant::now();
+            remote.services = hb.services;
+            restarted
+        };
+        if restarted {
+            self.node_down(&hb.node, "it restarted");
+        }
+        if hb.leaving {
+            if self.nodes.get(&hb.node).is_some_and(|n| n.up) {
+                self.node_down(&hb.node, "it left the cluster");
+            }
+            return;
+        }
+        self.node_up(&hb.node, ctx);
+    }
+
+    fn request_in(&mut self, msg: async_nats::Message, ctx: &mut Context<Self>) {
+        let Some(from) = header(&msg, NODE_HEADER).map(str::to_owned) else {
+            tracing::debug!(subject = %msg.subject, "cluster: request without its node header dropped");
+            return;
+        };
+        let mut envelope = match Envelope::decode(&msg.payload) {
+            Ok(e) if e.kind == MessageType::Request => e,
+            Ok(e) => {
+                tracing::debug!(%from, kind = %e.kind, "cluster: not a request on the request subject, dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "cluster: undecodable request dropped");
+                return;
+            }
+        };
+        if !self.nodes.get(&from).is_some_and(|n| n.up) {
+            // Heard from before its heartbeat: it is alive, and its reply
+            // must find a way back.
+            self.remote(&from);
+            self.node_up(&from, ctx);
+        } else if let Some(remote) = self.nodes.get_mut(&from) {
+            remote.last_seen = Instant::now();
+        }
+        if let Some(budget) = header(&msg, BUDGET_HEADER).and_then(|b| b.parse().ok()) {
+            envelope.timeout_ms = Some(budget);
+        }
+        envelope.source = format!("{}@{from}", envelope.source).into();
+        self.router
+            .do_send(FromNodes(vec![(node_id(&from), envelope)]));
+    }
+
+    fn reply_in(&mut self, msg: async_nats::Message) {
+        let Some(to) = parse_reply_subject(&msg.subject) else {
+            return;
+        };
+        let node = node_id(&to.from);
+        if msg.status == Some(StatusCode::NO_RESPONDERS) {
+            if let Some(remote) = self.nodes.get_mut(&to.from) {
+                remote.no_responders += 1;
+            }
+            self.router.do_send(NodeFailed {
+                node,
+                origin: to.origin.into(),
+                correlation_id: to.correlation_id,
+                code: ErrorCode::Unavailable,
+                message: format!("node {:?} has no responders on NATS", to.from),
+            });
+            self.push_state();
+            return;
+        }
+        let mut envelope = match Envelope::decode(&msg.payload) {
+            Ok(e) if matches!(e.kind, MessageType::Response | MessageType::Error) => e,
+            Ok(_) | Err(_) => {
+                tracing::debug!(from = %to.from, "cluster: not a reply on a reply subject, dropped");
+                return;
+            }
+        };
+        if let Some(remote) = self.nodes.get_mut(&to.from) {
+            remote.last_seen = Instant::now();
+        }
+        envelope.target = to.origin.into();
+        envelope.correlation_id = to.correlation_id;
+        envelope.source = format!("{}@{}", envelope.source, to.from).into();
+        self.router.do_send(FromNodes(vec![(node, envelope)]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sending
+
+impl Handler<Deliver> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
+        for envelope in envelopes {
+            match envelope.kind {
+                MessageType::Request => self.request_out(envelope),
+                MessageType::Response | MessageType::Error => self.reply_out(envelope),
+                MessageType::Event => {}
+            }
+        }
+    }
+}
+
+impl Cluster {
+    fn fits(&self, envelope: &Envelope) -> bool {
+        self.max_payload == 0 || envelope.encoded_len() + HEADROOM <= self.max_payload
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        headers
+    }
+
+    /// A request the Router sent to `service@node`.
+    fn request_out(&mut self, envelope: Envelope) {
+        let Some((_, node)) = nodes::split(&envelope.target) else {
+            return;
+        };
+        let node = node.to_owned();
+        let origin = envelope.source.clone();
+        let correlation_id = envelope.correlation_id;
+        if !self.fits(&envelope) {
+            let max = self.max_payload;
+            if let Some(remote) = self.nodes.get_mut(&node) {
+                remote.too_large += 1;
+            }
+            self.router.do_send(NodeFailed {
+                node: node_id(&node),
+                origin,
+                correlation_id,
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "the request ({} bytes) is larger than the NATS server's max_payload ({max} bytes with {HEADROOM} for headers)",
+                    envelope.encoded_len()
+                ),
+            });
+            self.push_state();
+            return;
+        }
+        let mut headers = self.headers();
+        if let Some(budget) = envelope.timeout_ms {
+            headers.insert(BUDGET_HEADER, budget.to_string().as_str());
+        }
+        let name = &self.config.name;
+        self.send(Outgoing {
+            subject: request_subject(name, &node),
+            reply: Some(reply_subject(
+                name,
+                &self.node,
+                &node,
+                correlation_id,
+                &origin,
+            )),
+            headers,
+            payload: envelope.to_bytes(),
+            fails: Some((node_id(&node), origin, correlation_id)),
+        });
+    }
+
+    /// A reply to a caller on another node (`target = proc@node`).
+    fn reply_out(&mut self, mut envelope: Envelope) {
+        let Some((origin, node)) = nodes::split(&envelope.target) else {
+            return;
+        };
+        let subject = reply_subject(
+            &self.config.name,
+            node,
+            &self.node,
+            envelope.correlation_id,
+            origin,
+        );
+        if !self.fits(&envelope) {
+            // Still exactly one reply: the caller learns why.
+            let message = format!(
+                "the reply ({} bytes) is larger than the NATS server's max_payload ({} bytes)",
+                envelope.encoded_len(),
+                self.max_payload
+            );
+            envelope = envelope.broker_error(ErrorCode::TooLarge, message);
+            envelope.target = envelope.source.clone();
+        }
+        self.send(Outgoing {
+            subject,
+            reply: None,
+            headers: self.headers(),
+            payload: envelope.to_bytes(),
+            fails: None,
+        });
+    }
+}
+
+/// The publisher: one task, in order. What cannot be published fails its
+/// request at once (`too_large` past `max_payload`, else `unavailable`).
+async fn publish(client: Client, mut rx: mpsc::UnboundedReceiver<Outgoing>, router: Addr<Router>) {
+    while let Some(m) = rx.recv().await {
+        let result = match m.reply {
+            Some(reply) => {
+                client
+                    .publish_with_reply_and_headers(m.subject, reply, m.headers, m.payload)
+                    .await
+            }
+            None => {
+                client
+                    .publish_with_headers(m.subject, m.headers, m.payload)
+                    .await
+            }
+        };
+        if let (Err(e), Some((node, origin, correlation_id))) = (result, m.fails) {
+            let code = if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::Unavailable
+            };
+            router.do_send(NodeFailed {
+                node,
+                origin,
+                correlation_id,
+                code,
+                message: format!("cannot publish to NATS: {e}"),
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client events and leaving
+
+impl Handler<NatsEvent> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, NatsEvent(event): NatsEvent, ctx: &mut Self::Context) {
+        match event {
+            Event::Connected if !self.connected => self.connection_changed(true, ctx),
+            Event::Disconnected if self.connected => self.connection_changed(false, ctx),
+            Event::SlowConsumer(_) => {
+                self.slow_consumers += 1;
+                tracing::warn!(node = %self.node, "cluster: slow consumer: the NATS client dropped messages");
+                self.push_state();
+            }
+            Event::ServerError(e) => {
+                // Repeats at every reconnect attempt (a wrong token): said
+                // once per distinct error.
+                let e = e.to_string();
+                if self.last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(node = %self.node, error = %e, "cluster: the NATS server refused us");
+                    self.last_error = Some(e);
+                }
+            }
+            other => tracing::debug!(event = %other, "cluster: NATS event"),
+        }
+    }
+}
+
+impl Handler<Leave> for Cluster {
+    type Result = ResponseFuture<()>;
+
+    /// Says goodbye so the others fail over now, not 3 heartbeats later.
+    fn handle(&mut self, _: Leave, _: &mut Self::Context) -> Self::Result {
+        if self.connected {
+            self.publish_heartbeat(true);
+        }
+        let client = self.client.clone();
+        // The goodbye is queued behind everything else for the publisher;
+        // a flush after a moment sees it out.
+        Box::pin(async move {
+            if let Some(client) = client {
+                actix::clock::sleep(Duration::from_millis(20)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+            }
+        })
+    }
+}

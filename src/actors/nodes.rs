@@ -1,0 +1,228 @@
+//! The Router's view of the other nodes of a cluster (DESIGN 11.2).
+//!
+//! A remote node is routed like a process: it has a slot in the process
+//! table under the id `@node` (so requests in flight to it live in the same
+//! pending table, with the same deadlines, and a node that goes away fails
+//! them `worker_exited` through the same removal path as a worker). What
+//! this file adds is the choice: which node serves `service@node`, and for
+//! a plain service name whether this node or which other one, with the
+//! Router's own round-robin cursor per service (NATS queue groups pick at
+//! random, so they are not used for it).
+
+use bytestring::ByteString;
+
+use super::pending::FastMap;
+use crate::config::Balance;
+
+/// Splits `service@node` (or `service.N@node`, `proc@node`) at its last `@`.
+/// `None` for a name without one, or one starting with it (the broker's own
+/// ids, `@caller`, `@node`).
+pub(crate) fn split(target: &str) -> Option<(&str, &str)> {
+    match target.rfind('@') {
+        Some(0) | None => None,
+        Some(at) => Some((&target[..at], &target[at + 1..])),
+    }
+}
+
+/// The table id a node is routed under.
+pub(crate) fn node_id(node: &str) -> ByteString {
+    ByteString::from(format!("@{node}"))
+}
+
+/// One remote node.
+#[derive(Debug)]
+struct Node {
+    up: bool,
+    /// Its advertised services and ready workers.
+    services: Vec<(ByteString, u32)>,
+}
+
+impl Node {
+    fn ready(&self) -> u32 {
+        self.services.iter().map(|(_, n)| *n).sum()
+    }
+}
+
+/// Where a request to a plain service name goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// This node's own workers.
+    Local,
+    /// That node (its name).
+    Remote(ByteString),
+}
+
+/// The nodes that have a ready worker of one service, and its cursor.
+#[derive(Debug, Default)]
+struct Rotation {
+    nodes: Vec<ByteString>,
+    cursor: usize,
+}
+
+/// Every remote node heard from, and per service the rotation over them.
+#[derive(Debug, Default)]
+pub(crate) struct Nodes {
+    /// This node's name (`""` without a cluster).
+    this: ByteString,
+    balance: Balance,
+    nodes: FastMap<ByteString, Node>,
+    /// Service → nodes advertising a ready worker of it. A service that was
+    /// ever advertised keeps its (maybe empty) entry, so a call to it while
+    /// its nodes are gone is `unavailable`, not `unknown_target`.
+    services: FastMap<ByteString, Rotation>,
+}
+
+impl Nodes {
+    /// The view of node `this` (`""`: no cluster, nothing remote ever).
+    pub(crate) fn new(this: impl Into<ByteString>, balance: Balance) -> Self {
+        Self {
+            this: this.into(),
+            balance,
+            ..Self::default()
+        }
+    }
+
+    /// No cluster, or nobody else heard from yet: routing is local only.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// This node's name.
+    pub(crate) fn this(&self) -> &str {
+        &self.this
+    }
+
+    /// Node `node` advertised `services`. True if it was not up before.
+    pub(crate) fn up(&mut self, node: &ByteString, services: Vec<(ByteString, u32)>) -> bool {
+        let entry = self.nodes.entry(node.clone()).or_insert(Node {
+            up: false,
+            services: Vec::new(),
+        });
+        let joined = !entry.up;
+        entry.up = true;
+        entry.services = services;
+        self.rebuild();
+        joined
+    }
+
+    /// Node `node` is gone; it stays known (calls to it are `unavailable`).
+    pub(crate) fn down(&mut self, node: &ByteString) {
+        if let Some(entry) = self.nodes.get_mut(node) {
+            entry.up = false;
+            entry.services.clear();
+        }
+        self.rebuild();
+    }
+
+    /// `Some(up)` for a node heard from, `None` for one never heard of.
+    pub(crate) fn state(&self, node: &str) -> Option<bool> {
+        self.nodes.get(node).map(|n| n.up)
+    }
+
+    /// Ready workers node `node` advertises over all its services.
+    pub(crate) fn ready(&self, node: &str) -> u32 {
+        self.nodes.get(node).map_or(0, Node::ready)
+    }
+
+    /// Whether any node ever advertised `service`.
+    pub(crate) fn knows(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// Where the next request to plain `service` goes, given whether this
+    /// node has a ready worker of it. `None`: nowhere remote and not local.
+    pub(crate) fn choose(&mut self, service: &str, local_ready: bool) -> Option<Choice> {
+        let spread = self.balance == Balance::Spread;
+        if local_ready && !spread {
+            return Some(Choice::Local);
+        }
+        let Some(rotation) = self.services.get_mut(service) else {
+            return local_ready.then_some(Choice::Local);
+        };
+        // Spread: this node is one more stop of the rotation, the first.
+        let local = usize::from(spread && local_ready);
+        let stops = rotation.nodes.len() + local;
+        if stops == 0 {
+            return None;
+        }
+        let i = rotation.cursor % stops;
+        rotation.cursor = (i + 1) % stops;
+        if i < local {
+            Some(Choice::Local)
+        } else {
+            Some(Choice::Remote(rotation.nodes[i - local].clone()))
+        }
+    }
+
+    fn rebuild(&mut self) {
+        for rotation in self.services.values_mut() {
+            rotation.nodes.clear();
+        }
+        let mut names: Vec<&ByteString> = self.nodes.keys().collect();
+        names.sort();
+        for name in names {
+            let node = &self.nodes[name];
+            for (service, ready) in &node.services {
+                let rotation = self.services.entry(service.clone()).or_default();
+                if node.up && *ready > 0 {
+                    rotation.nodes.push(name.clone());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, n: u32) -> (ByteString, u32) {
+        (ByteString::from(name), n)
+    }
+
+    #[test]
+    fn split_at_the_last_at() {
+        assert_eq!(split("echo@b"), Some(("echo", "b")));
+        assert_eq!(split("echo.1@b"), Some(("echo.1", "b")));
+        assert_eq!(split("echo"), None);
+        assert_eq!(split("@caller"), None);
+        assert_eq!(split("echo@"), Some(("echo", "")));
+    }
+
+    #[test]
+    fn local_first_prefers_this_node_then_rotates_over_the_others() {
+        let mut n = Nodes::new("a", Balance::LocalFirst);
+        n.up(&"c".into(), vec![svc("echo", 1)]);
+        n.up(&"b".into(), vec![svc("echo", 2), svc("idle", 0)]);
+        assert_eq!(n.choose("echo", true), Some(Choice::Local));
+        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", false)).collect();
+        let b = Some(Choice::Remote("b".into()));
+        let c = Some(Choice::Remote("c".into()));
+        assert_eq!(picks, [b.clone(), c.clone(), b, c]);
+        assert_eq!(
+            n.choose("idle", false),
+            None,
+            "advertised without ready workers"
+        );
+        assert!(n.knows("idle"));
+        assert_eq!(n.choose("nothing", true), Some(Choice::Local));
+        n.down(&"b".into());
+        n.down(&"c".into());
+        assert_eq!(n.choose("echo", false), None);
+        assert!(n.knows("echo"), "a gone node's services stay known");
+        assert_eq!(n.state("b"), Some(false));
+        assert_eq!(n.state("z"), None);
+    }
+
+    #[test]
+    fn spread_counts_this_node_as_one_stop() {
+        let mut n = Nodes::new("a", Balance::Spread);
+        n.up(&"b".into(), vec![svc("echo", 1)]);
+        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", true)).collect();
+        let b = Some(Choice::Remote("b".into()));
+        let local = Some(Choice::Local);
+        assert_eq!(picks, [local.clone(), b.clone(), local, b]);
+        assert_eq!(n.ready("b"), 1);
+    }
+}

@@ -1,0 +1,541 @@
+//! Federation over NATS (DESIGN 11) with real parts only: each test starts
+//! its own `nats-server` on a free loopback port, node `a` is a broker
+//! embedded in the test (so it can call and look inside), nodes `b` and `c`
+//! are `procbroker run` processes with real worker subprocesses. Every
+//! process is stopped by pid at the end.
+
+mod support;
+
+use procbroker::config::ClusterConfig;
+use procbroker::embed::{BrokerHandle, CallError, ProcBroker};
+use procbroker::protocol::rpc::NodeInfo;
+use procbroker::protocol::{Envelope, ErrorCode, Payload};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Heartbeat of every node in these tests (3 missed: 0.6 s).
+const HEARTBEAT_MS: u64 = 200;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn nats_server_bin() -> String {
+    if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server".into()
+    } else {
+        "nats-server".into()
+    }
+}
+
+/// A `nats-server` on 127.0.0.1, killed (by pid) when dropped.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Nats {
+    fn start(args: &[&str]) -> Self {
+        let mut nats = Self {
+            child: None,
+            port: free_port(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        nats.restart();
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts it on the same port; returns once it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (scripts/test installs it)");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn worker_script() -> String {
+    format!(
+        "{}/tests/python/cluster_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A `procbroker run` node, killed (by pid) when dropped.
+struct Node {
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl Node {
+    /// Node `name` on `nats` with `who` (Python) workers and one `echo`.
+    fn start(name: &str, url: &str, who: u32, extra: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "procbroker-cluster-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n\
+                 [cluster]\nnats_url = \"{url}\"\nnode = \"{name}\"\nheartbeat_ms = {HEARTBEAT_MS}\n{extra}\n\
+                 [[service]]\nname = \"who\"\ncommand = \"{python}\"\nargs = [\"{script}\"]\nworkers = {who}\n\
+                 [[service]]\nname = \"echo\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\n",
+                python = python(),
+                script = worker_script(),
+            ),
+        )
+        .expect("config");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("procbroker run");
+        Self { child, _dir: dir }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn cluster(url: &str, node: &str) -> ClusterConfig {
+    ClusterConfig {
+        heartbeat_ms: HEARTBEAT_MS,
+        ..ClusterConfig::nats(url, node)
+    }
+}
+
+/// Node `a`, embedded, with `cluster`.
+fn node_a(cluster: ClusterConfig) -> BrokerHandle {
+    ProcBroker::builder()
+        .sysmon_interval(None)
+        .request_timeout(Duration::from_secs(10))
+        .cluster(cluster)
+        .start()
+}
+
+/// Waits until `a` sees each of `nodes` up with `who` ready workers.
+async fn joined(a: &BrokerHandle, nodes: &[(&str, u32)]) -> Vec<NodeInfo> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = a.nodes().await.expect("nodes");
+        let all = nodes.iter().all(|(name, who)| {
+            seen.iter()
+                .any(|n| n.node == *name && n.up && n.services.get("who") == Some(who))
+        });
+        if all {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "nodes did not join: {seen:?}");
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn call(
+    a: &BrokerHandle,
+    target: &str,
+    method: &str,
+    payload: impl serde::Serialize,
+) -> Envelope {
+    let request = Envelope::request(target, method, 0)
+        .with_payload(&payload)
+        .expect("payload");
+    ask(a, request).await
+}
+
+/// The one reply to `request`, an `error` envelope for an error.
+async fn ask(a: &BrokerHandle, request: Envelope) -> Envelope {
+    match a.call_envelope(request.clone()).await {
+        Ok(reply) => reply.into_envelope(),
+        Err(CallError::Remote {
+            code,
+            message,
+            source_id,
+        }) => request.error_reply(code, message).with_source(source_id),
+        Err(e) => panic!("no reply: {e}"),
+    }
+}
+
+fn code(reply: &Envelope) -> Option<ErrorCode> {
+    reply.error_code()
+}
+
+fn who(reply: &Envelope) -> (String, String) {
+    let v: serde_json::Value = reply.payload_as().expect("Who payload");
+    (
+        v["id"].as_str().unwrap_or_default().to_owned(),
+        v["source"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+async fn node_stats(a: &BrokerHandle, node: &str) -> procbroker::protocol::NodeStats {
+    let stats = a.stats().await.expect("stats");
+    stats
+        .cluster
+        .expect("cluster in stats")
+        .nodes
+        .get(node)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[actix::test]
+async fn remote_calls_route_stamp_rotate_and_fail_as_designed() {
+    let nats = Nats::start(&[]);
+    let _b = Node::start("b", &nats.url(), 2, "");
+    let _c = Node::start("c", &nats.url(), 1, "");
+    let a = node_a(cluster(&nats.url(), "a"));
+    // A caller subprocess on a: its remote calls carry `caller.0@a`.
+    a.spawn(procbroker::config::ServiceConfig::new("caller", python()).args([worker_script()]))
+        .await
+        .expect("caller");
+    let nodes = joined(&a, &[("b", 2), ("c", 1)]).await;
+    assert_eq!(nodes[0].node, "a");
+    assert!(nodes[0].local);
+
+    // Payload bytes cross verbatim (every byte value, as a msgpack bin).
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let raw = Payload::encode(&serde_bytes::Bytes::new(&bytes)).expect("encode");
+    let request = Envelope::request("echo@b", "Echo", 0).with_raw_payload(raw.clone());
+    let reply = ask(&a, request).await;
+    assert_eq!(
+        reply.payload.as_ref().map(|p| p.as_bytes()),
+        Some(raw.as_bytes())
+    );
+    assert_eq!(&*reply.source, "echo.0@b");
+
+    // service.N@node, and the source each side sees.
+    let reply = call(&a, "who.1@b", "Who", ()).await;
+    assert_eq!(who(&reply), ("who.1".into(), "@caller@a".into()));
+    assert_eq!(&*reply.source, "who.1@b");
+    let reply = call(
+        &a,
+        "caller",
+        "Call",
+        serde_json::json!({"target": "who.0@b", "method": "Who"}),
+    )
+    .await;
+    let v: serde_json::Value = reply.payload_as().expect("Call payload");
+    assert_eq!(v["source"], "who.0@b", "{v}");
+    assert_eq!(v["payload"]["source"], "caller.0@a", "{v}");
+
+    // A plain name: no local `who`, so round-robin over b and c, 50/50 by
+    // node (a's own cursor), and over b's two workers by b's.
+    let mut by_id = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..100 {
+        let reply = call(&a, "who", "Who", ()).await;
+        assert_eq!(code(&reply), None, "{reply:?}");
+        *by_id
+            .entry(who(&reply).0 + "@" + reply.source.rsplit('@').next().unwrap_or(""))
+            .or_default() += 1;
+    }
+    let on = |node: &str| {
+        by_id
+            .iter()
+            .filter(|(k, _)| k.ends_with(node))
+            .map(|(_, n)| n)
+            .sum::<u32>()
+    };
+    assert_eq!((on("@b"), on("@c")), (50, 50), "{by_id:?}");
+    assert_eq!(by_id.get("who.0@b"), Some(&25), "{by_id:?}");
+
+    // What fails, fails with the designed code, once.
+    let reply = call(&a, "who@nowhere", "Who", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    assert!(
+        reply
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unknown node"),
+        "{reply:?}"
+    );
+    let reply = call(&a, "who@b", "Nope", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownMethod), "{reply:?}");
+    assert!(reply.source.ends_with("@b"), "{reply:?}");
+    let reply = call(&a, "broker@b", "Ping", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Forbidden), "{reply:?}");
+    let reply = call(&a, "nothing", "Who", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+
+    // 200 at once over both nodes: each gets exactly one reply.
+    let calls = (0..200).map(|i| call(&a, "who", "Echo", i));
+    let replies = futures_util::future::join_all(calls).await;
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(reply.payload_as::<i64>().ok(), Some(i as i64), "{reply:?}");
+    }
+
+    // ListNodes over the broker RPC, and the counts in stats.
+    let listed: Vec<NodeInfo> = call(&a, "broker", "ListNodes", ())
+        .await
+        .payload_as()
+        .expect("ListNodes");
+    let names: Vec<&str> = listed.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let b = node_stats(&a, "b").await;
+    assert!(b.up && b.counters.response_count >= 150, "{b:?}");
+    assert_eq!(b.faults.late_replies, 0);
+    assert!(b.latency_us.count >= 150, "{b:?}");
+    let stats = a.stats().await.expect("stats");
+    assert_eq!(stats.total.pending, 0);
+    assert!(stats.cluster.expect("cluster").connected);
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn remote_timeouts_and_oversize_envelopes_get_one_error_each() {
+    let nats = Nats::start(&[]);
+    let _b = Node::start("b", &nats.url(), 1, "");
+    let a = node_a(cluster(&nats.url(), "a"));
+    joined(&a, &[("b", 1)]).await;
+
+    // The caller's deadline rules; the budget travels; what comes late is
+    // dropped and counted.
+    let started = Instant::now();
+    let request = Envelope::request("who@b", "Sleep", 0)
+        .with_payload(&400)
+        .expect("payload")
+        .with_timeout_ms(100);
+    let reply = ask(&a, request).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Timeout), "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node_stats(&a, "b").await.faults.late_replies < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "b's late timeout error not counted"
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    // b still serves (its worker finished sleeping).
+    let reply = call(&a, "who@b", "Who", ()).await;
+    assert_eq!(code(&reply), None, "{reply:?}");
+
+    // 2 MiB against the server's 1 MiB max_payload: refused before
+    // publishing.
+    let big = vec![7u8; 2 << 20];
+    let request = Envelope::request("echo@b", "Echo", 0)
+        .with_payload(&serde_bytes::Bytes::new(&big))
+        .expect("payload");
+    let reply = ask(&a, request).await;
+    assert_eq!(code(&reply), Some(ErrorCode::TooLarge), "{reply:?}");
+    assert_eq!(node_stats(&a, "b").await.too_large, 1);
+    // A reply too large for NATS: b answers too_large instead.
+    let reply = call(&a, "who@b", "Big", 2 << 20).await;
+    assert_eq!(code(&reply), Some(ErrorCode::TooLarge), "{reply:?}");
+    assert_eq!(&*reply.source, "broker@b", "{reply:?}");
+    let reply = call(&a, "who@b", "Big", 1000).await;
+    assert_eq!(code(&reply), None, "{reply:?}");
+    assert_eq!(a.stats().await.expect("stats").total.pending, 0);
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn a_killed_node_fails_its_requests_within_three_heartbeats() {
+    let nats = Nats::start(&[]);
+    let mut b = Node::start("b", &nats.url(), 1, "");
+    let a = node_a(cluster(&nats.url(), "a"));
+    joined(&a, &[("b", 1)]).await;
+    let a2 = a.clone();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let a = a2.clone();
+            actix::spawn(async move { call(&a, "who@b", "Sleep", 10_000).await })
+        })
+        .collect();
+    // All five delivered to b's worker (one sleeps, four wait in its pipe).
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    assert_eq!(node_stats(&a, "b").await.counters.total_sent, 5);
+    let killed = Instant::now();
+    b.kill9();
+    // Until the heartbeats are missed, NATS itself says nobody listens.
+    actix::clock::sleep(Duration::from_millis(50)).await;
+    let reply = call(&a, "who@b", "Who", ()).await;
+    assert!(nats_noticed(&reply), "{reply:?}");
+    assert_eq!(code(&reply), Some(ErrorCode::Unavailable), "{reply:?}");
+    assert_eq!(node_stats(&a, "b").await.no_responders, 1);
+    for handle in calls {
+        let reply = handle.await.expect("task");
+        assert_eq!(code(&reply), Some(ErrorCode::WorkerExited), "{reply:?}");
+    }
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_millis(3 * HEARTBEAT_MS + 1000),
+        "in-flight requests failed {took:?} after the kill"
+    );
+    let reply = call(&a, "who@b", "Who", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Unavailable), "{reply:?}");
+    let listed = a.nodes().await.expect("nodes");
+    assert!(listed.iter().any(|n| n.node == "b" && !n.up), "{listed:?}");
+    assert_eq!(a.stats().await.expect("stats").total.pending, 0);
+    eprintln!(
+        "5 in-flight requests failed worker_exited {took:?} after kill -9 of node b (pid gone)"
+    );
+    a.shutdown().await;
+}
+
+/// Whether a reply is NATS's "no responders" answer (not the node being
+/// out of the rotation already).
+fn nats_noticed(reply: &Envelope) -> bool {
+    reply
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("no responders"))
+}
+
+#[actix::test]
+async fn nats_going_away_leaves_local_routing_alone_and_nodes_rejoin() {
+    let mut nats = Nats::start(&[]);
+    let _b = Node::start("b", &nats.url(), 1, "");
+    let a = node_a(cluster(&nats.url(), "a"));
+    a.add_service("local", 1, procbroker::workers::echo())
+        .await
+        .expect("local");
+    joined(&a, &[("b", 1)]).await;
+    assert_eq!(code(&call(&a, "who@b", "Who", ()).await), None);
+
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = call(&a, "who@b", "Who", ()).await;
+        if code(&reply) == Some(ErrorCode::Unavailable) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "remote calls still routed: {reply:?}"
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = a.stats().await.expect("stats").cluster.expect("cluster");
+    assert!(!stats.connected);
+    // Local calls are not disturbed while NATS is down.
+    for i in 0..50 {
+        let reply = call(&a, "local", "Echo", i).await;
+        assert_eq!(reply.payload_as::<i64>().ok(), Some(i));
+    }
+
+    nats.restart();
+    joined(&a, &[("b", 1)]).await;
+    let reply = call(&a, "who@b", "Who", ()).await;
+    assert_eq!(code(&reply), None, "{reply:?}");
+    let stats = a.stats().await.expect("stats").cluster.expect("cluster");
+    assert!(stats.connected && stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(a.stats().await.expect("stats").total.pending, 0);
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn token_auth_admits_the_right_token_only() {
+    let nats = Nats::start(&["--auth", "s3cret"]);
+    let _b = Node::start("b", &nats.url(), 1, "token = \"s3cret\"");
+    let a = node_a(ClusterConfig {
+        token: "s3cret".into(),
+        ..cluster(&nats.url(), "a")
+    });
+    joined(&a, &[("b", 1)]).await;
+    assert_eq!(code(&call(&a, "who@b", "Who", ()).await), None);
+
+    // The wrong token never connects: b stays unknown to it, and its
+    // local routing is unaffected.
+    let intruder = node_a(ClusterConfig {
+        token: "wrong".into(),
+        ..cluster(&nats.url(), "x")
+    });
+    actix::clock::sleep(Duration::from_millis(4 * HEARTBEAT_MS)).await;
+    let reply = call(&intruder, "who@b", "Who", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    let stats = intruder
+        .stats()
+        .await
+        .expect("stats")
+        .cluster
+        .expect("cluster");
+    assert!(!stats.connected);
+    let seen = a.nodes().await.expect("nodes");
+    assert!(!seen.iter().any(|n| n.node == "x"), "{seen:?}");
+    intruder.shutdown().await;
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn a_node_that_leaves_is_out_of_the_rotation_at_once() {
+    let nats = Nats::start(&[]);
+    let b = Node::start("b", &nats.url(), 1, "");
+    let a = node_a(ClusterConfig {
+        // Long enough that only the goodbye can explain a quick exit.
+        heartbeat_ms: 5000,
+        ..cluster(&nats.url(), "a")
+    });
+    joined(&a, &[("b", 1)]).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let listed = a.nodes().await.expect("nodes");
+        if listed.iter().any(|n| n.node == "b" && !n.up) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b still up: {listed:?}");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+}
