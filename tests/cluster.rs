@@ -104,6 +104,11 @@ struct Node {
 impl Node {
     /// Node `name` on `nats` with `who` (Python) workers and one `echo`.
     fn start(name: &str, url: &str, who: u32, extra: &str) -> Self {
+        Self::start_with(name, url, who, HEARTBEAT_MS, extra)
+    }
+
+    /// [`start`](Self::start) with its own heartbeat interval.
+    fn start_with(name: &str, url: &str, who: u32, heartbeat_ms: u64, extra: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "procbroker-cluster-{name}-{}-{}",
             std::process::id(),
@@ -115,7 +120,7 @@ impl Node {
             &config,
             format!(
                 "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n\
-                 [cluster]\nnats_url = \"{url}\"\nnode = \"{name}\"\nheartbeat_ms = {HEARTBEAT_MS}\n{extra}\n\
+                 [cluster]\nnats_url = \"{url}\"\nnode = \"{name}\"\nheartbeat_ms = {heartbeat_ms}\n{extra}\n\
                  [[service]]\nname = \"who\"\ncommand = \"{python}\"\nargs = [\"{script}\"]\nworkers = {who}\n\
                  [[service]]\nname = \"echo\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\n",
                 python = python(),
@@ -330,6 +335,31 @@ async fn remote_calls_route_stamp_rotate_and_fail_as_designed() {
     let stats = a.stats().await.expect("stats");
     assert_eq!(stats.total.pending, 0);
     assert!(stats.cluster.expect("cluster").connected);
+
+    // The operators' view: /stats and /metrics (promtool-checked).
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = procbroker::admin::Admin::start(a.clone(), any, vec![]).expect("admin");
+    let (_, body) = get(admin.addr, "/stats").await;
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["cluster"]["node"], "a", "{body}");
+    assert_eq!(
+        stats["cluster"]["nodes"]["c"]["services"]["who"], 1,
+        "{body}"
+    );
+    let (_, metrics) = get(admin.addr, "/metrics").await;
+    for expected in [
+        "procbroker_cluster_connected{node=\"a\"} 1",
+        "procbroker_node_up{node=\"b\"} 1",
+        "procbroker_node_up{node=\"c\"} 1",
+        "procbroker_node_late_replies_total{node=\"b\"} 0",
+        "procbroker_node_no_responders_total{node=\"c\"} 0",
+        "procbroker_cluster_slow_consumer_events_total{node=\"a\"} 0",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
+    }
+    let (ok, report) = promtool(&["check", "metrics"], &metrics);
+    assert!(ok, "promtool check metrics:\n{report}\n{metrics}");
+    admin.stop().await;
     a.shutdown().await;
 }
 
@@ -516,26 +546,78 @@ async fn token_auth_admits_the_right_token_only() {
 #[actix::test]
 async fn a_node_that_leaves_is_out_of_the_rotation_at_once() {
     let nats = Nats::start(&[]);
-    let b = Node::start("b", &nats.url(), 1, "");
-    let a = node_a(ClusterConfig {
-        // Long enough that only the goodbye can explain a quick exit.
-        heartbeat_ms: 5000,
-        ..cluster(&nats.url(), "a")
-    });
+    // b's heartbeat is long enough that only its goodbye can take it out
+    // of a's rotation within the test's 3 s.
+    let b = Node::start_with("b", &nats.url(), 1, 5000, "");
+    let a = node_a(cluster(&nats.url(), "a"));
     joined(&a, &[("b", 1)]).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(b.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(3);
     loop {
         let listed = a.nodes().await.expect("nodes");
         if listed.iter().any(|n| n.node == "b" && !n.up) {
+            eprintln!(
+                "b out of a's rotation {:?} after its SIGTERM",
+                stopped.elapsed()
+            );
             break;
         }
         assert!(Instant::now() < deadline, "b still up: {listed:?}");
         actix::clock::sleep(Duration::from_millis(20)).await;
     }
     a.shutdown().await;
+}
+
+#[test]
+fn bench_cluster_mode_runs_both_brokers_and_the_raw_nats_baseline() {
+    let nats = Nats::start(&[]);
+    let out = Command::new(BIN)
+        .args(["bench", "--mode", "cluster", "--nats-url", &nats.url()])
+        .args(["--workers", "2", "--concurrency", "4", "--requests", "300"])
+        .args(["--baseline", "--json"])
+        .output()
+        .expect("bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["mode"], "cluster", "{v}");
+    assert_eq!(
+        (v["requests"].as_u64(), v["errors"].as_u64()),
+        (Some(300), Some(0)),
+        "{v}"
+    );
+    // Broker a is the bench itself; the client is its subprocess; the
+    // workers' figure is node b (its broker and echo workers). The raw
+    // requester is the bench process, its responder a process of its own.
+    let roles = |cpu: &serde_json::Value| {
+        ["broker", "client", "workers"].map(|r| cpu[r].as_f64().is_some())
+    };
+    assert_eq!(roles(&v["cpu_us_per_call"]), [true, true, true], "{v}");
+    assert_eq!(
+        roles(&v["baseline"]["cpu_us_per_call"]),
+        [false, true, true],
+        "{v}"
+    );
+    assert!(
+        v["baseline"]["throughput_rps"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0),
+        "{v}"
+    );
+    assert!(v["ratio_p50"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+
+    let out = Command::new(BIN)
+        .args(["bench", "--mode", "cluster"])
+        .output()
+        .expect("bench");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nats-url"));
 }

@@ -259,3 +259,65 @@ fn a_relative_script_argument_is_relative_to_the_file() {
     // Flags, words and files that are not there stay as written.
     assert_eq!(args[1..], ["-u", "worker", "missing.py", "--level=info"]);
 }
+
+#[test]
+fn the_cluster_section_loads_with_overrides_and_refuses_bad_values() {
+    use procbroker::config::{Balance, NatsUrls};
+    // Absent: a single host, exactly as before.
+    let single = Loaded::load(None, none(), &[]).expect("default");
+    assert!(!single.broker_config().cluster.enabled());
+
+    let path = write(
+        &tmp("cluster"),
+        "procbroker.toml",
+        r#"
+[cluster]
+nats_url = ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+name = "prod"
+node = "web-1"
+heartbeat_ms = 500
+export = ["echo"]
+balance = "spread"
+"#,
+    );
+    let loaded = Loaded::load(Some(&path), none(), &[]).expect("cluster");
+    let c = loaded.broker_config().cluster;
+    assert_eq!(
+        c.nats_url.list(),
+        ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+    );
+    assert_eq!(
+        (c.name.as_str(), c.node_name(), c.heartbeat_ms),
+        ("prod", "web-1".into(), 500)
+    );
+    assert_eq!(c.balance, Balance::Spread);
+    assert!(c.exports("echo") && !c.exports("admin"));
+
+    // Environment, then --set, like every section; secrets stay out of files.
+    let env = vec![
+        ("PROCBROKER_CLUSTER_TOKEN".to_owned(), "s3cret".to_owned()),
+        (
+            "PROCBROKER_CLUSTER_NATS_URL".to_owned(),
+            "nats://127.0.0.1:4222".to_owned(),
+        ),
+    ];
+    let loaded = Loaded::load(Some(&path), env, &["cluster.node=web-2".into()]).expect("overrides");
+    let c = loaded.broker_config().cluster;
+    assert_eq!(c.nats_url, NatsUrls::One("nats://127.0.0.1:4222".into()));
+    assert_eq!((c.token.as_str(), c.node.as_str()), ("s3cret", "web-2"));
+
+    for (set, key) in [
+        ("cluster.node=a.b", "cluster.node"),
+        ("cluster.heartbeat_ms=0", "cluster.heartbeat_ms"),
+        ("cluster.export=[\"x y\"]", "cluster.export"),
+        ("cluster.user=u", "cluster.user"),
+    ] {
+        match Loaded::load(Some(&path), none(), &[set.into()]) {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{set}"),
+            other => panic!("{set}: {other:?}"),
+        }
+    }
+    let err = Loaded::load(Some(&path), none(), &["cluster.balance=random".into()])
+        .expect_err("unknown balance");
+    assert!(err.to_string().contains("balance"), "{err}");
+}

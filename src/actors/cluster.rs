@@ -98,12 +98,17 @@ impl Drop for Subscription {
     }
 }
 
-/// What the subscriptions bring.
+/// What the subscriptions bring: requests and replies in batches of what
+/// had arrived together, so a batch is one Router message, and the
+/// Router's deliveries from it one pipe write per process.
 enum Inbound {
-    Request(async_nats::Message),
-    Reply(async_nats::Message),
+    Requests(Vec<async_nats::Message>),
+    Replies(Vec<async_nats::Message>),
     Heartbeat(async_nats::Message),
 }
+
+/// Most messages taken from a subscription at once.
+const BATCH: usize = 64;
 
 /// A NATS client event (connected, disconnected, slow consumer…).
 #[derive(Message)]
@@ -119,7 +124,7 @@ pub struct Cluster {
     router: Addr<Router>,
     metrics: Recipient<ClusterState>,
     client: Option<Client>,
-    out: Option<mpsc::UnboundedSender<Outgoing>>,
+    out: Option<mpsc::UnboundedSender<Vec<Outgoing>>>,
     nodes: BTreeMap<String, Remote>,
     connected: bool,
     connections: u64,
@@ -279,8 +284,8 @@ impl Cluster {
             .map(|result, act, ctx| match result {
                 Ok((req, rep, hb)) => {
                     let safe = |s| Subscription(Some(s));
-                    ctx.add_stream(safe(req).map(Inbound::Request));
-                    ctx.add_stream(safe(rep).map(Inbound::Reply));
+                    ctx.add_stream(safe(req).ready_chunks(BATCH).map(Inbound::Requests));
+                    ctx.add_stream(safe(rep).ready_chunks(BATCH).map(Inbound::Replies));
                     ctx.add_stream(safe(hb).map(Inbound::Heartbeat));
                 }
                 Err(e) => {
@@ -310,9 +315,14 @@ impl Cluster {
         for name in gone {
             self.node_down(&name, "missed 3 heartbeats");
         }
-        if self.connected && now >= self.next_heartbeat {
-            self.next_heartbeat = now + self.config.heartbeat();
-            self.advertise(ctx);
+        if self.connected {
+            // At the interval, and as soon as ready workers change (a
+            // worker that became ready is routable from afar at once).
+            let due = now >= self.next_heartbeat;
+            if due {
+                self.next_heartbeat = now + self.config.heartbeat();
+            }
+            self.advertise(due, ctx);
         }
     }
 
@@ -327,8 +337,8 @@ impl Cluster {
             tracing::info!(node = %self.node, max_payload = self.max_payload,
                 reconnect = self.connections > 1, "cluster: connected to NATS");
             // Tell the others at once rather than at the next interval.
-            self.next_heartbeat = Instant::now();
-            self.advertise(ctx);
+            self.next_heartbeat = Instant::now() + self.config.heartbeat();
+            self.advertise(true, ctx);
         } else {
             tracing::warn!(node = %self.node, "cluster: NATS connection lost; remote calls are unavailable until it is back");
             let up: Vec<String> = self
@@ -344,20 +354,24 @@ impl Cluster {
         self.push_state();
     }
 
-    /// Asks the Router for ready workers, publishes the heartbeat.
-    fn advertise(&mut self, ctx: &mut Context<Self>) {
+    /// Asks the Router for ready workers; publishes the heartbeat if `due`
+    /// or if they changed.
+    fn advertise(&mut self, due: bool, ctx: &mut Context<Self>) {
         ctx.spawn(
             self.router
                 .send(ReadyCounts)
                 .into_actor(self)
-                .map(|counts, act, _| {
+                .map(move |counts, act, _| {
                     let Ok(counts) = counts else { return };
-                    act.advertised = counts
+                    let counts: BTreeMap<String, u32> = counts
                         .into_iter()
                         .filter(|(service, _)| act.config.exports(service))
                         .collect();
-                    act.publish_heartbeat(false);
-                    act.push_state();
+                    if due || counts != act.advertised {
+                        act.advertised = counts;
+                        act.publish_heartbeat(false);
+                        act.push_state();
+                    }
                 }),
         );
     }
@@ -373,18 +387,18 @@ impl Cluster {
         let Ok(json) = serde_json::to_vec(&heartbeat) else {
             return;
         };
-        self.send(Outgoing {
+        self.send(vec![Outgoing {
             subject: heartbeat_subject(&self.config.name),
             reply: None,
             headers: HeaderMap::new(),
             payload: json.into(),
             fails: None,
-        });
+        }]);
     }
 
-    fn send(&self, message: Outgoing) {
-        if let Some(out) = &self.out {
-            let _ = out.send(message);
+    fn send(&self, messages: Vec<Outgoing>) {
+        if let (Some(out), false) = (&self.out, messages.is_empty()) {
+            let _ = out.send(messages);
         }
     }
 
@@ -466,8 +480,22 @@ impl Cluster {
 impl StreamHandler<Inbound> for Cluster {
     fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
         match inbound {
-            Inbound::Request(msg) => self.request_in(msg, ctx),
-            Inbound::Reply(msg) => self.reply_in(msg),
+            Inbound::Requests(batch) => {
+                let mut envelopes = Vec::with_capacity(batch.len());
+                for msg in batch {
+                    envelopes.extend(self.request_in(msg, ctx));
+                }
+                if !envelopes.is_empty() {
+                    self.router.do_send(FromNodes(envelopes));
+                }
+            }
+            Inbound::Replies(batch) => {
+                let envelopes: Vec<_> =
+                    batch.into_iter().filter_map(|m| self.reply_in(m)).collect();
+                if !envelopes.is_empty() {
+                    self.router.do_send(FromNodes(envelopes));
+                }
+            }
             Inbound::Heartbeat(msg) => self.heartbeat_in(&msg.payload, ctx),
         }
     }
@@ -517,20 +545,25 @@ impl Cluster {
         self.node_up(&hb.node, ctx);
     }
 
-    fn request_in(&mut self, msg: async_nats::Message, ctx: &mut Context<Self>) {
+    /// A request from another node, stamped for the Router.
+    fn request_in(
+        &mut self,
+        msg: async_nats::Message,
+        ctx: &mut Context<Self>,
+    ) -> Option<(ByteString, Envelope)> {
         let Some(from) = header(&msg, NODE_HEADER).map(str::to_owned) else {
             tracing::debug!(subject = %msg.subject, "cluster: request without its node header dropped");
-            return;
+            return None;
         };
         let mut envelope = match Envelope::decode(&msg.payload) {
             Ok(e) if e.kind == MessageType::Request => e,
             Ok(e) => {
                 tracing::debug!(%from, kind = %e.kind, "cluster: not a request on the request subject, dropped");
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(%from, error = %e, "cluster: undecodable request dropped");
-                return;
+                return None;
             }
         };
         if !self.nodes.get(&from).is_some_and(|n| n.up) {
@@ -545,14 +578,13 @@ impl Cluster {
             envelope.timeout_ms = Some(budget);
         }
         envelope.source = format!("{}@{from}", envelope.source).into();
-        self.router
-            .do_send(FromNodes(vec![(node_id(&from), envelope)]));
+        Some((node_id(&from), envelope))
     }
 
-    fn reply_in(&mut self, msg: async_nats::Message) {
-        let Some(to) = parse_reply_subject(&msg.subject) else {
-            return;
-        };
+    /// A reply from another node, stamped for the Router; a "no
+    /// responders" status fails its request here.
+    fn reply_in(&mut self, msg: async_nats::Message) -> Option<(ByteString, Envelope)> {
+        let to = parse_reply_subject(&msg.subject)?;
         let node = node_id(&to.from);
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             if let Some(remote) = self.nodes.get_mut(&to.from) {
@@ -566,13 +598,13 @@ impl Cluster {
                 message: format!("node {:?} has no responders on NATS", to.from),
             });
             self.push_state();
-            return;
+            return None;
         }
         let mut envelope = match Envelope::decode(&msg.payload) {
             Ok(e) if matches!(e.kind, MessageType::Response | MessageType::Error) => e,
             Ok(_) | Err(_) => {
                 tracing::debug!(from = %to.from, "cluster: not a reply on a reply subject, dropped");
-                return;
+                return None;
             }
         };
         if let Some(remote) = self.nodes.get_mut(&to.from) {
@@ -581,7 +613,7 @@ impl Cluster {
         envelope.target = to.origin.into();
         envelope.correlation_id = to.correlation_id;
         envelope.source = format!("{}@{}", envelope.source, to.from).into();
-        self.router.do_send(FromNodes(vec![(node, envelope)]));
+        Some((node, envelope))
     }
 }
 
@@ -592,13 +624,15 @@ impl Handler<Deliver> for Cluster {
     type Result = ();
 
     fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
+        let mut out = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            match envelope.kind {
+            out.extend(match envelope.kind {
                 MessageType::Request => self.request_out(envelope),
                 MessageType::Response | MessageType::Error => self.reply_out(envelope),
-                MessageType::Event => {}
-            }
+                MessageType::Event => None,
+            });
         }
+        self.send(out);
     }
 }
 
@@ -613,11 +647,9 @@ impl Cluster {
         headers
     }
 
-    /// A request the Router sent to `service@node`.
-    fn request_out(&mut self, envelope: Envelope) {
-        let Some((_, node)) = nodes::split(&envelope.target) else {
-            return;
-        };
+    /// A request the Router sent to `service@node`, to publish.
+    fn request_out(&mut self, envelope: Envelope) -> Option<Outgoing> {
+        let (_, node) = nodes::split(&envelope.target)?;
         let node = node.to_owned();
         let origin = envelope.source.clone();
         let correlation_id = envelope.correlation_id;
@@ -637,14 +669,14 @@ impl Cluster {
                 ),
             });
             self.push_state();
-            return;
+            return None;
         }
         let mut headers = self.headers();
         if let Some(budget) = envelope.timeout_ms {
             headers.insert(BUDGET_HEADER, budget.to_string().as_str());
         }
         let name = &self.config.name;
-        self.send(Outgoing {
+        Some(Outgoing {
             subject: request_subject(name, &node),
             reply: Some(reply_subject(
                 name,
@@ -656,14 +688,12 @@ impl Cluster {
             headers,
             payload: envelope.to_bytes(),
             fails: Some((node_id(&node), origin, correlation_id)),
-        });
+        })
     }
 
-    /// A reply to a caller on another node (`target = proc@node`).
-    fn reply_out(&mut self, mut envelope: Envelope) {
-        let Some((origin, node)) = nodes::split(&envelope.target) else {
-            return;
-        };
+    /// A reply to a caller on another node (`target = proc@node`), to publish.
+    fn reply_out(&mut self, mut envelope: Envelope) -> Option<Outgoing> {
+        let (origin, node) = nodes::split(&envelope.target)?;
         let subject = reply_subject(
             &self.config.name,
             node,
@@ -681,46 +711,57 @@ impl Cluster {
             envelope = envelope.broker_error(ErrorCode::TooLarge, message);
             envelope.target = envelope.source.clone();
         }
-        self.send(Outgoing {
+        Some(Outgoing {
             subject,
             reply: None,
             headers: self.headers(),
             payload: envelope.to_bytes(),
             fails: None,
-        });
+        })
     }
 }
 
 /// The publisher: one task, in order. What cannot be published fails its
 /// request at once (`too_large` past `max_payload`, else `unavailable`).
-async fn publish(client: Client, mut rx: mpsc::UnboundedReceiver<Outgoing>, router: Addr<Router>) {
-    while let Some(m) = rx.recv().await {
-        let result = match m.reply {
-            Some(reply) => {
-                client
-                    .publish_with_reply_and_headers(m.subject, reply, m.headers, m.payload)
-                    .await
-            }
-            None => {
-                client
-                    .publish_with_headers(m.subject, m.headers, m.payload)
-                    .await
-            }
-        };
-        if let (Err(e), Some((node, origin, correlation_id))) = (result, m.fails) {
-            let code = if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
-                ErrorCode::TooLarge
-            } else {
-                ErrorCode::Unavailable
-            };
-            router.do_send(NodeFailed {
-                node,
-                origin,
-                correlation_id,
-                code,
-                message: format!("cannot publish to NATS: {e}"),
-            });
+async fn publish(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
+    router: Addr<Router>,
+) {
+    while let Some(batch) = rx.recv().await {
+        for m in batch {
+            publish_one(&client, m, &router).await;
         }
+    }
+}
+
+/// Publishes one message; what cannot be published fails its request.
+async fn publish_one(client: &Client, m: Outgoing, router: &Addr<Router>) {
+    let result = match m.reply {
+        Some(reply) => {
+            client
+                .publish_with_reply_and_headers(m.subject, reply, m.headers, m.payload)
+                .await
+        }
+        None => {
+            client
+                .publish_with_headers(m.subject, m.headers, m.payload)
+                .await
+        }
+    };
+    if let (Err(e), Some((node, origin, correlation_id))) = (result, m.fails) {
+        let code = if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
+            ErrorCode::TooLarge
+        } else {
+            ErrorCode::Unavailable
+        };
+        router.do_send(NodeFailed {
+            node,
+            origin,
+            correlation_id,
+            code,
+            message: format!("cannot publish to NATS: {e}"),
+        });
     }
 }
 

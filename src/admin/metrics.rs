@@ -3,7 +3,8 @@
 //! Counters per process and in total, gauges for queue depth, pending
 //! requests, status and the `/proc` samples, and request latency per service
 //! as a summary built from the HdrHistograms (p50 … p99.9 over the latency
-//! window as quantiles), and the broker's own errors by code.
+//! window as quantiles), and the broker's own errors by code. In a cluster,
+//! the NATS connection and this broker's traffic with every other node.
 
 use prometheus::proto::{
     Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary,
@@ -12,7 +13,9 @@ use std::collections::BTreeMap;
 
 use crate::protocol::rpc::ProcessStatus;
 use crate::protocol::stats::LatencyQuantiles;
-use crate::protocol::stats::{FaultCounters, MessageCounters, MessageStats};
+use crate::protocol::stats::{
+    ClusterStats, FaultCounters, MessageCounters, MessageStats, NodeStats,
+};
 
 fn label(name: &str, value: &str) -> LabelPair {
     let mut l = LabelPair::default();
@@ -247,7 +250,100 @@ pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<Me
         MetricType::SUMMARY,
         summaries,
     ));
+    if let Some(cluster) = &stats.cluster {
+        cluster_families(cluster, &mut out);
+    }
     // promtool frowns on families without samples.
     out.retain(|f| !f.get_metric().is_empty());
     out
+}
+
+type NodeValue = fn(&NodeStats) -> f64;
+
+/// Per other node: this broker's traffic with it (DESIGN 11).
+const NODE_GAUGES: [(&str, &str, MetricType, NodeValue); 8] = [
+    (
+        "node_up",
+        "1 if the node is in the rotation (heartbeats arrive), else 0.",
+        MetricType::GAUGE,
+        |n| f64::from(u8::from(n.up)),
+    ),
+    (
+        "node_last_seen_seconds",
+        "Seconds since the node was last heard from.",
+        MetricType::GAUGE,
+        |n| n.last_seen_ms as f64 / 1000.0,
+    ),
+    (
+        "node_messages_sent_total",
+        "Envelopes published to the node (requests to it, replies to its callers).",
+        MetricType::COUNTER,
+        |n| n.counters.total_sent as f64,
+    ),
+    (
+        "node_requests_received_total",
+        "Requests the node's callers sent to this broker.",
+        MetricType::COUNTER,
+        |n| n.counters.request_count as f64,
+    ),
+    (
+        "node_replies_received_total",
+        "Replies from the node to this broker's requests (responses and errors).",
+        MetricType::COUNTER,
+        |n| (n.counters.response_count + n.counters.error_count) as f64,
+    ),
+    (
+        "node_late_replies_total",
+        "Replies from the node after the request had timed out here.",
+        MetricType::COUNTER,
+        |n| n.faults.late_replies as f64,
+    ),
+    (
+        "node_no_responders_total",
+        "Requests to the node that NATS answered with no responders.",
+        MetricType::COUNTER,
+        |n| n.no_responders as f64,
+    ),
+    (
+        "node_too_large_total",
+        "Requests to the node refused as larger than the NATS max_payload.",
+        MetricType::COUNTER,
+        |n| n.too_large as f64,
+    ),
+];
+
+fn cluster_families(cluster: &ClusterStats, out: &mut Vec<MetricFamily>) {
+    let this = || vec![label("node", &cluster.node)];
+    out.push(family(
+        "cluster_connected",
+        "1 if this broker is connected to a NATS server, else 0.",
+        MetricType::GAUGE,
+        vec![gauge(this(), f64::from(u8::from(cluster.connected)))],
+    ));
+    out.push(family(
+        "cluster_reconnects_total",
+        "NATS connections made after the first.",
+        MetricType::COUNTER,
+        vec![counter(this(), cluster.reconnects)],
+    ));
+    out.push(family(
+        "cluster_slow_consumer_events_total",
+        "Slow-consumer events of the NATS client (messages it dropped).",
+        MetricType::COUNTER,
+        vec![counter(this(), cluster.slow_consumers)],
+    ));
+    for (name, help, kind, get) in NODE_GAUGES {
+        let metrics = cluster
+            .nodes
+            .iter()
+            .map(|(node, n)| {
+                let labels = vec![label("node", node)];
+                match kind {
+                    MetricType::COUNTER => counter(labels, get(n) as u64),
+                    _ => gauge(labels, get(n)),
+                }
+            })
+            .collect();
+        out.push(family(name, help, kind, metrics));
+    }
 }

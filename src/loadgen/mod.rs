@@ -9,8 +9,12 @@
 //! - [`raw`]: the raw limit of the same topology: the same three processes
 //!   and pipes, blocking reads and writes of length-prefixed frames, no
 //!   actors, no MessagePack.
+//! - `nats` (with the `cluster` feature): the raw limit of the cluster
+//!   topology, plain NATS request/reply between two processes.
 
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod nats;
 pub mod raw;
 
 use serde::{Deserialize, Serialize};

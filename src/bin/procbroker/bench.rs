@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use procbroker::config::ServiceConfig;
+use procbroker::config::{ClusterConfig, ServiceConfig};
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::loadgen::raw::{self, RawRelay};
 use procbroker::loadgen::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
@@ -25,6 +25,10 @@ pub enum Mode {
     Direct,
     /// In-process echo handlers behind the Router (no pipes).
     Inproc,
+    /// Client subprocess → broker A → NATS → broker B → echo subprocess on
+    /// B, and back (DESIGN 11.4; needs `--nats-url`). Both brokers are
+    /// started by the bench: A is this process, B a `procbroker run`.
+    Cluster,
 }
 
 /// The echo service's workers.
@@ -82,6 +86,9 @@ pub struct BenchArgs {
     /// What serves the calls (relay and direct modes).
     #[arg(long, value_enum, default_value = "echo")]
     pub worker: Worker,
+    /// The NATS server of `--mode cluster` (e.g. nats://127.0.0.1:4222).
+    #[arg(long)]
+    pub nats_url: Option<String>,
 }
 
 fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
@@ -214,8 +221,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         (Mode::Inproc, Worker::RpcEcho | Worker::Nvim) => {
             bail!("--worker rpc-echo and nvim are subprocesses: use --mode direct or relay")
         }
-        (Mode::Relay, Worker::Nvim) => {
+        (Mode::Relay | Mode::Cluster, Worker::Nvim) => {
             bail!("--worker nvim answers nvim_eval only: use --mode direct")
+        }
+        (Mode::Cluster, Worker::RpcEcho) => {
+            bail!("--mode cluster runs the built-in echo worker on node b")
+        }
+        (Mode::Cluster, Worker::Echo) if args.nats_url.is_none() => {
+            bail!("--mode cluster needs --nats-url (a running NATS server)")
         }
         _ => {}
     }
@@ -396,12 +409,16 @@ fn interrupted(args: &BenchArgs, signal: nix::sys::signal::Signal, took: Duratio
     }
 }
 
-/// What the broker measured until now (its stats of the `echo` service).
+/// What the broker measured until now: its stats of the `echo` service,
+/// or in a cluster run of node b (which serves `echo@b`).
 async fn measured(broker: &BrokerHandle) -> SoFar {
     let Ok(stats) = broker.stats().await else {
         return SoFar::default();
     };
-    let latency = stats.latency_us.get("echo").cloned();
+    let remote = stats
+        .cluster
+        .and_then(|c| c.nodes.get("b").map(|b| b.latency_us));
+    let latency = stats.latency_us.get("echo").cloned().or(remote);
     SoFar {
         report: None,
         answered: latency.as_ref().map_or(0, |q| q.count),
@@ -425,11 +442,20 @@ async fn run(
         kill_timeout: Duration::from_millis(400),
         ..procbroker::config::BrokerConfig::default()
     };
-    let broker = ProcBroker::builder()
+    // Brokers of this run federate under a cluster name of their own.
+    let cluster_name = format!("bench{}", std::process::id());
+    let mut builder = ProcBroker::builder()
         .config(config)
         .sysmon_interval(None)
-        .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
-        .start();
+        .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX));
+    if let (Mode::Cluster, Some(url)) = (args.mode, &args.nats_url) {
+        builder = builder.cluster(ClusterConfig {
+            name: cluster_name.clone(),
+            heartbeat_ms: NODE_HEARTBEAT_MS,
+            ..ClusterConfig::nats(url.clone(), "a")
+        });
+    }
+    let broker = builder.start();
     // Silent for short runs: the first line comes after 2 s.
     progress(broker.clone(), args.requests);
     let work = async {
@@ -449,11 +475,21 @@ async fn run(
                 .msgpack_rpc("nvim_get_api_info"),
         }
         .workers(args.workers);
+        // Node b of a cluster run, stopped when the run ends.
+        let mut node_b = None;
         match args.mode {
             Mode::Inproc => {
                 broker
                     .add_service("echo", args.workers, procbroker::workers::echo())
                     .await?;
+            }
+            Mode::Cluster => {
+                let url = args.nats_url.clone().unwrap_or_default();
+                let b = NodeB::start(&exe, &url, &cluster_name, args.workers, &placement)?;
+                b.joined(&broker, args.workers).await?;
+                roles.workers.push(b.pid());
+                roles.workers.extend(children_of(b.pid()));
+                node_b = Some(b);
             }
             Mode::Direct | Mode::Relay => {
                 for pid in broker.spawn(echo).await?.into_iter().filter_map(|p| p.pid) {
@@ -462,7 +498,7 @@ async fn run(
                 }
             }
         }
-        if args.mode == Mode::Relay {
+        if matches!(args.mode, Mode::Relay | Mode::Cluster) {
             let client = ServiceConfig::new("client", exe.display().to_string())
                 .args(["worker", "bench-client"]);
             for pid in broker
@@ -479,9 +515,13 @@ async fn run(
         let meter = CpuMeter::start(roles);
         let report = match args.mode {
             Mode::Inproc | Mode::Direct => lanes(&broker, &args).await?,
-            Mode::Relay => {
+            Mode::Relay | Mode::Cluster => {
+                let target = match args.mode {
+                    Mode::Cluster => "echo@b",
+                    _ => "echo",
+                };
                 let spec = RunSpec {
-                    target: "echo".into(),
+                    target: target.into(),
                     method: "Echo".into(),
                     calls: args.requests,
                     concurrency: args.concurrency,
@@ -494,6 +534,9 @@ async fn run(
             }
         };
         let cpu = meter.stop(args.requests);
+        if let Some(b) = node_b {
+            b.stop().await;
+        }
         Ok::<_, anyhow::Error>((report, cpu))
     };
     let measured_run = tokio::select! {
@@ -575,6 +618,33 @@ async fn run(
                 () = interrupt.wake.notified() => Err(std::io::Error::other("interrupted")),
             }
         }
+        Mode::Cluster => {
+            let url = args.nats_url.clone().unwrap_or_default();
+            let subject = format!("{cluster_name}.raw");
+            match NatsEcho::start(&exe, &url, &subject) {
+                Err(e) => Err(e),
+                Ok(echo) => {
+                    place_raw(echo.pid());
+                    // The requester is this process.
+                    let meter = CpuMeter::start(Roles {
+                        client: Some(me),
+                        workers: vec![echo.pid()],
+                        ..Roles::default()
+                    });
+                    let run = procbroker::loadgen::nats::request_reply(
+                        &url,
+                        subject,
+                        args.requests,
+                        args.concurrency,
+                        args.payload_bytes,
+                    );
+                    tokio::select! {
+                        report = run => report.map(|r| (r, meter.stop(args.requests))),
+                        () = interrupt.wake.notified() => Err(std::io::Error::other("interrupted")),
+                    }
+                }
+            }
+        }
     };
     if interrupt.signal().is_some() {
         let so_far = SoFar {
@@ -589,6 +659,162 @@ async fn run(
         baseline: Some(baseline?),
         children_cpus: placed.take(),
     })
+}
+
+/// Heartbeat of the two nodes of a cluster run: b is seen within 0.2 s.
+const NODE_HEARTBEAT_MS: u64 = 200;
+
+/// Node b of `--mode cluster`: `procbroker run` with `workers` echo
+/// workers, in a cluster of its own on the given server. Stopped (SIGTERM,
+/// then SIGKILL after 2 s) and reaped when dropped.
+struct NodeB {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl NodeB {
+    fn start(
+        exe: &std::path::Path,
+        url: &str,
+        cluster: &str,
+        workers: u32,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("procbroker-bench-{cluster}"));
+        std::fs::create_dir_all(&dir).context("a folder for node b's config")?;
+        let config = dir.join("b.toml");
+        let text = format!(
+            "[broker]\nqueue_capacity = 100000\n[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n\
+             [cluster]\nnats_url = {url:?}\nname = {cluster:?}\nnode = \"b\"\nheartbeat_ms = {NODE_HEARTBEAT_MS}\n\
+             [[service]]\nname = \"echo\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\nworkers = {workers}\n"
+        );
+        std::fs::write(&config, text).context("writing node b's config")?;
+        // Placed before it starts, so its threads and workers inherit it.
+        let mut command = if placement.pin == Pin::None {
+            std::process::Command::new(exe)
+        } else {
+            let mut taskset = std::process::Command::new("taskset");
+            taskset
+                .args(["-c", &cpu_list(&placement.children)])
+                .arg(exe);
+            taskset
+        };
+        let child = command
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("LOG_LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting node b (procbroker run)")?;
+        Ok(Self { child, dir })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until node a sees b with `workers` ready echo workers.
+    async fn joined(&self, a: &BrokerHandle, workers: u32) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes = a.nodes().await?;
+            if nodes
+                .iter()
+                .any(|n| n.node == "b" && n.up && n.services.get("echo") == Some(&workers))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node b did not join through NATS within 20 s (is the server at --nats-url running?)"
+                );
+            }
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then up to 2 s for it to leave the cluster and exit
+    /// (without blocking this arbiter, which hears its goodbye).
+    async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for NodeB {
+    /// Whatever is left of it (an interrupted or failed run): SIGKILL.
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The processes whose parent is `parent` (node b's workers).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command (which may hold spaces): state, ppid.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// The responder of the raw NATS baseline (`procbroker worker nats-echo`),
+/// stopped by closing its stdin when dropped.
+struct NatsEcho {
+    child: std::process::Child,
+}
+
+impl NatsEcho {
+    fn start(exe: &std::path::Path, url: &str, subject: &str) -> std::io::Result<Self> {
+        use procbroker::loadgen::nats::{SUBJECT_ENV, URL_ENV};
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(exe)
+            .args(["worker", "nats-echo"])
+            .env(URL_ENV, url)
+            .env(SUBJECT_ENV, subject)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(
+                "the raw NATS responder did not start",
+            ));
+        }
+        Ok(Self { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NatsEcho {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// `concurrency` tasks in this process calling `echo` through the Router.

@@ -26,12 +26,21 @@ impl std::io::Write for LossyStderr {
 
 /// Installs the subscriber. `RUST_LOG` wins over `LOG_LEVEL`; the default is
 /// `default_level`. Children's stderr lines come out as events of target
-/// `procbroker::child` with their `process` id.
+/// `procbroker::child` with their `process` id. With a plain level, the
+/// NATS client says warnings and errors only: the cluster's own lines say
+/// what its events mean (`RUST_LOG=async_nats=info` brings them back).
 pub fn init(default_level: &str) -> Result<()> {
+    let quiet_nats = |level: &str| {
+        if level.trim().eq_ignore_ascii_case("off") {
+            level.to_owned()
+        } else {
+            format!("{level},async_nats=warn")
+        }
+    };
     let filter = match (std::env::var("RUST_LOG"), std::env::var("LOG_LEVEL")) {
         (Ok(directives), _) if !directives.is_empty() => EnvFilter::try_new(directives)?,
-        (_, Ok(level)) if !level.is_empty() => EnvFilter::try_new(level)?,
-        _ => EnvFilter::new(default_level),
+        (_, Ok(level)) if !level.is_empty() => EnvFilter::try_new(quiet_nats(&level))?,
+        _ => EnvFilter::new(quiet_nats(default_level)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

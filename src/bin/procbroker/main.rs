@@ -50,6 +50,9 @@ enum WorkerName {
     RawEcho,
     /// Raw benchmark peer: the client side of the raw baseline.
     RawClient,
+    /// Raw NATS benchmark peer: answers requests on a subject (from the
+    /// environment) until stdin closes.
+    NatsEcho,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +126,7 @@ fn worker(name: WorkerName) -> Result<()> {
         WorkerName::BenchClient => service::run(loadgen::client::methods)?,
         WorkerName::RawEcho => loadgen::raw::echo()?,
         WorkerName::RawClient => loadgen::raw::client()?,
+        WorkerName::NatsEcho => loadgen::nats::echo()?,
     }
     Ok(())
 }
