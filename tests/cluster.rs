@@ -359,6 +359,30 @@ async fn remote_calls_route_stamp_rotate_and_fail_as_designed() {
     }
     let (ok, report) = promtool(&["check", "metrics"], &metrics);
     assert!(ok, "promtool check metrics:\n{report}\n{metrics}");
+    // `procbroker stats` lists the nodes (run off this thread: it blocks).
+    let addr = admin.addr.to_string();
+    let table = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["stats", "--admin", &addr])
+            .output()
+            .expect("procbroker stats")
+    });
+    let table = loop {
+        if table.is_finished() {
+            break table.join().expect("stats thread");
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    };
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("cluster procbroker: node a connected"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("c "))
+        .unwrap_or_default();
+    assert!(row.contains("yes") && row.contains("who:1"), "{text}");
     admin.stop().await;
     a.shutdown().await;
 }

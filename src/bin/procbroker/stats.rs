@@ -147,7 +147,55 @@ pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String
     if !errors.is_empty() {
         let _ = writeln!(out, "\nbroker errors: {}", errors.join(", "));
     }
+    if let Some(c) = &s.cluster {
+        nodes_table(&mut out, c);
+    }
     out
+}
+
+/// The cluster: this node's connection, then one row per other node.
+fn nodes_table(out: &mut String, c: &procbroker::protocol::ClusterStats) {
+    let services = |s: &std::collections::BTreeMap<String, u32>| {
+        let list: Vec<String> = s.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+        if list.is_empty() {
+            "-".into()
+        } else {
+            list.join(",")
+        }
+    };
+    let _ = writeln!(
+        out,
+        "\ncluster {}: node {} {}, {} reconnects, {} slow-consumer events",
+        c.name,
+        c.node,
+        if c.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        },
+        c.reconnects,
+        c.slow_consumers
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<5} {:>8} {:>10} {:>9} {:>6} {:>7} {:>9}  SERVICES",
+        "NODE", "UP", "SEEN MS", "REPLIES", "P50 µs", "LATE", "NO RESP", "TOO LARGE"
+    );
+    for (name, n) in &c.nodes {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<5} {:>8} {:>10} {:>9} {:>6} {:>7} {:>9}  {}",
+            name,
+            if n.up { "yes" } else { "NO" },
+            n.last_seen_ms,
+            n.counters.response_count + n.counters.error_count,
+            n.latency_us.p50,
+            n.faults.late_replies,
+            n.no_responders,
+            n.too_large,
+            services(&n.services)
+        );
+    }
 }
 
 /// One latency table: a title row, then one row per service.
