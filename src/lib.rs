@@ -28,7 +28,11 @@
 //!   `/proc` for the broker and every child. A
 //!   [`Bridge`](actors::bridge::Bridge) per child process turns its stdout
 //!   frames into Router messages and writes what the Router delivers to its
-//!   stdin; it also restarts the child and reaps it.
+//!   stdin; it also restarts the child and reaps it. With `[cluster]`, the
+//!   `Cluster` actor (feature `cluster`) joins brokers on other hosts
+//!   through NATS: each other node is routed as a process named `@node`,
+//!   so its requests share the pending table, deadlines and failure paths
+//!   of local workers.
 //! - [`pipe`]: what both ends of a pipe share: the coalescing, bounded
 //!   [`Outbox`](pipe::Outbox) writer, stderr line splitting, 1 MiB pipes.
 //! - [`service`]: writing a service. Handler tables ([`service::Methods`])
@@ -54,6 +58,9 @@
 //!
 //! - `cli` (default): the `procbroker` binary and its dependencies.
 //! - `loadgen` (default, implied by `cli`): the benchmark's peers.
+//! - `cluster` (default, implied by `cli`): federation over NATS
+//!   (async-nats). Built without it, a broker given a `nats_url` logs an
+//!   error and serves its own node only.
 //!
 //! An embedder that wants the actors alone sets `default-features = false`.
 #![warn(missing_docs)]

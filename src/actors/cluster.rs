@@ -39,8 +39,8 @@ use super::nodes::{self, node_id};
 use super::router::Router;
 use crate::config::ClusterConfig;
 use crate::protocol::federation::{
-    BUDGET_HEADER, Heartbeat, NODE_HEADER, heartbeat_subject, parse_reply_subject, reply_subject,
-    reply_wildcard, request_subject,
+    Heartbeat, NODE_HEADER, heartbeat_subject, parse_reply_subject, reply_subject, reply_wildcard,
+    request_subject,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType};
 
@@ -50,6 +50,8 @@ const HEADROOM: usize = 256;
 
 /// Another node, as heard.
 struct Remote {
+    /// `@node`, the id the Router routes it under.
+    id: ByteString,
     instance: u64,
     up: bool,
     last_seen: Instant,
@@ -64,7 +66,8 @@ struct Remote {
 struct Outgoing {
     subject: String,
     reply: Option<String>,
-    headers: HeaderMap,
+    /// Requests only: a reply's subject already says everything.
+    headers: Option<HeaderMap>,
     payload: Bytes,
     fails: Option<(ByteString, ByteString, u64)>,
 }
@@ -136,6 +139,8 @@ pub struct Cluster {
     impostor: Option<u64>,
     /// The last server error logged.
     last_error: Option<String>,
+    /// The header every request carries, parsed once.
+    node_header: (async_nats::HeaderName, async_nats::HeaderValue),
 }
 
 impl Cluster {
@@ -149,7 +154,6 @@ impl Cluster {
         let node = config.node_name();
         Self {
             config,
-            node,
             instance: instance_id(),
             router,
             metrics: metrics.into(),
@@ -164,6 +168,11 @@ impl Cluster {
             next_heartbeat: Instant::now(),
             impostor: None,
             last_error: None,
+            node_header: (
+                async_nats::HeaderName::from_static(NODE_HEADER),
+                async_nats::HeaderValue::from(node.as_str()),
+            ),
+            node,
         }
     }
 }
@@ -390,7 +399,7 @@ impl Cluster {
         self.send(vec![Outgoing {
             subject: heartbeat_subject(&self.config.name),
             reply: None,
-            headers: HeaderMap::new(),
+            headers: None,
             payload: json.into(),
             fails: None,
         }]);
@@ -439,6 +448,7 @@ impl Cluster {
     fn remote(&mut self, name: &str) -> &mut Remote {
         let heartbeat = self.config.heartbeat();
         self.nodes.entry(name.to_owned()).or_insert_with(|| Remote {
+            id: node_id(name),
             instance: 0,
             up: false,
             last_seen: Instant::now(),
@@ -447,6 +457,13 @@ impl Cluster {
             no_responders: 0,
             too_large: 0,
         })
+    }
+
+    /// The Router's id of node `name` (`@name`).
+    fn id_of(&self, name: &str) -> ByteString {
+        self.nodes
+            .get(name)
+            .map_or_else(|| node_id(name), |r| r.id.clone())
     }
 
     fn push_state(&self) {
@@ -502,6 +519,15 @@ impl StreamHandler<Inbound> for Cluster {
 
     /// A subscription ends only with the client; the actor stays.
     fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+/// `id@node`, without `format!` (once per message).
+fn at_node(id: &str, node: &str) -> ByteString {
+    let mut s = String::with_capacity(id.len() + 1 + node.len());
+    s.push_str(id);
+    s.push('@');
+    s.push_str(node);
+    s.into()
 }
 
 fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
@@ -574,18 +600,17 @@ impl Cluster {
         } else if let Some(remote) = self.nodes.get_mut(&from) {
             remote.last_seen = Instant::now();
         }
-        if let Some(budget) = header(&msg, BUDGET_HEADER).and_then(|b| b.parse().ok()) {
-            envelope.timeout_ms = Some(budget);
-        }
-        envelope.source = format!("{}@{from}", envelope.source).into();
-        Some((node_id(&from), envelope))
+        // The caller's broker wrote the time left of its deadline into
+        // `timeout_ms`: this node times out too, a moment after it.
+        envelope.source = at_node(&envelope.source, &from);
+        Some((self.id_of(&from), envelope))
     }
 
     /// A reply from another node, stamped for the Router; a "no
     /// responders" status fails its request here.
     fn reply_in(&mut self, msg: async_nats::Message) -> Option<(ByteString, Envelope)> {
         let to = parse_reply_subject(&msg.subject)?;
-        let node = node_id(&to.from);
+        let node = self.id_of(&to.from);
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             if let Some(remote) = self.nodes.get_mut(&to.from) {
                 remote.no_responders += 1;
@@ -612,7 +637,7 @@ impl Cluster {
         }
         envelope.target = to.origin.into();
         envelope.correlation_id = to.correlation_id;
-        envelope.source = format!("{}@{}", envelope.source, to.from).into();
+        envelope.source = at_node(&envelope.source, &to.from);
         Some((node, envelope))
     }
 }
@@ -641,12 +666,6 @@ impl Cluster {
         self.max_payload == 0 || envelope.encoded_len() + HEADROOM <= self.max_payload
     }
 
-    fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(NODE_HEADER, self.node.as_str());
-        headers
-    }
-
     /// A request the Router sent to `service@node`, to publish.
     fn request_out(&mut self, envelope: Envelope) -> Option<Outgoing> {
         let (_, node) = nodes::split(&envelope.target)?;
@@ -659,7 +678,7 @@ impl Cluster {
                 remote.too_large += 1;
             }
             self.router.do_send(NodeFailed {
-                node: node_id(&node),
+                node: self.id_of(&node),
                 origin,
                 correlation_id,
                 code: ErrorCode::TooLarge,
@@ -671,10 +690,8 @@ impl Cluster {
             self.push_state();
             return None;
         }
-        let mut headers = self.headers();
-        if let Some(budget) = envelope.timeout_ms {
-            headers.insert(BUDGET_HEADER, budget.to_string().as_str());
-        }
+        let mut headers = HeaderMap::new();
+        headers.insert(self.node_header.0.clone(), self.node_header.1.clone());
         let name = &self.config.name;
         Some(Outgoing {
             subject: request_subject(name, &node),
@@ -685,9 +702,9 @@ impl Cluster {
                 correlation_id,
                 &origin,
             )),
-            headers,
+            headers: Some(headers),
             payload: envelope.to_bytes(),
-            fails: Some((node_id(&node), origin, correlation_id)),
+            fails: Some((self.id_of(&node), origin, correlation_id)),
         })
     }
 
@@ -714,7 +731,7 @@ impl Cluster {
         Some(Outgoing {
             subject,
             reply: None,
-            headers: self.headers(),
+            headers: None,
             payload: envelope.to_bytes(),
             fails: None,
         })
@@ -737,17 +754,19 @@ async fn publish(
 
 /// Publishes one message; what cannot be published fails its request.
 async fn publish_one(client: &Client, m: Outgoing, router: &Addr<Router>) {
-    let result = match m.reply {
-        Some(reply) => {
+    let result = match (m.reply, m.headers) {
+        (Some(reply), Some(headers)) => {
             client
-                .publish_with_reply_and_headers(m.subject, reply, m.headers, m.payload)
+                .publish_with_reply_and_headers(m.subject, reply, headers, m.payload)
                 .await
         }
-        None => {
+        (Some(reply), None) => client.publish_with_reply(m.subject, reply, m.payload).await,
+        (None, Some(headers)) => {
             client
-                .publish_with_headers(m.subject, m.headers, m.payload)
+                .publish_with_headers(m.subject, headers, m.payload)
                 .await
         }
+        (None, None) => client.publish(m.subject, m.payload).await,
     };
     if let (Err(e), Some((node, origin, correlation_id))) = (result, m.fails) {
         let code = if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {

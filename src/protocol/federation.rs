@@ -8,7 +8,7 @@
 //! | subject | what |
 //! |---|---|
 //! | `name.hb` | every node's [`Heartbeat`], JSON |
-//! | `name.NODE.req` | requests to node `NODE` |
+//! | `name.NODE.req` | requests to node `NODE` (header [`NODE_HEADER`]: the sender) |
 //! | `name.NODE.rep.FROM.CORR.ORIGIN` | the reply to request `CORR` of `ORIGIN` (hex), sent to `FROM` |
 //!
 //! Why the reply subject names the request: NATS answers a request nobody
@@ -19,10 +19,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Header: the node that published the message.
+/// Header of a request: the node that published it. (The time left of
+/// its deadline is the envelope's own `timeout_ms`, which the sending
+/// broker sets; a reply's subject says everything about it.)
 pub const NODE_HEADER: &str = "Procbroker-Node";
-/// Header: milliseconds left of the request's deadline when published.
-pub const BUDGET_HEADER: &str = "Procbroker-Budget-Ms";
 
 /// The heartbeat subject of cluster `name`.
 pub fn heartbeat_subject(name: &str) -> String {
@@ -117,6 +117,12 @@ mod tests {
 
     #[test]
     fn reply_subjects_round_trip() {
+        assert_eq!(reply_subject("pb", "a", "b", 0, "x"), "pb.a.rep.b.0.78");
+        let max = reply_subject("pb", "a", "b", u64::MAX, "x");
+        assert_eq!(
+            parse_reply_subject(&max).map(|r| r.correlation_id),
+            Some(u64::MAX)
+        );
         let s = reply_subject("pb", "a", "b", 42, "py-client.0");
         assert!(s.starts_with("pb.a.rep.b.42."), "{s}");
         assert!(!s["pb.a.rep.b.42.".len()..].contains('.'), "{s}");
