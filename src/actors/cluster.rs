@@ -32,12 +32,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+use super::log_limit::{LogLimit, LogLine};
 use super::messages::{
     ClusterState, Deliver, FromNodes, Leave, NodeDown, NodeFailed, NodeState, NodeUp, ReadyCounts,
 };
 use super::nodes::{self, node_id};
 use super::router::Router;
 use crate::config::ClusterConfig;
+use crate::config::cluster::is_token;
 use crate::protocol::federation::{
     Heartbeat, NODE_HEADER, heartbeat_subject, parse_reply_subject, reply_subject, reply_wildcard,
     request_subject,
@@ -141,6 +143,8 @@ pub struct Cluster {
     last_error: Option<String>,
     /// The header every request carries, parsed once.
     node_header: (async_nats::HeaderName, async_nats::HeaderValue),
+    /// Warnings about what other nodes send (a few a second at most).
+    log_limit: LogLimit,
 }
 
 impl Cluster {
@@ -168,6 +172,7 @@ impl Cluster {
             next_heartbeat: Instant::now(),
             impostor: None,
             last_error: None,
+            log_limit: LogLimit::default(),
             node_header: (
                 async_nats::HeaderName::from_static(NODE_HEADER),
                 async_nats::HeaderValue::from(node.as_str()),
@@ -543,6 +548,9 @@ impl Cluster {
                 return;
             }
         };
+        if !is_token(&hb.node) {
+            return;
+        }
         if hb.node == self.node {
             if hb.instance != self.instance && self.impostor != Some(hb.instance) {
                 self.impostor = Some(hb.instance);
@@ -577,18 +585,22 @@ impl Cluster {
         msg: async_nats::Message,
         ctx: &mut Context<Self>,
     ) -> Option<(ByteString, Envelope)> {
-        let Some(from) = header(&msg, NODE_HEADER).map(str::to_owned) else {
-            tracing::debug!(subject = %msg.subject, "cluster: request without its node header dropped");
-            return None;
-        };
-        let mut envelope = match Envelope::decode(&msg.payload) {
-            Ok(e) if e.kind == MessageType::Request => e,
-            Ok(e) => {
-                tracing::debug!(%from, kind = %e.kind, "cluster: not a request on the request subject, dropped");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(%from, error = %e, "cluster: undecodable request dropped");
+        let from = header(&msg, NODE_HEADER)
+            .filter(|n| is_token(n))
+            .map(str::to_owned);
+        let decoded = Envelope::decode(&msg.payload);
+        let (from, mut envelope) = match (from, decoded) {
+            (Some(from), Ok(e)) if e.kind == MessageType::Request => (from, e),
+            (from, decoded) => {
+                // Another node's bug or version: said, at a bounded rate.
+                if let LogLine::Log { suppressed } = self.log_limit.check(Instant::now()) {
+                    let why = decoded.map_or_else(
+                        |e| e.to_string(),
+                        |e| format!("a {} on the request subject", e.kind),
+                    );
+                    tracing::warn!(from = from.as_deref().unwrap_or("?"), %why, suppressed,
+                        "cluster: a message from another node dropped");
+                }
                 return None;
             }
         };

@@ -101,8 +101,9 @@ impl Default for ClusterConfig {
     }
 }
 
-/// A name fit for a NATS subject token and a `service@node` suffix.
-fn is_token(s: &str) -> bool {
+/// A name fit for a NATS subject token and a `service@node` suffix (node
+/// and cluster names; also what a node's messages must claim to be).
+pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
