@@ -131,16 +131,7 @@ fn bench_prints_the_designed_json_for_every_mode() {
         if baseline {
             args.push("--baseline");
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
-            .args(&args)
-            .output()
-            .expect("bench");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let v = support::bench_json(&args);
         let mut keys: Vec<&str> = v
             .as_object()
             .expect("object")

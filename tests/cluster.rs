@@ -600,18 +600,22 @@ async fn a_node_that_leaves_is_out_of_the_rotation_at_once() {
 #[test]
 fn bench_cluster_mode_runs_both_brokers_and_the_raw_nats_baseline() {
     let nats = Nats::start(&[]);
-    let out = Command::new(BIN)
-        .args(["bench", "--mode", "cluster", "--nats-url", &nats.url()])
-        .args(["--workers", "2", "--concurrency", "4", "--requests", "300"])
-        .args(["--baseline", "--json"])
-        .output()
-        .expect("bench");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let url = nats.url();
+    let v = bench_json(&[
+        "bench",
+        "--mode",
+        "cluster",
+        "--nats-url",
+        &url,
+        "--workers",
+        "2",
+        "--concurrency",
+        "4",
+        "--requests",
+        "300",
+        "--baseline",
+        "--json",
+    ]);
     assert_eq!(v["mode"], "cluster", "{v}");
     assert_eq!(
         (v["requests"].as_u64(), v["errors"].as_u64()),

@@ -515,6 +515,17 @@ impl Router {
     /// to a third node.
     fn route_remote_request(&mut self, mut envelope: Envelope, now: Instant) {
         let origin = envelope.source.clone();
+        match self.admit_remote(&mut envelope) {
+            Ok(()) => self.route_request(origin, envelope, ReplyTo::Process, true, now),
+            Err((code, message)) => {
+                self.reject(&envelope, origin, ReplyTo::Process, code, message);
+            }
+        }
+    }
+
+    /// Whether this node serves a request another node sent it (its target
+    /// made local: `echo@this` → `echo`), or why not.
+    fn admit_remote(&self, envelope: &mut Envelope) -> Result<(), (ErrorCode, String)> {
         if let Some((local, node)) = nodes::split(&envelope.target) {
             if node != self.nodes.this() {
                 let message = format!(
@@ -522,38 +533,20 @@ impl Router {
                     self.nodes.this(),
                     envelope.target
                 );
-                return self.reject(
-                    &envelope,
-                    origin,
-                    ReplyTo::Process,
-                    ErrorCode::UnknownTarget,
-                    message,
-                );
+                return Err((ErrorCode::UnknownTarget, message));
             }
             envelope.target = local.to_owned().into();
         }
         let service = names::service_of(&envelope.target);
         if service == BROKER || &*envelope.target == names::BROADCAST {
             let message = format!("control RPCs never cross nodes: {:?}", envelope.target);
-            return self.reject(
-                &envelope,
-                origin,
-                ReplyTo::Process,
-                ErrorCode::Forbidden,
-                message,
-            );
+            return Err((ErrorCode::Forbidden, message));
         }
         if !self.config.cluster.exports(service) {
             let message = format!("node {:?} does not export {service:?}", self.nodes.this());
-            return self.reject(
-                &envelope,
-                origin,
-                ReplyTo::Process,
-                ErrorCode::UnknownTarget,
-                message,
-            );
+            return Err((ErrorCode::UnknownTarget, message));
         }
-        self.route_request(origin, envelope, ReplyTo::Process, true, now);
+        Ok(())
     }
 }
 

@@ -179,3 +179,18 @@ pub fn promtool(args: &[&str], input: &str) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// `procbroker ARGS` (a `bench … --json`): its one JSON object, after
+/// checking it exited 0.
+pub fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("procbroker bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
