@@ -649,3 +649,50 @@ fn bench_cluster_mode_runs_both_brokers_and_the_raw_nats_baseline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nats-url"));
 }
+
+#[actix::test]
+async fn the_dashboard_shows_the_nodes_in_a_real_browser() {
+    let nats = Nats::start(&[]);
+    let b = Node::start("b", &nats.url(), 1, "");
+    let a = node_a(cluster(&nats.url(), "a"));
+    joined(&a, &[("b", 1)]).await;
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let admin = procbroker::admin::Admin::start(a.clone(), any, vec![]).expect("admin");
+
+    // Calls to b for as long as the browser looks (they fail once it is killed).
+    let running = std::rc::Rc::new(std::cell::Cell::new(true));
+    let traffic = {
+        let (a, running) = (a.clone(), std::rc::Rc::clone(&running));
+        actix::spawn(async move {
+            while running.get() {
+                let _ = a.call("echo@b", "Echo", &1).await;
+                actix::clock::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let script = format!("{}/tests/python/dashboard.py", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .args(["--cluster", &format!("http://{}/", admin.addr), "b"])
+            .arg(b.pid().to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser check ends within 120 s")
+    .expect("python3 with selenium runs (scripts/test installs it)");
+    running.set(false);
+    let _ = traffic.await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser check failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("report");
+    assert_eq!(report["gone"], true, "{report}");
+    // What the page showed is what the broker knows.
+    let listed = a.nodes().await.expect("nodes");
+    assert!(listed.iter().any(|n| n.node == "b" && !n.up), "{listed:?}");
+    drop(b);
+    admin.stop().await;
+    a.shutdown().await;
+}

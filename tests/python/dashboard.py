@@ -1,6 +1,7 @@
 """Drives the dashboard in a real headless Chromium through WebDriver.
 
 Usage: dashboard.py URL PIDS_JSON SCREENSHOT
+       dashboard.py --cluster URL NODE PID
 
 PIDS_JSON maps each echo worker's process id to its real pid. The script
 checks that the page shows every worker with that pid, that its numbers
@@ -9,6 +10,11 @@ the page with a new pid and one restart, and that the browser console has
 no errors. It saves a screenshot to SCREENSHOT and prints one JSON line:
 {"killed": ID, "old_pid": N, "new_pid": N}. Any failed check exits non-zero
 with the reason on stderr.
+
+With --cluster, the page of a broker in a cluster: NODE (another broker,
+pid PID) must be listed as up with its services and a reply rate; the
+script then kills it (SIGKILL) and the row must say it is gone, with no
+reload and no console errors. It prints {"node": NODE, "gone": true}.
 """
 
 import json
@@ -51,8 +57,8 @@ def wait_until(what, check, timeout=15.0):
     fail(f"{what} (last: {last!r})")
 
 
-def main():
-    url, pids, screenshot = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+def browser():
+    """Headless Chromium through chromium-driver, console logs kept."""
     options = webdriver.ChromeOptions()
     options.binary_location = find(["chromium", "chromium-browser", "/usr/bin/chromium"])
     for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -62,8 +68,48 @@ def main():
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=find(["chromedriver", "/usr/bin/chromedriver"]))
     driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(20)
+    return driver
+
+
+def no_console_errors(driver):
+    errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    if errors:
+        fail(f"browser console errors: {errors}")
+
+
+def cluster_main(url, node, pid):
+    driver = browser()
     try:
-        driver.set_page_load_timeout(20)
+        driver.get(url)
+
+        def field(name):
+            return driver.find_element(
+                By.CSS_SELECTOR, f'tr[data-node="{node}"] [data-field="{name}"]').text
+
+        def row():
+            return driver.find_element(By.CSS_SELECTOR, f'tr[data-node="{node}"]').text
+
+        wait_until(f"{node} is listed up", lambda: field("status") == "up")
+        wait_until(f"{node} shows its services", lambda: "echo 1" in row())
+        wait_until(f"{node} shows a reply rate",
+                   lambda: field("rate") not in ("–", "0/s", "0.0/s"))
+        os.kill(pid, signal.SIGKILL)
+        wait_until(f"{node} is shown gone", lambda: field("status") == "gone", timeout=20)
+        if driver.execute_script("return performance.getEntriesByType('navigation').length") != 1:
+            fail("more than one navigation")
+        no_console_errors(driver)
+        print(json.dumps({"node": node, "gone": True}))
+    finally:
+        driver.quit()
+
+
+def main():
+    if sys.argv[1] == "--cluster":
+        return cluster_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    url, pids, screenshot = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    driver = browser()
+    try:
         driver.get(url)
         driver.execute_script("window.__loaded_once = true;")
 
@@ -112,9 +158,7 @@ def main():
         if not driver.save_screenshot(screenshot):
             fail(f"could not save {screenshot}")
 
-        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
-        if errors:
-            fail(f"browser console errors: {errors}")
+        no_console_errors(driver)
         print(json.dumps({"killed": victim, "old_pid": old_pid, "new_pid": new_pid}))
     finally:
         driver.quit()
