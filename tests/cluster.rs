@@ -670,24 +670,11 @@ async fn the_dashboard_shows_the_nodes_in_a_real_browser() {
             }
         })
     };
-    let script = format!("{}/tests/python/dashboard.py", env!("CARGO_MANIFEST_DIR"));
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(python())
-            .arg(&script)
-            .args(["--cluster", &format!("http://{}/", admin.addr), "b"])
-            .arg(b.pid().to_string())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the browser check ends within 120 s")
-    .expect("python3 with selenium runs (scripts/test installs it)");
+    let page = format!("http://{}/", admin.addr);
+    let args = ["--cluster".into(), page, "b".into(), b.pid().to_string()];
+    let report = browser_check(&args).await;
     running.set(false);
     let _ = traffic.await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "browser check failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("report");
     assert_eq!(report["gone"], true, "{report}");
     // What the page showed is what the broker knows.
     let listed = a.nodes().await.expect("nodes");

@@ -54,29 +54,14 @@ async fn the_dashboard_shows_live_processes_in_a_real_browser() {
     };
 
     let screenshot = format!("{}/dashboard.png", target_dir());
-    let script = format!("{}/tests/python/dashboard.py", env!("CARGO_MANIFEST_DIR"));
     let url = format!("http://{}/", admin.addr);
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(python())
-            .arg(&script)
-            .arg(&url)
-            .arg(serde_json::to_string(&pids).expect("json"))
-            .arg(&screenshot)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the browser check ends within 120 s")
-    .expect("python3 with selenium runs (scripts/test installs it)");
+    let pids_json = serde_json::to_string(&pids).expect("json");
+    let report = browser_check(&[url, pids_json, screenshot.clone()]).await;
     running.set(false);
     let calls = traffic.await.expect("traffic");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "browser check failed:\n{stderr}");
     assert!(calls > 0);
 
     // What the page showed is what the broker knows.
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("report");
     let victim = report["killed"].as_str().expect("killed id");
     let info = ready_again(&broker, victim, 1).await;
     assert_eq!(info.pid.map(u64::from), report["new_pid"].as_u64());

@@ -194,3 +194,23 @@ pub fn bench_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
+
+/// Runs `tests/python/dashboard.py ARGS` (headless Chromium) for at most
+/// 120 s; its JSON report on success, else a panic with its stderr.
+pub async fn browser_check(args: &[String]) -> serde_json::Value {
+    let script = format!("{}/tests/python/dashboard.py", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser check ends within 120 s")
+    .expect("python3 with selenium runs (scripts/test installs it)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser check failed:\n{stderr}");
+    serde_json::from_slice(&output.stdout).expect("report")
+}
