@@ -683,3 +683,89 @@ async fn the_dashboard_shows_the_nodes_in_a_real_browser() {
     admin.stop().await;
     a.shutdown().await;
 }
+
+/// A CA and a server certificate for 127.0.0.1 (openssl; scripts/test
+/// installs it when missing), in `dir`: (ca.pem, server.pem, server.key).
+fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!(
+        "openssl req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=procbroker-test-ca 2>/dev/null"
+    ));
+    sh(&format!(
+        "openssl req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf && \
+         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null"
+    ));
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[actix::test]
+async fn tls_and_user_password_are_passed_to_the_client() {
+    let dir = std::env::temp_dir().join(format!("procbroker-cluster-tls-{}", std::process::id()));
+    let (ca, cert, key) = tls_files(&dir);
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let nats = Nats::start(&[
+        "--tls",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--user",
+        "pb",
+        "--pass",
+        "s3cret",
+    ]);
+    let auth = format!(
+        "user = \"pb\"\npassword = \"s3cret\"\ntls_ca_file = {:?}",
+        ca.display().to_string()
+    );
+    let _b = Node::start("b", &nats.url(), 1, &auth);
+    let a = node_a(ClusterConfig {
+        user: "pb".into(),
+        password: "s3cret".into(),
+        tls_ca_file: ca.display().to_string(),
+        ..cluster(&nats.url(), "a")
+    });
+    joined(&a, &[("b", 1)]).await;
+    let reply = call(&a, "who@b", "Who", ()).await;
+    assert_eq!(who(&reply).0, "who.0", "{reply:?}");
+
+    // The right password without the CA: the server's certificate is not
+    // trusted, the broker never joins, and says so in its stats.
+    let untrusting = node_a(ClusterConfig {
+        user: "pb".into(),
+        password: "s3cret".into(),
+        ..cluster(&nats.url(), "x")
+    });
+    actix::clock::sleep(Duration::from_millis(4 * HEARTBEAT_MS)).await;
+    let reply = call(&untrusting, "who@b", "Who", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    let stats = untrusting
+        .stats()
+        .await
+        .expect("stats")
+        .cluster
+        .expect("cluster");
+    assert!(!stats.connected);
+    untrusting.shutdown().await;
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
