@@ -674,8 +674,9 @@ impl Handler<Deliver> for Cluster {
 }
 
 impl Cluster {
-    fn fits(&self, envelope: &Envelope) -> bool {
-        self.max_payload == 0 || envelope.encoded_len() + HEADROOM <= self.max_payload
+    /// Whether an encoded envelope of `len` bytes may be published.
+    fn fits(&self, len: usize) -> bool {
+        self.max_payload == 0 || len + HEADROOM <= self.max_payload
     }
 
     /// A request the Router sent to `service@node`, to publish.
@@ -684,7 +685,8 @@ impl Cluster {
         let node = node.to_owned();
         let origin = envelope.source.clone();
         let correlation_id = envelope.correlation_id;
-        if !self.fits(&envelope) {
+        let payload = envelope.to_bytes();
+        if !self.fits(payload.len()) {
             let max = self.max_payload;
             if let Some(remote) = self.nodes.get_mut(&node) {
                 remote.too_large += 1;
@@ -696,7 +698,7 @@ impl Cluster {
                 code: ErrorCode::TooLarge,
                 message: format!(
                     "the request ({} bytes) is larger than the NATS server's max_payload ({max} bytes with {HEADROOM} for headers)",
-                    envelope.encoded_len()
+                    payload.len()
                 ),
             });
             self.push_state();
@@ -715,13 +717,13 @@ impl Cluster {
                 &origin,
             )),
             headers: Some(headers),
-            payload: envelope.to_bytes(),
+            payload,
             fails: Some((self.id_of(&node), origin, correlation_id)),
         })
     }
 
     /// A reply to a caller on another node (`target = proc@node`), to publish.
-    fn reply_out(&mut self, mut envelope: Envelope) -> Option<Outgoing> {
+    fn reply_out(&mut self, envelope: Envelope) -> Option<Outgoing> {
         let (origin, node) = nodes::split(&envelope.target)?;
         let subject = reply_subject(
             &self.config.name,
@@ -730,21 +732,28 @@ impl Cluster {
             envelope.correlation_id,
             origin,
         );
-        if !self.fits(&envelope) {
-            // Still exactly one reply: the caller learns why.
+        let mut payload = envelope.to_bytes();
+        if !self.fits(payload.len()) {
+            // Still exactly one reply, to the same caller: it learns why.
             let message = format!(
                 "the reply ({} bytes) is larger than the NATS server's max_payload ({} bytes)",
-                envelope.encoded_len(),
+                payload.len(),
                 self.max_payload
             );
-            envelope = envelope.broker_error(ErrorCode::TooLarge, message);
-            envelope.target = envelope.source.clone();
+            payload = Envelope::broker_error_to(
+                envelope.target.clone(),
+                envelope.id.clone(),
+                envelope.correlation_id,
+                ErrorCode::TooLarge,
+                message,
+            )
+            .to_bytes();
         }
         Some(Outgoing {
             subject,
             reply: None,
             headers: None,
-            payload: envelope.to_bytes(),
+            payload,
             fails: None,
         })
     }
