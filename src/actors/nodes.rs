@@ -32,6 +32,8 @@ pub(crate) fn node_id(node: &str) -> ByteString {
 /// One remote node.
 #[derive(Debug)]
 struct Node {
+    /// `@node`: the id it is routed under, made once.
+    id: ByteString,
     up: bool,
     /// Its advertised services and ready workers.
     services: Vec<(ByteString, u32)>,
@@ -95,7 +97,8 @@ impl Nodes {
 
     /// Node `node` advertised `services`. True if it was not up before.
     pub(crate) fn up(&mut self, node: &ByteString, services: Vec<(ByteString, u32)>) -> bool {
-        let entry = self.nodes.entry(node.clone()).or_insert(Node {
+        let entry = self.nodes.entry(node.clone()).or_insert_with(|| Node {
+            id: node_id(node),
             up: false,
             services: Vec::new(),
         });
@@ -118,6 +121,11 @@ impl Nodes {
     /// `Some(up)` for a node heard from, `None` for one never heard of.
     pub(crate) fn state(&self, node: &str) -> Option<bool> {
         self.nodes.get(node).map(|n| n.up)
+    }
+
+    /// The id node `node` is routed under (`@node`), once heard from.
+    pub(crate) fn id(&self, node: &str) -> Option<&ByteString> {
+        self.nodes.get(node).map(|n| &n.id)
     }
 
     /// Ready workers node `node` advertises over all its services.
@@ -213,6 +221,7 @@ mod tests {
         assert!(n.knows("echo"), "a gone node's services stay known");
         assert_eq!(n.state("b"), Some(false));
         assert_eq!(n.state("z"), None);
+        assert_eq!(n.id("b").map(|id| &**id), Some("@b"));
     }
 
     #[test]

@@ -337,7 +337,8 @@ impl Router {
             }
             Some(true) => {}
         }
-        let Some((slot, in_flight)) = self.table.exact(&nodes::node_id(node)) else {
+        let Some((slot, in_flight)) = self.nodes.id(node).and_then(|id| self.table.exact(id))
+        else {
             return Err((
                 ErrorCode::Unavailable,
                 format!("node {node:?} is not connected"),
@@ -554,15 +555,17 @@ impl Handler<NodeUp> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: NodeUp, _: &mut Self::Context) {
-        let id = nodes::node_id(&msg.node);
+        if self.nodes.up(&msg.node, msg.services) {
+            tracing::info!(node = %msg.node, "node joined");
+        }
+        let Some(id) = self.nodes.id(&msg.node).cloned() else {
+            return;
+        };
         if self.table.exact(&id).is_none() {
-            let mut register = RegisterProcess::new(id.clone(), id.clone(), msg.link);
+            let mut register = RegisterProcess::new(id.clone(), id, msg.link);
             // Never a target of its own: not in `*`, not picked by name.
             register.ready = false;
             let _ = self.table.register(register);
-        }
-        if self.nodes.up(&msg.node, msg.services) {
-            tracing::info!(node = %msg.node, "node joined");
         }
     }
 }
@@ -572,7 +575,8 @@ impl Handler<NodeDown> for Router {
 
     fn handle(&mut self, msg: NodeDown, _: &mut Self::Context) -> usize {
         self.nodes.down(&msg.node);
-        let failed = self.remove_process(&nodes::node_id(&msg.node), &msg.reason);
+        let id = self.nodes.id(&msg.node).cloned();
+        let failed = id.map_or(0, |id| self.remove_process(&id, &msg.reason));
         self.table.send_held();
         if failed > 0 || self.nodes.state(&msg.node).is_some() {
             tracing::warn!(node = %msg.node, reason = %msg.reason, failed, "node left");
