@@ -214,3 +214,25 @@ pub async fn browser_check(args: &[String]) -> serde_json::Value {
     assert!(output.status.success(), "browser check failed:\n{stderr}");
     serde_json::from_slice(&output.stdout).expect("report")
 }
+
+/// Which roles of a bench `cpu_us_per_call` are processes of their own
+/// (broker, client, workers): a number ≥ 0 there, null where the role runs
+/// inside another process; anything else fails.
+pub fn cpu_roles(cpu: &serde_json::Value) -> [bool; 3] {
+    ["broker", "client", "workers"].map(|r| match &cpu[r] {
+        serde_json::Value::Null => false,
+        n => n.as_f64().is_some_and(|v| v >= 0.0) || panic!("{r}: {n}"),
+    })
+}
+
+/// A bench `--json` with `--baseline`: the baseline ran and the ratio is
+/// there.
+pub fn assert_baseline_measured(v: &serde_json::Value) {
+    assert!(
+        v["baseline"]["throughput_rps"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0),
+        "{v}"
+    );
+    assert!(v["ratio_p50"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+}
