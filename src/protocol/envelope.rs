@@ -123,6 +123,7 @@ impl Field {
 /// its span in the frame. The `ByteString` is made once the loop is done:
 /// spans keep the decode loop's state small (no values with destructors
 /// live across it), which is most of what decoding costs.
+#[inline(always)]
 fn read_str(
     frame: &[u8],
     reader: &mut Reader<'_>,
@@ -147,7 +148,7 @@ fn read_str(
 /// names: a byte loop settles those in a few instructions, where the
 /// general check costs ~50 per string.
 fn is_utf8(bytes: &[u8]) -> bool {
-    (bytes.len() <= 32 && bytes.iter().all(u8::is_ascii)) || std::str::from_utf8(bytes).is_ok()
+    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 
 /// The `ByteString` of a span [`read_str`] checked.
@@ -159,6 +160,7 @@ fn text(frame: &Bytes, span: Range<usize>) -> ByteString {
 }
 
 /// Reads a non-negative int field (nil reads as absent).
+#[inline(always)]
 fn read_uint(reader: &mut Reader<'_>, field: Field) -> Result<Option<u64>, EnvelopeError> {
     let marker = reader.marker()?;
     let wrong = |found| EnvelopeError::WrongType {

@@ -79,7 +79,7 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<Range<usize>, MsgpackError> {
         if n > self.remaining() {
             return Err(MsgpackError::Truncated { offset: self.pos });
@@ -89,7 +89,7 @@ impl<'a> Reader<'a> {
         Ok(start..self.pos)
     }
 
-    #[inline]
+    #[inline(always)]
     fn be<const N: usize>(&mut self) -> Result<u64, MsgpackError> {
         let range = self.take(N)?;
         let mut bytes = [0u8; 8];
@@ -98,7 +98,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads the next marker byte; 0xc1 (never used by MessagePack) is an error.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn marker(&mut self) -> Result<u8, MsgpackError> {
         let Some(&byte) = self.buf.get(self.pos) else {
             return Err(MsgpackError::Truncated { offset: self.pos });
@@ -111,7 +111,7 @@ impl<'a> Reader<'a> {
     }
 
     /// If `marker` starts a str, reads its body and returns the span.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn str_body(&mut self, marker: u8) -> Result<Option<Range<usize>>, MsgpackError> {
         let len = match marker {
             0xa0..=0xbf => usize::from(marker & 0x1f),
@@ -124,7 +124,7 @@ impl<'a> Reader<'a> {
     }
 
     /// If `marker` starts an integer, reads it. `Some(None)` is a negative int.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn uint_body(&mut self, marker: u8) -> Result<Option<Option<u64>>, MsgpackError> {
         let non_negative = |v: i64| u64::try_from(v).ok();
         Ok(Some(match marker {
