@@ -100,7 +100,7 @@ impl ProcessTable {
     /// resolves to that node's slot (`@node`): replies to it go there, and
     /// it is counted there.
     #[inline]
-    fn slot_of(&self, id: &ByteString) -> Option<usize> {
+    pub(crate) fn slot_of(&self, id: &ByteString) -> Option<usize> {
         match self.index.get(id) {
             Some(&slot) => Some(slot),
             None => self.remote_slot_of(id),
@@ -150,12 +150,12 @@ impl ProcessTable {
     }
 
     #[inline]
-    fn at(&self, slot: usize) -> Option<&ProcessEntry> {
+    pub(crate) fn at(&self, slot: usize) -> Option<&ProcessEntry> {
         self.slots.get(slot)?.as_ref().map(|(_, e)| e)
     }
 
     #[inline]
-    fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
+    pub(crate) fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
         self.slots.get_mut(slot)?.as_mut().map(|(_, e)| e)
     }
 
@@ -398,7 +398,15 @@ impl ProcessTable {
     /// its request was answered, bounced, timed out or orphaned.
     #[inline]
     pub(crate) fn release(&mut self, worker: &ByteString) {
-        if let Some(entry) = self.get_mut(worker) {
+        if let Some(slot) = self.slot_of(worker) {
+            self.release_slot(slot);
+        }
+    }
+
+    /// [`release`](Self::release) by slot.
+    #[inline]
+    pub(crate) fn release_slot(&mut self, slot: usize) {
+        if let Some(entry) = self.at_mut(slot) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
     }
