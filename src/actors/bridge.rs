@@ -310,13 +310,10 @@ impl Bridge {
             }
         });
         let full = Rc::clone(&outbox);
-        let frames = Batches::new(
-            Paced::new(
-                FramedRead::new(stdout, codec),
-                Arc::clone(&pacer),
-                move || full.depth() >= capacity,
-            ),
-            READ_BATCH,
+        let frames = Paced::new(
+            Batches::new(stdout, codec, READ_BATCH),
+            Arc::clone(&pacer),
+            move || full.depth() >= capacity,
         )
         .map(move |batch| (generation, batch));
         let stdout = ctx.add_stream(frames);

@@ -3,8 +3,8 @@
 //! - [`Outbox`]: the write side. Frames are encoded into a buffer as they are
 //!   queued and a writer task puts everything queued so far into one `write`
 //!   whenever it runs: coalescing without a timer.
-//! - [`Batches`]: whatever a stream has ready, as one batch (one actor
-//!   message for many frames).
+//! - [`Batches`]: the read side. Every frame one read brought, decoded into
+//!   one batch (one actor message for many frames).
 //! - [`LogLines`]: a decoder for a child's stderr that never fails.
 //! - [`WireCodec`]: envelopes or MessagePack-RPC, whichever the child speaks.
 //! - [`set_pipe_size`]: 1 MiB pipes (DESIGN 8.1: a 64 KiB frame overflows the

@@ -6,8 +6,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
+use super::reply_slot;
 use crate::call::{CallError, Reply};
 use crate::names::BROKER;
 use crate::pipe::{Outbox, OutboxError};
@@ -23,7 +23,7 @@ const SWEEP: Duration = Duration::from_millis(250);
 
 /// A call waiting for its reply.
 struct Waiting {
-    reply: oneshot::Sender<Result<Envelope, CallError>>,
+    reply: reply_slot::Sender<Result<Envelope, CallError>>,
     /// Past this, the call gives up on its own with `NoReply`.
     give_up: Instant,
     /// Its deadline plus the grace, for the error.
@@ -124,7 +124,7 @@ impl Client {
         inner.next_id.set(correlation_id);
         request.correlation_id = correlation_id;
         request.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = reply_slot::channel();
         let waited = timeout.saturating_add(GRACE);
         let give_up = Instant::now()
             .checked_add(waited)

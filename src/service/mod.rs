@@ -30,6 +30,7 @@
 
 mod client;
 mod methods;
+mod reply_slot;
 mod serve;
 
 pub use client::Client;

@@ -8,12 +8,11 @@ use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
-use tokio_util::codec::FramedRead;
 
 use super::client::Client;
 use super::methods::{Answer, Methods};
 use crate::names::{BROKER, PROCESS_ID_ENV};
-use crate::pipe::Outbox;
+use crate::pipe::{Batches, Outbox};
 use crate::protocol::{EnvelopeCodec, FrameError, MessageType};
 
 /// Why a service stopped serving.
@@ -67,49 +66,56 @@ where
     let methods = Rc::new(build(client.clone()));
     let busy = Rc::new(InFlight::default());
     let _ = client.ready();
-    let mut frames = FramedRead::new(input, codec);
+    // Whatever one read brought, decoded in one go (see `pipe::Batches`).
+    let mut frames = Batches::new(input, codec, READ_BATCH);
     let mut draining = false;
-    let result = loop {
-        let item = tokio::select! {
-            item = frames.next() => item,
+    let result = 'read: loop {
+        let batch = tokio::select! {
+            batch = frames.next() => batch,
             () = busy.idle(), if draining => break Ok(()),
         };
-        let envelope = match item {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(ServeError::Frame(e)),
-            Some(Ok(Err(invalid))) => {
-                tracing::warn!(process = %id, error = %invalid.error, "invalid frame skipped");
-                continue;
-            }
-            Some(Ok(Ok(envelope))) => envelope,
+        let Some(batch) = batch else {
+            break Ok(());
         };
-        match envelope.kind {
-            MessageType::Request => match methods.answer(envelope, &id) {
-                Answer::Now(reply) => {
-                    let _ = client.send(&reply);
+        for item in batch {
+            let envelope = match item {
+                Err(e) => break 'read Err(ServeError::Frame(e)),
+                Ok(Err(invalid)) => {
+                    tracing::warn!(process = %id, error = %invalid.error, "invalid frame skipped");
+                    continue;
                 }
-                Answer::Later(future) => {
-                    let client = client.clone();
-                    let guard = busy.enter();
-                    tokio::task::spawn_local(async move {
-                        let reply = future.await;
+                Ok(Ok(envelope)) => envelope,
+            };
+            match envelope.kind {
+                MessageType::Request => match methods.answer(envelope, &id) {
+                    Answer::Now(reply) => {
                         let _ = client.send(&reply);
-                        drop(guard);
-                    });
+                    }
+                    Answer::Later(future) => {
+                        let client = client.clone();
+                        let guard = busy.enter();
+                        tokio::task::spawn_local(async move {
+                            let reply = future.await;
+                            let _ = client.send(&reply);
+                            drop(guard);
+                        });
+                    }
+                },
+                MessageType::Response | MessageType::Error => {
+                    if !client.complete(envelope) {
+                        tracing::debug!(process = %id, "reply to no call in flight dropped");
+                    }
                 }
-            },
-            MessageType::Response | MessageType::Error => {
-                if !client.complete(envelope) {
-                    tracing::debug!(process = %id, "reply to no call in flight dropped");
+                MessageType::Event
+                    if &*envelope.id == "shutdown" && &*envelope.source == BROKER =>
+                {
+                    // Finish what is in flight (its calls still need stdin), make
+                    // no new calls, then go.
+                    client.stop_calling();
+                    draining = true;
                 }
+                MessageType::Event => methods.event(envelope),
             }
-            MessageType::Event if &*envelope.id == "shutdown" && &*envelope.source == BROKER => {
-                // Finish what is in flight (its calls still need stdin), make
-                // no new calls, then go.
-                client.stop_calling();
-                draining = true;
-            }
-            MessageType::Event => methods.event(envelope),
         }
     };
     if result.is_ok() {
@@ -124,6 +130,9 @@ where
     client.outbox().closed().await;
     result
 }
+
+/// Most frames handled per read (a bound on one turn of the loop).
+const READ_BATCH: usize = 64;
 
 /// After EOF, how long running handlers may take to finish.
 const EOF_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
