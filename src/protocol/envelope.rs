@@ -310,6 +310,101 @@ impl Envelope {
 
     /// Decodes one frame body. Strings and payload become slices of `frame`.
     pub fn decode(frame: &Bytes) -> Result<Self, EnvelopeError> {
+        match Self::decode_canonical(frame) {
+            Some(envelope) => Ok(envelope),
+            None => Self::decode_any(frame),
+        }
+    }
+
+    /// The fast path: the keys in the order [`encode`](Self::encode_laid_out)
+    /// writes them (procbroker's own peers, and the SDKs that copy it),
+    /// each matched as one byte string. No key lookup, no duplicate
+    /// tracking: keys in that strict order cannot repeat. Anything else
+    /// (another order, nil values, unknown keys, any error) returns `None`
+    /// and [`decode_any`](Self::decode_any) decodes the frame from the start,
+    /// so errors are reported the one way.
+    #[inline]
+    fn decode_canonical(frame: &Bytes) -> Option<Self> {
+        let mut reader = Reader::new(frame);
+        let entries = match reader.marker().ok()? {
+            marker @ 0x81..=0x89 => usize::from(marker & 0x0f),
+            _ => return None,
+        };
+        #[inline(always)]
+        fn str_at(frame: &[u8], reader: &mut Reader<'_>) -> Option<Range<usize>> {
+            let marker = reader.marker().ok()?;
+            let span = reader.str_body(marker).ok()??;
+            is_utf8(&frame[span.clone()]).then_some(span)
+        }
+        #[inline(always)]
+        fn uint_at(reader: &mut Reader<'_>) -> Option<u64> {
+            let marker = reader.marker().ok()?;
+            reader.uint_body(marker).ok()??
+        }
+        if !reader.eat(key::TYPE) {
+            return None;
+        }
+        let kind = MessageType::from_bytes(&frame[str_at(frame, &mut reader)?])?;
+        if !reader.eat(key::ID) {
+            return None;
+        }
+        let id = str_at(frame, &mut reader)?;
+        let mut read = 2;
+        let mut correlation_id = None;
+        let (mut source, mut target, mut timeout_ms) = (None, None, None);
+        let (mut error, mut code, mut payload) = (None, None, None);
+        if read < entries && reader.eat(key::CORRELATION_ID) {
+            correlation_id = Some(uint_at(&mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::SOURCE) {
+            source = Some(str_at(frame, &mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::TARGET) {
+            target = Some(str_at(frame, &mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::TIMEOUT_MS) {
+            timeout_ms = Some(uint_at(&mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::ERROR) {
+            error = Some(str_at(frame, &mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::CODE) {
+            code = Some(str_at(frame, &mut reader)?);
+            read += 1;
+        }
+        if read < entries && reader.eat(key::PAYLOAD) {
+            payload = Some(reader.value_span().ok()?);
+            read += 1;
+        }
+        if read != entries || reader.remaining() > 0 {
+            return None;
+        }
+        let text = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
+        let envelope = Self {
+            kind,
+            id: text(Some(id)).unwrap_or_default(),
+            correlation_id: correlation_id.unwrap_or(0),
+            source: text(source).unwrap_or_default(),
+            target: text(target).unwrap_or_default(),
+            payload: payload.map(|span| Payload::from_checked(frame.slice(span))),
+            error: text(error),
+            code: text(code),
+            timeout_ms,
+        };
+        envelope
+            .check_required(correlation_id.is_some())
+            .ok()
+            .map(|()| envelope)
+    }
+
+    /// The general decoder: keys in any order, nil as absent, unknown keys
+    /// skipped, every error named.
+    fn decode_any(frame: &Bytes) -> Result<Self, EnvelopeError> {
         if frame.is_empty() {
             return Err(EnvelopeError::Empty);
         }
@@ -612,4 +707,74 @@ pub(crate) fn salvage_request(frame: &Bytes) -> Option<SalvagedRequest> {
         correlation_id: correlation_id?,
         id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        let name = "[a-z@.]{0,12}";
+        (
+            0..4u8,
+            (name, name, name),
+            (any::<u64>(), proptest::option::of(any::<u64>())),
+            proptest::option::of(("[ -~é]{0,40}", "[a-z_]{0,12}")),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        )
+            .prop_map(
+                |(kind, (id, source, target), (correlation_id, timeout_ms), error, payload)| {
+                    let mut envelope = Envelope::request(target, id, correlation_id);
+                    envelope.kind = [
+                        MessageType::Request,
+                        MessageType::Response,
+                        MessageType::Event,
+                        MessageType::Error,
+                    ][usize::from(kind)];
+                    envelope.source = source.into();
+                    envelope.timeout_ms = timeout_ms;
+                    if let Some((message, code)) = error {
+                        envelope.error = Some(message.into());
+                        envelope.code = Some(code.into());
+                    }
+                    if let Some(bytes) = payload {
+                        envelope = envelope
+                            .with_payload(&serde_bytes::ByteBuf::from(bytes))
+                            .expect("bin payload");
+                    }
+                    envelope
+                },
+            )
+    }
+
+    proptest! {
+        /// What the encoder writes takes the fast path, and the fast path
+        /// agrees with the general decoder on every frame it accepts, a
+        /// byte changed or cut anywhere included.
+        #[test]
+        fn the_fast_path_agrees_with_the_general_decoder(
+            envelope in envelope(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let frame = envelope.to_bytes();
+            let general = Envelope::decode_any(&frame);
+            if general.is_ok() {
+                prop_assert_eq!(Envelope::decode_canonical(&frame).map(Ok), Some(general));
+            }
+            let mut changed = frame.to_vec();
+            let i = at.index(changed.len());
+            if cut {
+                changed.truncate(i);
+            } else {
+                changed[i] = byte;
+            }
+            let changed = Bytes::from(changed);
+            if let Some(fast) = Envelope::decode_canonical(&changed) {
+                prop_assert_eq!(Envelope::decode_any(&changed), Ok(fast));
+            }
+        }
+    }
 }

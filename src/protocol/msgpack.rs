@@ -97,6 +97,16 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(bytes))
     }
 
+    /// If the next bytes are `expected` (an encoded key), steps over them.
+    #[inline(always)]
+    pub(crate) fn eat(&mut self, expected: &[u8]) -> bool {
+        let found = self.buf[self.pos..].starts_with(expected);
+        if found {
+            self.pos += expected.len();
+        }
+        found
+    }
+
     /// Reads the next marker byte; 0xc1 (never used by MessagePack) is an error.
     #[inline(always)]
     pub(crate) fn marker(&mut self) -> Result<u8, MsgpackError> {
