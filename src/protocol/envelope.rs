@@ -51,6 +51,20 @@ pub(crate) struct Layout {
     pub(crate) len: usize,
 }
 
+/// Where a decoder found each field in the frame: spans, not strings, so
+/// no values with destructors live across the decode loop.
+#[derive(Default)]
+struct Spans {
+    id: Option<Range<usize>>,
+    correlation_id: Option<u64>,
+    source: Option<Range<usize>>,
+    target: Option<Range<usize>>,
+    timeout_ms: Option<u64>,
+    error: Option<Range<usize>>,
+    code: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+}
+
 /// The keys as written: str header and name, one copy each.
 mod key {
     pub const TYPE: &[u8] = b"\xa4type";
@@ -348,58 +362,43 @@ impl Envelope {
         if !reader.eat(key::ID) {
             return None;
         }
-        let id = str_at(frame, &mut reader)?;
+        let mut spans = Spans {
+            id: Some(str_at(frame, &mut reader)?),
+            ..Spans::default()
+        };
         let mut read = 2;
-        let mut correlation_id = None;
-        let (mut source, mut target, mut timeout_ms) = (None, None, None);
-        let (mut error, mut code, mut payload) = (None, None, None);
         if read < entries && reader.eat(key::CORRELATION_ID) {
-            correlation_id = Some(uint_at(&mut reader)?);
+            spans.correlation_id = Some(uint_at(&mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::SOURCE) {
-            source = Some(str_at(frame, &mut reader)?);
+            spans.source = Some(str_at(frame, &mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::TARGET) {
-            target = Some(str_at(frame, &mut reader)?);
+            spans.target = Some(str_at(frame, &mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::TIMEOUT_MS) {
-            timeout_ms = Some(uint_at(&mut reader)?);
+            spans.timeout_ms = Some(uint_at(&mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::ERROR) {
-            error = Some(str_at(frame, &mut reader)?);
+            spans.error = Some(str_at(frame, &mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::CODE) {
-            code = Some(str_at(frame, &mut reader)?);
+            spans.code = Some(str_at(frame, &mut reader)?);
             read += 1;
         }
         if read < entries && reader.eat(key::PAYLOAD) {
-            payload = Some(reader.value_span().ok()?);
+            spans.payload = Some(reader.value_span().ok()?);
             read += 1;
         }
         if read != entries || reader.remaining() > 0 {
             return None;
         }
-        let text = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
-        let envelope = Self {
-            kind,
-            id: text(Some(id)).unwrap_or_default(),
-            correlation_id: correlation_id.unwrap_or(0),
-            source: text(source).unwrap_or_default(),
-            target: text(target).unwrap_or_default(),
-            payload: payload.map(|span| Payload::from_checked(frame.slice(span))),
-            error: text(error),
-            code: text(code),
-            timeout_ms,
-        };
-        envelope
-            .check_required(correlation_id.is_some())
-            .ok()
-            .map(|()| envelope)
+        Self::assemble(frame, kind, spans).ok()
     }
 
     /// The general decoder: keys in any order, nil as absent, unknown keys
@@ -423,14 +422,7 @@ impl Envelope {
 
         let mut seen = 0u16;
         let mut kind = None;
-        let mut id = None;
-        let mut correlation_id = None;
-        let mut source = None;
-        let mut target = None;
-        let mut payload: Option<Range<usize>> = None;
-        let mut error = None;
-        let mut code = None;
-        let mut timeout_ms = None;
+        let mut spans = Spans::default();
 
         for _ in 0..entries {
             let key_at = reader.position();
@@ -470,14 +462,14 @@ impl Envelope {
                         }
                     }
                 }
-                Field::Id => id = read_str(frame, &mut reader, field)?,
-                Field::Source => source = read_str(frame, &mut reader, field)?,
-                Field::Target => target = read_str(frame, &mut reader, field)?,
-                Field::Error => error = read_str(frame, &mut reader, field)?,
-                Field::Code => code = read_str(frame, &mut reader, field)?,
-                Field::CorrelationId => correlation_id = read_uint(&mut reader, field)?,
-                Field::TimeoutMs => timeout_ms = read_uint(&mut reader, field)?,
-                Field::Payload => payload = Some(reader.value_span()?),
+                Field::Id => spans.id = read_str(frame, &mut reader, field)?,
+                Field::Source => spans.source = read_str(frame, &mut reader, field)?,
+                Field::Target => spans.target = read_str(frame, &mut reader, field)?,
+                Field::Error => spans.error = read_str(frame, &mut reader, field)?,
+                Field::Code => spans.code = read_str(frame, &mut reader, field)?,
+                Field::CorrelationId => spans.correlation_id = read_uint(&mut reader, field)?,
+                Field::TimeoutMs => spans.timeout_ms = read_uint(&mut reader, field)?,
+                Field::Payload => spans.payload = Some(reader.value_span()?),
             }
         }
         if reader.remaining() > 0 {
@@ -488,19 +480,28 @@ impl Envelope {
             field: "type",
             kind: None,
         })?;
+        Self::assemble(frame, kind, spans)
+    }
+
+    /// The envelope of the fields a decoder found, checked for what its
+    /// type requires.
+    #[inline(always)]
+    fn assemble(frame: &Bytes, kind: MessageType, spans: Spans) -> Result<Self, EnvelopeError> {
         let text = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
         let envelope = Self {
             kind,
-            id: text(id).unwrap_or_default(),
-            correlation_id: correlation_id.unwrap_or(0),
-            source: text(source).unwrap_or_default(),
-            target: text(target).unwrap_or_default(),
-            payload: payload.map(|span| Payload::from_checked(frame.slice(span))),
-            error: text(error),
-            code: text(code),
-            timeout_ms,
+            id: text(spans.id).unwrap_or_default(),
+            correlation_id: spans.correlation_id.unwrap_or(0),
+            source: text(spans.source).unwrap_or_default(),
+            target: text(spans.target).unwrap_or_default(),
+            payload: spans
+                .payload
+                .map(|span| Payload::from_checked(frame.slice(span))),
+            error: text(spans.error),
+            code: text(spans.code),
+            timeout_ms: spans.timeout_ms,
         };
-        envelope.check_required(correlation_id.is_some())?;
+        envelope.check_required(spans.correlation_id.is_some())?;
         Ok(envelope)
     }
 
