@@ -4,8 +4,8 @@
 //! child behind it, restarting it as the service's policy says. Each run of
 //! the child (an *incarnation*) has:
 //!
-//! - **stdout**: an actix stream of envelopes ([`EnvelopeCodec`]) wrapped in a
-//!   [`Paced`] gate. Each envelope gets its `source` stamped by the Router
+//! - **stdout**: an actix stream of envelope batches ([`EnvelopeCodec`],
+//!   what one read brought: [`pipe::Batches`]) behind a [`Paced`] gate. Each envelope gets its `source` stamped by the Router
 //!   from the id registered here, so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
