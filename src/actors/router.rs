@@ -253,7 +253,10 @@ impl Router {
         let Some(worker) = self.table.id_of(slot).cloned() else {
             return;
         };
-        let method = envelope.id.clone();
+        // Copied, not sliced: a slice would keep the whole read buffer it
+        // came in (up to `pipe::READ_CHUNK`) alive for as long as the
+        // request is pending.
+        let method = ByteString::from(&*envelope.id);
         envelope.source = key.0.clone();
         if worker.starts_with('@') {
             // To another node: the remaining budget travels along, so the

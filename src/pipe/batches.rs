@@ -23,7 +23,10 @@ use tokio_util::codec::Decoder;
 
 /// Room a read is given: one read syscall takes up to this much of what the
 /// peer wrote. Envelopes are slices of the buffer, so a buffer lives as long
-/// as the longest-lived of its envelopes' strings.
+/// as the longest-lived of its envelopes' strings: whatever outlives the
+/// handling of an envelope (the Router's pending method name) is copied out.
+/// 16 KiB cost ~500 instructions more per relayed call than 64 (callgrind:
+/// more reads and allocations, smaller batches).
 pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Below this much free room the next read gets a fresh [`READ_CHUNK`].
