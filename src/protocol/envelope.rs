@@ -159,8 +159,8 @@ fn read_str(
 }
 
 /// Whether `bytes` are UTF-8. Ids, targets and sources are short ASCII
-/// names: a byte loop settles those in a few instructions, where the
-/// general check costs ~50 per string.
+/// names: `is_ascii` (a word at a time) settles those in a few
+/// instructions, where the general check costs ~50 per string.
 fn is_utf8(bytes: &[u8]) -> bool {
     bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
@@ -344,51 +344,50 @@ impl Envelope {
             marker @ 0x81..=0x89 => usize::from(marker & 0x0f),
             _ => return None,
         };
+        // The general decoder's readers; an error or a nil (absent in the
+        // general decoder, never written by the encoder) leaves the fast path.
         #[inline(always)]
-        fn str_at(frame: &[u8], reader: &mut Reader<'_>) -> Option<Range<usize>> {
-            let marker = reader.marker().ok()?;
-            let span = reader.str_body(marker).ok()??;
-            is_utf8(&frame[span.clone()]).then_some(span)
+        fn str_at(frame: &[u8], reader: &mut Reader<'_>, field: Field) -> Option<Range<usize>> {
+            read_str(frame, reader, field).ok().flatten()
         }
         #[inline(always)]
-        fn uint_at(reader: &mut Reader<'_>) -> Option<u64> {
-            let marker = reader.marker().ok()?;
-            reader.uint_body(marker).ok()??
+        fn uint_at(reader: &mut Reader<'_>, field: Field) -> Option<u64> {
+            read_uint(reader, field).ok().flatten()
         }
         if !reader.eat(key::TYPE) {
             return None;
         }
-        let kind = MessageType::from_bytes(&frame[str_at(frame, &mut reader)?])?;
+        let kind = MessageType::from_bytes(&frame[str_at(frame, &mut reader, Field::Type)?])?;
         if !reader.eat(key::ID) {
             return None;
         }
         let mut spans = Spans {
-            id: Some(str_at(frame, &mut reader)?),
+            id: Some(str_at(frame, &mut reader, Field::Id)?),
             ..Spans::default()
         };
         let mut read = 2;
         if read < entries && reader.eat(key::CORRELATION_ID) {
-            spans.correlation_id = Some(uint_at(&mut reader)?);
+            spans.correlation_id = Some(uint_at(&mut reader, Field::CorrelationId)?);
             read += 1;
         }
         if read < entries && reader.eat(key::SOURCE) {
-            spans.source = Some(str_at(frame, &mut reader)?);
+            spans.source = Some(str_at(frame, &mut reader, Field::Source)?);
             read += 1;
         }
         if read < entries && reader.eat(key::TARGET) {
-            spans.target = Some(str_at(frame, &mut reader)?);
+            spans.target = Some(str_at(frame, &mut reader, Field::Target)?);
             read += 1;
         }
         if read < entries && reader.eat(key::TIMEOUT_MS) {
-            spans.timeout_ms = Some(uint_at(&mut reader)?);
+            spans.timeout_ms = Some(uint_at(&mut reader, Field::TimeoutMs)?);
             read += 1;
         }
         if read < entries && reader.eat(key::ERROR) {
-            spans.error = Some(str_at(frame, &mut reader)?);
+            spans.error = Some(str_at(frame, &mut reader, Field::Error)?);
             read += 1;
         }
         if read < entries && reader.eat(key::CODE) {
-            spans.code = Some(str_at(frame, &mut reader)?);
+            spans.code = Some(str_at(frame, &mut reader, Field::Code)?);
             read += 1;
         }
         if read < entries && reader.eat(key::PAYLOAD) {
