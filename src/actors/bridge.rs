@@ -5,8 +5,9 @@
 //! the child (an *incarnation*) has:
 //!
 //! - **stdout**: an actix stream of envelope batches ([`EnvelopeCodec`],
-//!   what one read brought: [`pipe::Batches`]) behind a [`Paced`] gate. Each envelope gets its `source` stamped by the Router
-//!   from the id registered here, so a child cannot forge one. A bad frame is
+//!   what one read brought: [`pipe::Batches`]) behind a [`Paced`] gate.
+//!   Each envelope gets its `source` stamped by the Router from the id
+//!   registered here, so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
 //!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
