@@ -190,15 +190,20 @@ impl Router {
         }
         entry.saw(now);
         entry.delta.count(envelope.kind);
-        envelope.source = from.clone();
         match envelope.kind {
+            // `route_request` stamps `source` itself (it serves `Call` too):
+            // stamping here as well would cost two more reference counts.
             MessageType::Request => {
                 self.route_request(from.clone(), envelope, ReplyTo::Process, false, now);
             }
             MessageType::Response | MessageType::Error => {
+                envelope.source = from.clone();
                 self.route_reply(slot, from, envelope, now);
             }
-            MessageType::Event => self.route_event(from, envelope, now),
+            MessageType::Event => {
+                envelope.source = from.clone();
+                self.route_event(from, envelope, now);
+            }
         }
     }
 
