@@ -11,7 +11,7 @@ use crate::service::Methods;
 /// `echo`: answers every request, whatever its method, with its payload
 /// verbatim (the bytes are not decoded).
 pub fn echo() -> Methods {
-    Methods::new().fallback(|request| async move { Ok(request.payload) })
+    Methods::new().fallback_sync(|request| Ok(request.payload))
 }
 
 /// `rpc-echo`: a MessagePack-RPC peer on stdin/stdout that answers every

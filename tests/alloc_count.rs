@@ -177,3 +177,30 @@ fn typed_payload_costs_are_what_serde_needs() {
     assert_eq!(payload.expect("encode").len(), 18);
     assert_eq!(allocs, 2, "Payload::encode of {{name, value}}");
 }
+
+#[test]
+fn the_echo_worker_answers_without_allocating() {
+    use procbroker::service::{Answer, Methods};
+    let reply_of = |methods: &Methods| {
+        // As a worker gets it: decoded from its read buffer (a slice of a
+        // shared buffer; cloning a field is a reference count, never a copy).
+        let mut read_buf = framed(&[small_request()]);
+        let request = EnvelopeCodec::default()
+            .decode(&mut read_buf)
+            .expect("whole")
+            .expect("frame")
+            .expect("valid");
+        let payload = request.payload.clone();
+        let (answer, allocs) = count(|| methods.answer(request, "echo.1"));
+        let Answer::Now(reply) = answer else {
+            panic!("an echo answers at once");
+        };
+        assert_eq!(reply.payload, payload, "the payload comes back verbatim");
+        allocs
+    };
+    // A handler that answers at once: nothing boxed, nothing allocated.
+    assert_eq!(reply_of(&procbroker::workers::echo()), 0, "echo (sync)");
+    // The same handler as a future: the boxed future is the one allocation.
+    let boxed = Methods::new().fallback(|request| async move { Ok(request.payload) });
+    assert_eq!(reply_of(&boxed), 1, "echo (async)");
+}

@@ -60,8 +60,38 @@ pub const PING: &str = "Ping";
 /// A boxed handler future. Local: handlers run on the worker's arbiter.
 pub type HandlerFuture = LocalBoxFuture<'static, HandlerResult>;
 
-type RawHandler = Box<dyn Fn(Envelope) -> HandlerFuture>;
 type EventHandler = Box<dyn Fn(Envelope)>;
+
+/// A handler as stored: one that may wait, or one that answers at once.
+/// The second kind exists for the hot path: no future is boxed per request.
+enum RawHandler {
+    Async(Box<dyn Fn(Envelope) -> HandlerFuture>),
+    Sync(Box<dyn Fn(Envelope) -> HandlerResult>),
+}
+
+impl RawHandler {
+    fn boxed<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Envelope) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        Self::Async(Box::new(move |request| Box::pin(handler(request))))
+    }
+
+    /// Runs the handler up to its first wait: the result, or the future.
+    fn start(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+        match self {
+            Self::Sync(handler) => Ok(handler(request)),
+            Self::Async(handler) => {
+                let mut future = handler(request);
+                match (&mut future).now_or_never() {
+                    Some(result) => Ok(result),
+                    None => Err(future),
+                }
+            }
+        }
+    }
+}
 
 /// Handlers by method name, plus an optional event handler.
 #[derive(Default)]
@@ -107,10 +137,20 @@ impl Methods {
         F: Fn(Envelope) -> Fut + 'static,
         Fut: Future<Output = HandlerResult> + 'static,
     {
-        self.handlers.insert(
-            name.to_owned(),
-            Box::new(move |request| Box::pin(handler(request))),
-        );
+        self.handlers
+            .insert(name.to_owned(), RawHandler::boxed(handler));
+        self
+    }
+
+    /// Serves `name` with a handler that answers without waiting: nothing
+    /// is boxed or allocated per request for it, which is what a hot
+    /// service (an echo, a lookup) wants.
+    pub fn raw_sync<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Envelope) -> HandlerResult + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), RawHandler::Sync(Box::new(handler)));
         self
     }
 
@@ -121,7 +161,17 @@ impl Methods {
         F: Fn(Envelope) -> Fut + 'static,
         Fut: Future<Output = HandlerResult> + 'static,
     {
-        self.fallback = Some(Box::new(move |request| Box::pin(handler(request))));
+        self.fallback = Some(RawHandler::boxed(handler));
+        self
+    }
+
+    /// [`fallback`](Self::fallback) with a handler that answers without
+    /// waiting (see [`raw_sync`](Self::raw_sync)).
+    pub fn fallback_sync<F>(mut self, handler: F) -> Self
+    where
+        F: Fn(Envelope) -> HandlerResult + 'static,
+    {
+        self.fallback = Some(RawHandler::Sync(Box::new(handler)));
         self
     }
 
@@ -133,22 +183,27 @@ impl Methods {
 
     /// Runs the handler for `request.id`.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
+        match self.start(request) {
+            Ok(result) => Box::pin(std::future::ready(result)),
+            Err(future) => future,
+        }
+    }
+
+    /// Runs the handler for `request.id` up to its first wait.
+    fn start(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
-            Some(handler) => handler(request),
+            Some(handler) => handler.start(request),
             // The broker's health check (DESIGN 10.3): answered with `{}`
             // unless the service serves `Ping` itself.
-            None if &*request.id == PING => Box::pin(async {
-                crate::protocol::Payload::encode(&crate::protocol::rpc::Empty {})
-                    .map(Some)
-                    .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))
-            }),
-            None => {
-                let error = HandlerError::broker(
-                    ErrorCode::UnknownMethod,
-                    format!("no method {:?}", &*request.id),
-                );
-                Box::pin(async move { Err(error) })
-            }
+            None if &*request.id == PING => Ok(crate::protocol::Payload::encode(
+                &crate::protocol::rpc::Empty {},
+            )
+            .map(Some)
+            .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))),
+            None => Ok(Err(HandlerError::broker(
+                ErrorCode::UnknownMethod,
+                format!("no method {:?}", &*request.id),
+            ))),
         }
     }
 
@@ -221,13 +276,7 @@ impl Methods {
     /// `internal` error reply (logged with `worker`, the process id).
     pub fn answer(&self, request: Envelope, worker: &str) -> Answer {
         let address = ReplyAddress::of(&request);
-        let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut future = self.dispatch(request);
-            match (&mut future).now_or_never() {
-                Some(result) => Ok(result),
-                None => Err(future),
-            }
-        }));
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request)));
         match started {
             Ok(Ok(result)) => Answer::Now(address.reply(result)),
             Ok(Err(future)) => {
@@ -274,4 +323,56 @@ impl From<crate::protocol::PayloadError> for HandlerError {
 /// The reply to `request` for a handler's result.
 pub fn reply_for(request: &Envelope, result: HandlerResult) -> Envelope {
     ReplyAddress::of(request).reply(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str) -> Envelope {
+        Envelope::request("svc", method, 7)
+            .with_source("client.1")
+            .with_payload(&5u8)
+            .expect("payload")
+    }
+
+    fn now(answer: Answer) -> Envelope {
+        match answer {
+            Answer::Now(reply) => reply,
+            Answer::Later(_) => panic!("a sync handler answers at once"),
+        }
+    }
+
+    #[test]
+    fn sync_handlers_answer_at_once_by_name_then_fallback() {
+        let methods = Methods::new()
+            .raw_sync("Double", |r| {
+                let n: u8 = r.payload_as()?;
+                Payload::encode(&(n * 2)).map(Some).map_err(Into::into)
+            })
+            .fallback_sync(|_| Err(HandlerError::new("no such thing")));
+        let reply = now(methods.answer(request("Double"), "svc.1"));
+        assert_eq!(reply.kind, MessageType::Response);
+        assert_eq!((&*reply.target, reply.correlation_id), ("client.1", 7));
+        assert_eq!(reply.payload_as::<u8>().expect("u8"), 10);
+        let reply = now(methods.answer(request("Other"), "svc.1"));
+        assert_eq!(reply.kind, MessageType::Error);
+        assert_eq!(reply.code.as_deref(), Some(HANDLER));
+        assert_eq!(reply.error.as_deref(), Some("no such thing"));
+    }
+
+    #[test]
+    fn a_panicking_sync_handler_is_an_internal_error() {
+        let methods = Methods::new().raw_sync("Boom", |_| panic!("boom"));
+        let reply = now(methods.answer(request("Boom"), "svc.1"));
+        assert_eq!(reply.code.as_deref(), Some(ErrorCode::Internal.as_str()));
+    }
+
+    #[test]
+    fn dispatch_of_a_sync_handler_is_a_ready_future() {
+        let methods = Methods::new().raw_sync("Id", |r| Ok(r.payload));
+        let result = methods.dispatch(request("Id")).now_or_never();
+        let payload = result.expect("ready").expect("ok").expect("payload");
+        assert_eq!(payload, request("Id").payload.expect("payload"));
+    }
 }
