@@ -78,17 +78,12 @@ impl RawHandler {
         Self::Async(Box::new(move |request| Box::pin(handler(request))))
     }
 
-    /// Runs the handler up to its first wait: the result, or the future.
-    fn start(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+    /// Calls the handler: a sync handler's result, or an async handler's
+    /// future, not yet polled.
+    fn call(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
         match self {
             Self::Sync(handler) => Ok(handler(request)),
-            Self::Async(handler) => {
-                let mut future = handler(request);
-                match (&mut future).now_or_never() {
-                    Some(result) => Ok(result),
-                    None => Err(future),
-                }
-            }
+            Self::Async(handler) => Err(handler(request)),
         }
     }
 }
@@ -183,16 +178,30 @@ impl Methods {
 
     /// Runs the handler for `request.id`.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
-        match self.start(request) {
+        match self.call(request) {
             Ok(result) => Box::pin(std::future::ready(result)),
             Err(future) => future,
         }
     }
 
-    /// Runs the handler for `request.id` up to its first wait.
+    /// Runs the handler for `request.id` up to its first wait: the result,
+    /// or the future that has more to do.
     fn start(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+        let mut future = match self.call(request) {
+            Ok(result) => return Ok(result),
+            Err(future) => future,
+        };
+        match (&mut future).now_or_never() {
+            Some(result) => Ok(result),
+            None => Err(future),
+        }
+    }
+
+    /// Calls the handler for `request.id`: a result now (sync handlers,
+    /// `Ping`, unknown methods), or an async handler's unpolled future.
+    fn call(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
-            Some(handler) => handler.start(request),
+            Some(handler) => handler.call(request),
             // The broker's health check (DESIGN 10.3): answered with `{}`
             // unless the service serves `Ping` itself.
             None if &*request.id == PING => Ok(crate::protocol::Payload::encode(
@@ -366,6 +375,23 @@ mod tests {
         let methods = Methods::new().raw_sync("Boom", |_| panic!("boom"));
         let reply = now(methods.answer(request("Boom"), "svc.1"));
         assert_eq!(reply.code.as_deref(), Some(ErrorCode::Internal.as_str()));
+    }
+
+    #[test]
+    fn dispatch_leaves_an_async_handler_unpolled() {
+        let polled = std::rc::Rc::new(std::cell::Cell::new(false));
+        let seen = polled.clone();
+        let methods = Methods::new().raw("Id", move |r: Envelope| {
+            let seen = seen.clone();
+            async move {
+                seen.set(true);
+                Ok(r.payload)
+            }
+        });
+        let future = methods.dispatch(request("Id"));
+        assert!(!polled.get(), "dispatch only creates the future");
+        assert!(future.now_or_never().expect("ready").is_ok());
+        assert!(polled.get());
     }
 
     #[test]
