@@ -16,9 +16,13 @@ use crate::config::Balance;
 
 /// Splits `service@node` (or `service.N@node`, `proc@node`) at its last `@`.
 /// `None` for a name without one, or one starting with it (the broker's own
-/// ids, `@caller`, `@node`).
+/// ids, `@caller`, `@node`). On the request path (every service name
+/// passes here): a byte search, not `str::rfind(char)`, whose char searcher
+/// cost ~160 instructions per request. `@` is ASCII, so its byte position is
+/// a char boundary.
+#[inline]
 pub(crate) fn split(target: &str) -> Option<(&str, &str)> {
-    match target.rfind('@') {
+    match target.as_bytes().iter().rposition(|&b| b == b'@') {
         Some(0) | None => None,
         Some(at) => Some((&target[..at], &target[at + 1..])),
     }
@@ -196,6 +200,9 @@ mod tests {
         assert_eq!(split("echo"), None);
         assert_eq!(split("@caller"), None);
         assert_eq!(split("echo@"), Some(("echo", "")));
+        // The last `@`, found by bytes, is still a char boundary.
+        assert_eq!(split("a@b@c"), Some(("a@b", "c")));
+        assert_eq!(split("dienst-ü@knoten-é"), Some(("dienst-ü", "knoten-é")));
     }
 
     #[test]
