@@ -118,6 +118,11 @@ impl Client {
     ) -> Result<Reply, CallError> {
         let inner = &*self.inner;
         if inner.deaf.get() || inner.stopping.get() {
+            // A call that fails at once still spends the task's budget, so a
+            // handler looping on calls yields now and then: after EOF the serve
+            // loop must get its turn to end the process (its grace period is a
+            // timer), not wait for a million failed calls.
+            tokio::task::consume_budget().await;
             return Err(CallError::Closed);
         }
         let correlation_id = inner.next_id.get().wrapping_add(1);
@@ -144,8 +149,12 @@ impl Client {
         };
         match inner.outbox.push(&request) {
             Ok(()) => {}
-            Err(OutboxError::Closed) => return Err(CallError::Closed),
+            Err(OutboxError::Closed) => {
+                tokio::task::consume_budget().await;
+                return Err(CallError::Closed);
+            }
             Err(OutboxError::TooLarge(e)) => {
+                tokio::task::consume_budget().await;
                 return Err(CallError::Remote {
                     code: ErrorCode::TooLarge.as_str().into(),
                     message: e.to_string(),
@@ -316,6 +325,37 @@ mod tests {
             }
             assert!(matches!(results[0], Err(CallError::Closed)));
             assert!(results[1].is_ok());
+        });
+    }
+
+    #[test]
+    fn calls_that_fail_at_once_still_let_other_tasks_run() {
+        run(async {
+            let client = Client::new(
+                "c.0".into(),
+                Outbox::start(tokio::io::sink(), EnvelopeCodec::default()),
+            );
+            client.fail_pending();
+            // A handler that loops on calls after EOF (as the bench client's
+            // lanes do): each call fails at once.
+            const CALLS: u32 = 100_000;
+            let made = Rc::new(std::cell::Cell::new(0u32));
+            let lane = {
+                let (client, made) = (client.clone(), Rc::clone(&made));
+                tokio::task::spawn_local(async move {
+                    for _ in 0..CALLS {
+                        let result = client.call("s", "M", &()).await;
+                        assert!(matches!(result, Err(CallError::Closed)));
+                        made.set(made.get() + 1);
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            // This task ran again long before the loop was done.
+            let seen = made.get();
+            assert!(seen > 0 && seen < CALLS, "{seen} calls before a yield");
+            lane.await.expect("lane");
+            assert_eq!(made.get(), CALLS);
         });
     }
 }
