@@ -274,13 +274,18 @@ mod tests {
     use crate::pipe::outbox_tests::run;
     use crate::protocol::EnvelopeCodec;
 
+    /// A client `c.0` whose frames go nowhere.
+    fn sink_client() -> Client {
+        Client::new(
+            "c.0".into(),
+            Outbox::start(tokio::io::sink(), EnvelopeCodec::default()),
+        )
+    }
+
     #[test]
     fn an_unanswered_call_gives_up_after_its_deadline_and_grace() {
         run(async {
-            let client = Client::new(
-                "c.0".into(),
-                Outbox::start(tokio::io::sink(), EnvelopeCodec::default()),
-            );
+            let client = sink_client();
             let started = Instant::now();
             let error = client
                 .call_with_timeout("nowhere", "M", &(), Duration::from_millis(10))
@@ -302,10 +307,7 @@ mod tests {
     #[test]
     fn a_reply_completes_its_call_and_only_its_call() {
         run(async {
-            let client = Client::new(
-                "c.0".into(),
-                Outbox::start(tokio::io::sink(), EnvelopeCodec::default()),
-            );
+            let client = sink_client();
             let calls = (0..2).map(|_| {
                 let client = client.clone();
                 tokio::task::spawn_local(async move { client.call("s", "M", &()).await })
@@ -331,10 +333,7 @@ mod tests {
     #[test]
     fn calls_that_fail_at_once_still_let_other_tasks_run() {
         run(async {
-            let client = Client::new(
-                "c.0".into(),
-                Outbox::start(tokio::io::sink(), EnvelopeCodec::default()),
-            );
+            let client = sink_client();
             client.fail_pending();
             // A handler that loops on calls after EOF (as the bench client's
             // lanes do): each call fails at once.
