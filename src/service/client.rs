@@ -113,16 +113,46 @@ impl Client {
     /// are set here) and waits for the reply.
     pub async fn call_envelope(
         &self,
-        mut request: Envelope,
+        request: Envelope,
         timeout: Duration,
     ) -> Result<Reply, CallError> {
+        let (reply, _guard) = match self.submit(request, timeout) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // A call that fails at once still spends the task's budget, so
+                // a handler looping on calls yields now and then: after EOF the
+                // serve loop must get its turn to end the process (its grace
+                // period is a timer), not wait for a million failed calls.
+                tokio::task::consume_budget().await;
+                return Err(e);
+            }
+        };
+        match reply.await {
+            Ok(Ok(reply)) => Reply::from_envelope(reply),
+            // The sweeper gave up on it (NoReply).
+            Ok(Err(e)) => Err(e),
+            // Stdin closed: no reply can come any more.
+            Err(_) => Err(CallError::Closed),
+        }
+    }
+
+    /// Registers `request` as pending and queues it: the slot its reply
+    /// will arrive in, and the guard that unregisters it (on any exit, a
+    /// cancelled call included). Fails at once when no reply could come or
+    /// the request cannot be sent.
+    fn submit(
+        &self,
+        mut request: Envelope,
+        timeout: Duration,
+    ) -> Result<
+        (
+            reply_slot::Receiver<Result<Envelope, CallError>>,
+            PendingGuard<'_>,
+        ),
+        CallError,
+    > {
         let inner = &*self.inner;
         if inner.deaf.get() || inner.stopping.get() {
-            // A call that fails at once still spends the task's budget, so a
-            // handler looping on calls yields now and then: after EOF the serve
-            // loop must get its turn to end the process (its grace period is a
-            // timer), not wait for a million failed calls.
-            tokio::task::consume_budget().await;
             return Err(CallError::Closed);
         }
         let correlation_id = inner.next_id.get().wrapping_add(1);
@@ -143,31 +173,18 @@ impl Client {
             },
         );
         self.sweep_later();
-        let _guard = PendingGuard {
+        let guard = PendingGuard {
             inner,
             correlation_id,
         };
         match inner.outbox.push(&request) {
-            Ok(()) => {}
-            Err(OutboxError::Closed) => {
-                tokio::task::consume_budget().await;
-                return Err(CallError::Closed);
-            }
-            Err(OutboxError::TooLarge(e)) => {
-                tokio::task::consume_budget().await;
-                return Err(CallError::Remote {
-                    code: ErrorCode::TooLarge.as_str().into(),
-                    message: e.to_string(),
-                    source_id: inner.id.to_string(),
-                });
-            }
-        }
-        match rx.await {
-            Ok(Ok(reply)) => Reply::from_envelope(reply),
-            // The sweeper gave up on it (NoReply).
-            Ok(Err(e)) => Err(e),
-            // Stdin closed: no reply can come any more.
-            Err(_) => Err(CallError::Closed),
+            Ok(()) => Ok((rx, guard)),
+            Err(OutboxError::Closed) => Err(CallError::Closed),
+            Err(OutboxError::TooLarge(e)) => Err(CallError::Remote {
+                code: ErrorCode::TooLarge.as_str().into(),
+                message: e.to_string(),
+                source_id: inner.id.to_string(),
+            }),
         }
     }
 
