@@ -80,12 +80,18 @@ impl RawHandler {
 
     /// Calls the handler: a sync handler's result, or an async handler's
     /// future, not yet polled.
-    fn call(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+    fn call(&self, request: Envelope) -> Called {
         match self {
-            Self::Sync(handler) => Ok(handler(request)),
-            Self::Async(handler) => Err(handler(request)),
+            Self::Sync(handler) => Called::Done(handler(request)),
+            Self::Async(handler) => Called::Waiting(handler(request)),
         }
     }
+}
+
+/// What calling a handler gave: its result, or a future that has more to do.
+enum Called {
+    Done(HandlerResult),
+    Waiting(HandlerFuture),
 }
 
 /// Handlers by method name, plus an optional event handler.
@@ -179,37 +185,37 @@ impl Methods {
     /// Runs the handler for `request.id`.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
         match self.call(request) {
-            Ok(result) => Box::pin(std::future::ready(result)),
-            Err(future) => future,
+            Called::Done(result) => Box::pin(std::future::ready(result)),
+            Called::Waiting(future) => future,
         }
     }
 
     /// Runs the handler for `request.id` up to its first wait: the result,
     /// or the future that has more to do.
-    fn start(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+    fn start(&self, request: Envelope) -> Called {
         let mut future = match self.call(request) {
-            Ok(result) => return Ok(result),
-            Err(future) => future,
+            Called::Waiting(future) => future,
+            done => return done,
         };
         match (&mut future).now_or_never() {
-            Some(result) => Ok(result),
-            None => Err(future),
+            Some(result) => Called::Done(result),
+            None => Called::Waiting(future),
         }
     }
 
     /// Calls the handler for `request.id`: a result now (sync handlers,
     /// `Ping`, unknown methods), or an async handler's unpolled future.
-    fn call(&self, request: Envelope) -> Result<HandlerResult, HandlerFuture> {
+    fn call(&self, request: Envelope) -> Called {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
             Some(handler) => handler.call(request),
             // The broker's health check (DESIGN 10.3): answered with `{}`
             // unless the service serves `Ping` itself.
-            None if &*request.id == PING => Ok(crate::protocol::Payload::encode(
-                &crate::protocol::rpc::Empty {},
-            )
-            .map(Some)
-            .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))),
-            None => Ok(Err(HandlerError::broker(
+            None if &*request.id == PING => Called::Done(
+                crate::protocol::Payload::encode(&crate::protocol::rpc::Empty {})
+                    .map(Some)
+                    .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string())),
+            ),
+            None => Called::Done(Err(HandlerError::broker(
                 ErrorCode::UnknownMethod,
                 format!("no method {:?}", &*request.id),
             ))),
@@ -287,8 +293,8 @@ impl Methods {
         let address = ReplyAddress::of(&request);
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request)));
         match started {
-            Ok(Ok(result)) => Answer::Now(address.reply(result)),
-            Ok(Err(future)) => {
+            Ok(Called::Done(result)) => Answer::Now(address.reply(result)),
+            Ok(Called::Waiting(future)) => {
                 let worker = worker.to_owned();
                 Answer::Later(Box::pin(AssertUnwindSafe(future).catch_unwind().map(
                     move |result| address.reply(result.unwrap_or_else(|_| panicked(&worker))),
