@@ -140,6 +140,7 @@ impl Client {
     /// will arrive in, and the guard that unregisters it (on any exit, a
     /// cancelled call included). Fails at once when no reply could come or
     /// the request cannot be sent.
+    #[inline]
     fn submit(
         &self,
         mut request: Envelope,
