@@ -9,10 +9,11 @@
 //! frame is written at once; with many, frames share `write` calls.
 
 use bytes::BytesMut;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::codec::Encoder;
 
@@ -47,7 +48,10 @@ type OnWritten = Box<dyn Fn(usize)>;
 
 struct Shared {
     state: RefCell<State>,
-    wake_writer: Notify,
+    /// The idle writer's waker. Not a `tokio::sync::Notify` (a waiter list
+    /// behind a lock, for waiters on any thread): the writer and the pushers
+    /// share one thread, so a cell does.
+    writer: Cell<Option<Waker>>,
     on_written: RefCell<Option<OnWritten>>,
     done: watch::Sender<bool>,
 }
@@ -75,7 +79,7 @@ impl Outbox {
                 closing: false,
                 error: None,
             }),
-            wake_writer: Notify::new(),
+            writer: Cell::new(None),
             on_written: RefCell::new(None),
             done: watch::channel(false).0,
         });
@@ -94,7 +98,7 @@ impl Outbox {
         state.queued_frames += 1;
         if state.writer_idle {
             state.writer_idle = false;
-            self.shared.wake_writer.notify_one();
+            self.shared.wake_writer();
         }
         Ok(())
     }
@@ -128,7 +132,7 @@ impl Outbox {
         state.closing = true;
         if state.writer_idle {
             state.writer_idle = false;
-            self.shared.wake_writer.notify_one();
+            self.shared.wake_writer();
         }
     }
 
@@ -150,6 +154,29 @@ impl Outbox {
         state.queued_frames = 0;
         state.writing_frames = 0;
         self.shared.done.send_replace(true);
+    }
+}
+
+impl Shared {
+    /// Wakes the writer, which has gone idle (`writer_idle` was just cleared).
+    fn wake_writer(&self) {
+        if let Some(waker) = self.writer.take() {
+            waker.wake();
+        }
+    }
+
+    /// The idle writer's wait: ready once a push or `close` cleared
+    /// `writer_idle`.
+    fn idle(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if !self.state.borrow().writer_idle {
+            return Poll::Ready(());
+        }
+        let waker = match self.writer.take() {
+            Some(waker) if waker.will_wake(cx.waker()) => waker,
+            _ => cx.waker().clone(),
+        };
+        self.writer.set(Some(waker));
+        Poll::Pending
     }
 }
 
@@ -180,7 +207,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
             }
         };
         let Some(mut batch) = next else {
-            shared.wake_writer.notified().await;
+            std::future::poll_fn(|cx| shared.idle(cx)).await;
             continue;
         };
         let written = pipe.write_all(&batch).await;
