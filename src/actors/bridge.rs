@@ -11,7 +11,10 @@
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
 //!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
-//! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames. A
+//! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames,
+//!   behind the incarnation's inbox (module `inbox`), which the Router
+//!   calls directly when it runs on this thread (the broker starts them
+//!   together) and this actor's [`Deliver`] handler calls otherwise. A
 //!   request or event that finds it full is bounced (`busy`); replies always
 //!   go in, and stdout is not read while the outbox is full, so a child that
 //!   never reads cannot make the broker hold more than that.
@@ -45,22 +48,21 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use super::health::{Health, Verdict};
+use super::inbox::{Handoff, Inbox};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::messages::{
-    BadFrame, Bounce, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, Route,
-    SetReady, StopProcess, TrackProcess, Unwatch, Watch,
+    BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, Route, SetReady,
+    StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
-use crate::pipe::{self, Batches, LogLines, Outbox, OutboxError, WireCodec};
+use crate::pipe::{self, Batches, LogLines, Outbox, WireCodec};
 use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
-use crate::protocol::{
-    Envelope, EnvelopeCodec, ErrorCode, FrameError, InvalidEnvelope, MessageType,
-};
+use crate::protocol::{Envelope, EnvelopeCodec, FrameError, InvalidEnvelope, MessageType};
 
 /// The longest stderr line logged as one event; longer ones are split.
 const MAX_LOG_LINE: usize = 16 * 1024;
@@ -94,6 +96,8 @@ struct Incarnation {
     started: Instant,
     ready: bool,
     outbox: Rc<Outbox>,
+    /// What the Router delivers to this incarnation goes through here.
+    inbox: Rc<Inbox>,
     pacer: Arc<Pacer>,
     stdout: SpawnHandle,
     signals: mpsc::UnboundedSender<Signal>,
@@ -323,10 +327,18 @@ impl Bridge {
         let (signals, signal_rx) = mpsc::unbounded_channel();
         actix::spawn(watch(child, signal_rx, ctx.address(), generation));
 
+        let inbox = Rc::new(Inbox::new(
+            self.id.clone(),
+            capacity,
+            &outbox,
+            Arc::clone(&pacer),
+            self.peers.router.clone(),
+        ));
         let ready = !self.spec.awaits_ready();
         self.peers.router.do_send(RegisterProcess {
             ready,
             pacer: Some(Arc::clone(&pacer)),
+            inbox: Some(Handoff::new(Rc::clone(&inbox))),
             ..RegisterProcess::new(
                 self.id.clone(),
                 self.service.clone(),
@@ -347,6 +359,7 @@ impl Bridge {
             started: Instant::now(),
             ready,
             outbox,
+            inbox,
             pacer,
             stdout,
             signals,
@@ -662,26 +675,6 @@ impl Bridge {
             ctx.cancel_future(child.stdout);
         }
     }
-
-    fn bounce(&self, envelope: Envelope, code: ErrorCode, message: String) {
-        self.peers.router.do_send(Bounce {
-            to: self.id.clone(),
-            envelope,
-            code,
-            message,
-        });
-    }
-}
-
-/// Why an envelope could not be written: the frame the sender wrote was
-/// within the limit, but the broker re-encodes it with `source` stamped, and
-/// that can add up to 9 + the length of the sender's id (PROTOCOL.md).
-fn too_large(envelope: &Envelope, e: &FrameError) -> String {
-    format!(
-        "{} {:?} from {:?} is too large once the broker stamps its source: {e} \
-         (max_frame_bytes; leave 9 + the sender's id length in bytes for the stamp)",
-        envelope.kind, &*envelope.id, &*envelope.source
-    )
 }
 
 /// How a child ended, for logs and error messages.
@@ -842,50 +835,14 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
 impl Handler<Deliver> for Bridge {
     type Result = ();
 
+    /// Envelopes routed by a Router on another thread (one on this thread
+    /// queues them through the inbox itself).
     fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
-        for envelope in envelopes {
-            self.deliver(envelope);
-        }
-        if let Some(child) = &self.child {
-            child.pacer.set_backlog(child.outbox.depth());
-        }
-    }
-}
-
-impl Bridge {
-    /// Queues an envelope for the child, or bounces it (see the module docs).
-    fn deliver(&mut self, envelope: Envelope) {
-        let Some(child) = &self.child else {
+        match &self.child {
+            Some(child) => child.inbox.deliver(envelopes),
             // Between incarnations: requests were already failed at removal.
-            tracing::debug!(process = %self.id, id = %envelope.id, "no child; envelope dropped");
-            return;
-        };
-        let is_reply = matches!(envelope.kind, MessageType::Response | MessageType::Error);
-        let capacity = self.config.queue_capacity;
-        if !is_reply && child.outbox.depth() >= capacity {
-            let message = format!("{:?} has {capacity} frames waiting to be read", &*self.id);
-            return self.bounce(envelope, ErrorCode::Busy, message);
-        }
-        match child.outbox.push(&envelope) {
-            Ok(()) => {}
-            Err(OutboxError::TooLarge(e)) if is_reply => {
-                // The requester still gets exactly one reply.
-                let message = too_large(&envelope, &e);
-                let error = Envelope::broker_error_to(
-                    envelope.target,
-                    envelope.id,
-                    envelope.correlation_id,
-                    ErrorCode::TooLarge,
-                    message,
-                );
-                let _ = child.outbox.push(&error);
-            }
-            Err(OutboxError::TooLarge(e)) => {
-                let message = too_large(&envelope, &e);
-                self.bounce(envelope, ErrorCode::TooLarge, message)
-            }
-            // The child is going: its requests get `worker_exited` at removal.
-            Err(OutboxError::Closed) => {}
+            None => tracing::debug!(process = %self.id, count = envelopes.len(),
+                "no child; envelopes dropped"),
         }
     }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::oneshot;
 
+use super::inbox::Handoff;
 use super::pacer::Pacer;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
@@ -119,7 +120,9 @@ impl Route {
 /// Envelopes for a process, from the Router: requests and events addressed
 /// to it, replies to its requests. The Router sends at most one `Deliver` per
 /// process for each message it handles. Whatever backs a process (a bridge,
-/// an in-process worker, the Broker) handles it.
+/// an in-process worker, the Broker) handles it; a bridge on the Router's
+/// thread gets its envelopes through its inbox instead
+/// ([`RegisterProcess::inbox`]).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Deliver(pub Envelopes);
@@ -159,6 +162,10 @@ pub struct RegisterProcess {
     /// A subprocess bridge's read pacing: the Router releases each envelope's
     /// weight when it takes it (`None` for in-process senders).
     pub pacer: Option<Arc<Pacer>>,
+    /// A subprocess bridge's inbox: a Router on the bridge's thread queues
+    /// the process's envelopes through it directly, not through `recipient`
+    /// (`None`: every delivery is a [`Deliver`] message).
+    pub inbox: Option<Handoff>,
 }
 
 impl RegisterProcess {
@@ -170,6 +177,7 @@ impl RegisterProcess {
             recipient,
             ready: true,
             pacer: None,
+            inbox: None,
         }
     }
 }

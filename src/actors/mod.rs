@@ -9,7 +9,8 @@
 //!   `nodes` (the other nodes of a cluster and the choice among them).
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
 //!   Beside it: [`health`] (its health checks), [`log_limit`] (warnings
-//!   that cannot flood the log).
+//!   that cannot flood the log), `inbox` (what is queued for its child or
+//!   bounced; the Router calls it directly when both share a thread).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
 //!   federation over NATS (DESIGN 11): heartbeats, other nodes' liveness,
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod cluster;
 mod deadline;
 pub mod health;
+mod inbox;
 pub mod inproc;
 pub mod latency;
 pub mod log_limit;
@@ -38,3 +40,5 @@ pub mod router;
 pub mod sysmon;
 mod table;
 pub mod window;
+
+pub use inbox::Handoff;

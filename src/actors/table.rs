@@ -7,14 +7,17 @@
 //! of envelopes from a bridge, a call, an expiry pass) can produce several
 //! envelopes for the same process. Each process gets them in one
 //! [`Deliver`] at the end ([`ProcessTable::send_held`]): one mailbox hop per
-//! destination, whatever the form of the input.
+//! destination, whatever the form of the input; none for a bridge on the
+//! Router's thread, whose inbox takes the batch in a method call.
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::inbox::{Handoff, Inbox};
 use super::latency;
 use super::messages::{Counters, Deliver, Envelopes, RegisterProcess, RouterError};
 use super::nodes;
@@ -30,6 +33,9 @@ pub(crate) struct ProcessEntry {
     /// Its bridge's read pacing, for subprocesses.
     pub(crate) pacer: Option<Arc<Pacer>>,
     recipient: Recipient<Deliver>,
+    /// Its bridge's inbox, when the bridge runs on the Router's thread:
+    /// then what is held for it is queued directly, without a [`Deliver`].
+    inbox: Option<Rc<Inbox>>,
     /// Envelopes for it, sent at the end of the current message.
     outgoing: Envelopes,
     /// How many the last [`Deliver`] carried: the size to reserve next time.
@@ -194,6 +200,7 @@ impl ProcessTable {
             service,
             pacer: msg.pacer,
             recipient: msg.recipient,
+            inbox: msg.inbox.and_then(Handoff::take),
             outgoing: Envelopes::new(),
             last_held: 0,
             ready: msg.ready,
@@ -413,7 +420,8 @@ impl ProcessTable {
         }
     }
 
-    /// Sends each process what was held for it, in one [`Deliver`].
+    /// Sends each process what was held for it: straight into its inbox,
+    /// or in one [`Deliver`].
     #[inline]
     pub(crate) fn send_held(&mut self) {
         for slot in self.held.drain(..) {
@@ -423,8 +431,98 @@ impl ProcessTable {
             {
                 let envelopes = std::mem::take(&mut entry.outgoing);
                 entry.last_held = envelopes.len();
-                entry.recipient.do_send(Deliver(envelopes));
+                match &entry.inbox {
+                    Some(inbox) => inbox.deliver(envelopes),
+                    None => entry.recipient.do_send(Deliver(envelopes)),
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::metrics_store::MetricsStore;
+    use crate::actors::router::Router;
+    use crate::config::BrokerConfig;
+    use crate::pipe::Outbox;
+    use crate::protocol::EnvelopeCodec;
+    use std::cell::Cell;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// Counts the envelopes that reach it in `Deliver` messages.
+    struct Counter(Rc<Cell<usize>>);
+
+    impl Actor for Counter {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Deliver> for Counter {
+        type Result = ();
+
+        fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
+            self.0.set(self.0.get() + envelopes.len());
+        }
+    }
+
+    /// A table with `echo.0` registered; with an inbox on this thread if
+    /// `local`. Returns what its `Deliver`s counted and its stdin's reader.
+    fn table(
+        local: bool,
+    ) -> (
+        ProcessTable,
+        Rc<Outbox>,
+        Rc<Cell<usize>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (stdin, child) = tokio::io::duplex(1 << 16);
+        let outbox = Rc::new(Outbox::start(stdin, EnvelopeCodec::default()));
+        let metrics = MetricsStore::new(Duration::from_secs(60)).start();
+        let router = Router::new(BrokerConfig::default(), metrics.recipient()).start();
+        let pacer = Arc::new(Pacer::default());
+        let inbox = Rc::new(Inbox::new("echo.0".into(), 8, &outbox, pacer, router));
+        let delivered = Rc::new(Cell::new(0));
+        let recipient = Counter(Rc::clone(&delivered)).start().recipient();
+        let mut table = ProcessTable::default();
+        let registration = RegisterProcess::new("echo.0".into(), "echo".into(), recipient);
+        table
+            .register(RegisterProcess {
+                inbox: local.then(|| Handoff::new(inbox)),
+                ..registration
+            })
+            .expect("registered");
+        (table, outbox, delivered, child)
+    }
+
+    #[actix::test]
+    async fn a_local_inbox_is_queued_to_without_a_message() {
+        let (mut table, outbox, delivered, mut child) = table(true);
+        let event = Envelope::event("echo.0", "tick");
+        assert!(table.deliver(&"echo.0".into(), event.clone(), Instant::now()));
+        table.send_held();
+        assert_eq!(outbox.depth(), 1, "queued by the Router's own call");
+        let mut frame = vec![0; 4 + event.encoded_len()];
+        child
+            .read_exact(&mut frame)
+            .await
+            .expect("the child reads it");
+        actix::clock::sleep(Duration::from_millis(10)).await;
+        assert_eq!(delivered.get(), 0, "no Deliver message");
+    }
+
+    #[actix::test]
+    async fn without_an_inbox_envelopes_go_in_a_deliver_message() {
+        let (mut table, outbox, delivered, _child) = table(false);
+        assert!(table.deliver(
+            &"echo.0".into(),
+            Envelope::event("echo.0", "tick"),
+            Instant::now()
+        ));
+        table.send_held();
+        actix::clock::sleep(Duration::from_millis(10)).await;
+        assert_eq!(delivered.get(), 1);
+        assert_eq!(outbox.depth(), 0);
     }
 }
