@@ -28,7 +28,9 @@
 //!   `/proc` for the broker and every child. A
 //!   [`Bridge`](actors::bridge::Bridge) per child process turns its stdout
 //!   frames into Router messages and writes what the Router delivers to its
-//!   stdin; it also restarts the child and reaps it. With `[cluster]`, the
+//!   stdin (through the child's inbox, which the Router calls directly on
+//!   the bridge's thread: one mailbox hop fewer per batch); it also
+//!   restarts the child and reaps it. With `[cluster]`, the
 //!   `Cluster` actor (feature `cluster`) joins brokers on other hosts
 //!   through NATS: each other node is routed as a process named `@node`,
 //!   so its requests share the pending table, deadlines and failure paths
