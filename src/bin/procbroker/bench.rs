@@ -240,8 +240,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let cpus = placement.describe();
     let broker_cpus = cpu_list(&cpus_of(0)?);
     let started = Instant::now();
-    let system = actix::System::new();
-    let outcome = system.block_on(run(args.clone(), exe, placement, Arc::clone(&interrupt)))?;
+    let outcome =
+        crate::run::block_on_task(run(args.clone(), exe, placement, Arc::clone(&interrupt)))?;
     let (report, cpu, baseline, children_cpus) = match outcome {
         Outcome::Done {
             report,

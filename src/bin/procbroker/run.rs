@@ -33,7 +33,31 @@ pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
         || "the embedded default".to_owned(),
         |p| p.display().to_string(),
     );
-    actix::System::new().block_on(serve(loaded, origin, config, sets))
+    let sets = sets.to_vec();
+    block_on_task(async move { serve(loaded, origin, config, &sets).await })
+}
+
+/// Runs `future` on a new actix System as a task of its own, not as the
+/// root future of `block_on`.
+///
+/// Why: the root future is polled again whenever any task of the System
+/// wakes (tokio's `LocalSet::run_until`), so a root future that waits on
+/// several things (signals, a timer, a reply) would pay a poll of each of
+/// them on every message the broker routes. A task is polled only when its
+/// own waker fires.
+pub(crate) fn block_on_task<F>(future: F) -> F::Output
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    actix::System::new().block_on(async move {
+        match actix::spawn(future).await {
+            Ok(output) => output,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Nothing aborts it, and the System outlives this `block_on`.
+            Err(e) => panic!("the main task was cancelled: {e}"),
+        }
+    })
 }
 
 async fn serve(
