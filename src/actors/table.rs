@@ -468,7 +468,8 @@ mod tests {
     }
 
     /// A table with `echo.0` registered; with an inbox on this thread if
-    /// `local`. Returns what its `Deliver`s counted and its stdin's reader.
+    /// `local`. Returns the table, the child's outbox, the count of what
+    /// came in `Deliver`s, and the child's end of its stdin.
     fn table(
         local: bool,
     ) -> (

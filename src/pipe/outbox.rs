@@ -96,10 +96,7 @@ impl Outbox {
         let State { codec, queued, .. } = &mut *state;
         codec.encode(envelope, queued)?;
         state.queued_frames += 1;
-        if state.writer_idle {
-            state.writer_idle = false;
-            self.shared.wake_writer();
-        }
+        self.shared.wake_writer(&mut state);
         Ok(())
     }
 
@@ -130,10 +127,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut state = self.shared.state.borrow_mut();
         state.closing = true;
-        if state.writer_idle {
-            state.writer_idle = false;
-            self.shared.wake_writer();
-        }
+        self.shared.wake_writer(&mut state);
     }
 
     /// Resolves once the pipe is closed (after [`close`](Self::close), a
@@ -158,10 +152,13 @@ impl Outbox {
 }
 
 impl Shared {
-    /// Wakes the writer, which has gone idle (`writer_idle` was just cleared).
-    fn wake_writer(&self) {
-        if let Some(waker) = self.writer.take() {
-            waker.wake();
+    /// Wakes the writer if it is idle: there is something for it to do.
+    fn wake_writer(&self, state: &mut State) {
+        if state.writer_idle {
+            state.writer_idle = false;
+            if let Some(waker) = self.writer.take() {
+                waker.wake();
+            }
         }
     }
 
