@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use bytestring::ByteString;
 use procbroker::config::{ClusterConfig, ServiceConfig};
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::loadgen::raw::{self, RawRelay};
@@ -826,10 +827,17 @@ async fn lanes(broker: &BrokerHandle, args: &BenchArgs) -> Result<RunReport> {
             ("Echo", Payload::encode(serde_bytes::Bytes::new(&body))?)
         }
     };
+    // Made once: a request built per call would copy its two names into
+    // fresh strings each time, work the measured broker does not do.
+    let request = Envelope::request(
+        ByteString::from_static("echo"),
+        ByteString::from_static(method),
+        0,
+    )
+    .with_raw_payload(payload);
     let broker = broker.clone();
     Ok(drive(args.requests, args.concurrency, move || {
-        let request = Envelope::request("echo", method, 0).with_raw_payload(payload.clone());
-        let broker = broker.clone();
+        let (broker, request) = (broker.clone(), request.clone());
         async move { broker.call_envelope(request).await.is_ok() }
     })
     .await)
