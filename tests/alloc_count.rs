@@ -1,4 +1,4 @@
-//! Heap allocations on the codec's hot path, counted exactly.
+//! Heap allocations on the hot path (the codec, the echo worker, the embedding handle), counted exactly.
 //!
 //! A counting global allocator (this test binary only) tallies `alloc`,
 //! `alloc_zeroed` and `realloc` calls made by the current thread between
@@ -203,4 +203,20 @@ fn the_echo_worker_answers_without_allocating() {
     // The same handler as a future: the boxed future is the one allocation.
     let boxed = Methods::new().fallback(|request| async move { Ok(request.payload) });
     assert_eq!(reply_of(&boxed), 1, "echo (async)");
+}
+
+#[test]
+fn cloning_a_broker_handle_allocates_nothing() {
+    // Embedders clone the handle per request or task. Four actor addresses
+    // cloned one by one cost two allocations each (actix's sender state).
+    actix::System::new().block_on(async {
+        let broker = procbroker::embed::ProcBroker::builder()
+            .sysmon_interval(None)
+            .start();
+        let (copy, allocs) = count(|| broker.clone());
+        assert_eq!(allocs, 0, "a BrokerHandle clone");
+        drop(copy);
+        let report = broker.shutdown().await;
+        assert!(report.drained, "nothing was in flight");
+    });
 }
