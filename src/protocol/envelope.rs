@@ -159,10 +159,33 @@ fn read_str(
 }
 
 /// Whether `bytes` are UTF-8. Ids, targets and sources are short ASCII
-/// names: `is_ascii` (a word at a time) settles those in a few
-/// instructions, where the general check costs ~50 per string.
+/// names: an ASCII check settles those in a few instructions, where the
+/// general check costs ~50 per string.
 fn is_utf8(bytes: &[u8]) -> bool {
-    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
+    is_ascii(bytes) || std::str::from_utf8(bytes).is_ok()
+}
+
+/// `bytes.is_ascii()`, with the short names of an envelope checked in two
+/// overlapping word loads: `<[u8]>::is_ascii` goes byte by byte below a
+/// word and aligns above it (callgrind: ~31 instructions per name, four
+/// names per envelope decoded, against ~10 here).
+#[inline(always)]
+fn is_ascii(bytes: &[u8]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let n = bytes.len();
+    if (8..=16).contains(&n) {
+        let (Some(head), Some(tail)) = (bytes.first_chunk::<8>(), bytes.last_chunk::<8>()) else {
+            return bytes.is_ascii();
+        };
+        (u64::from_ne_bytes(*head) | u64::from_ne_bytes(*tail)) & HIGH == 0
+    } else if (4..8).contains(&n) {
+        let (Some(head), Some(tail)) = (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) else {
+            return bytes.is_ascii();
+        };
+        (u32::from_ne_bytes(*head) | u32::from_ne_bytes(*tail)) & HIGH as u32 == 0
+    } else {
+        bytes.is_ascii()
+    }
 }
 
 /// The `ByteString` of a span [`read_str`] checked.
@@ -713,6 +736,34 @@ pub(crate) fn salvage_request(frame: &Bytes) -> Option<SalvagedRequest> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_ascii_check_finds_a_high_byte_at_any_place_of_any_length() {
+        for len in 0..=40 {
+            let mut bytes = vec![b'a'; len];
+            assert!(is_ascii(&bytes), "{len} ASCII bytes");
+            for at in 0..len {
+                for high in [0x80, 0xc3, 0xff] {
+                    bytes[at] = high;
+                    assert!(!is_ascii(&bytes), "{high:#x} at {at} of {len}");
+                    bytes[at] = b'a';
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn is_utf8_agrees_with_the_standard_library(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            prop_assert_eq!(is_utf8(&bytes), std::str::from_utf8(&bytes).is_ok());
+            prop_assert_eq!(is_ascii(&bytes), bytes.is_ascii());
+        }
+
+        #[test]
+        fn any_text_is_utf8(text in "\\PC{0,24}") {
+            prop_assert!(is_utf8(text.as_bytes()));
+        }
+    }
 
     fn envelope() -> impl Strategy<Value = Envelope> {
         let name = "[a-z@.]{0,12}";
