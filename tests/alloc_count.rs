@@ -1,4 +1,5 @@
-//! Heap allocations on the hot path (the codec, the echo worker, the embedding handle), counted exactly.
+//! Heap allocations on the hot path (the codec, the echo worker, the
+//! embedding handle), counted exactly.
 //!
 //! A counting global allocator (this test binary only) tallies `alloc`,
 //! `alloc_zeroed` and `realloc` calls made by the current thread between
