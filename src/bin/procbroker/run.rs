@@ -138,7 +138,10 @@ async fn serve(
     tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
     let mut current = loaded;
     let signal = loop {
+        // Biased: signals that arrived during start-up are all pending at
+        // once, and a stop must win every time, not on a coin toss.
         tokio::select! {
+            biased;
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
             _ = hangup.recv() => {
@@ -147,6 +150,11 @@ async fn serve(
             }
         }
     };
+    // Reloading a broker about to stop changes nothing, but the operator
+    // who sent SIGHUP is told so rather than left to guess.
+    if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
+        tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
+    }
     tracing::info!(signal, "shutting down");
     let report = broker.shutdown().await;
     if let Some(admin) = admin {
