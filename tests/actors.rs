@@ -280,7 +280,7 @@ async fn deadline_gives_timeout_and_the_late_reply_is_never_delivered() {
 
     let started = Instant::now();
     let request = Envelope::request("sleepy", "Sleep", 1)
-        .with_payload(&300u64)
+        .with_payload(&1500u64)
         .expect("payload")
         .with_timeout_ms(50);
     route(&broker, "client.0", request);
@@ -291,15 +291,24 @@ async fn deadline_gives_timeout_and_the_late_reply_is_never_delivered() {
         (error.correlation_id, &*error.source, &*error.id),
         (1, "broker", "Sleep")
     );
+    // The worker answers at 1.5 s: far enough that a loaded machine's
+    // late timer still fires first.
     assert!(
-        waited >= Duration::from_millis(50) && waited < Duration::from_millis(290),
+        waited >= Duration::from_millis(50) && waited < Duration::from_millis(1000),
         "{waited:?}"
     );
 
-    // The worker answers at 300 ms: dropped and counted, not delivered.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The late reply is dropped and counted, not delivered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = broker.stats().await.expect("stats");
+        if stats.per_process["sleepy.0"].faults.late_replies > 0 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "the late reply never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(inbox.try_recv().is_err(), "late reply delivered");
-    let stats = broker.stats().await.expect("stats");
     assert_eq!(stats.per_process["sleepy.0"].faults.late_replies, 1);
     assert_eq!(stats.per_process["client.0"].faults.timeouts, 1);
     assert_eq!(stats.total.faults.timeouts, 1);
@@ -312,7 +321,7 @@ async fn deadline_gives_timeout_and_the_late_reply_is_never_delivered() {
         Ok::<_, HandlerError>(ms)
     });
     short.add_service("sleepy", 1, sleepy).await.expect("add");
-    let (c, _) = code(short.call("sleepy", "Sleep", &200u64).await);
+    let (c, _) = code(short.call("sleepy", "Sleep", &2000u64).await);
     assert_eq!(c, "timeout");
 }
 

@@ -169,9 +169,11 @@ async fn the_dashboard_is_served_and_events_stream_stats_every_second() {
 
 #[actix::test]
 async fn windowed_quantiles_follow_a_change_of_load() {
-    // A 600 ms window: six slots of 100 ms.
+    // A 2 s window: six slots of 333 ms. Wide, so that slow calls on a
+    // loaded machine all land in it, and slow ones (100 ms) stand far
+    // from fast ones (< 50 ms even when the machine stalls a thread).
     let config = BrokerConfig {
-        latency_window: Duration::from_millis(600),
+        latency_window: Duration::from_secs(2),
         sysmon_interval: None,
         ..BrokerConfig::default()
     };
@@ -181,18 +183,19 @@ async fn windowed_quantiles_follow_a_change_of_load() {
         Ok(ms)
     });
     broker.add_service("wait", 1, methods).await.expect("add");
-    for _ in 0..10 {
+    for _ in 0..5 {
         broker
-            .call("wait", "Wait", &30u64)
+            .call("wait", "Wait", &100u64)
             .await
             .expect("slow call");
     }
     let stats = broker.stats().await.expect("stats");
-    assert_eq!(stats.latency_window_us["wait"].count, 10);
-    assert!(stats.latency_window_us["wait"].p99 >= 30_000, "{stats:?}");
+    assert_eq!(stats.latency_window_us["wait"].count, 5);
+    assert!(stats.latency_window_us["wait"].p99 >= 100_000, "{stats:?}");
 
-    // The slow calls age out of the window; only the fast ones are left.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The slow calls age out of the window (a window and two slots later);
+    // only the fast ones are left.
+    tokio::time::sleep(Duration::from_millis(2700)).await;
     for _ in 0..50 {
         broker.call("wait", "Wait", &0u64).await.expect("fast call");
     }
@@ -200,9 +203,9 @@ async fn windowed_quantiles_follow_a_change_of_load() {
     let window = stats.latency_window_us["wait"];
     let since_start = stats.latency_us["wait"];
     assert_eq!(window.count, 50, "{window:?}");
-    assert!(window.p99 < 20_000, "{window:?}");
-    assert_eq!(since_start.count, 60);
-    assert!(since_start.p99 >= 30_000, "{since_start:?}");
+    assert!(window.p99 < 50_000, "{window:?}");
+    assert_eq!(since_start.count, 55);
+    assert!(since_start.p99 >= 100_000, "{since_start:?}");
 
     // /metrics quantiles are the window's; count and sum since start.
     let any = "127.0.0.1:0".parse().expect("addr");
@@ -218,9 +221,9 @@ async fn windowed_quantiles_follow_a_change_of_load() {
         .expect("p99 line")
         .parse()
         .expect("a number");
-    assert!(p99 < 0.020, "window p99 {p99} s:\n{metrics}");
+    assert!(p99 < 0.050, "window p99 {p99} s:\n{metrics}");
     assert!(
-        metrics.contains("procbroker_request_latency_seconds_count{service=\"wait\"} 60"),
+        metrics.contains("procbroker_request_latency_seconds_count{service=\"wait\"} 55"),
         "{metrics}"
     );
     assert!(
@@ -232,7 +235,7 @@ async fn windowed_quantiles_follow_a_change_of_load() {
 
     // Once the window is empty the quantiles are NaN (no samples), and
     // promtool still accepts the page.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(2700)).await;
     let (_, metrics) = get(admin.addr, "/metrics").await;
     assert!(
         metrics

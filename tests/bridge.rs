@@ -333,7 +333,8 @@ async fn the_sdk_and_the_python_example_answer_health_checks() {
     let check = procbroker::config::HealthCheck {
         method: "Ping".into(),
         interval_ms: 100,
-        timeout_ms: 200,
+        // A healthy reply is ~0.1 ms; 2 s is never missed under load.
+        timeout_ms: 2000,
         failures: 1,
     };
     broker

@@ -118,8 +118,10 @@ async fn kill_9_fails_requests_in_flight_at_once_and_the_worker_comes_back() {
         let e = result.expect_err("held requests cannot succeed");
         assert_eq!(e.code(), Some("worker_exited"), "{e}");
         let after = at.duration_since(killed);
+        // At once, not at the 30 s request timeout; 1 s leaves room for a
+        // loaded machine to schedule the exit, the EOF and this task.
         assert!(
-            after < Duration::from_millis(100),
+            after < Duration::from_secs(1),
             "answered {after:?} after the kill"
         );
     }
@@ -323,8 +325,10 @@ async fn a_garbage_flood_is_cut_off_and_does_not_stall_a_healthy_service() {
         "echo p50 without flood {quiet:?}, under it {flooded:?}; flooder: {} bad frames, {} restarts",
         p.faults.bad_frames, p.faults.restarts
     );
+    // A stall shows as milliseconds; the 2 ms margin keeps a loaded
+    // machine's jitter on a ~0.1 ms median from failing the ratio.
     assert!(
-        flooded <= quiet * 3,
+        flooded <= quiet * 3 + Duration::from_millis(2),
         "healthy p50 {flooded:?} under the flood against {quiet:?} without"
     );
     broker.shutdown().await;
@@ -534,7 +538,9 @@ async fn a_stuck_worker_is_killed_by_its_health_check_and_its_request_answered()
     let check = procbroker::config::HealthCheck {
         method: "Ping".into(),
         interval_ms: 200,
-        timeout_ms: 100,
+        // Long enough that a healthy reply on a loaded machine never misses
+        // it; the stuck worker misses it by far.
+        timeout_ms: 1000,
         failures: 2,
     };
     let spawned = broker
@@ -547,13 +553,13 @@ async fn a_stuck_worker_is_killed_by_its_health_check_and_its_request_answered()
     echo_ok(&broker).await;
     let stats = broker.stats().await.expect("stats");
     assert_eq!(stats.per_process["chaos.0"].faults.health_failures, 0);
-    // Stuck: its main loop blocks. Two failed checks (2 x 200 ms + 100 ms,
+    // Stuck: its main loop blocks. Two failed checks (2 x 200 ms + 1 000 ms,
     // plus up to one interval of phase) and it is killed.
     let t = Instant::now();
     let e = broker.call("chaos", "Block", &()).await.expect_err("stuck");
     let detected = t.elapsed();
     assert_eq!(e.code(), Some("worker_exited"), "{e}");
-    assert!(detected < Duration::from_millis(1500), "{detected:?}");
+    assert!(detected < Duration::from_secs(6), "{detected:?}");
     let again = ready_again(&broker, "chaos.0", 1).await;
     assert_ne!(again.pid, Some(pid), "a new incarnation");
     echo_ok(&broker).await;
