@@ -137,6 +137,9 @@ pub struct Cluster {
     max_payload: usize,
     advertised: BTreeMap<String, u32>,
     next_heartbeat: Instant,
+    /// When liveness was last checked: a check far later than planned
+    /// means this thread stalled, not that the other nodes went quiet.
+    last_tick: Instant,
     /// Another broker uses this node's name (warned once per instance).
     impostor: Option<u64>,
     /// The last server error logged.
@@ -145,6 +148,34 @@ pub struct Cluster {
     node_header: (async_nats::HeaderName, async_nats::HeaderValue),
     /// Warnings about what other nodes send (a few a second at most).
     log_limit: LogLimit,
+}
+
+/// The up nodes unheard for 3 of their heartbeats, checked at `now`.
+///
+/// If the last check is more than `stall` ago, this thread was stalled (a
+/// long handler, a paused process, an overloaded host): heartbeats may
+/// sit unread in the socket, so silence proves nothing. The nodes' clocks
+/// restart at `now` instead; a node really gone is found 3 heartbeats
+/// later.
+fn silent_nodes(
+    nodes: &mut BTreeMap<String, Remote>,
+    last_tick: &mut Instant,
+    now: Instant,
+    stall: Duration,
+) -> Vec<String> {
+    let stalled = now.saturating_duration_since(*last_tick) > stall;
+    *last_tick = now;
+    if stalled {
+        for node in nodes.values_mut() {
+            node.last_seen = node.last_seen.max(now);
+        }
+        return Vec::new();
+    }
+    nodes
+        .iter()
+        .filter(|(_, n)| n.up && now.saturating_duration_since(n.last_seen) > n.heartbeat * 3)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 impl Cluster {
@@ -170,6 +201,7 @@ impl Cluster {
             max_payload: 0,
             advertised: BTreeMap::new(),
             next_heartbeat: Instant::now(),
+            last_tick: Instant::now(),
             impostor: None,
             last_error: None,
             log_limit: LogLimit::default(),
@@ -320,13 +352,8 @@ impl Cluster {
             self.connection_changed(connected, ctx);
         }
         let now = Instant::now();
-        let gone: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.up && now.saturating_duration_since(n.last_seen) > n.heartbeat * 3)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
+        let stall = self.config.heartbeat();
+        for name in silent_nodes(&mut self.nodes, &mut self.last_tick, now, stall) {
             self.node_down(&name, "missed 3 heartbeats");
         }
         if self.connected {
@@ -851,5 +878,62 @@ impl Handler<Leave> for Cluster {
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(last_seen: Instant) -> Remote {
+        Remote {
+            id: ByteString::from_static("@b"),
+            instance: 1,
+            up: true,
+            last_seen,
+            heartbeat: Duration::from_millis(200),
+            services: BTreeMap::new(),
+            no_responders: 0,
+            too_large: 0,
+        }
+    }
+
+    #[test]
+    fn a_node_unheard_for_three_heartbeats_is_silent() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
+        let mut tick = t0;
+        // Ticks every 50 ms: quiet until 3 heartbeats (600 ms) have passed.
+        for n in 1..=12 {
+            let now = t0 + ms(50 * n);
+            assert!(
+                silent_nodes(&mut nodes, &mut tick, now, ms(200)).is_empty(),
+                "{n}"
+            );
+        }
+        let now = t0 + ms(650);
+        assert_eq!(silent_nodes(&mut nodes, &mut tick, now, ms(200)), ["b"]);
+    }
+
+    #[test]
+    fn a_stall_of_this_thread_restarts_the_clocks_instead() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
+        let mut tick = t0;
+        // This thread was away for 1 s: b's heartbeats may be unread.
+        let back = t0 + ms(1000);
+        assert!(silent_nodes(&mut nodes, &mut tick, back, ms(200)).is_empty());
+        // b still silent 3 heartbeats after the stall: now it is gone.
+        for n in 1..=12 {
+            let now = back + ms(50 * n);
+            assert!(
+                silent_nodes(&mut nodes, &mut tick, now, ms(200)).is_empty(),
+                "{n}"
+            );
+        }
+        let now = back + ms(650);
+        assert_eq!(silent_nodes(&mut nodes, &mut tick, now, ms(200)), ["b"]);
     }
 }
