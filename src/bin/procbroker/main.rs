@@ -7,6 +7,7 @@
 //!   | procbroker encode | ./my_worker | procbroker decode
 //! ```
 
+mod alloc;
 mod bench;
 mod cpu;
 mod interrupt;
@@ -29,7 +30,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// allocations (envelopes, subjects, NATS messages); the library leaves the
 /// choice to whoever embeds it.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
