@@ -89,7 +89,7 @@ impl<R: AsyncRead + Unpin, D: Decoder + Unpin> Batches<R, D> {
                     if batch.capacity() == 0 {
                         // Sized like the last batch: under steady load one
                         // allocation, not a chain of doublings.
-                        batch.reserve(self.last);
+                        *batch = Vec::with_capacity(self.last);
                     }
                     batch.push(Ok(item));
                 }
