@@ -98,7 +98,8 @@ env = {{ LOAD_IN_FLIGHT = "{}" }}
         assert!(Instant::now() < deadline, "broker did not exit");
         std::thread::sleep(Duration::from_millis(20));
     };
-    while let Ok(v) = lines.recv_timeout(Duration::from_millis(500)) {
+    // Its stderr closes when it exits: read to the end.
+    while let Ok(v) = lines.recv_timeout(Duration::from_secs(10)) {
         log.push(v);
     }
     assert!(status.success(), "exit status {status:?}");

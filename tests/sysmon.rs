@@ -37,7 +37,16 @@ async fn sysmon_reports_this_process_and_vanished_or_zombie_children_truthfully(
     reaped.wait().expect("reap");
     let mut zombie = Command::new("true").spawn().expect("spawn true");
     let zombie_pid = zombie.id();
-    std::thread::sleep(Duration::from_millis(100)); // let it exit
+    // Let it exit: a zombie until we wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{zombie_pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    }) {
+        assert!(std::time::Instant::now() < deadline, "true never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     for (id, pid) in [("gone.0", reaped_pid), ("zombie.0", zombie_pid)] {
         broker
             .sysmon()
