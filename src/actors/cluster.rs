@@ -137,9 +137,9 @@ pub struct Cluster {
     max_payload: usize,
     advertised: BTreeMap<String, u32>,
     next_heartbeat: Instant,
-    /// When liveness was last checked: a check far later than planned
-    /// means this thread stalled, not that the other nodes went quiet.
-    last_tick: Instant,
+    /// When liveness was last checked, and when this thread last came
+    /// back from a stall (see [`silent_nodes`]).
+    liveness: Liveness,
     /// Another broker uses this node's name (warned once per instance).
     impostor: Option<u64>,
     /// The last server error logged.
@@ -150,30 +150,47 @@ pub struct Cluster {
     log_limit: LogLimit,
 }
 
+/// The liveness checks' own clock.
+struct Liveness {
+    /// The last check.
+    last_tick: Instant,
+    /// The end of this thread's last stall: silence is counted from here
+    /// at the earliest.
+    resumed: Instant,
+}
+
+impl Liveness {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_tick: now,
+            resumed: now,
+        }
+    }
+}
+
 /// The up nodes unheard for 3 of their heartbeats, checked at `now`.
 ///
 /// If the last check is more than `stall` ago, this thread was stalled (a
 /// long handler, a paused process, an overloaded host): heartbeats may
-/// sit unread in the socket, so silence proves nothing. The nodes' clocks
-/// restart at `now` instead; a node really gone is found 3 heartbeats
-/// later.
+/// sit unread in the socket, so silence proves nothing. Silence is then
+/// counted from `now`: a node really gone is found 3 heartbeats later. The
+/// nodes' `last_seen` stays the truth (it is what `ListNodes` reports).
 fn silent_nodes(
-    nodes: &mut BTreeMap<String, Remote>,
-    last_tick: &mut Instant,
+    nodes: &BTreeMap<String, Remote>,
+    liveness: &mut Liveness,
     now: Instant,
     stall: Duration,
 ) -> Vec<String> {
-    let stalled = now.saturating_duration_since(*last_tick) > stall;
-    *last_tick = now;
-    if stalled {
-        for node in nodes.values_mut() {
-            node.last_seen = node.last_seen.max(now);
-        }
-        return Vec::new();
+    if now.saturating_duration_since(liveness.last_tick) > stall {
+        liveness.resumed = now;
     }
+    liveness.last_tick = now;
     nodes
         .iter()
-        .filter(|(_, n)| n.up && now.saturating_duration_since(n.last_seen) > n.heartbeat * 3)
+        .filter(|(_, n)| {
+            let silent_since = n.last_seen.max(liveness.resumed);
+            n.up && now.saturating_duration_since(silent_since) > n.heartbeat * 3
+        })
         .map(|(name, _)| name.clone())
         .collect()
 }
@@ -201,7 +218,7 @@ impl Cluster {
             max_payload: 0,
             advertised: BTreeMap::new(),
             next_heartbeat: Instant::now(),
-            last_tick: Instant::now(),
+            liveness: Liveness::new(Instant::now()),
             impostor: None,
             last_error: None,
             log_limit: LogLimit::default(),
@@ -353,7 +370,7 @@ impl Cluster {
         }
         let now = Instant::now();
         let stall = self.config.heartbeat();
-        for name in silent_nodes(&mut self.nodes, &mut self.last_tick, now, stall) {
+        for name in silent_nodes(&self.nodes, &mut self.liveness, now, stall) {
             self.node_down(&name, "missed 3 heartbeats");
         }
         if self.connected {
@@ -898,42 +915,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_node_unheard_for_three_heartbeats_is_silent() {
-        let t0 = Instant::now();
+    /// Checks every 50 ms from `from` up to `from + 600 ms` find nothing;
+    /// the one at `from + 650 ms` finds b.
+    fn b_gone_650_ms_after(
+        from: Instant,
+        nodes: &BTreeMap<String, Remote>,
+        liveness: &mut Liveness,
+    ) {
         let ms = Duration::from_millis;
-        let mut nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
-        let mut tick = t0;
-        // Ticks every 50 ms: quiet until 3 heartbeats (600 ms) have passed.
         for n in 1..=12 {
-            let now = t0 + ms(50 * n);
+            let now = from + ms(50 * n);
             assert!(
-                silent_nodes(&mut nodes, &mut tick, now, ms(200)).is_empty(),
-                "{n}"
+                silent_nodes(nodes, liveness, now, ms(200)).is_empty(),
+                "at {} ms",
+                50 * n
             );
         }
-        let now = t0 + ms(650);
-        assert_eq!(silent_nodes(&mut nodes, &mut tick, now, ms(200)), ["b"]);
+        let now = from + ms(650);
+        assert_eq!(silent_nodes(nodes, liveness, now, ms(200)), ["b"]);
     }
 
     #[test]
-    fn a_stall_of_this_thread_restarts_the_clocks_instead() {
+    fn a_node_unheard_for_three_heartbeats_is_silent() {
         let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let mut nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
-        let mut tick = t0;
+        let nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
+        b_gone_650_ms_after(t0, &nodes, &mut Liveness::new(t0));
+    }
+
+    #[test]
+    fn a_stall_of_this_thread_restarts_the_count_instead() {
+        let t0 = Instant::now();
+        let nodes = BTreeMap::from([("b".to_owned(), remote(t0))]);
+        let mut liveness = Liveness::new(t0);
         // This thread was away for 1 s: b's heartbeats may be unread.
-        let back = t0 + ms(1000);
-        assert!(silent_nodes(&mut nodes, &mut tick, back, ms(200)).is_empty());
-        // b still silent 3 heartbeats after the stall: now it is gone.
-        for n in 1..=12 {
-            let now = back + ms(50 * n);
-            assert!(
-                silent_nodes(&mut nodes, &mut tick, now, ms(200)).is_empty(),
-                "{n}"
-            );
-        }
-        let now = back + ms(650);
-        assert_eq!(silent_nodes(&mut nodes, &mut tick, now, ms(200)), ["b"]);
+        let back = t0 + Duration::from_secs(1);
+        assert!(silent_nodes(&nodes, &mut liveness, back, Duration::from_millis(200)).is_empty());
+        // b still silent 3 heartbeats after the stall: now it is gone. Its
+        // last_seen was left as it was.
+        b_gone_650_ms_after(back, &nodes, &mut liveness);
+        assert_eq!(nodes["b"].last_seen, t0);
     }
 }
