@@ -506,11 +506,7 @@ fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
     }
     // Keep reading its log until it exits.
     let drain = std::thread::spawn(move || lines.count());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(broker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    send(&broker, nix::sys::signal::Signal::SIGTERM);
     let status = broker.wait().expect("wait");
     let _ = drain.join();
     let spawned = spawned.expect("service spawned");
@@ -614,6 +610,7 @@ fn wait_for(log: &Receiver<serde_json::Value>, text: &str) -> Vec<String> {
     }
 }
 
+/// Signals the broker process.
 fn send(broker: &std::process::Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker.id() as i32), signal)
         .expect("signal the broker");
@@ -703,13 +700,6 @@ fn sighup_reloads_the_config_file() {
     };
     let count = |s: &[(String, u64)], id: &str| s.iter().filter(|(p, _)| p == id).count();
     wait(&mut started, &|s, _| s.len() == 3);
-    let hup = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(broker.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("SIGHUP")
-    };
     // a: 1 -> 2 workers (a Scale: a.0 untouched); b: new env (a rolling
     // restart of b only); c: new.
     std::fs::write(
@@ -722,7 +712,7 @@ fn sighup_reloads_the_config_file() {
         ),
     )
     .expect("v2");
-    hup();
+    send(&broker, nix::sys::signal::Signal::SIGHUP);
     wait(&mut started, &|s, _| {
         count(s, "a.1") == 1 && count(s, "c.0") == 1 && count(s, "b.0") == 2 && count(s, "b.1") == 2
     });
@@ -737,7 +727,7 @@ fn sighup_reloads_the_config_file() {
         format!("{head}[[service]]\nname = \"a\"\nworkers = \"many\"\n"),
     )
     .expect("broken");
-    hup();
+    send(&broker, nix::sys::signal::Signal::SIGHUP);
     wait(&mut started, &|_, seen| {
         seen.iter()
             .any(|l| l.contains("did not load") && l.contains("line 7"))
@@ -753,11 +743,7 @@ fn sighup_reloads_the_config_file() {
             break;
         }
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(broker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    send(&broker, nix::sys::signal::Signal::SIGTERM);
     assert!(broker.wait().expect("wait").success());
 }
 
@@ -812,11 +798,7 @@ fn a_garbage_flood_logs_at_a_limited_rate_and_counts_every_frame() {
     let bad = stats["per_process"]["garbage.0"]["bad_frames"]
         .as_u64()
         .expect("bad_frames");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(broker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    send(&broker, nix::sys::signal::Signal::SIGTERM);
     assert!(broker.wait().expect("wait").success());
     eprintln!(
         "in 2 s: {bad} bad frames counted, {warnings} warning lines ({suppressed} suppressed)"
@@ -847,11 +829,7 @@ fn the_broker_outlives_whoever_reads_its_log() {
     }
     // The log's reader goes away; every line from now on hits EPIPE.
     drop(stderr);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(broker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    send(&broker, nix::sys::signal::Signal::SIGTERM);
     let status = broker.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status:?}");
 }

@@ -192,16 +192,23 @@ impl PendingTable {
     /// still follows what is in flight.
     #[inline]
     fn compact(&mut self) {
-        if self.deadlines.len() > 2 * self.map.len() + 1024 {
+        if self.deadlines.len() > self.room() {
             self.rebuild();
         }
+    }
+
+    /// The heap entries allowed before a rebuild: twice what is in flight,
+    /// plus 1 024.
+    #[inline]
+    fn room(&self) -> usize {
+        2 * self.map.len() + 1024
     }
 
     /// Once per ~1 024 requests: kept out of the callers' code.
     #[cold]
     #[inline(never)]
     fn rebuild(&mut self) {
-        let room = 2 * self.map.len() + 1024;
+        let room = self.room();
         let mut heap = std::mem::take(&mut self.deadlines).into_vec();
         heap.clear();
         if heap.capacity() > 4 * room {
