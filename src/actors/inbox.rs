@@ -3,7 +3,7 @@
 //!
 //! The bridge makes one per incarnation and keeps it; when the Router runs
 //! on the bridge's thread (the broker starts them together) the Router gets
-//! it too, and hands each batch over with a method call. A [`Deliver`]
+//! it too, and queues each envelope with a method call. A [`Deliver`]
 //! message instead costs a mailbox hop per batch: an allocation, a wake-up
 //! and a poll of the bridge's context, which polls its stdout stream again
 //! for nothing. Either way the same code below decides what is queued,
@@ -75,6 +75,23 @@ impl Inbox {
             self.push(&outbox, envelope);
         }
         self.pacer.set_backlog(outbox.depth());
+    }
+
+    /// Queues one envelope routed to the child (the Router's way in; it
+    /// calls [`settle`](Self::settle) when its message is done).
+    pub(crate) fn queue(&self, envelope: Envelope) {
+        match self.outbox.upgrade() {
+            Some(outbox) => self.push(&outbox, envelope),
+            None => tracing::debug!(process = %self.id, id = %envelope.id,
+                "no child; envelope dropped"),
+        }
+    }
+
+    /// Tells the Router's worker choice how deep the queue now is.
+    pub(crate) fn settle(&self) {
+        if let Some(outbox) = self.outbox.upgrade() {
+            self.pacer.set_backlog(outbox.depth());
+        }
     }
 
     /// Queues one envelope, or bounces it: `busy` for a request or event

@@ -7,8 +7,10 @@
 //! of envelopes from a bridge, a call, an expiry pass) can produce several
 //! envelopes for the same process. Each process gets them in one
 //! [`Deliver`] at the end ([`ProcessTable::send_held`]): one mailbox hop per
-//! destination, whatever the form of the input; none for a bridge on the
-//! Router's thread, whose inbox takes the batch in a method call.
+//! destination, whatever the form of the input. A bridge on the Router's
+//! thread needs no hop: its inbox queues each envelope as it is routed
+//! (holding it would only move it twice more), and learns its new backlog
+//! at the end.
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -34,10 +36,14 @@ pub(crate) struct ProcessEntry {
     pub(crate) pacer: Option<Arc<Pacer>>,
     recipient: Recipient<Deliver>,
     /// Its bridge's inbox, when the bridge runs on the Router's thread:
-    /// then what is held for it is queued directly, without a [`Deliver`].
+    /// then what is routed to it is queued at once, without a [`Deliver`].
     inbox: Option<Rc<Inbox>>,
-    /// Envelopes for it, sent at the end of the current message.
+    /// Envelopes for it, sent at the end of the current message (none are
+    /// held for a process with an inbox).
     outgoing: Envelopes,
+    /// In [`ProcessTable::held`]: something was routed to it during the
+    /// current message.
+    touched: bool,
     /// How many the last [`Deliver`] carried: the size to reserve next time.
     last_held: usize,
     /// In the rotation (its `ready` came).
@@ -98,7 +104,7 @@ pub(crate) struct ProcessTable {
     free: Vec<usize>,
     pub(crate) services: Vec<ServiceEntry>,
     service_index: FastMap<ByteString, usize>,
-    /// Slots with envelopes in `outgoing`.
+    /// Slots routed to during the current message (`touched`).
     held: Vec<usize>,
 }
 
@@ -202,6 +208,7 @@ impl ProcessTable {
             recipient: msg.recipient,
             inbox: msg.inbox.and_then(Handoff::take),
             outgoing: Envelopes::new(),
+            touched: false,
             last_held: 0,
             ready: msg.ready,
             in_flight: 0,
@@ -351,8 +358,9 @@ impl ProcessTable {
         }
     }
 
-    /// Holds an envelope for process `to` until [`send_held`](Self::send_held),
-    /// and counts it; false if the process is gone (its actor stopped).
+    /// Holds an envelope for process `to` until [`send_held`](Self::send_held)
+    /// (or queues it in its inbox), and counts it; false if the process is
+    /// gone (its actor stopped).
     #[inline]
     pub(crate) fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
         match self.slot_of(to) {
@@ -393,13 +401,19 @@ impl ProcessTable {
         }
         entry.delta.sent += 1;
         entry.saw(now);
-        if entry.outgoing.is_empty() {
+        if !entry.touched {
+            entry.touched = true;
             self.held.push(slot);
-            // Last time's count is the best guess of this time's: one
-            // allocation instead of a chain of doublings (each a copy).
-            entry.outgoing.reserve(entry.last_held);
+            if entry.inbox.is_none() {
+                // Last time's count is the best guess of this time's: one
+                // allocation instead of a chain of doublings (each a copy).
+                entry.outgoing.reserve(entry.last_held);
+            }
         }
-        entry.outgoing.push(envelope);
+        match &entry.inbox {
+            Some(inbox) => inbox.queue(envelope),
+            None => entry.outgoing.push(envelope),
+        }
         true
     }
 
@@ -420,21 +434,23 @@ impl ProcessTable {
         }
     }
 
-    /// Sends each process what was held for it: straight into its inbox,
-    /// or in one [`Deliver`].
+    /// Ends the current message: each process routed to gets what was held
+    /// for it in one [`Deliver`]; an inbox, which queued as it went, sets
+    /// its backlog for the Router's next choices.
     #[inline]
     pub(crate) fn send_held(&mut self) {
         for slot in self.held.drain(..) {
             // A slot emptied meanwhile (the process was removed) has nothing.
-            if let Some(Some((_, entry))) = self.slots.get_mut(slot)
-                && !entry.outgoing.is_empty()
-            {
+            let Some(Some((_, entry))) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            entry.touched = false;
+            if let Some(inbox) = &entry.inbox {
+                inbox.settle();
+            } else if !entry.outgoing.is_empty() {
                 let envelopes = std::mem::take(&mut entry.outgoing);
                 entry.last_held = envelopes.len();
-                match &entry.inbox {
-                    Some(inbox) => inbox.deliver(envelopes),
-                    None => entry.recipient.do_send(Deliver(envelopes)),
-                }
+                entry.recipient.do_send(Deliver(envelopes));
             }
         }
     }
@@ -468,13 +484,14 @@ mod tests {
     }
 
     /// A table with `echo.0` registered; with an inbox on this thread if
-    /// `local`. Returns the table, the child's outbox, the count of what
-    /// came in `Deliver`s, and the child's end of its stdin.
+    /// `local`. Returns the table, the child's outbox and pacer, the count
+    /// of what came in `Deliver`s, and the child's end of its stdin.
     fn table(
         local: bool,
     ) -> (
         ProcessTable,
         Rc<Outbox>,
+        Arc<Pacer>,
         Rc<Cell<usize>>,
         tokio::io::DuplexStream,
     ) {
@@ -483,7 +500,13 @@ mod tests {
         let metrics = MetricsStore::new(Duration::from_secs(60)).start();
         let router = Router::new(BrokerConfig::default(), metrics.recipient()).start();
         let pacer = Arc::new(Pacer::default());
-        let inbox = Rc::new(Inbox::new("echo.0".into(), 8, &outbox, pacer, router));
+        let inbox = Rc::new(Inbox::new(
+            "echo.0".into(),
+            8,
+            &outbox,
+            Arc::clone(&pacer),
+            router,
+        ));
         let delivered = Rc::new(Cell::new(0));
         let recipient = Counter(Rc::clone(&delivered)).start().recipient();
         let mut table = ProcessTable::default();
@@ -494,17 +517,25 @@ mod tests {
                 ..registration
             })
             .expect("registered");
-        (table, outbox, delivered, child)
+        (table, outbox, pacer, delivered, child)
     }
 
     #[actix::test]
     async fn a_local_inbox_is_queued_to_without_a_message() {
-        let (mut table, outbox, delivered, mut child) = table(true);
+        let (mut table, outbox, pacer, delivered, mut child) = table(true);
         let event = Envelope::event("echo.0", "tick");
-        assert!(table.deliver(&"echo.0".into(), event.clone(), Instant::now()));
+        for _ in 0..2 {
+            assert!(table.deliver(&"echo.0".into(), event.clone(), Instant::now()));
+        }
+        assert_eq!(outbox.depth(), 2, "queued as routed: nothing is held");
+        assert_eq!(
+            pacer.backlog(),
+            0,
+            "the backlog is set when the message ends"
+        );
         table.send_held();
-        assert_eq!(outbox.depth(), 1, "queued by the Router's own call");
-        let mut frame = vec![0; 4 + event.encoded_len()];
+        assert_eq!(pacer.backlog(), 2);
+        let mut frame = vec![0; 2 * (4 + event.encoded_len())];
         child
             .read_exact(&mut frame)
             .await
@@ -515,7 +546,7 @@ mod tests {
 
     #[actix::test]
     async fn without_an_inbox_envelopes_go_in_a_deliver_message() {
-        let (mut table, outbox, delivered, _child) = table(false);
+        let (mut table, outbox, _, delivered, _child) = table(false);
         assert!(table.deliver(
             &"echo.0".into(),
             Envelope::event("echo.0", "tick"),
