@@ -298,11 +298,26 @@ fn bench_pins_children_where_pin_says() {
     }
 }
 
+/// Writes `envelope` as one frame to the child's stdin and hands the stdin
+/// back (dropping it is the child's EOF).
+fn write_envelope(
+    child: &mut std::process::Child,
+    envelope: &procbroker::protocol::Envelope,
+) -> std::process::ChildStdin {
+    use tokio_util::codec::Encoder;
+    let mut frame = bytes::BytesMut::new();
+    procbroker::protocol::EnvelopeCodec::default()
+        .encode(envelope, &mut frame)
+        .expect("encode");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&frame).expect("write");
+    stdin
+}
+
 #[test]
 fn an_sdk_service_exits_at_eof_even_while_a_handler_waits_on_calls() {
-    use procbroker::protocol::{Envelope, EnvelopeCodec};
+    use procbroker::protocol::Envelope;
     use std::io::Read;
-    use tokio_util::codec::Encoder;
     let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
         .args(["worker", "bench-client"])
         .env("PROCBROKER_PROCESS_ID", "client.0")
@@ -324,12 +339,7 @@ fn an_sdk_service_exits_at_eof_even_while_a_handler_waits_on_calls() {
         .with_source("@caller")
         .with_payload(&spec)
         .expect("payload");
-    let mut frame = bytes::BytesMut::new();
-    EnvelopeCodec::default()
-        .encode(&request, &mut frame)
-        .expect("encode");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(&frame).expect("write");
+    let stdin = write_envelope(&mut child, &request);
     // The parent stays alive reading its stdout (as a live broker would).
     let mut stdout = child.stdout.take().expect("stdout");
     let (seen_tx, seen) = std::sync::mpsc::channel();
@@ -375,7 +385,7 @@ fn an_sdk_service_exits_at_eof_even_while_a_handler_waits_on_calls() {
 fn a_built_in_worker_asks_for_no_transparent_huge_pages() {
     use procbroker::protocol::{Envelope, EnvelopeCodec};
     use std::io::Read;
-    use tokio_util::codec::{Decoder, Encoder};
+    use tokio_util::codec::Decoder;
     let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
         .args(["worker", "echo"])
         .env("PROCBROKER_PROCESS_ID", "echo.0")
@@ -384,13 +394,8 @@ fn a_built_in_worker_asks_for_no_transparent_huge_pages() {
         .stderr(Stdio::null())
         .spawn()
         .expect("echo worker");
-    let mut frame = bytes::BytesMut::new();
     let request = Envelope::request("echo.0", "Echo", 1).with_source("client.0");
-    EnvelopeCodec::default()
-        .encode(&request, &mut frame)
-        .expect("encode");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(&frame).expect("write");
+    let stdin = write_envelope(&mut child, &request);
     // Its reply: the serve loop, its runtime and its buffers are all up.
     let mut stdout = child.stdout.take().expect("stdout");
     let mut read = bytes::BytesMut::new();
