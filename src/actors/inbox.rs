@@ -40,7 +40,7 @@ pub(crate) struct Inbox {
     /// after that are dropped (its requests get `worker_exited` when the
     /// Router removes the process).
     outbox: Weak<Outbox>,
-    /// Carries the queue's depth to the Router's worker choice and stats.
+    /// Carries the queue's depth to the Router's stats.
     pacer: Arc<Pacer>,
     /// Where bounced envelopes go (to be answered with an error).
     router: Addr<Router>,
@@ -87,7 +87,8 @@ impl Inbox {
         }
     }
 
-    /// Tells the Router's worker choice how deep the queue now is.
+    /// Publishes how deep the queue now is (the process's `queue_depth`
+    /// in the Router's stats).
     pub(crate) fn settle(&self) {
         if let Some(outbox) = self.outbox.upgrade() {
             self.pacer.set_backlog(outbox.depth());

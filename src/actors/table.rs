@@ -9,7 +9,7 @@
 //! [`Deliver`] at the end ([`ProcessTable::send_held`]): one mailbox hop per
 //! destination, whatever the form of the input. A bridge on the Router's
 //! thread needs no hop: its inbox queues each envelope as it is routed
-//! (holding it would only move it twice more), and learns its new backlog
+//! (holding it would only move it twice more), and publishes its depth
 //! at the end.
 
 use actix::prelude::*;
@@ -435,8 +435,8 @@ impl ProcessTable {
     }
 
     /// Ends the current message: each process routed to gets what was held
-    /// for it in one [`Deliver`]; an inbox, which queued as it went, sets
-    /// its backlog for the Router's next choices.
+    /// for it in one [`Deliver`]; an inbox, which queued as it went,
+    /// publishes its new depth for the stats.
     #[inline]
     pub(crate) fn send_held(&mut self) {
         for slot in self.held.drain(..) {
