@@ -397,19 +397,29 @@ fn a_built_in_worker_asks_for_no_transparent_huge_pages() {
     let request = Envelope::request("echo.0", "Echo", 1).with_source("client.0");
     let stdin = write_envelope(&mut child, &request);
     // Its reply: the serve loop, its runtime and its buffers are all up.
+    // Read on a thread, so a worker that never answers fails the test
+    // instead of hanging it.
     let mut stdout = child.stdout.take().expect("stdout");
+    let (chunks_tx, chunks) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || chunks_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
     let mut read = bytes::BytesMut::new();
     // (After its `ready` event.)
     let reply = loop {
         match EnvelopeCodec::default().decode(&mut read).expect("decode") {
             Some(envelope) if envelope.as_ref().is_ok_and(|e| e.correlation_id == 0) => {}
             Some(envelope) => break envelope.expect("an envelope"),
-            None => {
-                let mut buf = [0u8; 4096];
-                let n = stdout.read(&mut buf).expect("read");
-                assert_ne!(n, 0, "the worker closed stdout without a reply");
-                read.extend_from_slice(&buf[..n]);
-            }
+            None => read.extend_from_slice(
+                &chunks
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("the worker's reply within 10 s"),
+            ),
         }
     };
     assert_eq!(reply.kind, procbroker::protocol::MessageType::Response);

@@ -76,7 +76,7 @@ unsafe impl GlobalAlloc for MiMalloc {
 mod tests {
     use super::*;
 
-    /// Fills `size` bytes at `p` with a pattern; checks the first `len`.
+    /// Fills `size` bytes at `p` with the pattern [`holds`] checks.
     unsafe fn fill(p: *mut u8, size: usize) {
         for i in 0..size {
             // SAFETY: the caller's block holds `size` bytes.
