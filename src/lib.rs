@@ -26,10 +26,11 @@
 //!   sample) and answers stats, since start and over the last minute (a
 //!   ring of histograms, so alerts react in minutes). [`Sysmon`](actors::sysmon::Sysmon) samples
 //!   `/proc` for the broker and every child. A
-//!   [`Bridge`](actors::bridge::Bridge) per child process turns its stdout
-//!   frames into Router messages and writes what the Router delivers to its
-//!   stdin (through the child's inbox, which the Router calls directly on
-//!   the bridge's thread: one mailbox hop fewer per batch); it also
+//!   [`Bridge`](actors::bridge::Bridge) per child process hands its stdout
+//!   frames to the Router and writes what the Router delivers to its
+//!   stdin, both through the child's inbox: on the Router's thread the
+//!   inbox and the Router call each other directly, a mailbox hop fewer
+//!   per batch each way; it also
 //!   restarts the child and reaps it. With `[cluster]`, the
 //!   `Cluster` actor (feature `cluster`) joins brokers on other hosts
 //!   through NATS: each other node is routed as a process named `@node`,

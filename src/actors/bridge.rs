@@ -6,8 +6,11 @@
 //!
 //! - **stdout**: an actix stream of envelope batches ([`EnvelopeCodec`],
 //!   what one read brought: [`pipe::Batches`]) behind a [`Paced`] gate.
-//!   Each envelope gets its `source` stamped by the Router from the id
-//!   registered here, so a child cannot forge one. A bad frame is
+//!   Each batch goes to the Router through the incarnation's inbox (a
+//!   method call once the Router has registered it on this thread, a
+//!   `Route` message before that or from another thread). Each envelope
+//!   gets its `source` stamped by the Router from the id registered here,
+//!   so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
 //!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
@@ -51,7 +54,7 @@ use super::health::{Health, Verdict};
 use super::inbox::{Handoff, Inbox};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::messages::{
-    BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, Route, SetReady,
+    BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, SetReady,
     StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
@@ -797,11 +800,10 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
                 Err(e) => out_of_sync = Some(e.to_string()),
             }
         }
-        if !envelopes.is_empty() {
-            self.peers.router.do_send(Route {
-                from: self.id.clone(),
-                envelopes,
-            });
+        if !envelopes.is_empty()
+            && let Some(child) = &self.child
+        {
+            child.inbox.route(envelopes);
         }
         if unreported > 0 {
             self.peers.router.do_send(BadFrame {

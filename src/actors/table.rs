@@ -59,6 +59,11 @@ pub(crate) struct ProcessEntry {
 }
 
 impl ProcessEntry {
+    /// Its bridge's inbox, when the bridge runs on the Router's thread.
+    pub(crate) fn inbox(&self) -> Option<&Rc<Inbox>> {
+        self.inbox.as_ref()
+    }
+
     /// Notes traffic from or to the process.
     #[inline]
     pub(crate) fn saw(&mut self, now: Instant) {
