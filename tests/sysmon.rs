@@ -81,7 +81,16 @@ async fn sysmon_reports_this_process_and_vanished_or_zombie_children_truthfully(
         me.threads,
         Some(before["Threads"].parse().expect("threads"))
     );
-    assert_eq!(me.state, before["State"]);
+    // The state is the main thread's, which the test harness runs beside
+    // the test's own: it moves between reads (R or S under load), so only
+    // its being a live process's state is certain.
+    assert!(
+        ["R", "S", "D"].contains(&me.state.as_str()),
+        "broker state {:?} (before {:?}, after {:?})",
+        me.state,
+        before["State"],
+        after["State"]
+    );
     assert!(
         humantime::parse_rfc3339(&me.timestamp).is_ok(),
         "{}",
