@@ -40,7 +40,7 @@ use crate::actors::messages::{
     TrackProcess,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
-use crate::actors::router::Router;
+use crate::actors::router::{self, Router, RouterKey};
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
@@ -113,7 +113,9 @@ impl Builder {
     pub fn start(self) -> BrokerHandle {
         let config = self.config;
         let metrics = MetricsStore::new(config.latency_window).start();
-        let router = Router::new(config.clone(), metrics.clone()).start();
+        let router = Router::new(config.clone(), metrics.clone());
+        let router_key = router.key();
+        let router = router.start();
         let sysmon = Sysmon::new(config.sysmon_interval, metrics.clone()).start();
         let broker = Broker::new(
             config.clone(),
@@ -132,6 +134,7 @@ impl Builder {
         let cluster = start_cluster(&config, &router, &metrics);
         BrokerHandle(std::sync::Arc::new(Handles {
             router,
+            router_key,
             broker,
             metrics,
             sysmon,
@@ -182,6 +185,8 @@ pub struct BrokerHandle(std::sync::Arc<Handles>);
 /// What a [`BrokerHandle`] shares.
 struct Handles {
     router: Addr<Router>,
+    /// Finds the Router when a caller runs on its thread.
+    router_key: RouterKey,
     broker: Addr<Broker>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
@@ -250,10 +255,13 @@ impl BrokerHandle {
     /// `timeout_ms`). Its `correlation_id` is assigned by the Router.
     pub async fn call_envelope(&self, request: Envelope) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
-        self.0.router.do_send(Call {
+        let call = Call {
             envelope: request,
             reply,
-        });
+        };
+        if let Some(call) = router::call_here(self.0.router_key, call) {
+            self.0.router.do_send(call);
+        }
         let envelope = answer.await.map_err(|_| CallError::Closed)?;
         Reply::from_envelope(envelope)
     }
@@ -276,15 +284,15 @@ impl BrokerHandle {
                 id.clone().into(),
                 Rc::clone(&methods),
                 self.0.router.clone(),
-            )
-            .start();
+            );
+            let handoff = worker.handoff();
+            let worker = worker.start();
             self.0
                 .router
-                .send(RegisterProcess::new(
-                    id.clone().into(),
-                    name.into(),
-                    worker.recipient(),
-                ))
+                .send(RegisterProcess {
+                    inbox: Some(handoff),
+                    ..RegisterProcess::new(id.clone().into(), name.into(), worker.recipient())
+                })
                 .await
                 .map_err(|_| AddServiceError::Closed)??;
             self.0.broker.do_send(TrackProcess(ProcessInfo {

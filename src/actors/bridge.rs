@@ -803,7 +803,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         if !envelopes.is_empty()
             && let Some(child) = &self.child
         {
-            child.inbox.route(envelopes);
+            child.inbox.link().route(envelopes);
         }
         if unreported > 0 {
             self.peers.router.do_send(BadFrame {

@@ -11,26 +11,25 @@
 //! envelopes come.
 //!
 //! The other way, what the child writes goes to the Router through the
-//! inbox too ([`Inbox::route`]): once the Router has registered the inbox,
-//! with a method call ([`LocalRouter`]) instead of a [`Route`] message.
+//! inbox's [`RouterLink`] (module `link`).
 //!
-//! actix messages must be `Send` and the inbox is not (the queue is
-//! thread-local), so it travels to the Router in a [`Handoff`], which only
-//! the thread that made it can open.
+//! actix messages must be `Send` and neither the inbox nor a link is (they
+//! are thread-local), so they travel to the Router in a [`Handoff`], which
+//! only the thread that made it can open.
 //!
 //! [`Deliver`]: super::messages::Deliver
 
 use actix::Addr;
 use bytestring::ByteString;
-use std::cell::{Cell, OnceCell};
 use std::mem::ManuallyDrop;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::thread::ThreadId;
 
-use super::messages::{Bounce, Envelopes, Route};
+use super::link::RouterLink;
+use super::messages::{Bounce, Envelopes};
 use super::pacer::Pacer;
-use super::router::{LocalRouter, Router};
+use super::router::Router;
 use crate::pipe::{Outbox, OutboxError};
 use crate::protocol::{Envelope, ErrorCode, FrameError, MessageType};
 
@@ -47,15 +46,9 @@ pub(crate) struct Inbox {
     outbox: Weak<Outbox>,
     /// Carries the queue's depth to the Router's stats.
     pacer: Arc<Pacer>,
-    /// Where bounced envelopes go (to be answered with an error), and the
-    /// child's envelopes while there is no `local` Router.
-    router: Addr<Router>,
-    /// The Router, once it registered this inbox on its own thread.
-    local: OnceCell<LocalRouter>,
-    /// The child's batches sent as [`Route`] messages and not yet handled.
-    /// While there are any, later batches are mailed too: a method call
-    /// would overtake them.
-    mailed: Cell<usize>,
+    /// The child's way in to the Router; bounced envelopes go there too
+    /// (to be answered with an error).
+    link: Rc<RouterLink>,
 }
 
 impl Inbox {
@@ -67,42 +60,17 @@ impl Inbox {
         router: Addr<Router>,
     ) -> Self {
         Self {
+            link: Rc::new(RouterLink::new(id.clone(), router)),
             id,
             capacity,
             outbox: Rc::downgrade(outbox),
             pacer,
-            router,
-            local: OnceCell::new(),
-            mailed: Cell::new(0),
         }
     }
 
-    /// Hands what the child sent to the Router: with a method call when the
-    /// Router is on this thread and none of the child's batches is still in
-    /// its mailbox, in a [`Route`] message otherwise. Either way the Router
-    /// sees the child's envelopes in the order it wrote them.
-    pub(crate) fn route(&self, mut envelopes: Envelopes) {
-        if self.mailed.get() == 0
-            && let Some(local) = self.local.get()
-            && local.route(&self.id, &mut envelopes)
-        {
-            return;
-        }
-        self.mailed.set(self.mailed.get() + 1);
-        self.router.do_send(Route {
-            from: self.id.clone(),
-            envelopes,
-        });
-    }
-
-    /// The Router registered this inbox on its own thread.
-    pub(crate) fn link(&self, local: LocalRouter) {
-        let _ = self.local.set(local);
-    }
-
-    /// The Router handled one of the child's mailed batches.
-    pub(crate) fn mail_handled(&self) {
-        self.mailed.set(self.mailed.get().saturating_sub(1));
+    /// The child's way in to the Router.
+    pub(crate) fn link(&self) -> &Rc<RouterLink> {
+        &self.link
     }
 
     /// Queues a batch for the child, bouncing what cannot be queued.
@@ -173,7 +141,7 @@ impl Inbox {
     }
 
     fn bounce(&self, envelope: Envelope, code: ErrorCode, message: String) {
-        self.router.do_send(Bounce {
+        self.link.router().do_send(Bounce {
             to: self.id.clone(),
             envelope,
             code,
@@ -193,19 +161,37 @@ fn too_large(envelope: &Envelope, e: &FrameError) -> String {
     )
 }
 
-/// A bridge's inbox on its way to the Router inside `RegisterProcess`: only
-/// the thread that made it can take the inbox out. On another thread it
-/// yields nothing and the inbox is leaked (a few words per registration),
-/// never touched: an `Rc` must not be counted from two threads.
-pub struct Handoff(OnThread<Rc<Inbox>>);
+/// What a process on the Router's thread gives it inside `RegisterProcess`:
+/// its link (its way in) and, for a bridge's child, its inbox. Only the
+/// thread that made it can take them out. On another thread it yields
+/// nothing and they are leaked (a few words per registration), never
+/// touched: an `Rc` must not be counted from two threads.
+pub struct Handoff(OnThread<Local>);
+
+/// What a [`Handoff`] carries.
+pub(crate) struct Local {
+    pub(crate) inbox: Option<Rc<Inbox>>,
+    pub(crate) link: Rc<RouterLink>,
+}
 
 impl Handoff {
+    /// A bridge's child: its inbox, and the inbox's link.
     pub(crate) fn new(inbox: Rc<Inbox>) -> Self {
-        Self(OnThread::new(inbox))
+        let link = Rc::clone(inbox.link());
+        Self(OnThread::new(Local {
+            inbox: Some(inbox),
+            link,
+        }))
     }
 
-    /// The inbox, on the thread that made the handoff; `None` elsewhere.
-    pub(crate) fn take(self) -> Option<Rc<Inbox>> {
+    /// A process without an inbox (an in-process worker): its link.
+    pub(crate) fn link(link: Rc<RouterLink>) -> Self {
+        Self(OnThread::new(Local { inbox: None, link }))
+    }
+
+    /// What it carries, on the thread that made the handoff; `None`
+    /// elsewhere.
+    pub(crate) fn take(self) -> Option<Local> {
         self.0.take()
     }
 }
@@ -258,108 +244,6 @@ impl<T> Drop for OnThread<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::messages::{Deliver, PendingCount, RegisterProcess};
-    use crate::actors::metrics_store::MetricsStore;
-    use crate::config::BrokerConfig;
-    use crate::protocol::EnvelopeCodec;
-    use actix::Actor;
-    use futures_util::StreamExt;
-    use std::time::Duration;
-    use tokio::io::DuplexStream;
-    use tokio_util::codec::FramedRead;
-
-    /// Never called: processes with an inbox get nothing in `Deliver`s.
-    struct NoDeliver;
-
-    impl Actor for NoDeliver {
-        type Context = actix::Context<Self>;
-    }
-
-    impl actix::Handler<Deliver> for NoDeliver {
-        type Result = ();
-
-        fn handle(&mut self, _: Deliver, _: &mut Self::Context) {
-            panic!("a process with an inbox got a Deliver");
-        }
-    }
-
-    /// Registers `id` with an inbox on this thread (the registration is
-    /// queued, not awaited); returns the inbox and its child's end of stdin.
-    fn register(router: &Addr<Router>, id: &str) -> (Rc<Inbox>, Rc<Outbox>, DuplexStream) {
-        let (stdin, child) = tokio::io::duplex(1 << 16);
-        let outbox = Rc::new(Outbox::start(stdin, EnvelopeCodec::default()));
-        let inbox = Rc::new(Inbox::new(
-            id.into(),
-            64,
-            &outbox,
-            Arc::new(Pacer::default()),
-            router.clone(),
-        ));
-        let service = id.split('.').next().unwrap_or(id);
-        router.do_send(RegisterProcess {
-            ready: true,
-            inbox: Some(Handoff::new(Rc::clone(&inbox))),
-            ..RegisterProcess::new(id.into(), service.into(), NoDeliver.start().recipient())
-        });
-        (inbox, outbox, child)
-    }
-
-    fn tick(n: u64) -> Envelopes {
-        Envelope::event("b.0", format!("t{n}")).into()
-    }
-
-    #[actix::test]
-    async fn a_registered_inbox_routes_with_a_method_call_and_keeps_the_order() {
-        let metrics = MetricsStore::new(Duration::from_secs(60)).start();
-        let router = Router::new(BrokerConfig::default(), metrics.recipient()).start();
-        let (_b, to_b, b_stdin) = register(&router, "b.0");
-        let (a, _to_a, _a_stdin) = register(&router, "a.0");
-        let settled = || router.send(PendingCount);
-
-        // Not registered yet: mailed, behind the registration.
-        a.route(tick(1));
-        a.route(tick(2));
-        assert_eq!(a.mailed.get(), 2);
-        assert_eq!(to_b.depth(), 0, "not routed yet");
-        settled().await.expect("router");
-        assert_eq!(a.mailed.get(), 0, "both handled");
-        // (The outbox's writer task has written them since.)
-
-        // Registered, nothing in the mailbox: routed before `route` returns.
-        let before = to_b.depth();
-        a.route(tick(3));
-        assert_eq!(to_b.depth(), before + 1, "routed with a method call");
-        assert_eq!(a.mailed.get(), 0);
-
-        // A batch of the child's still in the mailbox: mailed behind it,
-        // never routed ahead of it.
-        a.mailed.set(1);
-        a.route(tick(4));
-        assert_eq!(to_b.depth(), before + 1, "mailed");
-        assert_eq!(a.mailed.get(), 2);
-        settled().await.expect("router");
-        assert_eq!(a.mailed.get(), 1, "one handled; the other was never sent");
-        a.mailed.set(0);
-        let before = to_b.depth();
-        a.route(tick(5));
-        assert_eq!(to_b.depth(), before + 1, "routed with a method call again");
-
-        drop(to_b);
-        let frames = FramedRead::new(b_stdin, EnvelopeCodec::default());
-        let seen: Vec<String> = frames
-            .map(|frame| match frame {
-                Ok(Ok(envelope)) => envelope.id.to_string(),
-                other => panic!("not an envelope: {other:?}"),
-            })
-            .collect()
-            .await;
-        assert_eq!(
-            seen,
-            ["t1", "t2", "t3", "t4", "t5"],
-            "in the order the child wrote them"
-        );
-    }
-
     #[test]
     fn only_the_thread_that_made_it_takes_or_drops_the_value() {
         let value = Rc::new(());

@@ -2,8 +2,10 @@
 //!
 //! Each worker is an actor with a process id (`calc.0`) registered with the
 //! Router like any subprocess, so round-robin, queue bounds, timeouts and
-//! metrics treat both the same. Requests run concurrently as futures on the
-//! worker's arbiter; a handler that panics yields an `internal` error reply
+//! metrics treat both the same. Its replies go to the Router through a
+//! `RouterLink`: a method call when both share a thread (the embedding
+//! API starts them on one arbiter), a `Route` message otherwise. Requests
+//! run concurrently as futures on the worker's arbiter; a handler that panics yields an `internal` error reply
 //! instead of taking the worker down (a panicking actix actor is never
 //! restarted).
 
@@ -11,7 +13,9 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use std::rc::Rc;
 
-use super::messages::{Deliver, Route};
+use super::inbox::Handoff;
+use super::link::RouterLink;
+use super::messages::Deliver;
 use super::router::Router;
 use crate::protocol::{Envelope, MessageType};
 use crate::service::{Answer, Methods};
@@ -20,23 +24,28 @@ use crate::service::{Answer, Methods};
 pub struct InProcessWorker {
     id: ByteString,
     methods: Rc<Methods>,
-    router: Addr<Router>,
+    link: Rc<RouterLink>,
 }
 
 impl InProcessWorker {
     /// A worker `id` serving `methods`, replying through `router`.
     pub fn new(id: ByteString, methods: Rc<Methods>, router: Addr<Router>) -> Self {
         Self {
+            link: Rc::new(RouterLink::new(id.clone(), router)),
             id,
             methods,
-            router,
         }
     }
-}
 
-impl InProcessWorker {
+    /// Its way in to the Router, for `RegisterProcess::inbox`: with it,
+    /// a worker registered on the Router's thread replies with a method
+    /// call instead of a message.
+    pub fn handoff(&self) -> Handoff {
+        Handoff::link(Rc::clone(&self.link))
+    }
+
     fn send(&self, reply: Envelope) {
-        self.router.do_send(Route::one(self.id.clone(), reply));
+        self.link.route(reply.into());
     }
 }
 

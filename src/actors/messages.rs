@@ -162,9 +162,13 @@ pub struct RegisterProcess {
     /// A subprocess bridge's read pacing: the Router releases each envelope's
     /// weight when it takes it (`None` for in-process senders).
     pub pacer: Option<Arc<Pacer>>,
-    /// A subprocess bridge's inbox: a Router on the bridge's thread queues
-    /// the process's envelopes through it directly, not through `recipient`
-    /// (`None`: every delivery is a [`Deliver`] message).
+    /// What a process on the Router's thread hands it: a subprocess
+    /// bridge's inbox, through which a Router on that thread queues the
+    /// process's envelopes directly, not through `recipient`; and its way
+    /// in, through which the process then routes with method calls
+    /// ([`InProcessWorker::handoff`](super::inproc::InProcessWorker::handoff)
+    /// gives an in-process worker's). `None`: every delivery is a
+    /// [`Deliver`] message, and everything the process sends a [`Route`].
     pub inbox: Option<Handoff>,
 }
 

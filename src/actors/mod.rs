@@ -10,7 +10,9 @@
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
 //!   Beside it: [`health`] (its health checks), [`log_limit`] (warnings
 //!   that cannot flood the log), `inbox` (what is queued for its child or
-//!   bounced; the Router calls it directly when both share a thread).
+//!   bounced; the Router calls it directly when both share a thread),
+//!   `link` (a process's way in to the Router: a method call when both
+//!   share a thread, a `Route` message otherwise).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
 //!   federation over NATS (DESIGN 11): heartbeats, other nodes' liveness,
@@ -30,6 +32,7 @@ pub mod health;
 mod inbox;
 pub mod inproc;
 pub mod latency;
+mod link;
 pub mod log_limit;
 pub mod messages;
 pub mod metrics_store;

@@ -31,6 +31,7 @@ use bytestring::ByteString;
 use hdrhistogram::Histogram;
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::deadline::{Deadline, Expire};
@@ -57,6 +58,7 @@ use crate::protocol::{Envelope, ErrorCode, MessageType};
 /// instead of a [`Route`] message; every other way in is a message.
 pub struct Router {
     core: Rc<RefCell<Core>>,
+    key: RouterKey,
 }
 
 /// The Router's state, and what it does with each message.
@@ -115,7 +117,14 @@ impl Router {
                 stopped: false,
             })
         });
-        Self { core }
+        static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+        let key = RouterKey(NEXT_KEY.fetch_add(1, Ordering::Relaxed));
+        Self { core, key }
+    }
+
+    /// What [`call_here`] finds this Router by, once it runs.
+    pub(crate) fn key(&self) -> RouterKey {
+        self.key
     }
 }
 
@@ -126,6 +135,9 @@ impl Actor for Router {
         let core = self.core.borrow();
         core.deadline
             .start(ctx.address(), core.config.metrics_flush_interval);
+        let local = LocalRouter(Rc::downgrade(&self.core));
+        // `try_with`: never a panic, even in a thread's teardown.
+        let _ = HERE.try_with(|routers| routers.borrow_mut().push((self.key, local)));
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
@@ -137,6 +149,7 @@ impl Actor for Router {
         let mut core = self.core.borrow_mut();
         core.stopped = true;
         core.deadline.stop();
+        let _ = HERE.try_with(|routers| routers.borrow_mut().retain(|(key, _)| *key != self.key));
     }
 }
 
@@ -195,9 +208,9 @@ handlers! {
 pub(crate) struct LocalRouter(Weak<RefCell<Core>>);
 
 impl LocalRouter {
-    /// Routes `envelopes` from `from`, as a [`Route`] would, and takes
-    /// them; leaves them and returns false if the Router is gone or stopped.
-    pub(crate) fn route(&self, from: &ByteString, envelopes: &mut Envelopes) -> bool {
+    /// Runs `f` on the Router's state; false if the Router is gone or
+    /// stopped (or, which cannot happen, busy with a message).
+    fn with_core(&self, f: impl FnOnce(&mut Core)) -> bool {
         let Some(core) = self.0.upgrade() else {
             return false;
         };
@@ -207,11 +220,48 @@ impl LocalRouter {
         if core.stopped {
             return false;
         }
-        if let Some(slot) = core.slot_of(from) {
-            core.route_batch(slot, from, std::mem::take(envelopes));
-        }
+        f(&mut core);
         true
     }
+
+    /// Routes `envelopes` from `from`, as a [`Route`] would, and takes
+    /// them; leaves them and returns false if the Router is gone or stopped.
+    pub(crate) fn route(&self, from: &ByteString, envelopes: &mut Envelopes) -> bool {
+        self.with_core(|core| {
+            if let Some(slot) = core.slot_of(from) {
+                core.route_batch(slot, from, std::mem::take(envelopes));
+            }
+        })
+    }
+}
+
+/// Identifies one Router among those of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RouterKey(u64);
+
+thread_local! {
+    /// The Routers running on this thread: how a Rust caller on a Router's
+    /// thread reaches it without a message (see [`call_here`]).
+    static HERE: RefCell<Vec<(RouterKey, LocalRouter)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Hands `call` to Router `key` with a method call if it runs on this
+/// thread (the mailbox hop and the Router's wake-up saved); gives it back
+/// otherwise, to be sent as a message. Calls are independent requests, so
+/// one that overtakes another still in the mailbox changes nothing a caller
+/// can rely on.
+pub(crate) fn call_here(key: RouterKey, call: Call) -> Option<Call> {
+    let mut call = Some(call);
+    let _ = HERE.try_with(|routers| {
+        if let Some((_, local)) = routers.borrow().iter().find(|(k, _)| *k == key) {
+            local.with_core(|core| {
+                if let Some(call) = call.take() {
+                    core.handle(call);
+                }
+            });
+        }
+    });
+    call
 }
 
 // ---------------------------------------------------------------------------
@@ -226,8 +276,8 @@ impl Handles<Route> for Core {
         };
         // A bridge's mailed batch: it routes directly again once none of
         // its batches wait in the mailbox (see `LocalRouter`).
-        if let Some(inbox) = self.table.at(slot).and_then(ProcessEntry::inbox) {
-            inbox.mail_handled();
+        if let Some(link) = self.table.at(slot).and_then(ProcessEntry::link) {
+            link.mail_handled();
         }
         self.route_batch(slot, &from, envelopes);
     }
@@ -904,9 +954,9 @@ impl Handles<RegisterProcess> for Core {
     fn handle(&mut self, msg: RegisterProcess) -> Self::Result {
         let id = msg.id.clone();
         self.table.register(msg)?;
-        // A bridge on this thread may route with method calls from now on.
-        if let Some(inbox) = self.table.get(&id).and_then(ProcessEntry::inbox) {
-            inbox.link(LocalRouter(self.me.clone()));
+        // A process on this thread may route with method calls from now on.
+        if let Some(link) = self.table.get(&id).and_then(ProcessEntry::link) {
+            link.connect(LocalRouter(self.me.clone()));
         }
         Ok(())
     }
@@ -1045,5 +1095,43 @@ impl Core {
             pending: self.pending.len() as u64,
             nodes,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::metrics_store::MetricsStore;
+
+    fn call(target: &str) -> (Call, tokio::sync::oneshot::Receiver<Envelope>) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let envelope = Envelope::request(target, "Echo", 0);
+        (Call { envelope, reply }, answer)
+    }
+
+    #[actix::test]
+    async fn a_caller_on_the_routers_thread_is_answered_without_a_message() {
+        let metrics = MetricsStore::new(Duration::from_secs(60)).start();
+        let router = Router::new(BrokerConfig::default(), metrics.recipient());
+        let key = router.key();
+        let (early, _) = call("nobody");
+        assert!(call_here(key, early).is_some(), "not started: a message");
+        let addr = router.start();
+        addr.send(PendingCount).await.expect("started");
+
+        // Routed before `call_here` returns: the reply is already there.
+        let (here, mut answer) = call("nobody");
+        assert!(call_here(key, here).is_none(), "taken");
+        let reply = answer.try_recv().expect("answered at once");
+        assert_eq!(reply.error_code(), Some(ErrorCode::UnknownTarget));
+
+        // Another Router, or another thread: given back, to be mailed.
+        let (other, _) = call("nobody");
+        assert!(call_here(RouterKey(u64::MAX), other).is_some());
+        let (elsewhere, _) = call("nobody");
+        let back = std::thread::spawn(move || call_here(key, elsewhere).is_some())
+            .join()
+            .expect("thread");
+        assert!(back, "another thread");
     }
 }

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use super::inbox::{Handoff, Inbox};
 use super::latency;
+use super::link::RouterLink;
 use super::messages::{Counters, Deliver, Envelopes, RegisterProcess, RouterError};
 use super::nodes;
 use super::pacer::Pacer;
@@ -38,6 +39,8 @@ pub(crate) struct ProcessEntry {
     /// Its bridge's inbox, when the bridge runs on the Router's thread:
     /// then what is routed to it is queued at once, without a [`Deliver`].
     inbox: Option<Rc<Inbox>>,
+    /// Its way in, when it runs on the Router's thread.
+    link: Option<Rc<RouterLink>>,
     /// Envelopes for it, sent at the end of the current message (none are
     /// held for a process with an inbox).
     outgoing: Envelopes,
@@ -59,9 +62,9 @@ pub(crate) struct ProcessEntry {
 }
 
 impl ProcessEntry {
-    /// Its bridge's inbox, when the bridge runs on the Router's thread.
-    pub(crate) fn inbox(&self) -> Option<&Rc<Inbox>> {
-        self.inbox.as_ref()
+    /// Its way in to the Router, when it runs on the Router's thread.
+    pub(crate) fn link(&self) -> Option<&Rc<RouterLink>> {
+        self.link.as_ref()
     }
 
     /// Notes traffic from or to the process.
@@ -207,11 +210,16 @@ impl ProcessTable {
             return Err(RouterError::Duplicate(msg.id.to_string()));
         }
         let service = self.service_slot(&msg.service);
+        let (inbox, link) = match msg.inbox.and_then(Handoff::take) {
+            Some(local) => (local.inbox, Some(local.link)),
+            None => (None, None),
+        };
         let entry = ProcessEntry {
             service,
             pacer: msg.pacer,
             recipient: msg.recipient,
-            inbox: msg.inbox.and_then(Handoff::take),
+            inbox,
+            link,
             outgoing: Envelopes::new(),
             touched: false,
             last_held: 0,
