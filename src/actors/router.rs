@@ -1,16 +1,17 @@
 //! Router: the hot path (DESIGN 5.1, 5.2).
 //!
-//! Every envelope a process sends arrives here in a [`Route`], or, from a
-//! bridge on the Router's thread, in a method call (`LocalRouter`) that
-//! spares the batch a mailbox hop; Rust callers send [`Call`]. The Router resolves `target` (process id, service name with
-//! round-robin over ready workers, `broker`, `*`), hands the envelope to the
-//! process table (`table.rs`), which holds it for its destination until
-//! the message is handled and then sends one
-//! [`Deliver`](super::messages::Deliver) per destination,
-//! and remembers each request in the pending table (`pending.rs`) so that
-//! exactly one reply goes back: the worker's, or an error the Router
-//! generates (`busy`, `timeout`, `worker_exited`, …). It never decodes a
-//! payload.
+//! Every envelope a process sends arrives here in a [`Route`]; Rust callers
+//! send [`Call`]. A process or caller on the Router's own thread makes a
+//! method call instead (module `link`, `call_here`), which spares a
+//! mailbox hop and a wake-up of the Router. The Router resolves `target`
+//! (process id, service name with round-robin over ready workers, `broker`,
+//! `*`), hands the envelope to the process table (`table.rs`), which queues
+//! it in the destination's inbox (a bridge on this thread) or holds it for
+//! one [`Deliver`](super::messages::Deliver) per destination at the end of
+//! the batch, and remembers each request in the pending table (`pending.rs`)
+//! so that exactly one reply goes back: the worker's, or an error the
+//! Router generates (`busy`, `timeout`, `worker_exited`, …). It never
+//! decodes a payload.
 //!
 //! Read it top to bottom: the request path (`route` →
 //! `route_request` → `route_reply`), then the ways a request ends without
@@ -53,9 +54,10 @@ use crate::protocol::{Envelope, ErrorCode, MessageType};
 /// The Router actor. Start it with [`Router::new`] and `Actor::start`, or let
 /// the embedding builder do it.
 ///
-/// Its state lives behind an `Rc` so that a bridge on the same thread can
-/// hand it what one pipe read brought with a method call (`LocalRouter`)
-/// instead of a [`Route`] message; every other way in is a message.
+/// Its state lives behind an `Rc` so that what runs on the same thread (a
+/// bridge, an in-process worker, a Rust caller) can hand it envelopes with
+/// a method call (`LocalRouter`) instead of a [`Route`] or [`Call`]
+/// message; every other way in is a message.
 pub struct Router {
     core: Rc<RefCell<Core>>,
     key: RouterKey,
@@ -82,7 +84,7 @@ pub(crate) struct Core {
     /// batch, by [`ErrorCode::index`].
     broker_errors: [u64; ErrorCode::ALL.len()],
     clock: (Instant, SystemTime),
-    /// This state, for the inboxes of bridges on its thread.
+    /// This state, for the links of the processes on its thread.
     me: Weak<RefCell<Core>>,
     /// Set once the actor has stopped: nothing more is routed.
     stopped: bool,
