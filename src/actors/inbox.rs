@@ -244,6 +244,7 @@ impl<T> Drop for OnThread<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     #[test]
     fn only_the_thread_that_made_it_takes_or_drops_the_value() {
         let value = Rc::new(());

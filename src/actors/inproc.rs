@@ -5,9 +5,9 @@
 //! metrics treat both the same. Its replies go to the Router through a
 //! `RouterLink`: a method call when both share a thread (the embedding
 //! API starts them on one arbiter), a `Route` message otherwise. Requests
-//! run concurrently as futures on the worker's arbiter; a handler that panics yields an `internal` error reply
-//! instead of taking the worker down (a panicking actix actor is never
-//! restarted).
+//! run concurrently as futures on the worker's arbiter; a handler that
+//! panics yields an `internal` error reply instead of taking the worker
+//! down (a panicking actix actor is never restarted).
 
 use actix::prelude::*;
 use bytestring::ByteString;
