@@ -29,6 +29,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
+use crate::actors::Handoff;
 pub use crate::actors::broker::ControlError;
 use crate::actors::broker::{
     Broker, GetProcesses, Reconfigure, RestartTarget, ScaleService, SpawnError, SpawnService,
@@ -115,6 +116,7 @@ impl Builder {
         let metrics = MetricsStore::new(config.latency_window).start();
         let router = Router::new(config.clone(), metrics.clone());
         let router_key = router.key();
+        let router_thread = std::thread::current().id();
         let router = router.start();
         let sysmon = Sysmon::new(config.sysmon_interval, metrics.clone()).start();
         let broker = Broker::new(
@@ -135,6 +137,7 @@ impl Builder {
         BrokerHandle(std::sync::Arc::new(Handles {
             router,
             router_key,
+            router_thread,
             broker,
             metrics,
             sysmon,
@@ -187,6 +190,9 @@ struct Handles {
     router: Addr<Router>,
     /// Finds the Router when a caller runs on its thread.
     router_key: RouterKey,
+    /// The thread the Router runs on (`start` starts it on the current
+    /// arbiter).
+    router_thread: std::thread::ThreadId,
     broker: Addr<Broker>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
@@ -266,8 +272,21 @@ impl BrokerHandle {
         Reply::from_envelope(envelope)
     }
 
+    /// A worker's way in to the Router by method call, when it is made on
+    /// the Router's thread. Elsewhere none: the Router can take a handoff
+    /// only on the thread that made it, and one it cannot take is leaked
+    /// (its `Rc`s may be freed on that thread only), and with it the
+    /// link's `Addr` that keeps the Router's mailbox open. Such a worker
+    /// replies by message.
+    fn handoff_here(&self, worker: &InProcessWorker) -> Option<Handoff> {
+        (std::thread::current().id() == self.0.router_thread).then(|| worker.handoff())
+    }
+
     /// Adds a service of `workers` in-process workers (`name.0 …`) serving
     /// `methods`, started on the current arbiter. Returns their process ids.
+    ///
+    /// Started on the Router's thread, the workers hand it their replies
+    /// with a method call; on another thread, with a message.
     pub async fn add_service(
         &self,
         name: &str,
@@ -285,12 +304,12 @@ impl BrokerHandle {
                 Rc::clone(&methods),
                 self.0.router.clone(),
             );
-            let handoff = worker.handoff();
+            let handoff = self.handoff_here(&worker);
             let worker = worker.start();
             self.0
                 .router
                 .send(RegisterProcess {
-                    inbox: Some(handoff),
+                    inbox: handoff,
                     ..RegisterProcess::new(id.clone().into(), name.into(), worker.recipient())
                 })
                 .await
@@ -478,5 +497,69 @@ impl BrokerHandle {
     /// Sysmon.
     pub fn sysmon(&self) -> &Addr<Sysmon> {
         &self.0.sysmon
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a far thread's `add_service` and calls saw: whether it was
+    /// offered a handoff, and what its two calls were answered.
+    type FarSide = (bool, Result<Vec<String>, String>, Vec<Result<u64, String>>);
+
+    #[actix::test]
+    async fn a_service_added_on_another_thread_replies_by_message() {
+        let broker = ProcBroker::builder().sysmon_interval(None).start();
+        let near = InProcessWorker::new(
+            "near.0".into(),
+            Rc::new(Methods::new()),
+            broker.router().clone(),
+        );
+        assert!(
+            broker.handoff_here(&near).is_some(),
+            "on the Router's thread"
+        );
+
+        let far = broker.clone();
+        let arbiter = Arbiter::new();
+        let (done, seen) = oneshot::channel::<FarSide>();
+        // Everything of the far side is made there: `spawn_fn` moves only
+        // the handle and the channel.
+        arbiter.spawn_fn(move || {
+            actix::spawn(async move {
+                let worker = InProcessWorker::new(
+                    "far.9".into(),
+                    Rc::new(Methods::new()),
+                    far.router().clone(),
+                );
+                let offered = far.handoff_here(&worker).is_some();
+                let added = far
+                    .add_service("far", 2, crate::workers::echo())
+                    .await
+                    .map_err(|e| e.to_string());
+                let mut replies = Vec::new();
+                for n in [1u64, 2] {
+                    let reply = far.call("far", "Echo", &n).await.map_err(|e| e.to_string());
+                    replies
+                        .push(reply.and_then(|r| r.payload_as::<u64>().map_err(|e| e.to_string())));
+                }
+                let _ = done.send((offered, added, replies));
+            });
+        });
+        let (offered, added, replies) = tokio::time::timeout(Duration::from_secs(5), seen)
+            .await
+            .expect("the far thread within 5 s")
+            .expect("the far thread's answer");
+        assert!(!offered, "no handoff the Router could only leak");
+        assert_eq!(added, Ok(vec!["far.0".to_owned(), "far.1".to_owned()]));
+        assert_eq!(replies, [Ok(1), Ok(2)], "answered on their own thread");
+
+        // And from the Router's thread, through workers on the other one.
+        for n in [3u64, 4] {
+            let reply = broker.call("far", "Echo", &n).await.expect("a reply");
+            assert_eq!(reply.payload_as::<u64>().expect("u64"), n);
+        }
+        arbiter.stop();
     }
 }
