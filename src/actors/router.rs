@@ -954,10 +954,9 @@ impl Handles<RegisterProcess> for Core {
     type Result = Result<(), RouterError>;
 
     fn handle(&mut self, msg: RegisterProcess) -> Self::Result {
-        let id = msg.id.clone();
-        self.table.register(msg)?;
+        let slot = self.table.register(msg)?;
         // A process on this thread may route with method calls from now on.
-        if let Some(link) = self.table.get(&id).and_then(ProcessEntry::link) {
+        if let Some(link) = self.table.at(slot).and_then(ProcessEntry::link) {
             link.connect(LocalRouter(self.me.clone()));
         }
         Ok(())

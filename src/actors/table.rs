@@ -204,8 +204,9 @@ impl ProcessTable {
         self.slots.iter_mut().flatten().map(|(_, e)| e)
     }
 
-    /// Adds a process at the end of its service's rotation.
-    pub(crate) fn register(&mut self, msg: RegisterProcess) -> Result<(), RouterError> {
+    /// Adds a process at the end of its service's rotation; returns its
+    /// slot.
+    pub(crate) fn register(&mut self, msg: RegisterProcess) -> Result<usize, RouterError> {
         if self.index.contains_key(&msg.id) {
             return Err(RouterError::Duplicate(msg.id.to_string()));
         }
@@ -242,7 +243,7 @@ impl ProcessTable {
         };
         self.index.insert(msg.id, slot);
         self.services[service].workers.push(slot);
-        Ok(())
+        Ok(slot)
     }
 
     fn service_slot(&mut self, name: &ByteString) -> usize {
