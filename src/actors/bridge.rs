@@ -105,6 +105,8 @@ struct Incarnation {
     stdout: SpawnHandle,
     signals: mpsc::UnboundedSender<Signal>,
     ready_timer: Option<SpawnHandle>,
+    /// It was killed for not sending `ready` in time.
+    ready_timed_out: bool,
     /// Bad frames in the current second, against `max_bad_frames_per_s`.
     bad_rate: BadFrameRate,
     /// Its health checks, once it is ready (if the service has them).
@@ -218,13 +220,18 @@ impl Bridge {
         self.peers.broker.do_send(TrackProcess(self.info()));
     }
 
-    /// Answers the Spawn that created this bridge, once.
-    fn settle_first_start(&mut self) {
+    /// Answers the Spawn that created this bridge, once: ready, or why not.
+    fn settle_first_start(&mut self, error: Option<String>) {
         if let Some(tx) = self.first_start.take() {
+            let error = match self.status {
+                ProcessStatus::Ready => None,
+                _ => Some(error.unwrap_or_else(|| format!("{}", self.status))),
+            };
             let _ = tx.send(SpawnedProcess {
                 id: self.id.to_string(),
                 pid: self.pid,
                 status: self.status,
+                error,
             });
         }
     }
@@ -367,6 +374,7 @@ impl Bridge {
             stdout,
             signals,
             ready_timer,
+            ready_timed_out: false,
             bad_rate: BadFrameRate::new(self.config.max_bad_frames_per_s),
             health: None,
             health_timer: None,
@@ -386,7 +394,7 @@ impl Bridge {
         }
         if ready {
             self.set_status(ProcessStatus::Ready);
-            self.settle_first_start();
+            self.settle_first_start(None);
             self.start_health(ctx);
         } else {
             self.set_status(ProcessStatus::Starting);
@@ -400,7 +408,7 @@ impl Bridge {
             // The very first start: the command itself cannot run (missing,
             // not executable). Retrying will not fix that; say so now.
             self.set_status(ProcessStatus::Failed);
-            self.settle_first_start();
+            self.settle_first_start(Some(format!("cannot run {:?}: {e}", self.spec.command)));
             self.finish_stop(ctx);
             return;
         }
@@ -419,6 +427,7 @@ impl Bridge {
         }
         tracing::warn!(process = %self.id, timeout_ms = self.spec.ready_timeout_ms,
             "no ready event in time; killing the child");
+        child.ready_timed_out = true;
         child.signal(Signal::SIGKILL);
     }
 
@@ -438,7 +447,7 @@ impl Bridge {
             ready: true,
         });
         self.set_status(ProcessStatus::Ready);
-        self.settle_first_start();
+        self.settle_first_start(None);
         self.start_health(ctx);
     }
 
@@ -528,10 +537,18 @@ impl Bridge {
             ctx.cancel_future(timer);
         }
         child.outbox.discard();
-        let reason = match &status {
+        let mut reason = match &status {
             Ok(s) => describe(s),
             Err(e) => format!("wait failed: {e}"),
         };
+        if child.ready_timed_out {
+            reason = format!(
+                "sent no ready event within ready_timeout_ms = {} (killed)",
+                self.spec.ready_timeout_ms
+            );
+        } else if !child.ready {
+            reason.push_str(" before it was ready");
+        }
         self.exit_code = status.as_ref().ok().and_then(ExitStatus::code);
         self.peers.router.do_send(RemoveProcess {
             id: self.id.clone(),
@@ -546,10 +563,12 @@ impl Bridge {
             self.finish_stop(ctx);
             return;
         }
-        if self.exit_code == Some(0) {
+        // A clean exit of a worker that served is its own decision; one
+        // before `ready`, whatever its status, is a failed start.
+        if self.exit_code == Some(0) && child.ready {
             tracing::info!(process = %self.id, pid = child.pid, "child exited with status 0; not restarted");
             self.set_status(ProcessStatus::Stopped);
-            self.settle_first_start();
+            self.settle_first_start(None);
             return;
         }
         self.restart_or_give_up(&reason, uptime, ctx);
@@ -582,7 +601,7 @@ impl Bridge {
                 window_ms = policy.window_ms,
                 "child {reason}; max_restarts reached, giving up");
             self.set_status(ProcessStatus::Failed);
-            self.settle_first_start();
+            self.settle_first_start(Some(reason.to_owned()));
             return;
         }
         if up >= BACKOFF_RESET_AFTER {
@@ -594,7 +613,7 @@ impl Bridge {
         let max = Duration::from_millis(policy.backoff_max_ms);
         self.backoff = (delay * 2).min(max);
         self.set_status(ProcessStatus::Restarting);
-        self.settle_first_start();
+        self.settle_first_start(Some(reason.to_owned()));
         if policy.window_ms > 0 {
             self.recent_restarts.push_back(now);
         }
@@ -608,7 +627,7 @@ impl Bridge {
         if self.status != ProcessStatus::Failed || self.stopping {
             self.set_status(ProcessStatus::Stopped);
         }
-        self.settle_first_start();
+        self.settle_first_start(Some("stopped before it was ready".to_owned()));
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
         }

@@ -20,3 +20,23 @@ pub enum ProcessStatus {
     /// Exited and out of restarts (`max_restarts` spent).
     Failed,
 }
+
+impl ProcessStatus {
+    /// The name used on the wire and in stats (`ready`, `failed`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Restarting => "restarting",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -221,6 +221,26 @@ pub struct SpawnedProcess {
     pub pid: Option<u32>,
     /// Its status right after spawning.
     pub status: ProcessStatus,
+    /// Why it is not ready, when it is not: it could not be run, it exited
+    /// before it was ready, or it was not ready within `ready_timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SpawnedProcess {
+    /// Whether it started and became ready.
+    pub fn is_ready(&self) -> bool {
+        self.status == ProcessStatus::Ready
+    }
+}
+
+/// A worker that a `Scale` could not start, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedWorker {
+    /// Process id.
+    pub id: String,
+    /// Why it is not serving.
+    pub error: String,
 }
 
 /// Payload of `Stop`.
@@ -256,10 +276,14 @@ pub struct ScaleReply {
     pub service: String,
     /// Its number of workers now.
     pub workers: u32,
-    /// Workers started (scaling up).
+    /// Workers started and ready (scaling up).
     pub started: Vec<String>,
     /// Workers drained and stopped (scaling down: the highest-numbered).
     pub stopped: Vec<String>,
+    /// Workers that did not become ready (scaling up), with the reason;
+    /// each is left to its restart policy.
+    #[serde(default)]
+    pub failed: Vec<FailedWorker>,
 }
 
 /// Payload of `Restart`.
