@@ -76,6 +76,7 @@ pub mod embed;
 #[cfg(feature = "loadgen")]
 pub mod loadgen;
 pub mod names;
+pub mod open_files;
 pub mod pipe;
 pub mod protocol;
 pub mod service;

@@ -65,6 +65,8 @@ pub struct BrokerSection {
     pub max_events_per_s: u64,
     /// The windowed latency covers the last this many milliseconds.
     pub latency_window_ms: u64,
+    /// Most workers one service may have.
+    pub max_workers: u32,
 }
 
 impl Default for BrokerSection {
@@ -80,6 +82,7 @@ impl Default for BrokerSection {
             max_bad_frames_per_s: d.max_bad_frames_per_s,
             max_events_per_s: d.max_events_per_s,
             latency_window_ms: millis(d.latency_window),
+            max_workers: d.max_workers,
         }
     }
 }
@@ -247,6 +250,9 @@ impl Loaded {
                 "must be at least 1",
             ));
         }
+        if b.max_workers == 0 {
+            return Err(invalid("broker.max_workers".into(), "must be at least 1"));
+        }
         if b.request_timeout_ms == 0 {
             return Err(invalid(
                 "broker.request_timeout_ms".into(),
@@ -284,6 +290,15 @@ impl Loaded {
                 return Err(invalid(
                     format!("service[{i}].workers"),
                     "must be at least 1",
+                ));
+            }
+            if s.workers > b.max_workers {
+                return Err(invalid(
+                    format!("service[{i}].workers"),
+                    &format!(
+                        "{} is more than broker.max_workers = {}",
+                        s.workers, b.max_workers
+                    ),
                 ));
             }
             if s.protocol == super::Protocol::Procbroker
@@ -370,6 +385,7 @@ impl Loaded {
             max_events_per_s: b.max_events_per_s,
             latency_window: Duration::from_millis(b.latency_window_ms.max(1)),
             cluster: self.file.cluster.clone(),
+            max_workers: b.max_workers,
             ..BrokerConfig::default()
         }
     }

@@ -48,7 +48,13 @@ pub struct BrokerConfig {
     pub latency_window: Duration,
     /// Federation over NATS (`[cluster]`; off by default).
     pub cluster: ClusterConfig,
+    /// Most workers one subprocess service may have (`Spawn`, `Scale`,
+    /// the config file).
+    pub max_workers: u32,
 }
+
+/// The default of [`BrokerConfig::max_workers`].
+pub const DEFAULT_MAX_WORKERS: u32 = 1000;
 
 impl Default for BrokerConfig {
     fn default() -> Self {
@@ -66,6 +72,7 @@ impl Default for BrokerConfig {
             max_events_per_s: 100_000,
             latency_window: Duration::from_secs(60),
             cluster: ClusterConfig::default(),
+            max_workers: DEFAULT_MAX_WORKERS,
         }
     }
 }
@@ -189,6 +196,45 @@ impl ServiceConfig {
             ready_probe: String::new(),
             calls_to: String::new(),
             events_to: String::new(),
+        }
+    }
+
+    /// Whether `command` names a program that can be run: `@self`, a path
+    /// to an executable file, or a name found as one on the `PATH` the
+    /// child will have (its `env` may set one). Checked before a rolling
+    /// restart replaces any worker with one that could never start.
+    pub fn check_command(&self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        if self.command == SELF_COMMAND {
+            return Ok(());
+        }
+        let executable = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if self.command.contains('/') {
+            return if executable(std::path::Path::new(&self.command)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "command {:?} is not an executable file",
+                    self.command
+                ))
+            };
+        }
+        let path = self
+            .env
+            .get("PATH")
+            .cloned()
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_default();
+        if std::env::split_paths(&path).any(|dir| executable(&dir.join(&self.command))) {
+            Ok(())
+        } else {
+            Err(format!(
+                "command {:?} is not an executable found on PATH",
+                self.command
+            ))
         }
     }
 
