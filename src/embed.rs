@@ -350,7 +350,8 @@ impl BrokerHandle {
 
     /// Removes a subprocess service gracefully: its workers leave the
     /// rotation at once, what was delivered to them is answered (up to
-    /// `drain_timeout`), then they are stopped. Returns the ids stopped.
+    /// `drain_timeout`), then they are stopped and leave the process table
+    /// and the stats. Returns the ids stopped.
     pub async fn retire(&self, service: &str) -> Result<Vec<String>, StopError> {
         let ids: Vec<String> = self
             .processes()
@@ -366,12 +367,24 @@ impl BrokerHandle {
                 .map(|id| crate::actors::broker::drain_worker(&self.0.router, id, drain)),
         )
         .await;
-        self.stop(service).await
+        let stopped = self.stop(service).await?;
+        // Gone from the configuration: its rows leave the process table
+        // and the stats (the totals keep what it did).
+        let _ = self
+            .0
+            .broker
+            .send(crate::actors::broker::ForgetService(service.to_owned()))
+            .await;
+        Ok(stopped)
     }
 
     /// Sets a subprocess service's number of workers: starts `name.N…`, or
     /// takes the highest-numbered out of rotation, lets what was delivered
-    /// to them be answered (up to `drain_timeout`), and stops them.
+    /// to them be answered (up to `drain_timeout`), and stops them (they
+    /// leave the process table and the stats). The reply lists the new
+    /// workers that did not become ready, and why; none ready is
+    /// [`ControlError::NoneStarted`]. A count above `max_workers`, or one the
+    /// open-files limit cannot hold, is refused before anything starts.
     pub async fn scale(&self, service: &str, workers: u32) -> Result<ScaleReply, ControlError> {
         self.0
             .broker
@@ -386,7 +399,9 @@ impl BrokerHandle {
     /// Restarts a process (`echo.1`) or every worker of a service, one at a
     /// time: out of rotation, drained, stopped, started, ready, then the
     /// next. With two or more workers under load no caller sees an error.
-    /// Returns the ids restarted.
+    /// Returns the ids restarted. A new worker that does not become ready
+    /// stops the roll ([`ControlError::RollStopped`]): the workers after it
+    /// are not touched and keep serving.
     pub async fn restart(&self, target: &str) -> Result<Vec<String>, ControlError> {
         self.0
             .broker

@@ -22,17 +22,18 @@ use tokio::sync::oneshot;
 
 use super::bridge::{Bridge, BridgePeers};
 use super::messages::{
-    Deliver, InFlightOf, ListNodes, ProcessLifecycle, Route, SetReady, StopProcess, SubmitMetrics,
-    TrackProcess,
+    Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle, Route,
+    SetReady, StopProcess, SubmitMetrics, TrackProcess,
 };
 use super::metrics_store::{MetricsStore, fresh_stats};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, CALLER, NameError, service_of};
+use crate::open_files;
 use crate::protocol::rpc::{
-    BrokerMethod, Empty, MessageCount, ProcessInfo, ProcessStatus, RestartReply, RestartRequest,
-    ScaleReply, ScaleRequest, SpawnRequest, SpawnedProcess, StopReply, StopRequest,
+    BrokerMethod, Empty, FailedWorker, MessageCount, ProcessInfo, ProcessStatus, RestartReply,
+    RestartRequest, ScaleReply, ScaleRequest, SpawnRequest, SpawnedProcess, StopReply, StopRequest,
     SubmitProcessMetrics, SubmitProcessMetricsReply,
 };
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
@@ -74,6 +75,24 @@ pub enum SpawnError {
     /// A service of that name has live processes (stop it first).
     #[error("service {0:?} is already running; stop it first")]
     Running(String),
+    /// More workers than `max_workers` allows.
+    #[error("service {service:?}: {workers} workers is more than broker.max_workers = {max}")]
+    TooMany {
+        /// The service.
+        service: String,
+        /// Workers asked for.
+        workers: u32,
+        /// The bound.
+        max: u32,
+    },
+    /// The open-files limit cannot hold that many workers.
+    #[error("service {service:?}: {error}")]
+    NoRoom {
+        /// The service.
+        service: String,
+        /// The arithmetic.
+        error: open_files::NoRoom,
+    },
     /// No worker could be started: the command cannot run.
     #[error("service {service:?}: cannot run {command:?} (see the log for the OS error)")]
     CannotRun {
@@ -100,15 +119,75 @@ struct Worker {
     bridge: Addr<Bridge>,
 }
 
-/// Why a control RPC changed nothing.
+/// Why a control RPC did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No subprocess or subprocess service of that name.
     #[error("no subprocess or subprocess service {0:?}")]
     Unknown(String),
-    /// The request does not fit (e.g. `workers = 0`).
+    /// The request does not fit (e.g. `workers = 0`, more workers than the
+    /// open-files limit can hold, a command that cannot be run).
     #[error("{0}")]
     Invalid(String),
+    /// A rolling restart stopped at a new worker that did not become
+    /// ready; the workers after it were not touched and keep serving.
+    #[error(
+        "rolling restart stopped at {worker}: {reason}; restarted before it: [{}]; \
+         not restarted, still serving: [{}]",
+        restarted.join(", "),
+        untouched.join(", ")
+    )]
+    RollStopped {
+        /// The new worker that did not become ready (left to its restart policy).
+        worker: String,
+        /// Why.
+        reason: String,
+        /// Workers restarted before it.
+        restarted: Vec<String>,
+        /// Workers not restarted.
+        untouched: Vec<String>,
+    },
+    /// Scaling up started none of the new workers.
+    #[error(
+        "service {service:?}: none of the new workers became ready: {}",
+        describe_failed(failed)
+    )]
+    NoneStarted {
+        /// The service.
+        service: String,
+        /// Each worker and why.
+        failed: Vec<FailedWorker>,
+    },
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+impl ControlError {
+    /// The broker error code a control RPC answers this with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unknown(_) => ErrorCode::UnknownTarget,
+            Self::Invalid(_) => ErrorCode::BadRequest,
+            Self::RollStopped { .. } | Self::NoneStarted { .. } => ErrorCode::Unavailable,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
+/// `sl.1: why; sl.2: why; … and N more`: a few reasons, not thousands.
+fn describe_failed(failed: &[FailedWorker]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = failed
+        .iter()
+        .take(SHOWN)
+        .map(|f| format!("{}: {}", f.id, f.error))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if failed.len() > SHOWN {
+        text.push_str(&format!("; and {} more", failed.len() - SHOWN));
+    }
+    text
 }
 
 /// Takes worker `id` out of rotation and waits, up to `timeout`, until the
@@ -140,6 +219,28 @@ fn respond<T, E: 'static>(
         Err(e) => Box::pin(async move { Err(e) }),
     }
 }
+
+/// [`respond`] for work whose result is itself a `Result`.
+fn respond_flat<T, E: 'static>(
+    work: Result<impl Future<Output = Result<T, E>> + 'static, E>,
+) -> ResponseFuture<Result<T, E>> {
+    match work {
+        Ok(work) => Box::pin(work),
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
+/// Workers removed from the configuration (scaled down, or their service
+/// removed), once stopped: dropped from the process table and the stats.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Forget(Vec<String>);
+
+/// Removes a subprocess service, once its workers are stopped, from the
+/// process table and the stats (the totals keep what it did).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ForgetService(pub String);
 
 /// The current bridge of worker `id` (internal to a rolling restart).
 #[derive(Message)]
@@ -189,6 +290,9 @@ pub struct Broker {
     /// How each subprocess service was started (for Scale and Restart).
     specs: BTreeMap<String, Arc<ServiceConfig>>,
     id: ByteString,
+    /// Set by [`StopAll`]: nothing more is started (a roll or a scale in
+    /// progress stops where it is).
+    stopping: bool,
 }
 
 impl Broker {
@@ -208,6 +312,7 @@ impl Broker {
             services: BTreeMap::new(),
             specs: BTreeMap::new(),
             id: ByteString::from_static(BROKER),
+            stopping: false,
         }
     }
 
@@ -218,8 +323,24 @@ impl Broker {
     ) -> Result<impl Future<Output = Result<Vec<SpawnedProcess>, SpawnError>> + use<>, SpawnError>
     {
         names::check_service_name(&spec.name)?;
+        if self.stopping {
+            return Err(SpawnError::Closed);
+        }
         if spec.workers == 0 {
             return Err(SpawnError::NoWorkers(spec.name));
+        }
+        if spec.workers > self.config.max_workers {
+            return Err(SpawnError::TooMany {
+                service: spec.name,
+                workers: spec.workers,
+                max: self.config.max_workers,
+            });
+        }
+        if let Err(e) = open_files::check(u64::from(spec.workers)) {
+            return Err(SpawnError::NoRoom {
+                service: spec.name,
+                error: e,
+            });
         }
         // In-process workers of that name (they have no bridges).
         let in_process = !self.services.contains_key(&spec.name)
@@ -284,17 +405,29 @@ impl Broker {
         (Worker { id, bridge }, rx)
     }
 
-    /// `Scale`: starts `name.N…` up to `workers`, or drains and stops the
-    /// highest-numbered workers down to it (DESIGN 10.4).
+    /// `Scale`: starts `name.N…` up to `workers` (and starts again any
+    /// worker below that whose first start failed for good), or drains and
+    /// stops the highest-numbered workers down to it (DESIGN 10.4). The
+    /// reply says which new workers did not become ready, and why; none
+    /// ready is an error.
     fn scale(
         &mut self,
         service: &str,
         workers: u32,
         ctx: &mut Context<Self>,
-    ) -> Result<impl Future<Output = ScaleReply> + use<>, ControlError> {
+    ) -> Result<impl Future<Output = Result<ScaleReply, ControlError>> + use<>, ControlError> {
+        if self.stopping {
+            return Err(ControlError::ShuttingDown);
+        }
         if workers == 0 {
             return Err(ControlError::Invalid(format!(
                 "service {service:?}: workers must be at least 1 (Stop removes a service)"
+            )));
+        }
+        if workers > self.config.max_workers {
+            return Err(ControlError::Invalid(format!(
+                "service {service:?}: {workers} workers is more than broker.max_workers = {}",
+                self.config.max_workers
             )));
         }
         let (Some(spec), Some(current)) = (self.specs.get(service), self.services.get(service))
@@ -303,30 +436,61 @@ impl Broker {
         };
         let spec = Arc::clone(spec);
         let have = u32::try_from(current.len()).unwrap_or(u32::MAX);
+        // Workers kept whose bridge is gone: their command could not run
+        // (descriptors ran out, the file was missing). Started again here.
+        let gone: Vec<u32> = current
+            .iter()
+            .take(workers as usize)
+            .enumerate()
+            .filter(|(_, w)| !w.bridge.connected())
+            .filter_map(|(index, _)| u32::try_from(index).ok())
+            .collect();
+        let new = u64::from(workers.saturating_sub(have)) + gone.len() as u64;
+        if let Err(e) = open_files::check(new) {
+            return Err(ControlError::Invalid(format!(
+                "service {service:?}: scaling to {workers}: {e}"
+            )));
+        }
         let mut starts = Vec::new();
-        let mut retired = Vec::new();
-        if workers > have {
-            for index in have..workers {
-                let (worker, started) = self.start_worker(&spec, index, 0, ctx);
-                starts.push((worker.id.clone(), started));
-                if let Some(list) = self.services.get_mut(service) {
-                    list.push(worker);
+        for index in gone.into_iter().chain(have..workers.max(have)) {
+            let (worker, started) = self.start_worker(&spec, index, 0, ctx);
+            starts.push((worker.id.clone(), started));
+            if let Some(list) = self.services.get_mut(service) {
+                match list.get_mut(index as usize) {
+                    Some(slot) => *slot = worker,
+                    None => list.push(worker),
                 }
             }
-        } else if let Some(list) = self.services.get_mut(service) {
+        }
+        let mut retired = Vec::new();
+        if workers < have
+            && let Some(list) = self.services.get_mut(service)
+        {
             retired = list.split_off(workers as usize);
         }
         let mut resized = (*spec).clone();
         resized.workers = workers;
         self.specs.insert(service.to_owned(), Arc::new(resized));
         let router = self.router.clone();
+        let me = ctx.address();
         let drain = self.config.drain_timeout;
         let service = service.to_owned();
         Ok(async move {
+            let asked = starts.len();
             let mut started = Vec::new();
+            let mut failed = Vec::new();
             for (id, start) in starts {
-                let _ = start.await;
-                started.push(id);
+                match start.await {
+                    Ok(p) if p.is_ready() => started.push(id),
+                    Ok(p) => failed.push(FailedWorker {
+                        id,
+                        error: p.error.unwrap_or_else(|| p.status.to_string()),
+                    }),
+                    Err(_) => failed.push(FailedWorker {
+                        id,
+                        error: "the broker stopped it".into(),
+                    }),
+                }
             }
             // Out of rotation at once, then stopped once what was
             // delivered to them is answered (all of them side by side).
@@ -339,22 +503,35 @@ impl Broker {
                 }
             }))
             .await;
-            ScaleReply {
+            if !stopped.is_empty() {
+                // Gone from the configuration, so gone from the tables.
+                me.do_send(Forget(stopped.clone()));
+            }
+            if asked > 0 && started.is_empty() {
+                return Err(ControlError::NoneStarted { service, failed });
+            }
+            Ok(ScaleReply {
                 service,
                 workers,
                 started,
                 stopped,
-            }
+                failed,
+            })
         })
     }
 
     /// `Restart`: one worker at a time, out of rotation, drained, stopped,
-    /// started again and ready before the next (DESIGN 10.4).
+    /// started again and ready before the next (DESIGN 10.4). A new worker
+    /// that does not become ready stops the roll: the workers after it are
+    /// left serving, and the answer is an error naming it and why.
     fn restart(
         &mut self,
         target: &str,
         ctx: &mut Context<Self>,
-    ) -> Result<impl Future<Output = Vec<String>> + use<>, ControlError> {
+    ) -> Result<impl Future<Output = Result<Vec<String>, ControlError>> + use<>, ControlError> {
+        if self.stopping {
+            return Err(ControlError::ShuttingDown);
+        }
         let (service, ids): (String, Vec<String>) = match self.services.get(target) {
             Some(workers) => (
                 target.to_owned(),
@@ -377,13 +554,13 @@ impl Broker {
         let drain = self.config.drain_timeout;
         Ok(async move {
             let mut restarted = Vec::new();
-            for id in ids {
+            for (i, id) in ids.iter().enumerate() {
                 // The worker's current bridge (it may have been restarted by
                 // its own policy meanwhile).
                 let Ok(Some(bridge)) = me.send(BridgeOf(id.clone())).await else {
                     continue;
                 };
-                drain_worker(&router, &id, drain).await;
+                drain_worker(&router, id, drain).await;
                 let _ = bridge.send(StopProcess).await;
                 let Ok(Some(started)) = me
                     .send(StartAgain {
@@ -392,13 +569,29 @@ impl Broker {
                     })
                     .await
                 else {
-                    continue;
+                    // The broker is stopping: nothing more is started.
+                    return Err(ControlError::ShuttingDown);
                 };
-                // Back in rotation once ready (or its first start failed).
-                let _ = started.await;
-                restarted.push(id);
+                // Back in rotation once ready; if it is not, the roll stops
+                // here and the new worker is left to its restart policy.
+                let why = match started.await {
+                    Ok(p) if p.is_ready() => {
+                        restarted.push(id.clone());
+                        continue;
+                    }
+                    Ok(p) => p.error.unwrap_or_else(|| p.status.to_string()),
+                    Err(_) => "the broker stopped it".to_owned(),
+                };
+                tracing::error!(process = %id, reason = %why,
+                    "rolling restart stopped: the new worker did not become ready");
+                return Err(ControlError::RollStopped {
+                    worker: id.clone(),
+                    reason: why,
+                    restarted,
+                    untouched: ids[i + 1..].to_vec(),
+                });
             }
-            restarted
+            Ok(restarted)
         })
     }
 
@@ -559,14 +752,14 @@ impl Broker {
                     Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
                 };
                 match self.scale(&scale.service, scale.workers, ctx) {
-                    Err(e @ ControlError::Unknown(_)) => {
-                        self.fail(&request, ErrorCode::UnknownTarget, e.to_string())
-                    }
-                    Err(e) => self.fail(&request, ErrorCode::BadRequest, e.to_string()),
+                    Err(e) => self.fail(&request, e.code(), e.to_string()),
                     Ok(scaling) => {
-                        ctx.spawn(scaling.into_actor(self).map(move |reply, broker, _| {
-                            broker.reply(&request, &reply);
-                        }));
+                        ctx.spawn(scaling.into_actor(self).map(
+                            move |result, broker, _| match result {
+                                Ok(reply) => broker.reply(&request, &reply),
+                                Err(e) => broker.fail(&request, e.code(), e.to_string()),
+                            },
+                        ));
                     }
                 }
             }
@@ -576,15 +769,16 @@ impl Broker {
                     Err(e) => return self.fail(&request, ErrorCode::BadRequest, e.to_string()),
                 };
                 match self.restart(&target, ctx) {
-                    Err(e) => self.fail(&request, ErrorCode::UnknownTarget, e.to_string()),
+                    Err(e) => self.fail(&request, e.code(), e.to_string()),
                     Ok(restarting) => {
-                        ctx.spawn(
-                            restarting
-                                .into_actor(self)
-                                .map(move |restarted, broker, _| {
-                                    broker.reply(&request, &RestartReply { restarted });
-                                }),
-                        );
+                        ctx.spawn(restarting.into_actor(self).map(move |result, broker, _| {
+                            match result {
+                                Ok(restarted) => {
+                                    broker.reply(&request, &RestartReply { restarted })
+                                }
+                                Err(e) => broker.fail(&request, e.code(), e.to_string()),
+                            }
+                        }));
                     }
                 }
             }
@@ -685,6 +879,7 @@ impl Handler<StopAll> for Broker {
     type Result = ResponseFuture<Vec<String>>;
 
     fn handle(&mut self, _: StopAll, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
         let stopping: Vec<_> = self
             .services
             .keys()
@@ -701,7 +896,7 @@ impl Handler<ScaleService> for Broker {
     type Result = ResponseFuture<Result<ScaleReply, ControlError>>;
 
     fn handle(&mut self, msg: ScaleService, ctx: &mut Self::Context) -> Self::Result {
-        respond(self.scale(&msg.service, msg.workers, ctx))
+        respond_flat(self.scale(&msg.service, msg.workers, ctx))
     }
 }
 
@@ -713,7 +908,7 @@ impl Handler<RestartTarget> for Broker {
         RestartTarget(target): RestartTarget,
         ctx: &mut Self::Context,
     ) -> Self::Result {
-        respond(self.restart(&target, ctx))
+        respond_flat(self.restart(&target, ctx))
     }
 }
 
@@ -728,10 +923,16 @@ impl Handler<Reconfigure> for Broker {
         let Some(workers) = self.services.get(&spec.name).map(Vec::len) else {
             return Box::pin(async move { Err(ControlError::Unknown(spec.name)) });
         };
+        // Refused before any worker is stopped: a roll to a program that
+        // cannot run would stop at its first worker, one worker short.
+        if let Err(e) = spec.check_command() {
+            let e = ControlError::Invalid(format!("service {:?}: {e}", spec.name));
+            return Box::pin(async move { Err(e) });
+        }
         spec.workers = u32::try_from(workers).unwrap_or(u32::MAX);
         let name = spec.name.clone();
         self.specs.insert(name.clone(), Arc::new(spec));
-        respond(self.restart(&name, ctx))
+        respond_flat(self.restart(&name, ctx))
     }
 }
 
@@ -751,6 +952,9 @@ impl Handler<StartAgain> for Broker {
     type Result = Option<oneshot::Receiver<SpawnedProcess>>;
 
     fn handle(&mut self, msg: StartAgain, ctx: &mut Self::Context) -> Self::Result {
+        if self.stopping {
+            return None;
+        }
         let spec = Arc::clone(self.specs.get(&msg.service)?);
         let index = self
             .services
@@ -763,6 +967,51 @@ impl Handler<StartAgain> for Broker {
             list[index] = worker;
         }
         Some(started)
+    }
+}
+
+impl Handler<Forget> for Broker {
+    type Result = ();
+
+    fn handle(&mut self, Forget(ids): Forget, ctx: &mut Self::Context) {
+        // Live again meanwhile (scaled back up): not forgotten.
+        let ids: Vec<String> = ids.into_iter().filter(|id| !self.is_live(id)).collect();
+        for id in &ids {
+            self.processes.remove(id);
+        }
+        // The Router ships its last counters of them first (its batch
+        // reaches the store before the word to forget them).
+        let (router, metrics) = (self.router.clone(), self.metrics.clone());
+        ctx.spawn(
+            async move {
+                let _ = router.send(FlushMetrics).await;
+                metrics.do_send(ForgetProcesses(ids));
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<ForgetService> for Broker {
+    type Result = ();
+
+    fn handle(&mut self, ForgetService(service): ForgetService, ctx: &mut Self::Context) {
+        let live = self
+            .services
+            .get(&service)
+            .is_some_and(|workers| workers.iter().any(|w| w.bridge.connected()));
+        if live {
+            return;
+        }
+        self.services.remove(&service);
+        self.specs.remove(&service);
+        let ids = self
+            .processes
+            .values()
+            .filter(|p| p.service == service)
+            .map(|p| p.id.clone())
+            .collect();
+        <Self as Handler<Forget>>::handle(self, Forget(ids), ctx);
     }
 }
 

@@ -552,6 +552,13 @@ pub struct ProcessLifecycle {
     pub exit_code: Option<i32>,
 }
 
+/// Processes that are gone from the configuration (scaled down, or their
+/// service removed): their rows leave the stats and `/metrics`, and what
+/// they did stays in the totals. A process live again meanwhile is kept.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ForgetProcesses(pub Vec<String>);
+
 /// Stores `/proc` samples; returns how many were stored.
 #[derive(Debug, Message)]
 #[rtype(result = "u64")]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::latency;
 use super::messages::{
-    ClusterState, Counters, FlushMetrics, GetLatencySums, GetMessageStats, ListNodes, MetricsBatch,
-    ProcessLifecycle, SubmitMetrics,
+    ClusterState, Counters, FlushMetrics, ForgetProcesses, GetLatencySums, GetMessageStats,
+    ListNodes, MetricsBatch, ProcessLifecycle, SubmitMetrics,
 };
 use super::router::Router;
 use super::window::LatencyWindow;
@@ -51,6 +51,15 @@ struct ProcessRecord {
     incarnation: Option<Instant>,
 }
 
+/// The totals of processes forgotten ([`ForgetProcesses`]).
+#[derive(Default)]
+struct Departed {
+    counters: Counters,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
+    restarts: u64,
+}
+
 /// This broker's traffic with one other node, since start.
 struct NodeRecord {
     counters: Counters,
@@ -66,6 +75,8 @@ pub struct MetricsStore {
     caller: Counters,
     caller_first: Option<SystemTime>,
     caller_last: Option<SystemTime>,
+    /// What forgotten processes did, kept for the totals.
+    departed: Departed,
     latency: HashMap<String, Histogram<u64>>,
     overall: Histogram<u64>,
     window: LatencyWindow,
@@ -93,6 +104,7 @@ impl MetricsStore {
             caller: Counters::default(),
             caller_first: None,
             caller_last: None,
+            departed: Departed::default(),
             latency: HashMap::new(),
             overall: latency::new_histogram(),
             window: LatencyWindow::new(latency_window),
@@ -158,9 +170,10 @@ impl MetricsStore {
     pub fn stats(&self) -> MessageStats {
         let mut total = Counters::default();
         total.add(&self.caller);
-        let mut first = self.caller_first;
-        let mut last = self.caller_last;
-        let mut restarts_total = 0u64;
+        total.add(&self.departed.counters);
+        let mut first = earliest(self.caller_first, self.departed.first);
+        let mut last = latest(self.caller_last, self.departed.last);
+        let mut restarts_total = self.departed.restarts;
         let mut per_process = BTreeMap::new();
         let now = Instant::now();
         for (id, record) in &self.processes {
@@ -388,6 +401,32 @@ impl Handler<ProcessLifecycle> for MetricsStore {
             record.incarnation = Some(Instant::now());
         }
         record.lifecycle = Some(msg);
+    }
+}
+
+impl Handler<ForgetProcesses> for MetricsStore {
+    type Result = ();
+
+    fn handle(&mut self, ForgetProcesses(ids): ForgetProcesses, _: &mut Self::Context) {
+        for id in ids {
+            let gone = self.processes.get(&id).is_some_and(|r| {
+                r.lifecycle.as_ref().is_some_and(|l| {
+                    matches!(l.status, ProcessStatus::Stopped | ProcessStatus::Failed)
+                })
+            });
+            if !gone {
+                continue;
+            }
+            let Some(record) = self.processes.remove(&id) else {
+                continue;
+            };
+            let d = &mut self.departed;
+            d.counters.add(&record.counters);
+            d.first = earliest(d.first, record.first);
+            d.last = latest(d.last, record.last);
+            d.restarts += record.lifecycle.map_or(0, |l| u64::from(l.restarts));
+            self.samples.remove(&id);
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! service a rolling Restart with its new settings. `[broker]`, `[admin]` and
 //! `[sysmon]` cannot change live: a change there is logged as ignored.
 
+use procbroker::actors::broker::ControlError;
 use procbroker::config::ServiceConfig;
 use procbroker::config::file::Loaded;
 use procbroker::embed::BrokerHandle;
@@ -72,8 +73,11 @@ pub async fn reload(
                         Ok(restarted) => {
                             tracing::info!(service = %spec.name, restarted = restarted.len(), "SIGHUP: service restarted with its new settings")
                         }
+                        Err(e @ ControlError::RollStopped { .. }) => {
+                            tracing::error!(service = %spec.name, error = %e, "SIGHUP: the rolling restart with the new settings stopped; the workers not restarted keep serving the old ones")
+                        }
                         Err(e) => {
-                            tracing::error!(service = %spec.name, error = %e, "SIGHUP: could not apply new settings")
+                            tracing::error!(service = %spec.name, error = %e, "SIGHUP: new settings not applied")
                         }
                     }
                 }
