@@ -533,9 +533,9 @@ fn echo_config(tag: &str, workers: u32) -> std::path::PathBuf {
 
 #[test]
 fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
-    // Hard limit too low for 120 workers (about four descriptors each): the
-    // start fails with one line naming the service, instead of running
-    // half of it and reporting ready.
+    // Hard limit too low for 120 workers (four descriptors each): the
+    // start is refused up front with one line naming the service and the
+    // arithmetic, instead of running half of it and reporting ready.
     let config = echo_config("fds", 120);
     let out = Command::new("prlimit")
         .arg("--nofile=200:200")
@@ -549,7 +549,9 @@ fn run_raises_the_open_files_limit_and_fails_a_half_started_service() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("service \"echo\"") && err.contains("of 120 workers could not start"),
+        err.contains("service \"echo\"")
+            && err.contains("120 new workers need 480 more open files")
+            && err.contains("open-files limit is 200"),
         "{err}"
     );
     // The same with a low soft limit but room below the hard one: raised,

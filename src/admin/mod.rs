@@ -28,7 +28,8 @@ use crate::protocol::rpc::ProcessStatus;
 
 struct State {
     broker: BrokerHandle,
-    services: Vec<String>,
+    /// The configured services `/ready` waits for (a reload changes them).
+    services: std::sync::RwLock<Vec<String>>,
     /// Turns true when the server stops: open event streams end.
     closing: watch::Receiver<bool>,
 }
@@ -42,6 +43,7 @@ pub struct Admin {
     pub addr: SocketAddr,
     handle: actix_web::dev::ServerHandle,
     closing: watch::Sender<bool>,
+    state: web::Data<State>,
 }
 
 impl Admin {
@@ -55,9 +57,10 @@ impl Admin {
         let (closing_tx, closing) = watch::channel(false);
         let state = web::Data::new(State {
             broker,
-            services,
+            services: std::sync::RwLock::new(services),
             closing,
         });
+        let shared = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -87,7 +90,16 @@ impl Admin {
             addr,
             handle,
             closing: closing_tx,
+            state: shared,
         })
+    }
+
+    /// The services `/ready` waits for from now on (after a reload added or
+    /// removed some).
+    pub fn set_services(&self, services: Vec<String>) {
+        if let Ok(mut current) = self.state.services.write() {
+            *current = services;
+        }
     }
 
     /// Ends the event streams, stops accepting and finishes the requests
@@ -148,7 +160,11 @@ async fn ready_page(state: web::Data<State>) -> HttpResponse {
         Ok(p) => p,
         Err(e) => return unavailable(e),
     };
-    let mut ready: BTreeMap<&str, usize> = state.services.iter().map(|s| (s.as_str(), 0)).collect();
+    let services = match state.services.read() {
+        Ok(services) => services.clone(),
+        Err(e) => return unavailable(e),
+    };
+    let mut ready: BTreeMap<&str, usize> = services.iter().map(|s| (s.as_str(), 0)).collect();
     for p in &processes {
         if p.status == ProcessStatus::Ready
             && let Some(n) = ready.get_mut(p.service.as_str())

@@ -104,35 +104,43 @@ async fn serve(
             Some(admin)
         }
     };
-    for service in loaded.file.services.clone() {
-        let name = service.name.clone();
-        match broker.spawn(service).await {
-            Ok(spawned) => {
-                let started = spawned.iter().filter(|p| p.pid.is_some()).count();
-                let failed = spawned
-                    .iter()
-                    .filter(|p| p.pid.is_none() || p.status == ProcessStatus::Failed)
-                    .count();
-                if failed > 0 {
-                    // A half-started service is not running as configured:
-                    // say so once and stop, rather than report ready.
-                    broker.shutdown().await;
-                    bail!(
-                        "{origin}: service {name:?}: {failed} of {} workers could not start \
-                         (the first error is in the log above)",
-                        spawned.len()
-                    );
-                }
-                tracing::info!(service = %name, workers = spawned.len(), started, "service spawned");
+    // A stop signal during start-up cancels the start: a worker slow to
+    // get ready (up to its ready_timeout_ms) must not hold off Ctrl-C or
+    // `systemctl stop`. What was started is stopped as at shutdown.
+    let starting = start_services(&broker, &loaded, &origin);
+    let started = tokio::select! {
+        biased;
+        signal = stop_signal(&mut terminate, &mut interrupt) => Err(signal),
+        started = starting => Ok(started),
+    };
+    match started {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            broker.shutdown().await;
+            if let Some(admin) = admin {
+                admin.stop().await;
             }
-            Err(e @ SpawnError::CannotRun { .. }) => {
-                broker.shutdown().await;
-                bail!("{origin}: {e}");
+            return Err(e);
+        }
+        Err(signal) => {
+            tracing::warn!(
+                signal,
+                "stop signal during start-up: start cancelled, stopping what was started"
+            );
+            if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
+                tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
             }
-            Err(e) => {
-                broker.shutdown().await;
-                bail!("{origin}: service {name:?}: {e}");
+            let report = broker.shutdown().await;
+            if let Some(admin) = admin {
+                admin.stop().await;
             }
+            tracing::info!(
+                signal,
+                stopped = report.stopped.len(),
+                took_ms = report.took.as_millis() as u64,
+                "procbroker stopped during start-up"
+            );
+            return Ok(());
         }
     }
     tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
@@ -146,7 +154,22 @@ async fn serve(
             _ = interrupt.recv() => break "SIGINT",
             _ = hangup.recv() => {
                 tracing::info!(config = %origin, "SIGHUP: reloading the configuration");
-                current = crate::reload::reload(&broker, current, path.as_deref(), sets).await;
+                // A rolling restart may take a while; a stop signal meanwhile
+                // abandons the reload and stops the broker.
+                let reloading = crate::reload::reload(&broker, current, path.as_deref(), sets);
+                tokio::select! {
+                    biased;
+                    signal = stop_signal(&mut terminate, &mut interrupt) => {
+                        tracing::warn!(signal, "stop signal during a reload: the reload is abandoned");
+                        break signal;
+                    }
+                    new = reloading => {
+                        if let Some(admin) = &admin {
+                            admin.set_services(new.file.services.iter().map(|s| s.name.clone()).collect());
+                        }
+                        current = new;
+                    }
+                }
             }
         }
     };
@@ -166,5 +189,64 @@ async fn serve(
         took_ms = report.took.as_millis() as u64,
         "procbroker stopped"
     );
+    Ok(())
+}
+
+/// The first of SIGTERM and SIGINT (SIGTERM wins when both are pending).
+async fn stop_signal(
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        biased;
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+/// Starts the configured services in order; a service that cannot start
+/// as configured is an error (what was started is then stopped by the
+/// caller).
+async fn start_services(
+    broker: &procbroker::embed::BrokerHandle,
+    loaded: &Loaded,
+    origin: &str,
+) -> Result<()> {
+    for service in loaded.file.services.clone() {
+        let name = service.name.clone();
+        match broker.spawn(service).await {
+            Ok(spawned) => {
+                let started = spawned.iter().filter(|p| p.pid.is_some()).count();
+                let failed = spawned
+                    .iter()
+                    .filter(|p| p.pid.is_none() || p.status == ProcessStatus::Failed)
+                    .count();
+                if failed > 0 {
+                    // A half-started service is not running as configured:
+                    // say so once and stop, rather than report ready.
+                    bail!(
+                        "{origin}: service {name:?}: {failed} of {} workers could not start \
+                         (the first error is in the log above)",
+                        spawned.len()
+                    );
+                }
+                for p in spawned.iter().filter(|p| !p.is_ready()) {
+                    // Restarting: its first start failed and its restart
+                    // policy goes on (backoff, max_restarts).
+                    tracing::warn!(process = %p.id, status = %p.status,
+                        error = p.error.as_deref().unwrap_or(""), "worker not ready after its first start");
+                }
+                let ready = spawned.iter().filter(|p| p.is_ready()).count();
+                tracing::info!(service = %name, workers = spawned.len(), started, ready, "service spawned");
+            }
+            // These name the service themselves.
+            Err(
+                e @ (SpawnError::CannotRun { .. }
+                | SpawnError::TooMany { .. }
+                | SpawnError::NoRoom { .. }),
+            ) => bail!("{origin}: {e}"),
+            Err(e) => bail!("{origin}: service {name:?}: {e}"),
+        }
+    }
     Ok(())
 }
