@@ -58,6 +58,7 @@ use super::messages::{
     StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
+use super::restart_policy::{Decision, Restarts};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
@@ -79,8 +80,6 @@ const STOP_QUIET_POLL: Duration = Duration::from_millis(20);
 /// The correlation id of a MessagePack-RPC child's `ready_probe` (source
 /// `broker`; health checks use ids with the top bit set).
 const PROBE_ID: u64 = 0;
-/// The backoff resets after a child has been up this long (DESIGN 5.3).
-const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 
 /// The watcher's report: incarnation `generation` exited.
 #[derive(Debug, Message)]
@@ -140,11 +139,11 @@ pub struct Bridge {
     config: BrokerConfig,
     peers: BridgePeers,
     status: ProcessStatus,
-    restarts: u32,
+    /// Restarts so far and the policy's state (backoff, recent restarts).
+    restarts: Restarts,
     exit_code: Option<i32>,
     started_at: Option<SystemTime>,
     pid: Option<u32>,
-    backoff: Duration,
     generation: u64,
     child: Option<Incarnation>,
     restart_timer: Option<SpawnHandle>,
@@ -155,8 +154,6 @@ pub struct Bridge {
     warnings: LogLimit,
     /// While stopping: when stdout last brought something (is it quiet?).
     last_read: Instant,
-    /// When it was restarted, within the policy's `window_ms`.
-    recent_restarts: std::collections::VecDeque<Instant>,
 }
 
 impl Bridge {
@@ -169,19 +166,17 @@ impl Bridge {
         peers: BridgePeers,
         first_start: oneshot::Sender<SpawnedProcess>,
     ) -> Self {
-        let backoff = Duration::from_millis(spec.restart.backoff_initial_ms);
         Self {
+            restarts: Restarts::new(spec.restart, 0),
             service: spec.name.as_str().into(),
             id,
             spec,
             config,
             peers,
             status: ProcessStatus::Starting,
-            restarts: 0,
             exit_code: None,
             started_at: None,
             pid: None,
-            backoff,
             generation: 0,
             child: None,
             restart_timer: None,
@@ -190,14 +185,13 @@ impl Bridge {
             stopping: false,
             warnings: LogLimit::default(),
             last_read: Instant::now(),
-            recent_restarts: std::collections::VecDeque::new(),
         }
     }
 
     /// Carries over the restart count of an earlier bridge of the same id
     /// (a rolling restart is not a crash, and does not reset the count).
     pub fn with_restarts(mut self, restarts: u32) -> Self {
-        self.restarts = restarts;
+        self.restarts = Restarts::new(self.spec.restart, restarts);
         self
     }
 
@@ -207,7 +201,7 @@ impl Bridge {
             service: self.service.to_string(),
             pid: self.pid,
             status: self.status,
-            restarts: self.restarts,
+            restarts: self.restarts.count(),
             started_at: self
                 .started_at
                 .map(|t| humantime::format_rfc3339_micros(t).to_string()),
@@ -381,7 +375,7 @@ impl Bridge {
         });
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
-        tracing::info!(process = %self.id, pid, restarts = self.restarts, "child started");
+        tracing::info!(process = %self.id, pid, restarts = self.restarts.count(), "child started");
         if self.spec.protocol == Protocol::MsgpackRpc
             && !ready
             && let Some(child) = &self.child
@@ -574,64 +568,28 @@ impl Bridge {
         self.restart_or_give_up(&reason, uptime, ctx);
     }
 
-    /// The restart policy (DESIGN 5.3), after a child that was `up` this
-    /// long ended for `reason`: `failed` once `max_restarts` are spent, else
-    /// a restart after the backoff, which doubles up to its ceiling and
-    /// starts over after 60 s up.
+    /// Carries out the restart policy (module `restart_policy`) after a
+    /// child that was `up` this long ended for `reason`.
     fn restart_or_give_up(&mut self, reason: &str, up: Duration, ctx: &mut Context<Self>) {
-        let policy = self.spec.restart;
-        let now = Instant::now();
-        let counted = if policy.window_ms > 0 {
-            // Restart intensity (OTP's intensity/period): only restarts
-            // inside the last window count.
-            let window = Duration::from_millis(policy.window_ms);
-            while self
-                .recent_restarts
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) > window)
-            {
-                self.recent_restarts.pop_front();
+        match self.restarts.after_exit(Instant::now(), up) {
+            Decision::GiveUp => {
+                tracing::error!(process = %self.id, restarts = self.restarts.count(),
+                    window_ms = self.restarts.policy().window_ms,
+                    "child {reason}; max_restarts reached, giving up");
+                self.set_status(ProcessStatus::Failed);
+                self.settle_first_start(Some(reason.to_owned()));
             }
-            self.recent_restarts.len() as i64
-        } else {
-            i64::from(self.restarts)
-        };
-        if policy.max_restarts >= 0 && counted >= policy.max_restarts {
-            tracing::error!(process = %self.id, restarts = self.restarts,
-                window_ms = policy.window_ms,
-                "child {reason}; max_restarts reached, giving up");
-            self.set_status(ProcessStatus::Failed);
-            self.settle_first_start(Some(reason.to_owned()));
-            return;
+            Decision::RestartAfter(delay) => {
+                tracing::warn!(process = %self.id, delay_ms = delay.as_millis() as u64,
+                    "child {reason}; restarting");
+                self.set_status(ProcessStatus::Restarting);
+                self.settle_first_start(Some(reason.to_owned()));
+                self.restart_timer = Some(ctx.run_later(delay, |bridge, ctx| {
+                    bridge.restarts.restarting();
+                    bridge.spawn_child(ctx);
+                }));
+            }
         }
-        if up >= BACKOFF_RESET_AFTER {
-            self.backoff = Duration::from_millis(policy.backoff_initial_ms);
-        }
-        let delay = self.backoff;
-        tracing::warn!(process = %self.id, delay_ms = delay.as_millis() as u64,
-            "child {reason}; restarting");
-        let max = Duration::from_millis(policy.backoff_max_ms);
-        self.backoff = (delay * 2).min(max);
-        self.set_status(ProcessStatus::Restarting);
-        self.settle_first_start(Some(reason.to_owned()));
-        if policy.window_ms > 0 {
-            self.recent_restarts.push_back(now);
-        }
-        self.restart_timer = Some(ctx.run_later(delay, |bridge, ctx| {
-            bridge.restarts += 1;
-            bridge.spawn_child(ctx);
-        }));
-    }
-
-    fn finish_stop(&mut self, ctx: &mut Context<Self>) {
-        if self.status != ProcessStatus::Failed || self.stopping {
-            self.set_status(ProcessStatus::Stopped);
-        }
-        self.settle_first_start(Some("stopped before it was ready".to_owned()));
-        for waiter in self.stop_waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        ctx.stop();
     }
 
     /// Whether `envelope` answers this incarnation's `ready_probe`.
@@ -876,7 +834,64 @@ impl Handler<Exited> for Bridge {
     }
 }
 
+/// Stopping, the whole sequence in one place:
+///
+/// 1. out of rotation at once (`SetReady false`), no restart pending;
+/// 2. the `shutdown` event down stdin (a MessagePack-RPC program has none);
+/// 3. EOF once stdout has been quiet for [`STOP_QUIET`], so whatever the
+///    child sent before it read `shutdown` is answered first;
+/// 4. SIGTERM to its process group at half of `kill_timeout`, SIGKILL at
+///    all of it (EOF forced with each);
+/// 5. once the exit watcher reports the exit: `stopped`, the waiters
+///    answered, the actor stopped.
 impl Bridge {
+    /// Steps 1 to 4 (once; a second `StopProcess` only waits).
+    fn begin_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if let Some(timer) = self.restart_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        match &self.child {
+            None => self.finish_stop(ctx),
+            Some(child) => {
+                self.peers.router.do_send(SetReady {
+                    id: self.id.clone(),
+                    ready: false,
+                });
+                // A MessagePack-RPC program has no `shutdown`: EOF is its stop.
+                if self.spec.protocol == Protocol::Procbroker {
+                    let _ = child.outbox.push(
+                        &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
+                    );
+                }
+                // Not EOF yet: what the child sent before it read
+                // `shutdown` is still answered (`shutting_down` while the
+                // broker drains) on this stdin. EOF once it is quiet.
+                let generation = child.generation;
+                self.last_read = Instant::now();
+                self.close_when_quiet(generation, ctx);
+                let kill = self.config.kill_timeout;
+                let signal_later = |signal| {
+                    move |bridge: &mut Bridge, _: &mut Context<Bridge>| {
+                        if let Some(child) =
+                            bridge.child.as_ref().filter(|c| c.generation == generation)
+                        {
+                            tracing::warn!(process = %bridge.id, %signal, "child still running; signalling");
+                            child.outbox.close();
+                            child.signal(signal);
+                        }
+                    }
+                };
+                ctx.run_later(kill / 2, signal_later(Signal::SIGTERM));
+                ctx.run_later(kill, signal_later(Signal::SIGKILL));
+                self.set_status(ProcessStatus::Stopping);
+            }
+        }
+    }
+
     /// Closes the stopping child's stdin (EOF: "exit now") once its stdout
     /// has been quiet for [`STOP_QUIET`], so every request it wrote before it
     /// read `shutdown` has its reply written before EOF.
@@ -892,6 +907,19 @@ impl Bridge {
             }
         });
     }
+
+    /// Step 5, also reached without a child (stopped between incarnations,
+    /// or a first start that could not run).
+    fn finish_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.status != ProcessStatus::Failed || self.stopping {
+            self.set_status(ProcessStatus::Stopped);
+        }
+        self.settle_first_start(Some("stopped before it was ready".to_owned()));
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        ctx.stop();
+    }
 }
 
 impl Handler<StopProcess> for Bridge {
@@ -900,48 +928,7 @@ impl Handler<StopProcess> for Bridge {
     fn handle(&mut self, _: StopProcess, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
-        if !self.stopping {
-            self.stopping = true;
-            if let Some(timer) = self.restart_timer.take() {
-                ctx.cancel_future(timer);
-            }
-            match &self.child {
-                None => self.finish_stop(ctx),
-                Some(child) => {
-                    self.peers.router.do_send(SetReady {
-                        id: self.id.clone(),
-                        ready: false,
-                    });
-                    // A MessagePack-RPC program has no `shutdown`: EOF is its stop.
-                    if self.spec.protocol == Protocol::Procbroker {
-                        let _ = child.outbox.push(
-                            &Envelope::event(self.id.clone(), SHUTDOWN_EVENT).with_source(BROKER),
-                        );
-                    }
-                    // Not EOF yet: what the child sent before it read
-                    // `shutdown` is still answered (`shutting_down` while the
-                    // broker drains) on this stdin. EOF once it is quiet.
-                    let generation = child.generation;
-                    self.last_read = Instant::now();
-                    self.close_when_quiet(generation, ctx);
-                    let kill = self.config.kill_timeout;
-                    let signal_later = |signal| {
-                        move |bridge: &mut Bridge, _: &mut Context<Bridge>| {
-                            if let Some(child) =
-                                bridge.child.as_ref().filter(|c| c.generation == generation)
-                            {
-                                tracing::warn!(process = %bridge.id, %signal, "child still running; signalling");
-                                child.outbox.close();
-                                child.signal(signal);
-                            }
-                        }
-                    };
-                    ctx.run_later(kill / 2, signal_later(Signal::SIGTERM));
-                    ctx.run_later(kill, signal_later(Signal::SIGKILL));
-                    self.set_status(ProcessStatus::Stopping);
-                }
-            }
-        }
+        self.begin_stop(ctx);
         Box::pin(async move {
             let _ = rx.await;
         })

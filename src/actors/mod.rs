@@ -12,7 +12,8 @@
 //!   that cannot flood the log), `inbox` (what is queued for its child or
 //!   bounced; the Router calls it directly when both share a thread),
 //!   `link` (a process's way in to the Router: a method call when both
-//!   share a thread, a `Route` message otherwise).
+//!   share a thread, a `Route` message otherwise), `restart_policy`
+//!   (backoff, `max_restarts`, restart intensity, as plain state).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
 //!   federation over NATS (DESIGN 11): heartbeats, other nodes' liveness,
@@ -39,6 +40,7 @@ pub mod metrics_store;
 mod nodes;
 pub mod pacer;
 mod pending;
+mod restart_policy;
 pub mod router;
 pub mod sysmon;
 mod table;
