@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -66,7 +66,9 @@ pub fn echo() -> std::io::Result<()> {
 /// makes the calls and prints one line on stderr:
 /// `ok elapsed_ns p50 p90 p99 p999 max` (nanoseconds).
 pub fn client() -> std::io::Result<()> {
-    let (mut input, mut output) = stdio()?;
+    let (mut input, output) = stdio()?;
+    // Its own writes, never blocking (see `Outbox`).
+    let output = output.into_inner().map_err(|e| e.into_error())?;
     let mut err = std::io::stderr().lock();
     let mut buf = Vec::new();
     while read_frame(&mut input, &mut buf)? {
@@ -77,8 +79,7 @@ pub fn client() -> std::io::Result<()> {
         };
         let (calls, concurrency, payload) = (word(0), word(1), word(2));
         let start = Instant::now();
-        let (answered, histogram) =
-            ping_pong(&mut input, &mut output, calls, concurrency, payload)?;
+        let (answered, histogram) = ping_pong(&mut input, &output, calls, concurrency, payload)?;
         let elapsed = start.elapsed().as_nanos();
         let q = Quantiles::of(&histogram);
         writeln!(
@@ -262,12 +263,12 @@ pub fn direct(
         let i = i as u64;
         let share = calls / workers + u64::from(i < calls % workers);
         let lanes = concurrency / workers + u64::from(i < concurrency % workers);
-        let to = BufWriter::with_capacity(BUF, child.stdin.take().ok_or_else(|| missing("stdin"))?);
+        let to = child.stdin.take().ok_or_else(|| missing("stdin"))?;
         let from =
             BufReader::with_capacity(BUF, child.stdout.take().ok_or_else(|| missing("stdout"))?);
         threads.push(std::thread::spawn(move || {
-            let (mut from, mut to) = (from, to);
-            ping_pong(&mut from, &mut to, share, lanes, payload_bytes)
+            let mut from = from;
+            ping_pong(&mut from, to, share, lanes, payload_bytes)
         }));
     }
     let mut histogram = ns_histogram();
@@ -291,18 +292,138 @@ pub fn direct(
     })
 }
 
+/// Frames on their way into a pipe whose writes never block.
+///
+/// A peer that blocks writing requests stops reading replies, and once the
+/// frames in flight outgrow the pipes between the two peers (1 MiB × 4 in
+/// flight does), its peer blocks writing those replies and stops reading
+/// too: neither ever wakes. So what the pipe does not take now waits here
+/// while [`ping_pong`] reads replies. Small frames are batched as a
+/// `BufWriter` would (one write when the replies read so far are handled);
+/// a large frame goes straight to the pipe, and only what the pipe refuses
+/// is copied.
+struct Outbox<W> {
+    to: W,
+    pending: Vec<u8>,
+    /// Bytes of `pending` already written.
+    sent: usize,
+}
+
+impl<W: Write + AsFd> Outbox<W> {
+    fn new(to: W) -> std::io::Result<Self> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_truncate(fcntl(to.as_fd(), FcntlArg::F_GETFL)?);
+        fcntl(to.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(Self {
+            to,
+            pending: Vec::with_capacity(BUF),
+            sent: 0,
+        })
+    }
+
+    /// Queues one frame; writes if the batch is full or the frame large.
+    fn push_frame(&mut self, body: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(body.len())
+            .map_err(std::io::Error::other)?
+            .to_be_bytes();
+        if body.len() < BUF {
+            self.pending.extend_from_slice(&len);
+            self.pending.extend_from_slice(body);
+            if self.pending.len() - self.sent >= BUF {
+                self.write_some()?;
+            }
+            return Ok(());
+        }
+        if self.write_some()? {
+            let mut written = 0;
+            while written < len.len() + body.len() {
+                let (head, tail) = if written < len.len() {
+                    (&len[written..], body)
+                } else {
+                    (&[][..], &body[written - len.len()..])
+                };
+                let slices = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
+                match self.to.write_vectored(&slices) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if written < len.len() {
+                self.pending.extend_from_slice(&len[written..]);
+                written = len.len();
+            }
+            self.pending.extend_from_slice(&body[written - len.len()..]);
+        } else {
+            self.pending.extend_from_slice(&len);
+            self.pending.extend_from_slice(body);
+        }
+        Ok(())
+    }
+
+    /// Writes what the pipe takes now; `true` when nothing is left.
+    fn write_some(&mut self) -> std::io::Result<bool> {
+        while self.sent < self.pending.len() {
+            match self.to.write(&self.pending[self.sent..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.sent == self.pending.len() {
+            self.pending.clear();
+            self.sent = 0;
+            return Ok(true);
+        }
+        // Written bytes leave once they are half the buffer: each byte is
+        // moved at most once, and the buffer stays as large as the frames in
+        // flight.
+        if self.sent >= self.pending.len() / 2 {
+            self.pending.drain(..self.sent);
+            self.sent = 0;
+        }
+        Ok(false)
+    }
+
+    /// Writes while waiting for `from` to have something to read: returns
+    /// when it has (or at once when nothing is left to write).
+    fn write_until_readable(&mut self, from: BorrowedFd<'_>) -> std::io::Result<()> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        while !self.write_some()? {
+            let mut fds = [
+                PollFd::new(from, PollFlags::POLLIN),
+                PollFd::new(self.to.as_fd(), PollFlags::POLLOUT),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            // Readable, at EOF or broken: the read that follows says which.
+            if fds[0].any().unwrap_or(true) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `calls` round trips over one pipe pair with `lanes` in flight, frames of
 /// `payload_bytes` (at least 8: the sequence number). Returns the replies
 /// read and their latencies.
-fn ping_pong<R: Read, W: Write>(
+fn ping_pong<R: Read + AsFd, W: Write + AsFd>(
     from: &mut BufReader<R>,
-    to: &mut BufWriter<W>,
+    to: W,
     calls: u64,
     lanes: u64,
     payload_bytes: u64,
 ) -> std::io::Result<(u64, hdrhistogram::Histogram<u64>)> {
-    fn send<W: Write>(
-        to: &mut W,
+    fn send<W: Write + AsFd>(
+        out: &mut Outbox<W>,
         seq: u64,
         body: &mut [u8],
         sent_at: &mut [Option<Instant>],
@@ -311,19 +432,24 @@ fn ping_pong<R: Read, W: Write>(
         if let Some(slot) = sent_at.get_mut(seq as usize) {
             *slot = Some(Instant::now());
         }
-        write_frame(to, body)
+        out.push_frame(body)
     }
+    let mut out = Outbox::new(to)?;
     let mut body = vec![0x5au8; usize::try_from(payload_bytes.max(8)).unwrap_or(8)];
     let mut sent_at = vec![None::<Instant>; usize::try_from(calls).unwrap_or(0)];
     let mut histogram = ns_histogram();
     let (mut issued, mut answered) = (0u64, 0u64);
     let mut buf = Vec::new();
     while issued < calls.min(lanes.max(1)) {
-        send(to, issued, &mut body, &mut sent_at)?;
+        send(&mut out, issued, &mut body, &mut sent_at)?;
         issued += 1;
     }
-    to.flush()?;
     while answered < calls {
+        // Replies already buffered are handled first; then what is queued
+        // is written (the batch), reading as soon as a reply comes.
+        if from.buffer().is_empty() {
+            out.write_until_readable(from.get_ref().as_fd())?;
+        }
         if !read_frame(from, &mut buf)? {
             break;
         }
@@ -336,11 +462,8 @@ fn ping_pong<R: Read, W: Write>(
         }
         answered += 1;
         if issued < calls {
-            send(to, issued, &mut body, &mut sent_at)?;
+            send(&mut out, issued, &mut body, &mut sent_at)?;
             issued += 1;
-        }
-        if from.buffer().is_empty() {
-            to.flush()?;
         }
     }
     Ok((answered, histogram))
