@@ -147,6 +147,7 @@ fn bench_prints_the_designed_json_for_every_mode() {
                 "cpu_us_per_call",
                 "cpus",
                 "elapsed_s",
+                "error_codes",
                 "errors",
                 "latency_us",
                 "mode",
@@ -907,6 +908,40 @@ fn the_broker_outlives_whoever_reads_its_log() {
 }
 
 #[test]
+fn bench_with_failed_calls_says_why_and_exits_non_zero() {
+    // Over the default 16 MiB frame limit: every call fails.
+    let args = ["bench", "--payload-bytes", "20000000", "--requests", "2"];
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("2 of 2 calls through the broker failed (2 × too_large: frame length"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["errors"], 2, "{v}");
+    assert_eq!(v["error_codes"], serde_json::json!({"too_large": 2}), "{v}");
+    // No call succeeded: no latency to show, none made of the errors'.
+    assert!(v["latency_us"].is_null(), "{v}");
+    assert_eq!(v["throughput_rps"], 0.0, "{v}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(args)
+        .output()
+        .expect("bench");
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("procbroker errors: 2 × too_large: frame length 20000077 exceeds"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn bench_raw_baseline_with_more_in_flight_than_the_pipes_hold_completes() {
     // 4 × 1 MiB in flight each way: more than the pipes between the raw
     // peers hold, so a peer that blocks writing while its peer does too
@@ -957,7 +992,11 @@ fn bench_raw_baseline_with_more_in_flight_than_the_pipes_hold_completes() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-        assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
+        assert_eq!(
+            (v["errors"].as_u64(), v["baseline"]["errors"].as_u64()),
+            (Some(0), Some(0)),
+            "{v}"
+        );
         support::assert_baseline_measured(&v);
     }
 }

@@ -208,7 +208,7 @@ impl RawRelay {
             .map(|w| w.parse().unwrap_or(0))
             .collect();
         let at = |i: usize| n.get(i).copied().unwrap_or(0);
-        Ok(RunReport {
+        Ok(unanswered(RunReport {
             ok: at(0),
             errors: calls.saturating_sub(at(0)),
             elapsed_ns: at(1),
@@ -219,7 +219,8 @@ impl RawRelay {
                 p999: at(5),
                 max: at(6),
             },
-        })
+            error_codes: Vec::new(),
+        }))
     }
 }
 
@@ -284,12 +285,26 @@ pub fn direct(
     for mut child in children {
         let _ = child.wait();
     }
-    Ok(RunReport {
+    Ok(unanswered(RunReport {
         ok,
         errors: calls.saturating_sub(ok),
         elapsed_ns,
         latency_ns: Quantiles::of(&histogram),
-    })
+        error_codes: Vec::new(),
+    }))
+}
+
+/// The raw peers have no error replies: a call not answered is one whose
+/// peer closed its pipe first.
+fn unanswered(mut report: RunReport) -> RunReport {
+    if report.errors > 0 {
+        report.error_codes = vec![super::ErrorCount {
+            code: "unanswered".into(),
+            count: report.errors,
+            message: "a raw peer closed its pipe before answering".into(),
+        }];
+    }
+    report
 }
 
 /// Frames on their way into a pipe whose writes never block.
