@@ -70,7 +70,7 @@ fn round_trip(stream: &[u8]) -> Vec<String> {
         "decode: {}",
         String::from_utf8_lossy(&decoded.stderr)
     );
-    let encoded = run(&["encode"], &decoded.stdout);
+    let encoded = run(&["encode", "--strict"], &decoded.stdout);
     assert!(
         encoded.status.success(),
         "encode: {}",
@@ -422,6 +422,62 @@ fn decode_prints_a_payload_nested_100000_deep_and_the_frames_after_it() {
     assert_eq!(printed[1]["id"], "tick");
     // And back, byte for byte.
     assert_eq!(round_trip(&stream), texts(&out));
+}
+
+#[test]
+fn encode_reports_each_bad_line_by_number_and_goes_on_unless_strict() {
+    let good = |id: &str| format!(r#"{{"type":"event","id":"{id}","target":"*"}}"#);
+    let mut input = Vec::new();
+    for line in [
+        good("one"),
+        "not json".into(),
+        good("two"),
+        r#"{"type":"request","id":"Echo"}"#.into(),
+        r#"{"type":"event","id":"x","target":"*","payload":{"$nope":1}}"#.into(),
+        // An edited payload beside the bytes it was decoded from.
+        r#"{"type":"event","id":"x","target":"*","payload":2,"payload_msgpack":"01"}"#.into(),
+        r#"{"type":"event","id":"x","target":"*","paylod":1}"#.into(),
+    ] {
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+    }
+    input.extend_from_slice(b"\xff\xfe\n");
+    input.extend_from_slice(good("three").as_bytes());
+
+    let out = run(&["encode"], &input);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (line, why) in [
+        (2, "not JSON"),
+        (4, "missing required field \"target\""),
+        (5, "unknown tag"),
+        (6, "\"payload\" and \"payload_msgpack\" disagree"),
+        (7, "unknown key \"paylod\""),
+        (8, "not UTF-8"),
+    ] {
+        let said = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("procbroker encode: line {line}: ")));
+        assert!(
+            said.is_some_and(|l| l.contains(why)),
+            "line {line}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("6 of 9 lines were not written"), "{stderr}");
+    let decoded = lines(&run(&["decode"], &out.stdout));
+    let ids: Vec<&str> = decoded.iter().filter_map(|l| l["id"].as_str()).collect();
+    assert_eq!(ids, ["one", "two", "three"]);
+
+    let strict = run(&["encode", "--strict"], &input);
+    assert_eq!(strict.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(stderr.contains("line 2: not JSON"), "{stderr}");
+    assert!(!stderr.contains("line 4"), "{stderr}");
+    let ids: Vec<String> = lines(&run(&["decode"], &strict.stdout))
+        .iter()
+        .filter_map(|l| l["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids, ["one"]);
 }
 
 /// Any MessagePack value, in any of its encodings (not only the shortest).

@@ -17,7 +17,7 @@ mod reload;
 mod run;
 mod stats;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
 use clap::{Parser, Subcommand};
 use procbroker::protocol::{DEFAULT_MAX_FRAME_BYTES, Envelope, EnvelopeCodec, InvalidEnvelope};
@@ -123,11 +123,15 @@ enum Command {
     ///
     /// Keys and payload as `decode` prints them, so `decode | encode` gives
     /// the payloads back byte for byte; "payload_msgpack", when given, is
-    /// written as is.
+    /// written as is. A line that is not a valid envelope is reported on
+    /// stderr with its number and skipped; the exit status is then 1.
     Encode {
         /// Largest frame body written, in bytes.
         #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES)]
         max_frame_bytes: usize,
+        /// Stop at the first bad line (exit status 1) instead of skipping it.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -180,7 +184,10 @@ fn run_command(command: Command) -> Result<()> {
             worker(name)
         }
         Command::Decode { max_frame_bytes } => decode(max_frame_bytes),
-        Command::Encode { max_frame_bytes } => encode(max_frame_bytes),
+        Command::Encode {
+            max_frame_bytes,
+            strict,
+        } => encode(max_frame_bytes, strict),
     }
 }
 
@@ -243,23 +250,49 @@ fn print_item(out: &mut impl Write, item: Result<Envelope, InvalidEnvelope>) -> 
     Ok(())
 }
 
-fn encode(max_frame_bytes: usize) -> Result<()> {
+/// Writes a frame for each line; a bad line is reported on stderr with its
+/// number and skipped (`strict`: it ends the command), and makes the exit
+/// status 1 at the end.
+fn encode(max_frame_bytes: usize, strict: bool) -> Result<()> {
     let mut codec = EnvelopeCodec::new(max_frame_bytes);
+    let mut input = std::io::stdin().lock();
     let mut out = std::io::stdout().lock();
     let mut buf = BytesMut::new();
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("reading stdin")?;
-        if line.trim().is_empty() {
+    let mut line = Vec::new();
+    let (mut number, mut bad, mut first_bad) = (0u64, 0u64, 0u64);
+    loop {
+        line.clear();
+        if input
+            .read_until(b'\n', &mut line)
+            .context("reading stdin")?
+            == 0
+        {
+            break;
+        }
+        number += 1;
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let envelope =
-            jsonl::line_envelope(line.as_bytes()).with_context(|| format!("line {}", n + 1))?;
         buf.clear();
-        codec
-            .encode(&envelope, &mut buf)
-            .with_context(|| format!("line {}", n + 1))?;
-        out.write_all(&buf).context("writing stdout")?;
-        out.flush().context("writing stdout")?;
+        let framed =
+            jsonl::line_envelope(&line).and_then(|envelope| Ok(codec.encode(&envelope, &mut buf)?));
+        match framed {
+            Ok(()) => {
+                out.write_all(&buf).context("writing stdout")?;
+                out.flush().context("writing stdout")?;
+            }
+            Err(e) if strict => return Err(e.context(format!("line {number}"))),
+            Err(e) => {
+                eprintln!("procbroker encode: line {number}: {e:#}; skipped");
+                bad += 1;
+                if first_bad == 0 {
+                    first_bad = number;
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {number} lines were not written (the first: line {first_bad})");
     }
     Ok(())
 }
