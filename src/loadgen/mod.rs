@@ -252,7 +252,7 @@ mod tests {
                 let i = n.get();
                 n.set(i + 1);
                 async move {
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         return Ok(());
                     }
                     // Failures are slow here: none of it may show as latency.

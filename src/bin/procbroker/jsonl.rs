@@ -138,7 +138,7 @@ fn unhex(text: &str) -> Result<Vec<u8>> {
         _ => bail!("{:?} is not a hex digit", char::from(c)),
     };
     let text = text.as_bytes();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         bail!("hex of odd length {}", text.len());
     }
     text.chunks_exact(2)
