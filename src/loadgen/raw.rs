@@ -11,14 +11,99 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Quantiles, RunReport, ns_histogram};
 use crate::pipe::{PIPE_BYTES, set_pipe_size};
 
 const BUF: usize = 64 * 1024;
+
+/// How long a raw run may go with no frame moving before it is called
+/// stalled: its peers are killed and the run fails, where it would
+/// otherwise wait forever on a peer that died or hung (the procbroker
+/// client gives each call as long).
+const STALL: Duration = Duration::from_secs(30);
+
+/// Kills `pids` (SIGKILL) once `moved` has not changed for [`STALL`]:
+/// their pipes close, and whoever waits on them sees EOF. Stopped when
+/// dropped, before the peers are reaped (their pids are then still theirs).
+struct Watchdog {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    stalled: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(pids: Vec<u32>, moved: Arc<AtomicU64>) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, stalled) = (Arc::clone(&stop), Arc::clone(&stalled));
+            std::thread::spawn(move || {
+                let (lock, wake) = &*stop;
+                let (mut seen, mut since) = (moved.load(Ordering::Relaxed), Instant::now());
+                let Ok(mut stopped) = lock.lock() else { return };
+                while !*stopped {
+                    let now = moved.load(Ordering::Relaxed);
+                    if now != seen {
+                        (seen, since) = (now, Instant::now());
+                    } else if since.elapsed() >= STALL {
+                        stalled.store(true, Ordering::Relaxed);
+                        for &pid in &pids {
+                            if let Ok(pid) = i32::try_from(pid) {
+                                let _ = nix::sys::signal::kill(
+                                    nix::unistd::Pid::from_raw(pid),
+                                    nix::sys::signal::Signal::SIGKILL,
+                                );
+                            }
+                        }
+                        return;
+                    }
+                    stopped = match wake.wait_timeout(stopped, Duration::from_millis(500)) {
+                        Ok((guard, _)) => guard,
+                        Err(_) => return,
+                    };
+                }
+            })
+        };
+        Self {
+            stop,
+            stalled,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; `Err` if the run had stalled (and its peers were killed).
+    fn finish(mut self) -> std::io::Result<()> {
+        self.halt();
+        if self.stalled.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other(format!(
+                "the raw baseline stalled: no frame moved for {} s, its peers were killed",
+                STALL.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    fn halt(&mut self) {
+        if let Ok(mut stopped) = self.stop.0.lock() {
+            *stopped = true;
+        }
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
 
 /// Reads one frame body into `buf`; `false` at a clean EOF.
 fn read_frame(from: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<bool> {
@@ -79,7 +164,9 @@ pub fn client() -> std::io::Result<()> {
         };
         let (calls, concurrency, payload) = (word(0), word(1), word(2));
         let start = Instant::now();
-        let (answered, histogram) = ping_pong(&mut input, &output, calls, concurrency, payload)?;
+        let moved = AtomicU64::new(0);
+        let (answered, histogram) =
+            ping_pong(&mut input, &output, calls, concurrency, payload, &moved)?;
         let elapsed = start.elapsed().as_nanos();
         let q = Quantiles::of(&histogram);
         writeln!(
@@ -92,8 +179,13 @@ pub fn client() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies frames from `from` to `to`, flushing when `from` is drained.
-fn pump(mut from: BufReader<impl Read>, to: &Mutex<Option<BufWriter<ChildStdin>>>) {
+/// Copies frames from `from` to `to`, flushing when `from` is drained;
+/// counts each frame in `moved`.
+fn pump(
+    mut from: BufReader<impl Read>,
+    to: &Mutex<Option<BufWriter<ChildStdin>>>,
+    moved: &AtomicU64,
+) {
     let mut buf = Vec::new();
     while let Ok(true) = read_frame(&mut from, &mut buf) {
         let Ok(mut guard) = to.lock() else { return };
@@ -101,6 +193,7 @@ fn pump(mut from: BufReader<impl Read>, to: &Mutex<Option<BufWriter<ChildStdin>>
         if write_frame(to, &buf).is_err() {
             return;
         }
+        moved.fetch_add(1, Ordering::Relaxed);
         if from.buffer().is_empty() && to.flush().is_err() {
             return;
         }
@@ -116,6 +209,8 @@ pub struct RawRelay {
     to_echo: Arc<Mutex<Option<BufWriter<ChildStdin>>>>,
     report: BufReader<std::process::ChildStderr>,
     pumps: Vec<JoinHandle<()>>,
+    /// Frames the pumps have relayed, for the [`Watchdog`].
+    moved: Arc<AtomicU64>,
 }
 
 fn spawn_peer(program: &Path, name: &str) -> std::io::Result<Child> {
@@ -152,14 +247,19 @@ impl RawRelay {
         let from_client = client.stdout.take().ok_or_else(|| missing("stdout"))?;
         let from_echo = echo.stdout.take().ok_or_else(|| missing("stdout"))?;
         let report = BufReader::new(client.stderr.take().ok_or_else(|| missing("stderr"))?);
+        let moved = Arc::new(AtomicU64::new(0));
         let pumps = vec![
             {
-                let to = Arc::clone(&to_echo);
-                std::thread::spawn(move || pump(BufReader::with_capacity(BUF, from_client), &to))
+                let (to, moved) = (Arc::clone(&to_echo), Arc::clone(&moved));
+                std::thread::spawn(move || {
+                    pump(BufReader::with_capacity(BUF, from_client), &to, &moved)
+                })
             },
             {
-                let to = Arc::clone(&to_client);
-                std::thread::spawn(move || pump(BufReader::with_capacity(BUF, from_echo), &to))
+                let (to, moved) = (Arc::clone(&to_client), Arc::clone(&moved));
+                std::thread::spawn(move || {
+                    pump(BufReader::with_capacity(BUF, from_echo), &to, &moved)
+                })
             },
         ];
         Ok(Self {
@@ -169,6 +269,7 @@ impl RawRelay {
             to_echo,
             report,
             pumps,
+            moved,
         })
     }
 
@@ -199,8 +300,14 @@ impl RawRelay {
             write_frame(to, &control)?;
             to.flush()?;
         }
+        let watchdog = Watchdog::start(
+            vec![self.client.id(), self.echo.id()],
+            Arc::clone(&self.moved),
+        );
         let mut line = String::new();
-        if self.report.read_line(&mut line)? == 0 {
+        let read = self.report.read_line(&mut line);
+        watchdog.finish()?;
+        if read? == 0 {
             return Err(std::io::Error::other("raw client exited"));
         }
         let n: Vec<u64> = line
@@ -258,6 +365,8 @@ pub fn direct(
         place(child.id());
         children.push(child);
     }
+    let moved = Arc::new(AtomicU64::new(0));
+    let watchdog = Watchdog::start(children.iter().map(Child::id).collect(), Arc::clone(&moved));
     let start = Instant::now();
     let mut threads = Vec::new();
     for (i, child) in children.iter_mut().enumerate() {
@@ -267,24 +376,32 @@ pub fn direct(
         let to = child.stdin.take().ok_or_else(|| missing("stdin"))?;
         let from =
             BufReader::with_capacity(BUF, child.stdout.take().ok_or_else(|| missing("stdout"))?);
+        let moved = Arc::clone(&moved);
         threads.push(std::thread::spawn(move || {
             let mut from = from;
-            ping_pong(&mut from, to, share, lanes, payload_bytes)
+            ping_pong(&mut from, to, share, lanes, payload_bytes, &moved)
         }));
     }
     let mut histogram = ns_histogram();
     let mut ok = 0;
+    let mut lanes_ended = Ok(());
     for t in threads {
-        let (n, h) = t
-            .join()
-            .map_err(|_| std::io::Error::other("raw lane panicked"))??;
-        ok += n;
-        let _ = histogram.add(&h);
+        match t.join() {
+            Ok(Ok((n, h))) => {
+                ok += n;
+                let _ = histogram.add(&h);
+            }
+            Ok(Err(e)) => lanes_ended = Err(e),
+            Err(_) => lanes_ended = Err(std::io::Error::other("raw lane panicked")),
+        }
     }
     let elapsed_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    // A stall says more than the broken pipe the lanes saw after it.
+    let ended = watchdog.finish().and(lanes_ended);
     for mut child in children {
         let _ = child.wait();
     }
+    ended?;
     Ok(unanswered(RunReport {
         ok,
         errors: calls.saturating_sub(ok),
@@ -428,14 +545,15 @@ impl<W: Write + AsFd> Outbox<W> {
 }
 
 /// `calls` round trips over one pipe pair with `lanes` in flight, frames of
-/// `payload_bytes` (at least 8: the sequence number). Returns the replies
-/// read and their latencies.
+/// `payload_bytes` (at least 8: the sequence number), counting each reply in
+/// `moved`. Returns the replies read and their latencies.
 fn ping_pong<R: Read + AsFd, W: Write + AsFd>(
     from: &mut BufReader<R>,
     to: W,
     calls: u64,
     lanes: u64,
     payload_bytes: u64,
+    moved: &AtomicU64,
 ) -> std::io::Result<(u64, hdrhistogram::Histogram<u64>)> {
     fn send<W: Write + AsFd>(
         out: &mut Outbox<W>,
@@ -476,6 +594,7 @@ fn ping_pong<R: Read + AsFd, W: Write + AsFd>(
             histogram.saturating_record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
         answered += 1;
+        moved.fetch_add(1, Ordering::Relaxed);
         if issued < calls {
             send(&mut out, issued, &mut body, &mut sent_at)?;
             issued += 1;
