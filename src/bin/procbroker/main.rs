@@ -107,8 +107,9 @@ enum Command {
     /// {"$f32": n}, {"$f64": "NaN"|"inf"|"-inf"}, {"$str": hex} (a str
     /// that is not UTF-8), {"$map": [[key, value], ...]} (a map a JSON
     /// object cannot hold). When that would not encode back to the same
-    /// bytes (a longer encoding than needed, nesting over 100 levels) the line
-    /// also has "payload_msgpack": the payload's exact bytes in hex.
+    /// bytes (a longer encoding than needed) the line also has
+    /// "payload_msgpack": the payload's exact bytes in hex; a payload nested
+    /// over 100 levels deep is shown by "payload_msgpack" alone.
     ///
     /// Invalid frames are printed as {"invalid": "<why>", ...} and reading goes
     /// on; a broken stream (length over the limit, EOF inside a frame) ends
