@@ -147,6 +147,7 @@ fn bench_prints_the_designed_json_for_every_mode() {
                 "cpu_us_per_call",
                 "cpus",
                 "elapsed_s",
+                "error_codes",
                 "errors",
                 "latency_us",
                 "mode",
@@ -906,4 +907,98 @@ fn the_broker_outlives_whoever_reads_its_log() {
     send(&broker, nix::sys::signal::Signal::SIGTERM);
     let status = broker.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn bench_with_failed_calls_says_why_and_exits_non_zero() {
+    // Over the default 16 MiB frame limit: every call fails.
+    let args = ["bench", "--payload-bytes", "20000000", "--requests", "2"];
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("2 of 2 calls through the broker failed (2 × too_large: frame length"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["errors"], 2, "{v}");
+    assert_eq!(v["error_codes"], serde_json::json!({"too_large": 2}), "{v}");
+    // No call succeeded: no latency to show, none made of the errors'.
+    assert!(v["latency_us"].is_null(), "{v}");
+    assert_eq!(v["throughput_rps"], 0.0, "{v}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .args(args)
+        .output()
+        .expect("bench");
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("procbroker errors: 2 × too_large: frame length 20000077 exceeds"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_raw_baseline_with_more_in_flight_than_the_pipes_hold_completes() {
+    // 4 × 1 MiB in flight each way: more than the pipes between the raw
+    // peers hold, so a peer that blocks writing while its peer does too
+    // never finishes.
+    for mode in ["relay", "direct"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+            .args([
+                "bench",
+                "--mode",
+                mode,
+                "--workers",
+                "1",
+                "--concurrency",
+                "4",
+                "--requests",
+                "40",
+                "--payload-bytes",
+                "1048576",
+                "--baseline",
+                "--pin",
+                "same",
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bench");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                // Stuck: kill the raw peers too, or they block forever.
+                for pid in children_of(child.id()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{mode}: the bench did not end within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(
+            (v["errors"].as_u64(), v["baseline"]["errors"].as_u64()),
+            (Some(0), Some(0)),
+            "{v}"
+        );
+        support::assert_baseline_measured(&v);
+    }
 }

@@ -32,7 +32,12 @@ pub async fn run(client: &Client, spec: RunSpec) -> Result<RunReport, HandlerErr
         let request =
             Envelope::request(target.clone(), method.clone(), 0).with_raw_payload(payload.clone());
         let client = client.clone();
-        async move { client.call_envelope(request, CALL_TIMEOUT).await.is_ok() }
+        async move {
+            match client.call_envelope(request, CALL_TIMEOUT).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
     })
     .await)
 }

@@ -19,6 +19,8 @@ pub mod raw;
 
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
+
+use crate::call::CallError;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -47,8 +49,90 @@ pub struct RunReport {
     pub errors: u64,
     /// Wall time from the first request to the last reply, in nanoseconds.
     pub elapsed_ns: u64,
-    /// Per-call latency quantiles, in nanoseconds.
+    /// Latency quantiles of the calls answered with a response, in
+    /// nanoseconds (an error's latency says how fast it failed, not how
+    /// fast a call is).
     pub latency_ns: Quantiles,
+    /// The failed calls by error code, so that a run with errors says why.
+    #[serde(default)]
+    pub error_codes: Vec<ErrorCount>,
+}
+
+/// Failed calls with one error code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCount {
+    /// The reply's error code, or what went wrong where no reply came
+    /// (`no_reply`, `closed`, …).
+    pub code: String,
+    /// Calls that failed so.
+    pub count: u64,
+    /// The message of the first of them.
+    pub message: String,
+}
+
+/// Why one call of a run failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Error code (see [`ErrorCount::code`]).
+    pub code: String,
+    /// What the error said.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure of `code` saying `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Remote { code, message, .. } => Self { code, message },
+            CallError::NoReply(_) => Self::new("no_reply", e.to_string()),
+            CallError::Payload(_) => Self::new("payload", e.to_string()),
+            CallError::Closed => Self::new("closed", e.to_string()),
+        }
+    }
+}
+
+/// Distinct error codes a report keeps; the rest count under `other`, so a
+/// callee inventing codes cannot grow the report without bound.
+const MAX_ERROR_CODES: usize = 16;
+
+impl RunReport {
+    /// Counts one failed call.
+    pub fn count_error(&mut self, failure: Failure) {
+        self.errors += 1;
+        let known = self.error_codes.iter().position(|c| c.code == failure.code);
+        let slot = match known {
+            Some(i) => i,
+            None if self.error_codes.len() < MAX_ERROR_CODES - 1 => {
+                self.error_codes.push(ErrorCount {
+                    code: failure.code,
+                    count: 0,
+                    message: failure.message,
+                });
+                self.error_codes.len() - 1
+            }
+            None => match self.error_codes.iter().position(|c| c.code == "other") {
+                Some(i) => i,
+                None => {
+                    self.error_codes.push(ErrorCount {
+                        code: "other".into(),
+                        count: 0,
+                        message: failure.message,
+                    });
+                    self.error_codes.len() - 1
+                }
+            },
+        };
+        self.error_codes[slot].count += 1;
+    }
 }
 
 /// Latency quantiles in nanoseconds.
@@ -102,13 +186,14 @@ pub fn cpus_allowed() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Makes `calls` calls with `concurrency` in flight, each by `call()` (true
-/// when answered with a response), timing each one. Runs its lanes as local
-/// tasks of the current thread (an actix arbiter or a `LocalSet`).
+/// Makes `calls` calls with `concurrency` in flight, each by `call()`,
+/// timing those answered with a response and counting the others by error
+/// code. Runs its lanes as local tasks of the current thread (an actix
+/// arbiter or a `LocalSet`).
 pub async fn drive<F, Fut>(calls: u64, concurrency: u64, call: F) -> RunReport
 where
     F: Fn() -> Fut + 'static,
-    Fut: Future<Output = bool> + 'static,
+    Fut: Future<Output = Result<(), Failure>> + 'static,
 {
     let call = Rc::new(call);
     let issued = Rc::new(Cell::new(0u64));
@@ -121,14 +206,15 @@ where
                 while issued.get() < calls {
                     issued.set(issued.get() + 1);
                     let sent = Instant::now();
-                    let ok = call().await;
+                    let answer = call().await;
                     let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     let mut report = report.borrow_mut();
-                    report.1.saturating_record(ns);
-                    if ok {
-                        report.0.ok += 1;
-                    } else {
-                        report.0.errors += 1;
+                    match answer {
+                        Ok(()) => {
+                            report.0.ok += 1;
+                            report.1.saturating_record(ns);
+                        }
+                        Err(failure) => report.0.count_error(failure),
                     }
                 }
             })
@@ -145,5 +231,57 @@ where
         elapsed_ns,
         latency_ns: Quantiles::of(histogram),
         ..report.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_is_of_answered_calls_and_failures_are_counted_by_code() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let n = Rc::new(Cell::new(0u64));
+        let report = tokio::task::LocalSet::new().block_on(
+            &rt,
+            drive(10, 1, move || {
+                let i = n.get();
+                n.set(i + 1);
+                async move {
+                    if i.is_multiple_of(2) {
+                        return Ok(());
+                    }
+                    // Failures are slow here: none of it may show as latency.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    Err(Failure::new("busy", format!("full {i}")))
+                }
+            }),
+        );
+        assert_eq!((report.ok, report.errors), (5, 5));
+        assert_eq!(
+            report.error_codes,
+            [ErrorCount {
+                code: "busy".into(),
+                count: 5,
+                message: "full 1".into()
+            }]
+        );
+        assert!(report.latency_ns.max < 30_000_000, "{report:?}");
+    }
+
+    #[test]
+    fn error_codes_past_the_limit_count_as_other() {
+        let mut report = RunReport::default();
+        for i in 0..40 {
+            report.count_error(Failure::new(format!("code{i}"), "x"));
+        }
+        assert_eq!(report.errors, 40);
+        assert_eq!(report.error_codes.len(), MAX_ERROR_CODES);
+        let other = report.error_codes.last().expect("other");
+        assert_eq!((other.code.as_str(), other.count), ("other", 25));
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use std::io::Read;
 
-use super::{RunReport, drive};
+use super::{Failure, RunReport, drive};
 
 /// The responder's environment: the server and the subject to answer on.
 pub const URL_ENV: &str = "PROCBROKER_BENCH_NATS_URL";
@@ -68,10 +68,17 @@ pub async fn request_reply(
     Ok(drive(calls, concurrency, move || {
         let (client, subject, payload) = (client.clone(), subject.clone(), payload.clone());
         async move {
-            client
-                .request(subject, payload.clone())
-                .await
-                .is_ok_and(|reply| reply.payload == payload)
+            match client.request(subject, payload.clone()).await {
+                Ok(reply) if reply.payload == payload => Ok(()),
+                Ok(_) => Err(Failure::new(
+                    "wrong_reply",
+                    "the reply is not the payload sent",
+                )),
+                Err(e) => Err(Failure::new(
+                    format!("{:?}", e.kind()).to_lowercase(),
+                    e.to_string(),
+                )),
+            }
         }
     })
     .await)

@@ -7,7 +7,7 @@ use bytestring::ByteString;
 use procbroker::config::{ClusterConfig, ServiceConfig};
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::loadgen::raw::{self, RawRelay};
-use procbroker::loadgen::{Quantiles, RunReport, RunSpec, cpus_allowed, drive};
+use procbroker::loadgen::{Failure, RunReport, RunSpec, cpus_allowed, drive};
 use procbroker::protocol::{Envelope, Payload};
 use serde_json::json;
 use std::path::PathBuf;
@@ -261,7 +261,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let us = |ns: u64| ns as f64 / 1e3;
     let rate = |r: &RunReport| r.ok as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
-    let q = |q: &Quantiles| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)});
+    // Latency is of the calls answered with a response: none, none to show.
+    let q = |r: &RunReport| {
+        let q = &r.latency_ns;
+        (r.ok > 0).then(|| json!({"p50": us(q.p50), "p90": us(q.p90), "p99": us(q.p99), "p999": us(q.p999), "max": us(q.max)}))
+    };
+    let codes = |r: &RunReport| {
+        r.error_codes
+            .iter()
+            .map(|c| (c.code.clone(), json!(c.count)))
+            .collect::<serde_json::Map<_, _>>()
+    };
     let ratio = baseline
         .as_ref()
         .map(|(b, _)| report.latency_ns.p50 as f64 / b.latency_ns.p50.max(1) as f64);
@@ -284,17 +294,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             "elapsed_s": report.elapsed_ns as f64 / 1e9,
             "throughput_rps": rate(&report),
             "errors": report.errors,
-            "latency_us": q(&report.latency_ns),
+            "error_codes": codes(&report),
+            "latency_us": q(&report),
             "cpu_us_per_call": cpu.json(),
             "baseline": baseline.as_ref().map(|(b, bcpu)| json!({
                 "throughput_rps": rate(b),
-                "latency_us": q(&b.latency_ns),
+                "errors": b.errors,
+                "error_codes": codes(b),
+                "latency_us": q(b),
                 "cpu_us_per_call": bcpu.json(),
             })),
             "ratio_p50": ratio,
         });
         println!("{out}");
-        return Ok(());
+        return failed(&report, baseline.as_ref().map(|(b, _)| b));
     }
     println!(
         "procbroker bench: {mode}, {} {worker} worker(s), {} in flight, {} requests of {} B, pin {pin} (CPUs {cpus})",
@@ -306,16 +319,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     );
     let line = |name: &str, r: &RunReport| {
         let l = &r.latency_ns;
+        let cell = |ns: u64| match r.ok {
+            0 => "-".to_owned(),
+            _ => format!("{:.1}", us(ns)),
+        };
         println!(
-            "{:<14} {:>12.0} {:>10.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7}",
+            "{:<14} {:>12.0} {:>10.3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             name,
             rate(r),
             r.elapsed_ns as f64 / 1e9,
-            us(l.p50),
-            us(l.p90),
-            us(l.p99),
-            us(l.p999),
-            us(l.max),
+            cell(l.p50),
+            cell(l.p90),
+            cell(l.p99),
+            cell(l.p999),
+            cell(l.max),
             r.errors
         );
     };
@@ -328,6 +345,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some((b, _)) = &baseline {
         line(anchor, b);
     }
+    for (name, r) in
+        std::iter::once(("procbroker", &report)).chain(baseline.as_ref().map(|(b, _)| (anchor, b)))
+    {
+        for c in &r.error_codes {
+            println!("{name} errors: {} × {}: {}", c.count, c.code, c.message);
+        }
+    }
     println!("\nCPU µs per call: procbroker {}", cpu.describe());
     if let Some((b, bcpu)) = &baseline {
         println!("                 {anchor} {}", bcpu.describe());
@@ -337,7 +361,34 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             rate(&report) / rate(b).max(f64::MIN_POSITIVE)
         );
     }
-    Ok(())
+    failed(&report, baseline.as_ref().map(|(b, _)| b))
+}
+
+/// A run with failed calls is a failed command: its figures are not those
+/// of the calls asked for. Says why (each error code, its count and first
+/// message) in the error that sets the exit status.
+fn failed(report: &RunReport, baseline: Option<&RunReport>) -> Result<()> {
+    let mut why = Vec::new();
+    let runs = std::iter::once(("through the broker", report));
+    for (name, r) in runs.chain(baseline.map(|b| ("of the baseline", b))) {
+        if r.errors > 0 {
+            let codes: Vec<String> = r
+                .error_codes
+                .iter()
+                .map(|c| format!("{} × {}: {}", c.count, c.code, c.message))
+                .collect();
+            why.push(format!(
+                "{} of {} calls {name} failed ({})",
+                r.errors,
+                r.ok + r.errors,
+                codes.join("; ")
+            ));
+        }
+    }
+    if why.is_empty() {
+        return Ok(());
+    }
+    bail!("{}", why.join("; "))
 }
 
 /// How a run ended.
@@ -838,7 +889,12 @@ async fn lanes(broker: &BrokerHandle, args: &BenchArgs) -> Result<RunReport> {
     let broker = broker.clone();
     Ok(drive(args.requests, args.concurrency, move || {
         let (broker, request) = (broker.clone(), request.clone());
-        async move { broker.call_envelope(request).await.is_ok() }
+        async move {
+            match broker.call_envelope(request).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
     })
     .await)
 }
@@ -860,7 +916,13 @@ async fn channel_baseline(args: &BenchArgs) -> RunReport {
     drive(args.requests, args.concurrency, move || {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = tx.send((body.clone(), reply)).is_ok();
-        async move { sent && answer.await.is_ok() }
+        async move {
+            if sent && answer.await.is_ok() {
+                Ok(())
+            } else {
+                Err(Failure::new("closed", "the echo task is gone"))
+            }
+        }
     })
     .await
 }

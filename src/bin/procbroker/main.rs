@@ -11,6 +11,7 @@ mod alloc;
 mod bench;
 mod cpu;
 mod interrupt;
+mod jsonl;
 mod logging;
 mod reload;
 mod run;
@@ -19,10 +20,7 @@ mod stats;
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
 use clap::{Parser, Subcommand};
-use procbroker::protocol::{
-    DEFAULT_MAX_FRAME_BYTES, Envelope, EnvelopeCodec, InvalidEnvelope, MessageType, Payload,
-};
-use serde_json::{Map, Value as Json, json};
+use procbroker::protocol::{DEFAULT_MAX_FRAME_BYTES, Envelope, EnvelopeCodec, InvalidEnvelope};
 use std::io::{BufRead, BufWriter, Read, Write};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -104,6 +102,15 @@ enum Command {
     },
     /// Read frames from stdin and print each envelope as one JSON line.
     ///
+    /// The payload shows as JSON, with tagged objects for what JSON lacks:
+    /// {"$bin": hex}, {"$ext": [type, hex]}, {"$timestamp": "RFC 3339"},
+    /// {"$f32": n}, {"$f64": "NaN"|"inf"|"-inf"}, {"$str": hex} (a str
+    /// that is not UTF-8), {"$map": [[key, value], ...]} (a map a JSON
+    /// object cannot hold). When that would not encode back to the same
+    /// bytes (a longer encoding than needed) the line also has
+    /// "payload_msgpack": the payload's exact bytes in hex; a payload nested
+    /// over 100 levels deep is shown by "payload_msgpack" alone.
+    ///
     /// Invalid frames are printed as {"invalid": "<why>", ...} and reading goes
     /// on; a broken stream (length over the limit, EOF inside a frame) ends
     /// the command with exit status 1, as it would end a child's pipe.
@@ -115,11 +122,17 @@ enum Command {
     /// Read envelopes as JSON objects, one per line, and write them to stdout
     /// as frames (flushed after each line, so a worker can be driven live).
     ///
-    /// Keys as in PROTOCOL.md; `payload` is any JSON value, written as MessagePack.
+    /// Keys and payload as `decode` prints them, so `decode | encode` gives
+    /// the payloads back byte for byte; "payload_msgpack", when given, is
+    /// written as is. A line that is not a valid envelope is reported on
+    /// stderr with its number and skipped; the exit status is then 1.
     Encode {
         /// Largest frame body written, in bytes.
         #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES)]
         max_frame_bytes: usize,
+        /// Stop at the first bad line (exit status 1) instead of skipping it.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -172,7 +185,10 @@ fn run_command(command: Command) -> Result<()> {
             worker(name)
         }
         Command::Decode { max_frame_bytes } => decode(max_frame_bytes),
-        Command::Encode { max_frame_bytes } => encode(max_frame_bytes),
+        Command::Encode {
+            max_frame_bytes,
+            strict,
+        } => encode(max_frame_bytes, strict),
     }
 }
 
@@ -206,140 +222,78 @@ fn decode(max_frame_bytes: usize) -> Result<()> {
 }
 
 fn print_item(out: &mut impl Write, item: Result<Envelope, InvalidEnvelope>) -> Result<()> {
+    use jsonl::Json;
     let line = match item {
-        Ok(envelope) => envelope_to_json(&envelope)?,
+        Ok(envelope) => jsonl::envelope_line(&envelope),
         Err(invalid) => {
-            let mut obj = json!({"invalid": invalid.error.to_string(), "len": invalid.len});
+            let mut obj = vec![
+                ("invalid".to_owned(), Json::Str(invalid.error.to_string())),
+                ("len".to_owned(), Json::Num(invalid.len.into())),
+            ];
             if let Some(request) = invalid.request {
-                obj["correlation_id"] = json!(request.correlation_id);
-                obj["id"] = json!(request.id.as_deref());
+                obj.push((
+                    "correlation_id".into(),
+                    Json::Num(request.correlation_id.into()),
+                ));
+                obj.push((
+                    "id".into(),
+                    request
+                        .id
+                        .as_deref()
+                        .map_or(Json::Null, |id| Json::Str(id.to_owned())),
+                ));
             }
-            obj
+            Json::Obj(obj)
         }
     };
-    writeln!(out, "{line}")?;
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")?;
     Ok(())
 }
 
-fn envelope_to_json(e: &Envelope) -> Result<Json> {
-    let mut obj = Map::new();
-    obj.insert("type".into(), json!(e.kind.as_str()));
-    obj.insert("id".into(), json!(&*e.id));
-    if e.kind != MessageType::Event || e.correlation_id != 0 {
-        obj.insert("correlation_id".into(), json!(e.correlation_id));
-    }
-    for (key, value) in [("source", &e.source), ("target", &e.target)] {
-        if !value.is_empty() {
-            obj.insert(key.into(), json!(&**value));
-        }
-    }
-    if let Some(ms) = e.timeout_ms {
-        obj.insert("timeout_ms".into(), json!(ms));
-    }
-    for (key, value) in [("error", &e.error), ("code", &e.code)] {
-        if let Some(value) = value {
-            obj.insert(key.into(), json!(&**value));
-        }
-    }
-    if let Some(payload) = &e.payload {
-        let value = rmpv::decode::read_value(&mut payload.as_bytes().as_ref())
-            .context("payload was validated but does not decode")?;
-        obj.insert("payload".into(), msgpack_to_json(value));
-    }
-    Ok(Json::Object(obj))
-}
-
-/// MessagePack has more kinds than JSON: bin shows as {"$bin": hex}, ext as
-/// {"$ext": type, "data": hex}, non-string map keys as their JSON text.
-fn msgpack_to_json(value: rmpv::Value) -> Json {
-    use rmpv::Value;
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    match value {
-        Value::Nil => Json::Null,
-        Value::Boolean(b) => json!(b),
-        Value::Integer(i) => i
-            .as_u64()
-            .map(|u| json!(u))
-            .or_else(|| i.as_i64().map(|v| json!(v)))
-            .unwrap_or(Json::Null),
-        Value::F32(f) => json!(f),
-        Value::F64(f) => json!(f),
-        Value::String(s) => match s.into_str() {
-            Some(s) => json!(s),
-            None => json!({"$invalid_utf8": true}),
-        },
-        Value::Binary(b) => json!({"$bin": hex(&b)}),
-        Value::Array(items) => Json::Array(items.into_iter().map(msgpack_to_json).collect()),
-        Value::Map(pairs) => Json::Object(
-            pairs
-                .into_iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Value::String(s) if s.is_str() => s.into_str().unwrap_or_default(),
-                        other => msgpack_to_json(other).to_string(),
-                    };
-                    (key, msgpack_to_json(v))
-                })
-                .collect(),
-        ),
-        Value::Ext(kind, data) => json!({"$ext": kind, "data": hex(&data)}),
-    }
-}
-
-fn encode(max_frame_bytes: usize) -> Result<()> {
+/// Writes a frame for each line; a bad line is reported on stderr with its
+/// number and skipped (`strict`: it ends the command), and makes the exit
+/// status 1 at the end.
+fn encode(max_frame_bytes: usize, strict: bool) -> Result<()> {
     let mut codec = EnvelopeCodec::new(max_frame_bytes);
+    let mut input = std::io::stdin().lock();
     let mut out = std::io::stdout().lock();
     let mut buf = BytesMut::new();
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("reading stdin")?;
-        if line.trim().is_empty() {
+    let mut line = Vec::new();
+    let (mut number, mut bad, mut first_bad) = (0u64, 0u64, 0u64);
+    loop {
+        line.clear();
+        if input
+            .read_until(b'\n', &mut line)
+            .context("reading stdin")?
+            == 0
+        {
+            break;
+        }
+        number += 1;
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let envelope = json_to_envelope(&line).with_context(|| format!("line {}", n + 1))?;
         buf.clear();
-        codec
-            .encode(&envelope, &mut buf)
-            .with_context(|| format!("line {}", n + 1))?;
-        out.write_all(&buf).context("writing stdout")?;
-        out.flush().context("writing stdout")?;
+        let framed =
+            jsonl::line_envelope(&line).and_then(|envelope| Ok(codec.encode(&envelope, &mut buf)?));
+        match framed {
+            Ok(()) => {
+                out.write_all(&buf).context("writing stdout")?;
+                out.flush().context("writing stdout")?;
+            }
+            Err(e) if strict => return Err(e.context(format!("line {number}"))),
+            Err(e) => {
+                eprintln!("procbroker encode: line {number}: {e:#}; skipped");
+                bad += 1;
+                if first_bad == 0 {
+                    first_bad = number;
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {number} lines were not written (the first: line {first_bad})");
     }
     Ok(())
-}
-
-fn json_to_envelope(line: &str) -> Result<Envelope> {
-    let Json::Object(mut obj) = serde_json::from_str::<Json>(line).context("not JSON")? else {
-        bail!("an envelope must be a JSON object");
-    };
-    let text = |obj: &Map<String, Json>, key: &str| -> Result<Option<String>> {
-        match obj.get(key) {
-            None | Some(Json::Null) => Ok(None),
-            Some(Json::String(s)) => Ok(Some(s.clone())),
-            Some(other) => bail!("{key:?} must be a string, not {other}"),
-        }
-    };
-    let uint = |obj: &Map<String, Json>, key: &str| -> Result<Option<u64>> {
-        match obj.get(key) {
-            None | Some(Json::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .with_context(|| format!("{key:?} must be a non-negative integer, not {v}")),
-        }
-    };
-    let kind: MessageType = text(&obj, "type")?.context("missing \"type\"")?.parse()?;
-    let mut envelope = Envelope::request(
-        text(&obj, "target")?.unwrap_or_default(),
-        text(&obj, "id")?.unwrap_or_default(),
-        uint(&obj, "correlation_id")?.unwrap_or(0),
-    );
-    envelope.kind = kind;
-    envelope.source = text(&obj, "source")?.unwrap_or_default().into();
-    envelope.timeout_ms = uint(&obj, "timeout_ms")?;
-    envelope.error = text(&obj, "error")?.map(Into::into);
-    envelope.code = text(&obj, "code")?.map(Into::into);
-    if let Some(payload) = obj.remove("payload") {
-        envelope.payload = Some(Payload::encode(&payload)?);
-    }
-    envelope.validate()?;
-    Ok(envelope)
 }
