@@ -301,6 +301,12 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
     let config = dir.join("procbroker.toml");
     let write = |crash: bool, with_b: bool| {
         let env = if crash { "{ CRASH = \"1\" }" } else { "{}" };
+        // [cluster] cannot change while running: said, not silently ignored.
+        let cluster = if crash {
+            "[cluster]\nheartbeat_ms = 2000\n"
+        } else {
+            ""
+        };
         let b = if with_b {
             "[[service]]\nname = \"b\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\n"
         } else {
@@ -309,7 +315,7 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
         std::fs::write(
             &config,
             format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\n[sysmon]\ninterval_ms = 0\n\
+                "[admin]\nlisten = \"127.0.0.1:0\"\n[sysmon]\ninterval_ms = 0\n{cluster}\
                  [[service]]\nname = \"api\"\ncommand = \"{}\"\nworkers = 2\nenv = {env}\n\
                  restart = {{ backoff_initial_ms = 50, backoff_max_ms = 200 }}\n{b}",
                 program.display()
@@ -359,6 +365,7 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
     write(true, false);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(broker.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_for("[cluster] changed");
     let stopped = wait_for("rolling restart with the new settings stopped");
     let error = stopped["fields"]["error"].as_str().unwrap_or("").to_owned();
     assert!(
