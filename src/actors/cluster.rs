@@ -467,6 +467,8 @@ impl Cluster {
         self.router.do_send(NodeDown {
             node: name.into(),
             reason: reason.into(),
+            callers_gone: false,
+            forget: false,
         });
         self.push_state();
     }

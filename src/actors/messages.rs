@@ -452,6 +452,14 @@ pub struct NodeDown {
     pub node: ByteString,
     /// Why, for the error message.
     pub reason: String,
+    /// The broker instance that sent this node's requests is gone (it
+    /// left, restarted, or another instance now holds the name): what its
+    /// callers have in flight here is dropped (their replies count as
+    /// late), so none can reach the next instance's callers.
+    pub callers_gone: bool,
+    /// Forget the node altogether (it left, or was unheard for
+    /// `forget_after_ms`): a call to it is then `unknown_target`.
+    pub forget: bool,
 }
 
 /// Envelopes that came over NATS, each with the node it came from
