@@ -521,8 +521,21 @@ pub struct ClusterState {
     pub slow_consumers: u64,
     /// The server's `max_payload` (0 before the first connection).
     pub max_payload: u64,
-    /// Every node heard from since start.
+    /// Every node kept (at most `max_nodes`).
     pub nodes: Vec<NodeState>,
+    /// This broker instance's id.
+    pub instance: u64,
+    /// Another instance holds this node's name: this broker stays out.
+    pub conflict: bool,
+    /// Heartbeats that could not be read.
+    pub malformed_heartbeats: u64,
+    /// Heartbeats (and requests) from new nodes ignored: the table was full.
+    pub nodes_ignored: u64,
+    /// Advertised services ignored past 1 000 per node.
+    pub services_ignored: u64,
+    /// Nodes forgotten (unheard for `forget_after_ms`, or evicted to make
+    /// room).
+    pub nodes_forgotten: u64,
 }
 
 /// One remote node in [`ClusterState`].
