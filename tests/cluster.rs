@@ -988,7 +988,11 @@ async fn two_brokers_with_one_node_name_never_get_each_others_replies() {
         );
         actix::clock::sleep(Duration::from_millis(50)).await;
     }
+    // And stays in: the winner, gone, advertises no more.
+    actix::clock::sleep(Duration::from_millis(5 * HEARTBEAT_MS)).await;
     assert_eq!(in_conflict(&loser_admin).await, Some(false));
+    let reply = call(&loser_handle, "echo@b", "Echo", 8).await;
+    assert_eq!(reply.payload_as::<i64>().ok(), Some(8), "{reply:?}");
     loser_admin.stop().await;
     loser_handle.shutdown().await;
 }

@@ -184,6 +184,9 @@ pub struct Cluster {
     next_heartbeat: Instant,
     /// The membership's counts as last pushed to the stats.
     pushed: Counts,
+    /// This broker said goodbye (it is shutting down): it advertises no
+    /// more, or the others would take it back in while it stops.
+    left: bool,
     /// The last server error logged.
     last_error: Option<String>,
     /// The headers every request carries (this node, this instance).
@@ -226,6 +229,7 @@ impl Cluster {
             advertised: BTreeMap::new(),
             next_heartbeat: Instant::now(),
             pushed: Counts::default(),
+            left: false,
             last_error: None,
             headers,
             log_limit: LogLimit::default(),
@@ -426,9 +430,10 @@ impl Cluster {
     }
 
     /// Asks the Router for ready workers; publishes the heartbeat if `due`
-    /// or if they changed. Not while this broker stands aside.
+    /// or if they changed. Not while this broker stands aside, nor after
+    /// its goodbye.
     fn advertise(&mut self, due: bool, ctx: &mut Context<Self>) {
-        if self.membership.claim().is_none() {
+        if self.left || self.membership.claim().is_none() {
             return;
         }
         ctx.spawn(
@@ -454,7 +459,7 @@ impl Cluster {
     /// instance holding its name advertises.
     fn publish_heartbeat(&self, leaving: bool) {
         let claim = self.membership.claim();
-        if claim.is_none() && !leaving {
+        if !leaving && (claim.is_none() || self.left) {
             return;
         }
         let heartbeat = Heartbeat {
@@ -1050,6 +1055,7 @@ impl Handler<Leave> for Cluster {
         if self.connected && self.membership.claim().is_some() {
             self.publish_heartbeat(true);
         }
+        self.left = true;
         let client = self.client.clone();
         // The goodbye is queued behind everything else for the publisher;
         // a flush after a moment sees it out.
