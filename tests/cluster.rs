@@ -109,6 +109,19 @@ impl Node {
 
     /// [`start`](Self::start) with its own heartbeat interval.
     fn start_with(name: &str, url: &str, who: u32, heartbeat_ms: u64, extra: &str) -> Self {
+        Self::start_full(name, url, who, heartbeat_ms, "", extra)
+    }
+
+    /// [`start_with`](Self::start_with), its admin endpoint on `admin`
+    /// (`""`: none).
+    fn start_full(
+        name: &str,
+        url: &str,
+        who: u32,
+        heartbeat_ms: u64,
+        admin: &str,
+        extra: &str,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "procbroker-cluster-{name}-{}-{}",
             std::process::id(),
@@ -119,7 +132,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "[admin]\nlisten = \"\"\n[sysmon]\ninterval_ms = 0\n\
+                "[admin]\nlisten = \"{admin}\"\n[sysmon]\ninterval_ms = 0\n\
                  [cluster]\nnats_url = \"{url}\"\nnode = \"{name}\"\nheartbeat_ms = {heartbeat_ms}\n{extra}\n\
                  [[service]]\nname = \"who\"\ncommand = \"{python}\"\nargs = [\"{script}\"]\nworkers = {who}\n\
                  [[service]]\nname = \"echo\"\ncommand = \"@self\"\nargs = [\"worker\", \"echo\"]\n",
@@ -591,10 +604,11 @@ async fn a_node_that_leaves_is_out_of_the_rotation_at_once() {
     let stopped = Instant::now();
     let deadline = stopped + Duration::from_secs(3);
     loop {
+        // A goodbye drops the node from the table: not even listed as down.
         let listed = a.nodes().await.expect("nodes");
-        if listed.iter().any(|n| n.node == "b" && !n.up) {
+        if !listed.iter().any(|n| n.node == "b") {
             eprintln!(
-                "b out of a's rotation {:?} after its SIGTERM",
+                "b out of a's table {:?} after its SIGTERM",
                 stopped.elapsed()
             );
             break;
@@ -758,4 +772,495 @@ async fn tls_and_user_password_are_passed_to_the_client() {
     untrusting.shutdown().await;
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Node identity and bounds
+
+/// `cluster(url, node)` with `[cluster]` keys given as JSON, read the way a
+/// config file is (unknown keys refused).
+fn cluster_with(url: &str, node: &str, keys: serde_json::Value) -> ClusterConfig {
+    let mut config = serde_json::to_value(cluster(url, node)).expect("json");
+    if let (Some(config), Some(keys)) = (config.as_object_mut(), keys.as_object()) {
+        config.extend(keys.clone());
+    }
+    serde_json::from_value(config).expect("this build knows these [cluster] keys")
+}
+
+/// `/stats` of an admin endpoint, as JSON.
+async fn stats_json(admin: &procbroker::admin::Admin) -> serde_json::Value {
+    let (status, body) = get(admin.addr, "/stats").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+fn admin_of(broker: &BrokerHandle) -> procbroker::admin::Admin {
+    let any = "127.0.0.1:0".parse().expect("addr");
+    procbroker::admin::Admin::start(broker.clone(), any, vec![]).expect("admin")
+}
+
+/// Whether a broker's stats say it stays out of the cluster for a name
+/// conflict (`None`: the stats do not say).
+async fn in_conflict(admin: &procbroker::admin::Admin) -> Option<bool> {
+    stats_json(admin).await["cluster"]["cluster_conflict"].as_bool()
+}
+
+/// What one caller saw of its own tagged calls to `echo@b`.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    errors: u64,
+    /// Replies that carried a payload this caller never sent.
+    foreign: Vec<String>,
+}
+
+/// Calls `echo@b` from `broker`, 8 at a time, each payload tagged
+/// `who-i-j`, until `running` is false.
+async fn tagged_calls(
+    broker: BrokerHandle,
+    who: &'static str,
+    running: std::rc::Rc<std::cell::Cell<bool>>,
+    tally: std::rc::Rc<std::cell::RefCell<Tally>>,
+) {
+    let mut round = 0u64;
+    while running.get() {
+        let calls = (0..8).map(|j| {
+            let tag = format!("{who}-{round}-{j}");
+            let broker = broker.clone();
+            async move {
+                let request = Envelope::request("echo@b", "Echo", 0)
+                    .with_payload(&tag)
+                    .expect("payload")
+                    .with_timeout_ms(2000);
+                (tag, broker.call_envelope(request).await)
+            }
+        });
+        let mut failed = false;
+        for (tag, result) in futures_util::future::join_all(calls).await {
+            let mut tally = tally.borrow_mut();
+            match result {
+                Ok(reply) => {
+                    let got: String = reply.into_envelope().payload_as().unwrap_or_default();
+                    if got == tag {
+                        tally.ok += 1;
+                    } else {
+                        tally.foreign.push(format!("sent {tag}, got {got}"));
+                    }
+                }
+                Err(_) => {
+                    tally.errors += 1;
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        round += 1;
+    }
+}
+
+#[actix::test]
+async fn two_brokers_with_one_node_name_never_get_each_others_replies() {
+    let nats = Nats::start(&[]);
+    let _b = Node::start("b", &nats.url(), 1, "");
+    // Two brokers both named c, started together, each with a local service.
+    let twins = [
+        node_a(cluster(&nats.url(), "c")),
+        node_a(cluster(&nats.url(), "c")),
+    ];
+    for twin in &twins {
+        twin.add_service("local", 1, procbroker::workers::echo())
+            .await
+            .expect("local");
+    }
+    let admins = [admin_of(&twins[0]), admin_of(&twins[1])];
+
+    // Both call echo@b from the start, concurrently, payloads tagged by caller.
+    let running = std::rc::Rc::new(std::cell::Cell::new(true));
+    let tallies = [
+        std::rc::Rc::new(std::cell::RefCell::new(Tally::default())),
+        std::rc::Rc::new(std::cell::RefCell::new(Tally::default())),
+    ];
+    let traffic: Vec<_> = ["one", "two"]
+        .into_iter()
+        .zip(&twins)
+        .zip(&tallies)
+        .map(|((who, twin), tally)| {
+            actix::spawn(tagged_calls(
+                twin.clone(),
+                who,
+                std::rc::Rc::clone(&running),
+                std::rc::Rc::clone(tally),
+            ))
+        })
+        .collect();
+
+    // Exactly one of them stands aside, and says so in its stats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let loser = loop {
+        let seen = [in_conflict(&admins[0]).await, in_conflict(&admins[1]).await];
+        match seen {
+            [Some(true), Some(false)] => break 0,
+            [Some(false), Some(true)] => break 1,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single conflict reported: {seen:?}; so far {:?} / {:?}",
+            tallies[0].borrow(),
+            tallies[1].borrow()
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    };
+    let winner = 1 - loser;
+    // It stays that way (neither both out nor both in) while traffic goes on.
+    actix::clock::sleep(Duration::from_millis(5 * HEARTBEAT_MS)).await;
+    let done = [tallies[0].borrow().ok, tallies[1].borrow().ok];
+    actix::clock::sleep(Duration::from_millis(5 * HEARTBEAT_MS)).await;
+    assert_eq!(in_conflict(&admins[loser]).await, Some(true));
+    assert_eq!(in_conflict(&admins[winner]).await, Some(false));
+    running.set(false);
+    for task in traffic {
+        task.await.expect("traffic");
+    }
+    for tally in &tallies {
+        let tally = tally.borrow();
+        assert!(
+            tally.foreign.is_empty(),
+            "a caller got another's payloads: {tally:?}"
+        );
+    }
+    eprintln!(
+        "winner {:?}, loser {:?}",
+        tallies[winner].borrow(),
+        tallies[loser].borrow()
+    );
+    // The winner kept working after the conflict was settled; the loser
+    // served no remote call meanwhile.
+    assert!(
+        tallies[winner].borrow().ok > done[winner],
+        "the winner's calls stopped: {:?}",
+        tallies[winner].borrow()
+    );
+    assert_eq!(
+        tallies[loser].borrow().ok,
+        done[loser],
+        "the loser still routes to the cluster"
+    );
+    // The loser serves its own services, refuses remote ones, and says
+    // why in /metrics too.
+    let reply = call(&twins[loser], "local", "Echo", 5).await;
+    assert_eq!(reply.payload_as::<i64>().ok(), Some(5), "{reply:?}");
+    let reply = call(&twins[loser], "echo@b", "Echo", 5).await;
+    assert!(code(&reply).is_some(), "{reply:?}");
+    for (i, admin) in admins.iter().enumerate() {
+        let (_, metrics) = get(admin.addr, "/metrics").await;
+        let expected = format!(
+            "procbroker_cluster_conflict{{node=\"c\"}} {}",
+            u8::from(i == loser)
+        );
+        assert!(
+            metrics.contains(&expected),
+            "{expected} missing:\n{metrics}"
+        );
+    }
+
+    // The winner leaves: the loser takes the name and joins.
+    let [first, second] = admins;
+    let [a0, a1] = twins;
+    let (winner_handle, loser_handle, loser_admin, winner_admin) = if loser == 0 {
+        (a1, a0, first, second)
+    } else {
+        (a0, a1, second, first)
+    };
+    winner_admin.stop().await;
+    winner_handle.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = call(&loser_handle, "echo@b", "Echo", 7).await;
+        if reply.payload_as::<i64>().ok() == Some(7) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the loser never rejoined: {reply:?}"
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    // And stays in: the winner, gone, advertises no more.
+    actix::clock::sleep(Duration::from_millis(5 * HEARTBEAT_MS)).await;
+    assert_eq!(in_conflict(&loser_admin).await, Some(false));
+    let reply = call(&loser_handle, "echo@b", "Echo", 8).await;
+    assert_eq!(reply.payload_as::<i64>().ok(), Some(8), "{reply:?}");
+    loser_admin.stop().await;
+    loser_handle.shutdown().await;
+}
+
+/// A raw NATS client of the test's own, to speak the heartbeat wire.
+async fn raw_client(nats: &Nats) -> async_nats::Client {
+    async_nats::connect(nats.url())
+        .await
+        .expect("raw NATS client")
+}
+
+/// Waits until `client` hears a heartbeat of `node`: that broker is then
+/// subscribed (its subscriptions went to the server before its first
+/// heartbeat), so what the test publishes next reaches it.
+async fn heard(client: &async_nats::Client, node: &str) {
+    use futures_util::StreamExt;
+    let mut heartbeats = client.subscribe("procbroker.hb").await.expect("subscribe");
+    let wait = async {
+        while let Some(msg) = heartbeats.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            if v["node"] == node {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the broker's heartbeat");
+}
+
+fn heartbeat(node: &str, instance: u64, heartbeat_ms: u64, leaving: bool) -> serde_json::Value {
+    serde_json::json!({
+        "node": node,
+        "instance": instance,
+        "heartbeat_ms": heartbeat_ms,
+        "services": {"svc": 1},
+        "leaving": leaving,
+    })
+}
+
+async fn publish(client: &async_nats::Client, body: &serde_json::Value) {
+    let bytes = serde_json::to_vec(body).expect("json");
+    client
+        .publish("procbroker.hb", bytes.into())
+        .await
+        .expect("publish");
+}
+
+/// Resident memory of a process, in kB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[actix::test]
+async fn goodbyes_leave_no_trace_in_the_node_table() {
+    let nats = Nats::start(&[]);
+    let a = node_a(cluster(&nats.url(), "a"));
+    let admin = admin_of(&a);
+    // A `procbroker run` node too, to measure what the flood costs a broker.
+    let port = free_port();
+    let m = Node::start_full(
+        "m",
+        &nats.url(),
+        1,
+        HEARTBEAT_MS,
+        &format!("127.0.0.1:{port}"),
+        "",
+    );
+    let m_admin = SocketAddr::from(([127, 0, 0, 1], port));
+    let client = raw_client(&nats).await;
+    heard(&client, "a").await;
+    joined_node(&a, "m").await;
+    let rss_before = rss_of(m.pid());
+
+    // 20 000 distinct nodes saying goodbye, then 1 000 that join and leave.
+    let flood = Instant::now();
+    for i in 0..20_000u64 {
+        publish(&client, &heartbeat(&format!("gone{i}"), i + 1, 1000, true)).await;
+    }
+    for i in 0..1_000u64 {
+        let node = format!("brief{i}");
+        publish(&client, &heartbeat(&node, i + 1, 1000, false)).await;
+        publish(&client, &heartbeat(&node, i + 1, 1000, true)).await;
+    }
+    // The last one joins and stays: once it is listed, the flood is read.
+    publish(&client, &heartbeat("last", 1, 60_000, false)).await;
+    client.flush().await.expect("flush");
+    joined_node(&a, "last").await;
+    eprintln!("flood of 22 001 heartbeats read in {:?}", flood.elapsed());
+
+    // What the flood left in the other broker (measured before judging).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (took, body) = loop {
+        let asked = Instant::now();
+        let (_, body) = get(m_admin, "/stats").await;
+        let took = asked.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["cluster"]["nodes"].get("last").is_some() {
+            break (took, body);
+        }
+        assert!(Instant::now() < deadline, "m never read the flood");
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, metrics) = get(m_admin, "/metrics").await;
+    let rss_after = rss_of(m.pid());
+    eprintln!(
+        "procbroker run after the flood: RSS {rss_before} -> {rss_after} kB, /stats {} bytes ({took:?}), /metrics {} bytes",
+        body.len(),
+        metrics.len()
+    );
+
+    let listed = a.nodes().await.expect("nodes");
+    let names: Vec<&str> = listed.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a", "last", "m"],
+        "nodes that left are still listed"
+    );
+    let stats = stats_json(&admin).await;
+    let nodes = stats["cluster"]["nodes"].as_object().map_or(0, |n| n.len());
+    assert_eq!(nodes, 2, "{:.500}", stats["cluster"]);
+    // The Router forgot them too: an unknown node.
+    let reply = call(&a, "svc@brief7", "Echo", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    assert!(body.len() < 64 << 10, "/stats is {} bytes", body.len());
+    assert!(
+        metrics.len() < 64 << 10,
+        "/metrics is {} bytes",
+        metrics.len()
+    );
+    admin.stop().await;
+    a.shutdown().await;
+}
+
+/// Waits until `a` lists `node` as up.
+async fn joined_node(a: &BrokerHandle, node: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = a.nodes().await.expect("nodes");
+        if seen.iter().any(|n| n.node == node && n.up) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} did not join: {} nodes listed",
+            seen.len()
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix::test]
+async fn the_node_table_and_advertised_services_are_bounded_and_bad_heartbeats_counted() {
+    let nats = Nats::start(&[]);
+    let a = node_a(cluster_with(
+        &nats.url(),
+        "a",
+        serde_json::json!({"max_nodes": 50}),
+    ));
+    let admin = admin_of(&a);
+    let client = raw_client(&nats).await;
+    heard(&client, "a").await;
+    // Three heartbeats nobody can read: not JSON, a bad node name, no instance.
+    for bad in [
+        "not json".to_owned(),
+        heartbeat("bad.name", 1, 1000, false).to_string(),
+        r#"{"node":"x","heartbeat_ms":1000,"services":{}}"#.to_owned(),
+    ] {
+        client
+            .publish("procbroker.hb", bad.into())
+            .await
+            .expect("publish");
+    }
+    // One node advertising 1 500 services, then 200 more nodes.
+    let many: serde_json::Map<String, serde_json::Value> = (0..1_500)
+        .map(|i| (format!("s{i:04}"), serde_json::json!(1)))
+        .collect();
+    publish(
+        &client,
+        &serde_json::json!({"node": "wide", "instance": 1, "heartbeat_ms": 60_000, "services": many}),
+    )
+    .await;
+    for i in 0..200u64 {
+        publish(
+            &client,
+            &heartbeat(&format!("n{i:03}"), i + 1, 60_000, false),
+        )
+        .await;
+    }
+    client.flush().await.expect("flush");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cluster = loop {
+        let stats = stats_json(&admin).await;
+        let cluster = stats["cluster"].clone();
+        if cluster["nodes_ignored"].as_u64() == Some(151) {
+            break cluster;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not bounded: {} nodes, {cluster:.300}",
+            cluster["nodes"].as_object().map_or(0, |n| n.len())
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    };
+    // 50 kept (wide and the first 49), 151 ignored.
+    let nodes = cluster["nodes"].as_object().expect("nodes");
+    assert_eq!(nodes.len(), 50);
+    assert!(nodes.contains_key("wide") && nodes.contains_key("n048"));
+    assert!(!nodes.contains_key("n049"));
+    assert_eq!(
+        nodes["wide"]["services"].as_object().map(|s| s.len()),
+        Some(1000)
+    );
+    assert_eq!(cluster["services_ignored"], 500, "{cluster}");
+    assert_eq!(cluster["malformed_heartbeats"], 3, "{cluster}");
+    let (_, metrics) = get(admin.addr, "/metrics").await;
+    for expected in [
+        "procbroker_cluster_malformed_heartbeats_total{node=\"a\"} 3",
+        "procbroker_cluster_nodes_ignored_total{node=\"a\"} 151",
+        "procbroker_cluster_services_ignored_total{node=\"a\"} 500",
+        "procbroker_cluster_conflict{node=\"a\"} 0",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing");
+    }
+    let (ok, report) = promtool(&["check", "metrics"], &metrics);
+    assert!(ok, "promtool check metrics:\n{report}");
+    admin.stop().await;
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn a_peer_advertising_an_endless_interval_is_still_forgotten() {
+    let nats = Nats::start(&[]);
+    let a = node_a(cluster_with(
+        &nats.url(),
+        "a",
+        serde_json::json!({"forget_after_ms": 1000}),
+    ));
+    let client = raw_client(&nats).await;
+    heard(&client, "a").await;
+    publish(&client, &heartbeat("forever", 1, u64::MAX, false)).await;
+    client.flush().await.expect("flush");
+    joined_node(&a, "forever").await;
+    let reply = call(&a, "svc@forever", "Echo", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Unavailable), "{reply:?}");
+    let silent = Instant::now();
+    let deadline = silent + Duration::from_secs(5);
+    loop {
+        let listed = a.nodes().await.expect("nodes");
+        if !listed.iter().any(|n| n.node == "forever") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forgotten: {listed:?}");
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a silent node with heartbeat_ms = u64::MAX forgotten {:?} after its heartbeat",
+        silent.elapsed()
+    );
+    let reply = call(&a, "svc@forever", "Echo", ()).await;
+    assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    a.shutdown().await;
 }

@@ -452,6 +452,14 @@ pub struct NodeDown {
     pub node: ByteString,
     /// Why, for the error message.
     pub reason: String,
+    /// The broker instance that sent this node's requests is gone (it
+    /// left, restarted, or another instance now holds the name): what its
+    /// callers have in flight here is dropped (their replies count as
+    /// late), so none can reach the next instance's callers.
+    pub callers_gone: bool,
+    /// Forget the node altogether (it left, or was unheard for
+    /// `forget_after_ms`): a call to it is then `unknown_target`.
+    pub forget: bool,
 }
 
 /// Envelopes that came over NATS, each with the node it came from
@@ -513,8 +521,21 @@ pub struct ClusterState {
     pub slow_consumers: u64,
     /// The server's `max_payload` (0 before the first connection).
     pub max_payload: u64,
-    /// Every node heard from since start.
+    /// Every node kept (at most `max_nodes`).
     pub nodes: Vec<NodeState>,
+    /// This broker instance's id.
+    pub instance: u64,
+    /// Another instance holds this node's name: this broker stays out.
+    pub conflict: bool,
+    /// Heartbeats that could not be read.
+    pub malformed_heartbeats: u64,
+    /// Heartbeats (and requests) from new nodes ignored: the table was full.
+    pub nodes_ignored: u64,
+    /// Advertised services ignored past 1 000 per node.
+    pub services_ignored: u64,
+    /// Nodes forgotten (unheard for `forget_after_ms`, or evicted to make
+    /// room).
+    pub nodes_forgotten: u64,
 }
 
 /// One remote node in [`ClusterState`].

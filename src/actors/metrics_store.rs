@@ -271,10 +271,16 @@ impl MetricsStore {
         Some(ClusterStats {
             name: state.name.clone(),
             node: state.node.clone(),
+            instance: crate::protocol::federation::instance_token(state.instance),
+            cluster_conflict: state.conflict,
             connected: state.connected,
             reconnects: state.reconnects,
             slow_consumers: state.slow_consumers,
             max_payload: state.max_payload,
+            malformed_heartbeats: state.malformed_heartbeats,
+            nodes_ignored: state.nodes_ignored,
+            services_ignored: state.services_ignored,
+            nodes_forgotten: state.nodes_forgotten,
             services: state.services.clone(),
             nodes,
         })
@@ -290,7 +296,7 @@ impl MetricsStore {
             node: state.node.clone(),
             services: state.services.clone(),
             last_seen_ms: 0,
-            up: state.connected,
+            up: state.connected && !state.conflict,
             local: true,
         };
         std::iter::once(this)
@@ -372,6 +378,13 @@ impl Handler<ClusterState> for MetricsStore {
     type Result = ();
 
     fn handle(&mut self, state: ClusterState, _: &mut Self::Context) {
+        // A node the Cluster no longer keeps (it left, or was forgotten)
+        // takes its counters along: they would otherwise grow without end.
+        if !self.nodes.is_empty() {
+            let kept: std::collections::BTreeSet<&str> =
+                state.nodes.iter().map(|n| n.node.as_str()).collect();
+            self.nodes.retain(|name, _| kept.contains(name.as_str()));
+        }
         self.cluster = Some(state);
     }
 }

@@ -16,8 +16,9 @@
 //!   (backoff, `max_restarts`, restart intensity, as plain state).
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
-//!   federation over NATS (DESIGN 11): heartbeats, other nodes' liveness,
-//!   requests and replies to and from them.
+//!   federation over NATS (DESIGN 11): heartbeats, requests and replies to
+//!   and from other nodes. Beside it, `membership`: the rules of who is in
+//!   the cluster (identity, liveness, forgetting, bounds), with no I/O.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
 //! - [`metrics_store`]: cumulative counters, histograms, samples; the stats
 //!   reply. Beside it: [`window`] (latency of the last minute).
@@ -35,6 +36,8 @@ pub mod inproc;
 pub mod latency;
 mod link;
 pub mod log_limit;
+#[cfg(feature = "cluster")]
+mod membership;
 pub mod messages;
 pub mod metrics_store;
 mod nodes;

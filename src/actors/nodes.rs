@@ -63,6 +63,8 @@ pub(crate) enum Choice {
 struct Rotation {
     nodes: Vec<ByteString>,
     cursor: usize,
+    /// A known node advertises it (kept or dropped at each rebuild).
+    advertised: bool,
 }
 
 /// Every remote node heard from, and per service the rotation over them.
@@ -72,9 +74,10 @@ pub(crate) struct Nodes {
     this: ByteString,
     balance: Balance,
     nodes: FastMap<ByteString, Node>,
-    /// Service → nodes advertising a ready worker of it. A service that was
-    /// ever advertised keeps its (maybe empty) entry, so a call to it while
-    /// its nodes are gone is `unavailable`, not `unknown_target`.
+    /// Service → nodes advertising a ready worker of it. A service a known
+    /// node advertises (or did before it went down) keeps its (maybe empty)
+    /// entry, so a call to it while its nodes are gone is `unavailable`,
+    /// not `unknown_target`; once no known node has it, the entry goes.
     services: FastMap<ByteString, Rotation>,
 }
 
@@ -113,13 +116,21 @@ impl Nodes {
         joined
     }
 
-    /// Node `node` is gone; it stays known (calls to it are `unavailable`).
+    /// Node `node` is gone; it stays known (calls to it are `unavailable`)
+    /// until it is forgotten.
     pub(crate) fn down(&mut self, node: &ByteString) {
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.up = false;
-            entry.services.clear();
         }
         self.rebuild();
+    }
+
+    /// Node `node` left or was forgotten: calls to it are `unknown_target`,
+    /// and so are calls to services no node it leaves behind advertises.
+    pub(crate) fn forget(&mut self, node: &ByteString) {
+        if self.nodes.remove(node).is_some() {
+            self.rebuild();
+        }
     }
 
     /// `Some(up)` for a node heard from, `None` for one never heard of.
@@ -132,12 +143,13 @@ impl Nodes {
         self.nodes.get(node).map(|n| &n.id)
     }
 
-    /// Ready workers node `node` advertises over all its services.
+    /// Ready workers node `node` advertises over all its services (0 while
+    /// it is down).
     pub(crate) fn ready(&self, node: &str) -> u32 {
-        self.nodes.get(node).map_or(0, Node::ready)
+        self.nodes.get(node).filter(|n| n.up).map_or(0, Node::ready)
     }
 
-    /// Whether any node ever advertised `service`.
+    /// Whether a known node (up or down) advertises `service`.
     pub(crate) fn knows(&self, service: &str) -> bool {
         self.services.contains_key(service)
     }
@@ -170,6 +182,7 @@ impl Nodes {
     fn rebuild(&mut self) {
         for rotation in self.services.values_mut() {
             rotation.nodes.clear();
+            rotation.advertised = false;
         }
         let mut names: Vec<&ByteString> = self.nodes.keys().collect();
         names.sort();
@@ -177,11 +190,14 @@ impl Nodes {
             let node = &self.nodes[name];
             for (service, ready) in &node.services {
                 let rotation = self.services.entry(service.clone()).or_default();
+                rotation.advertised = true;
                 if node.up && *ready > 0 {
                     rotation.nodes.push(name.clone());
                 }
             }
         }
+        // Services no known node has: bounded by what the nodes kept say.
+        self.services.retain(|_, rotation| rotation.advertised);
     }
 }
 
@@ -229,6 +245,25 @@ mod tests {
         assert_eq!(n.state("b"), Some(false));
         assert_eq!(n.state("z"), None);
         assert_eq!(n.id("b").map(|id| &**id), Some("@b"));
+        assert_eq!(n.ready("b"), 0, "down: nothing ready");
+        // Back up: its services as it last advertised them.
+        n.up(&"b".into(), vec![svc("echo", 2), svc("idle", 0)]);
+        assert_eq!(n.choose("echo", false), Some(Choice::Remote("b".into())));
+    }
+
+    #[test]
+    fn a_forgotten_node_takes_its_services_along() {
+        let mut n = Nodes::new("a", Balance::LocalFirst);
+        n.up(&"b".into(), vec![svc("echo", 1), svc("only-b", 1)]);
+        n.up(&"c".into(), vec![svc("echo", 1)]);
+        n.down(&"b".into());
+        n.forget(&"b".into());
+        assert_eq!(n.state("b"), None);
+        assert!(!n.knows("only-b"), "nobody has it any more");
+        assert!(n.knows("echo"));
+        assert_eq!(n.choose("echo", false), Some(Choice::Remote("c".into())));
+        n.forget(&"c".into());
+        assert!(n.is_empty() && !n.knows("echo"));
     }
 
     #[test]

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::deadline::{Deadline, Expire};
 use super::latency;
+use super::log_limit::{LogLimit, LogLine};
 use super::messages::{
     BadFrame, Bounce, Call, Counters, Envelopes, FlushMetrics, FromNodes, HealthFailure,
     InFlightOf, MetricsBatch, NodeDown, NodeFailed, NodeSnapshot, NodeUp, PendingCount,
@@ -88,6 +89,9 @@ pub(crate) struct Core {
     me: Weak<RefCell<Core>>,
     /// Set once the actor has stopped: nothing more is routed.
     stopped: bool,
+    /// Lines about nodes joining and leaving: nodes that come and go by
+    /// the thousand must not flood the log.
+    node_log: LogLimit,
 }
 
 impl Router {
@@ -117,6 +121,7 @@ impl Router {
                 clock: (Instant::now(), SystemTime::now()),
                 me: me.clone(),
                 stopped: false,
+                node_log: LogLimit::default(),
             })
         });
         static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
@@ -752,8 +757,10 @@ impl Handles<NodeUp> for Core {
     type Result = ();
 
     fn handle(&mut self, msg: NodeUp) {
-        if self.nodes.up(&msg.node, msg.services) {
-            tracing::info!(node = %msg.node, "node joined");
+        if self.nodes.up(&msg.node, msg.services)
+            && let LogLine::Log { suppressed } = self.node_log.check(Instant::now())
+        {
+            tracing::info!(node = %msg.node, suppressed, "node joined");
         }
         let Some(id) = self.nodes.id(&msg.node).cloned() else {
             return;
@@ -771,12 +778,24 @@ impl Handles<NodeDown> for Core {
     type Result = usize;
 
     fn handle(&mut self, msg: NodeDown) -> usize {
+        let known = self.nodes.state(&msg.node) == Some(true);
         self.nodes.down(&msg.node);
         let id = self.nodes.id(&msg.node).cloned();
         let failed = id.map_or(0, |id| self.remove_process(&id, &msg.reason));
+        let dropped = if msg.callers_gone {
+            self.drop_callers_of(&msg.node)
+        } else {
+            0
+        };
+        if msg.forget {
+            self.nodes.forget(&msg.node);
+        }
         self.table.send_held();
-        if failed > 0 || self.nodes.state(&msg.node).is_some() {
-            tracing::warn!(node = %msg.node, reason = %msg.reason, failed, "node left");
+        if (known || failed > 0)
+            && let LogLine::Log { suppressed } = self.node_log.check(Instant::now())
+        {
+            tracing::warn!(node = %msg.node, reason = %msg.reason, failed, dropped, suppressed,
+                "node left");
         }
         failed
     }
@@ -913,6 +932,22 @@ impl Core {
                 message,
             );
             self.answer(error, pending.reply_to);
+        }
+        count
+    }
+
+    /// Drops the requests that callers on `node` have in flight here: the
+    /// instance that sent them is gone. Their workers' slots are freed; a
+    /// reply that still comes counts as late and goes nowhere. Returns how
+    /// many.
+    fn drop_callers_of(&mut self, node: &str) -> usize {
+        let dropped = self
+            .pending
+            .drain_where(|key, _| nodes::split(&key.0).is_some_and(|(_, n)| n == node));
+        let count = dropped.len();
+        for (key, pending) in dropped {
+            self.table.release(&pending.worker);
+            self.expired.insert(key);
         }
         count
     }

@@ -332,6 +332,41 @@ fn cluster_families(cluster: &ClusterStats, out: &mut Vec<MetricFamily>) {
         MetricType::COUNTER,
         vec![counter(this(), cluster.slow_consumers)],
     ));
+    out.push(family(
+        "cluster_conflict",
+        "1 while another broker instance holds this node's name and this one stays out of the cluster, else 0.",
+        MetricType::GAUGE,
+        vec![gauge(this(), f64::from(u8::from(cluster.cluster_conflict)))],
+    ));
+    for (name, help, value) in [
+        (
+            "cluster_malformed_heartbeats_total",
+            "Heartbeats from other nodes that could not be read.",
+            cluster.malformed_heartbeats,
+        ),
+        (
+            "cluster_nodes_ignored_total",
+            "Heartbeats and requests from new nodes ignored: the node table was full (max_nodes).",
+            cluster.nodes_ignored,
+        ),
+        (
+            "cluster_services_ignored_total",
+            "Advertised services ignored past 1000 per node.",
+            cluster.services_ignored,
+        ),
+        (
+            "cluster_nodes_forgotten_total",
+            "Nodes forgotten: unheard for forget_after_ms, or evicted to make room.",
+            cluster.nodes_forgotten,
+        ),
+    ] {
+        out.push(family(
+            name,
+            help,
+            MetricType::COUNTER,
+            vec![counter(this(), value)],
+        ));
+    }
     for (name, help, kind, get) in NODE_GAUGES {
         let metrics = cluster
             .nodes

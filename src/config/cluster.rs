@@ -57,10 +57,16 @@ pub struct ClusterConfig {
     pub nats_url: NatsUrls,
     /// Cluster name: the subject prefix. Brokers with the same name federate.
     pub name: String,
-    /// This broker's node name (`""`: the host name, up to its first dot).
+    /// This broker's node name (`""`: the whole host name, `.` made `-`).
     pub node: String,
     /// Advertisement interval; a node unheard for 3 intervals is gone.
     pub heartbeat_ms: u64,
+    /// A node unheard for this long is forgotten (dropped from the node
+    /// table, stats and `/metrics`), so nodes that come and go cannot
+    /// grow it without end.
+    pub forget_after_ms: u64,
+    /// Most other nodes kept; heartbeats from more are ignored and counted.
+    pub max_nodes: u32,
     /// Local services other nodes may call (`"*"`: all); `[]` = none.
     pub export: Vec<String>,
     /// `local-first` or `spread`.
@@ -88,6 +94,8 @@ impl Default for ClusterConfig {
             name: "procbroker".into(),
             node: String::new(),
             heartbeat_ms: 1000,
+            forget_after_ms: 600_000,
+            max_nodes: 1000,
             export: vec!["*".into()],
             balance: Balance::LocalFirst,
             token: String::new(),
@@ -99,6 +107,24 @@ impl Default for ClusterConfig {
             tls_key_file: String::new(),
         }
     }
+}
+
+/// The node name a host name gives: the whole name, with `.` and anything
+/// else outside `[A-Za-z0-9_-]` made `-` (`web-1.dc1` → `web-1-dc1`).
+/// Not the name up to its first dot: `web-1.dc1` and `web-1.dc2` would
+/// then both be `web-1`.
+pub fn node_name_of(host: &str) -> String {
+    let name: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() { "node".into() } else { name }
 }
 
 /// A name fit for a NATS subject token and a `service@node` suffix (node
@@ -129,8 +155,12 @@ impl ClusterConfig {
         Duration::from_millis(self.heartbeat_ms.max(1))
     }
 
-    /// This node's name: `node`, or the host name up to its first dot with
-    /// anything outside `[A-Za-z0-9_-]` made `-`.
+    /// How long a node may stay unheard before it is forgotten.
+    pub fn forget_after(&self) -> Duration {
+        Duration::from_millis(self.forget_after_ms)
+    }
+
+    /// This node's name: `node`, or the host name (see [`node_name_of`]).
     pub fn node_name(&self) -> String {
         if !self.node.is_empty() {
             return self.node.clone();
@@ -139,18 +169,7 @@ impl ClusterConfig {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_default();
-        let short = host.split('.').next().unwrap_or_default();
-        let name: String = short
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        if name.is_empty() { "node".into() } else { name }
+        node_name_of(&host)
     }
 
     /// Whether local service `service` may be called from other nodes.
@@ -171,6 +190,18 @@ impl ClusterConfig {
         }
         if self.heartbeat_ms == 0 {
             return Err(("cluster.heartbeat_ms", "must be at least 1".into()));
+        }
+        if self.forget_after_ms < self.heartbeat_ms.saturating_mul(3) {
+            return Err((
+                "cluster.forget_after_ms",
+                format!(
+                    "must be at least 3 × heartbeat_ms ({} ms): a node is forgotten only after it is found gone",
+                    self.heartbeat_ms.saturating_mul(3)
+                ),
+            ));
+        }
+        if self.max_nodes == 0 {
+            return Err(("cluster.max_nodes", "must be at least 1".into()));
         }
         for url in self.nats_url.list() {
             let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
@@ -231,6 +262,8 @@ mod tests {
         assert_eq!(bad(|c| c.node = "a.b".into()), "cluster.node");
         assert_eq!(bad(|c| c.name = "x y".into()), "cluster.name");
         assert_eq!(bad(|c| c.heartbeat_ms = 0), "cluster.heartbeat_ms");
+        assert_eq!(bad(|c| c.forget_after_ms = 2999), "cluster.forget_after_ms");
+        assert_eq!(bad(|c| c.max_nodes = 0), "cluster.max_nodes");
         assert_eq!(bad(|c| c.user = "u".into()), "cluster.user");
         assert_eq!(
             bad(|c| {
@@ -244,6 +277,18 @@ mod tests {
             bad(|c| c.tls_key_file = "k".into()),
             "cluster.tls_cert_file"
         );
+    }
+
+    #[test]
+    fn the_default_node_name_is_the_whole_host_name() {
+        assert_eq!(node_name_of("web-1.dc1"), "web-1-dc1");
+        assert_eq!(node_name_of("web-1.dc2"), "web-1-dc2");
+        assert_eq!(node_name_of("box_2"), "box_2");
+        assert_eq!(node_name_of("höst.x"), "h-st-x");
+        assert_eq!(node_name_of(""), "node");
+        let c = ClusterConfig::default();
+        assert_eq!(c.forget_after(), Duration::from_secs(600));
+        assert_eq!(c.max_nodes, 1000);
     }
 
     #[test]

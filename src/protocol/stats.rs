@@ -149,6 +149,15 @@ pub struct ClusterStats {
     pub name: String,
     /// This node.
     pub node: String,
+    /// This broker instance (random per start, 16 hex digits): what
+    /// requests and replies between brokers are addressed to.
+    #[serde(default)]
+    pub instance: String,
+    /// Another broker instance holds this node's name: this one stays out
+    /// of the cluster (its own services keep serving) until that one is
+    /// gone.
+    #[serde(default)]
+    pub cluster_conflict: bool,
     /// Connected to a NATS server now.
     pub connected: bool,
     /// Connections made after the first (the client reconnects by itself).
@@ -157,9 +166,25 @@ pub struct ClusterStats {
     pub slow_consumers: u64,
     /// The server's `max_payload` in bytes (0 before the first connection).
     pub max_payload: u64,
+    /// Heartbeats that could not be read (not JSON, a bad node name, …).
+    #[serde(default)]
+    pub malformed_heartbeats: u64,
+    /// Heartbeats and requests from new nodes ignored because the node
+    /// table was full (`max_nodes`).
+    #[serde(default)]
+    pub nodes_ignored: u64,
+    /// Advertised services ignored past 1 000 per node (summed over
+    /// heartbeats).
+    #[serde(default)]
+    pub services_ignored: u64,
+    /// Nodes forgotten: unheard for `forget_after_ms`, or evicted (down
+    /// the longest) to make room for a new one.
+    #[serde(default)]
+    pub nodes_forgotten: u64,
     /// What this node advertises: exported services and ready workers.
     pub services: BTreeMap<String, u32>,
-    /// Every other node heard from since start, by name.
+    /// The other nodes kept, by name: at most `max_nodes`; one that left
+    /// or was forgotten is not listed.
     pub nodes: BTreeMap<String, NodeStats>,
 }
 

@@ -168,14 +168,22 @@ fn nodes_table(out: &mut String, c: &procbroker::protocol::ClusterStats) {
         "\ncluster {}: node {} {}, {} reconnects, {} slow-consumer events",
         c.name,
         c.node,
-        if c.connected {
-            "connected"
-        } else {
-            "NOT CONNECTED"
+        match (c.connected, c.cluster_conflict) {
+            (false, _) => "NOT CONNECTED",
+            (true, true) => "OUT OF THE CLUSTER: another broker instance holds this node name",
+            (true, false) => "connected",
         },
         c.reconnects,
         c.slow_consumers
     );
+    let ignored = c.malformed_heartbeats + c.nodes_ignored + c.services_ignored;
+    if ignored > 0 {
+        let _ = writeln!(
+            out,
+            "ignored: {} unreadable heartbeats, {} from nodes past max_nodes, {} services past 1000 a node",
+            c.malformed_heartbeats, c.nodes_ignored, c.services_ignored
+        );
+    }
     let _ = writeln!(
         out,
         "{:<16} {:<5} {:>8} {:>10} {:>9} {:>6} {:>7} {:>9}  SERVICES",
