@@ -86,3 +86,12 @@ pub mod workers;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The guides' Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/embedding.md")]
+    pub struct Embedding;
+    #[doc = include_str!("../docs/writing-services.md")]
+    pub struct WritingServices;
+}

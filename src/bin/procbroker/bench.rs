@@ -27,7 +27,7 @@ pub enum Mode {
     /// In-process echo handlers behind the Router (no pipes).
     Inproc,
     /// Client subprocess → broker A → NATS → broker B → echo subprocess on
-    /// B, and back (DESIGN 11.4; needs `--nats-url`). Both brokers are
+    /// B, and back (needs `--nats-url`). Both brokers are
     /// started by the bench: A is this process, B a `procbroker run`.
     Cluster,
 }
@@ -41,7 +41,7 @@ pub enum Worker {
     RpcEcho,
     /// Real `nvim --clean --embed --headless`, called with `nvim_eval("1")`
     /// (direct mode); `--baseline` is a Python client calling neovim
-    /// directly, the anchor DESIGN 12 measures against.
+    /// directly, the same calls without the broker.
     Nvim,
 }
 
@@ -78,7 +78,7 @@ pub struct BenchArgs {
     /// Also run the raw limit of the same topology and print the ratio.
     #[arg(long)]
     pub baseline: bool,
-    /// Print one JSON object (the README's fields) instead of a table.
+    /// Print one JSON object (docs/benchmarking.md lists its fields) instead of a table.
     #[arg(long)]
     pub json: bool,
     /// CPU placement.

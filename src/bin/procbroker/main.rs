@@ -69,7 +69,7 @@ enum Command {
     /// then PROCBROKER_<SECTION>_<KEY> environment variables, then --set.
     /// Logs go to stderr: LOG_LEVEL or RUST_LOG, LOG_FORMAT=json|text.
     Run {
-        /// The TOML config file (the README's shape); default: the embedded one.
+        /// The TOML config file (docs/configuration.md); default: the embedded one.
         #[arg(long, short)]
         config: Option<std::path::PathBuf>,
         /// Override one setting, e.g. --set broker.queue_capacity=500

@@ -1,4 +1,4 @@
-//! SIGHUP: reload the config file (DESIGN 10.4). The file is read again with
+//! SIGHUP: reload the config file. The file is read again with
 //! the environment and `--set` flags applied as at start; a file that does
 //! not load changes nothing. New services start, removed ones are drained
 //! and stopped, a changed `workers` is a Scale, any other change to a
