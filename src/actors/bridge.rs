@@ -48,11 +48,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::FramedRead;
 
 use super::health::{Health, Verdict};
 use super::inbox::{Handoff, Inbox};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
+use super::log_store::{AttachStderr, LogStore};
 use super::messages::{
     BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, SetReady,
     StopProcess, TrackProcess, Unwatch, Watch,
@@ -63,13 +63,11 @@ use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
-use crate::pipe::{self, Batches, LogLines, Outbox, WireCodec};
+use crate::pipe::{self, Batches, Outbox, WireCodec};
 use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{Envelope, EnvelopeCodec, FrameError, InvalidEnvelope, MessageType};
 
-/// The longest stderr line logged as one event; longer ones are split.
-const MAX_LOG_LINE: usize = 16 * 1024;
 /// Most envelopes handed to the Router in one message.
 const READ_BATCH: usize = 64;
 /// Stopping: stdin is closed once stdout has been quiet this long after the
@@ -129,6 +127,8 @@ pub struct BridgePeers {
     pub broker: Recipient<TrackProcess>,
     /// Sysmon (pids to sample).
     pub sysmon: Addr<Sysmon>,
+    /// The LogStore (stderr pipes).
+    pub logs: Addr<LogStore>,
 }
 
 /// The bridge actor of one process id.
@@ -154,6 +154,8 @@ pub struct Bridge {
     warnings: LogLimit,
     /// While stopping: when stdout last brought something (is it quiet?).
     last_read: Instant,
+    /// How the last incarnation ended (for the restart line in its log).
+    last_exit: Option<String>,
 }
 
 impl Bridge {
@@ -185,6 +187,7 @@ impl Bridge {
             stopping: false,
             warnings: LogLimit::default(),
             last_read: Instant::now(),
+            last_exit: None,
         }
     }
 
@@ -327,7 +330,17 @@ impl Bridge {
         .map(move |batch| (generation, batch));
         let stdout = ctx.add_stream(frames);
 
-        actix::spawn(log_stderr(self.id.clone(), stderr));
+        match stderr.into_owned_fd() {
+            Ok(fd) => self.peers.logs.do_send(AttachStderr {
+                id: self.id.to_string(),
+                pid,
+                stderr: fd,
+                previous: self.last_exit.take(),
+            }),
+            Err(e) => {
+                tracing::error!(process = %self.id, error = %e, "cannot hand over the child's stderr; its lines are lost");
+            }
+        }
         let (signals, signal_rx) = mpsc::unbounded_channel();
         actix::spawn(watch(child, signal_rx, ctx.address(), generation));
 
@@ -544,6 +557,7 @@ impl Bridge {
             reason.push_str(" before it was ready");
         }
         self.exit_code = status.as_ref().ok().and_then(ExitStatus::code);
+        self.last_exit = Some(reason.clone());
         self.peers.router.do_send(RemoveProcess {
             id: self.id.clone(),
             reason: reason.clone(),
@@ -667,14 +681,6 @@ fn describe(status: &ExitStatus) -> String {
             Err(_) => format!("killed by signal {signal}"),
         },
         _ => status.to_string(),
-    }
-}
-
-/// Logs a child's stderr, one event per line, until EOF.
-async fn log_stderr(id: ByteString, stderr: tokio::process::ChildStderr) {
-    let mut lines = FramedRead::new(stderr, LogLines::new(MAX_LOG_LINE));
-    while let Some(Ok(line)) = lines.next().await {
-        tracing::info!(target: "procbroker::child", process = %id, "{line}");
     }
 }
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::bridge::{Bridge, BridgePeers};
+use super::log_store::{ForgetLogs, LogStore};
 use super::messages::{
     Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle, Route,
     SetReady, StopProcess, SubmitMetrics, TrackProcess,
@@ -285,6 +286,7 @@ pub struct Broker {
     router: Addr<Router>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
+    logs: Addr<LogStore>,
     processes: BTreeMap<String, ProcessInfo>,
     services: BTreeMap<String, Vec<Worker>>,
     /// How each subprocess service was started (for Scale and Restart).
@@ -302,12 +304,14 @@ impl Broker {
         router: Addr<Router>,
         metrics: Addr<MetricsStore>,
         sysmon: Addr<Sysmon>,
+        logs: Addr<LogStore>,
     ) -> Self {
         Self {
             config,
             router,
             metrics,
             sysmon,
+            logs,
             processes: BTreeMap::new(),
             services: BTreeMap::new(),
             specs: BTreeMap::new(),
@@ -390,6 +394,7 @@ impl Broker {
             router: self.router.clone(),
             broker: ctx.address().recipient(),
             sysmon: self.sysmon.clone(),
+            logs: self.logs.clone(),
         };
         let id = names::process_id(&spec.name, index);
         let (tx, rx) = oneshot::channel();
@@ -979,6 +984,7 @@ impl Handler<Forget> for Broker {
         for id in &ids {
             self.processes.remove(id);
         }
+        self.logs.do_send(ForgetLogs(ids.clone()));
         // The Router ships its last counters of them first (its batch
         // reaches the store before the word to forget them).
         let (router, metrics) = (self.router.clone(), self.metrics.clone());

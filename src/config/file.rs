@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{BrokerConfig, ClusterConfig, SELF_COMMAND, ServiceConfig};
+use super::{BrokerConfig, ClusterConfig, LogsConfig, SELF_COMMAND, ServiceConfig};
 use crate::names;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 
@@ -38,6 +38,9 @@ pub struct FileConfig {
     /// `[cluster]` (DESIGN 11).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// `[logs]`: children's stderr.
+    #[serde(default)]
+    pub logs: LogsSection,
     /// `[[service]]`, in order.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -118,6 +121,41 @@ impl Default for SysmonSection {
         }
     }
 }
+
+/// `[logs]`: children's stderr lines, besides each process's ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsSection {
+    /// `""`: no files; else each process's lines also go to
+    /// `dir/{process}.log` (relative to the config file's folder).
+    pub dir: String,
+    /// Rotate before a line would take a file past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept per process.
+    pub keep: u32,
+    /// Children's lines also go to the broker's own log.
+    pub to_broker_log: bool,
+    /// Per process, at most this many of them a second.
+    pub broker_log_lines_per_s: u32,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        let d = LogsConfig::default();
+        Self {
+            dir: String::new(),
+            max_bytes: d.max_bytes,
+            keep: d.keep,
+            to_broker_log: d.to_broker_log,
+            broker_log_lines_per_s: d.broker_log_lines_per_s,
+        }
+    }
+}
+
+/// The smallest `[logs] max_bytes`.
+pub const MIN_LOG_FILE_BYTES: u64 = 1024;
+/// The most rotated files `[logs] keep` may ask for.
+pub const MAX_LOG_FILES_KEPT: u32 = 1000;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -205,7 +243,7 @@ impl Loaded {
         for (name, value) in env {
             let key = env_key(&name).ok_or_else(|| ConfigError::Override {
                 origin: format!("environment variable {name}"),
-                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS, PROCBROKER_CLUSTER_…)".into(),
+                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS, PROCBROKER_CLUSTER_…, PROCBROKER_LOGS_…)".into(),
             })?;
             file = apply(file, &key, &value, &format!("environment variable {name}"))?;
         }
@@ -268,6 +306,25 @@ impl Loaded {
         }
         if let Err((key, message)) = self.file.cluster.check() {
             return Err(invalid(key.into(), &message));
+        }
+        let logs = &self.file.logs;
+        if logs.max_bytes < MIN_LOG_FILE_BYTES {
+            return Err(invalid(
+                "logs.max_bytes".into(),
+                &format!("must be at least {MIN_LOG_FILE_BYTES}"),
+            ));
+        }
+        if logs.keep > MAX_LOG_FILES_KEPT {
+            return Err(invalid(
+                "logs.keep".into(),
+                &format!("must be 0 … {MAX_LOG_FILES_KEPT}"),
+            ));
+        }
+        if logs.broker_log_lines_per_s == 0 {
+            return Err(invalid(
+                "logs.broker_log_lines_per_s".into(),
+                "must be at least 1 (to_broker_log = false keeps children's lines out of the broker's log)",
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.file.services.iter().enumerate() {
@@ -386,7 +443,20 @@ impl Loaded {
             latency_window: Duration::from_millis(b.latency_window_ms.max(1)),
             cluster: self.file.cluster.clone(),
             max_workers: b.max_workers,
+            logs: self.logs_config(),
             ..BrokerConfig::default()
+        }
+    }
+
+    /// The `[logs]` settings for the actors.
+    pub fn logs_config(&self) -> LogsConfig {
+        let l = &self.file.logs;
+        LogsConfig {
+            dir: (!l.dir.is_empty()).then(|| PathBuf::from(&l.dir)),
+            max_bytes: l.max_bytes,
+            keep: l.keep,
+            to_broker_log: l.to_broker_log,
+            broker_log_lines_per_s: l.broker_log_lines_per_s,
         }
     }
 
@@ -399,7 +469,7 @@ impl Loaded {
 /// `PROCBROKER_BROKER_QUEUE_CAPACITY` → `broker.queue_capacity`.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix("PROCBROKER_")?.to_ascii_lowercase();
-    ["broker", "admin", "sysmon", "cluster"]
+    ["broker", "admin", "sysmon", "cluster", "logs"]
         .into_iter()
         .find_map(|section| {
             rest.strip_prefix(section)
@@ -423,7 +493,7 @@ fn apply(
     let Some((section, name)) = key.split_once('.') else {
         return Err(fail(format!("{key:?} is not section.key")));
     };
-    if !matches!(section, "broker" | "admin" | "sysmon" | "cluster") {
+    if !matches!(section, "broker" | "admin" | "sysmon" | "cluster" | "logs") {
         return Err(fail(format!(
             "no section [{section}] to set (services are set in the file)"
         )));

@@ -51,6 +51,39 @@ pub struct BrokerConfig {
     /// Most workers one subprocess service may have (`Spawn`, `Scale`,
     /// the config file).
     pub max_workers: u32,
+    /// Children's stderr: the ring, the files, the broker's own log
+    /// (`[logs]`).
+    pub logs: LogsConfig,
+}
+
+/// `[logs]`: where children's stderr lines go besides the ring of each
+/// process's last [`RING_LINES`](crate::actors::log_store::RING_LINES)
+/// lines, which is always kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsConfig {
+    /// Each process's lines also go to `dir/{process}.log` (`None`: no files).
+    pub dir: Option<std::path::PathBuf>,
+    /// A file is rotated before a line would take it past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`{process}.log.1` the newest).
+    pub keep: u32,
+    /// Children's lines also go to the broker's own log.
+    pub to_broker_log: bool,
+    /// At most this many lines a second per process go to the broker's own
+    /// log; the rest are counted in one "N lines suppressed" line.
+    pub broker_log_lines_per_s: u32,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: 10 * 1024 * 1024,
+            keep: 5,
+            to_broker_log: true,
+            broker_log_lines_per_s: 100,
+        }
+    }
 }
 
 /// The default of [`BrokerConfig::max_workers`].
@@ -73,6 +106,7 @@ impl Default for BrokerConfig {
             latency_window: Duration::from_secs(60),
             cluster: ClusterConfig::default(),
             max_workers: DEFAULT_MAX_WORKERS,
+            logs: LogsConfig::default(),
         }
     }
 }
