@@ -21,7 +21,12 @@
 //!   request or event that finds it full is bounced (`busy`); replies always
 //!   go in, and stdout is not read while the outbox is full, so a child that
 //!   never reads cannot make the broker hold more than that.
-//! - **stderr**: lines logged as `tracing` events with the process id.
+//! - **stderr**: handed over, as a file descriptor, to the
+//!   [`LogStore`](super::log_store::LogStore), which reads it on a thread of
+//!   its own (the process's ring, its file, the broker's log).
+//! - **what it runs as**: the service's `limits`, `user`, `group` and `cwd`
+//!   are resolved before each fork and applied in the child before exec
+//!   ([`ChildSetup`]).
 //! - **wire**: a service with `protocol = "msgpack-rpc"` speaks
 //!   MessagePack-RPC instead of envelopes ([`WireCodec`]); the codec
 //!   translates at the pipe, so everything here still sees envelopes. Such a
@@ -61,6 +66,7 @@ use super::pacer::{Paced, Pacer};
 use super::restart_policy::{Decision, Restarts};
 use super::router::Router;
 use super::sysmon::Sysmon;
+use crate::config::run_as::ChildSetup;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
 use crate::pipe::{self, Batches, Outbox, WireCodec};
@@ -68,6 +74,9 @@ use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{Envelope, EnvelopeCodec, FrameError, InvalidEnvelope, MessageType};
 
+/// What a child of the broker must not inherit: it is not the service
+/// manager's main process, and must not speak for the broker to systemd.
+const NOT_INHERITED: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 /// Most envelopes handed to the Router in one message.
 const READ_BATCH: usize = 64;
 /// Stopping: stdin is closed once stdout has been quiet this long after the
@@ -239,7 +248,18 @@ impl Bridge {
         } else {
             self.spec.command.clone().into()
         };
+        // Resolved here, before the fork: user-database look-ups are not
+        // safe in the forked child. Checked at load already; the system
+        // may have changed since (a user removed, a directory gone).
+        let setup = ChildSetup::resolve(&self.spec)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut command = Command::new(program);
+        for name in NOT_INHERITED {
+            command.env_remove(name);
+        }
+        if !self.spec.cwd.is_empty() {
+            command.current_dir(&self.spec.cwd);
+        }
         command
             .args(&self.spec.args)
             .envs(&self.spec.env)
@@ -255,10 +275,14 @@ impl Bridge {
             .process_group(0);
         let broker = nix::unistd::getpid();
         // SAFETY: runs in the forked child before exec; it only makes
-        // async-signal-safe system calls (prctl, getppid, kill) and
-        // allocates nothing.
+        // async-signal-safe system calls (setrlimit, setgroups, setgid,
+        // setuid, prctl, getppid, kill) and allocates nothing (`setup` was
+        // resolved before the fork).
         unsafe {
             command.pre_exec(move || {
+                // Limits, groups, group, user: before the death signal,
+                // which a change of credentials clears.
+                setup.apply()?;
                 // No orphans: the child is killed when the broker dies,
                 // however it dies (kill_on_drop cannot help on SIGKILL).
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::run_as::ChildSetup;
 use super::{BrokerConfig, ClusterConfig, LogsConfig, SELF_COMMAND, ServiceConfig};
 use crate::names;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
@@ -397,8 +398,67 @@ impl Loaded {
                     "need a method and interval_ms, timeout_ms, failures of at least 1",
                 ));
             }
+            // Limits against the broker's own, user and group (root
+            // only), cwd: checked here so a start or a reload is refused
+            // before anything runs.
+            if let Err(e) = ChildSetup::resolve(&self.resolved(s)) {
+                return Err(invalid(format!("service[{i}].{}", e.key), &e.message));
+            }
+        }
+        if let Err(e) = self.start_order() {
+            return Err(invalid(self.depends_on_key(&e), &e.to_string()));
         }
         Ok(())
+    }
+
+    /// The key an ordering error is reported under: the `depends_on` of
+    /// the (first) service involved.
+    fn depends_on_key(&self, e: &super::order::OrderError) -> String {
+        let name = match e {
+            super::order::OrderError::Unknown { service, .. } => Some(service),
+            super::order::OrderError::Cycle { cycle } => cycle.first(),
+        };
+        let index = name.and_then(|n| self.file.services.iter().position(|s| &s.name == n));
+        match index {
+            Some(i) => format!("service[{i}].depends_on"),
+            None => "depends_on".into(),
+        }
+    }
+
+    /// The configured services, as indices into `file.services`, in the
+    /// order they start (each after what it `depends_on`).
+    pub fn start_order(&self) -> Result<Vec<usize>, super::order::OrderError> {
+        let view: Vec<(&str, &[String])> = self
+            .file
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.depends_on.as_slice()))
+            .collect();
+        super::order::start_order(&view)
+    }
+
+    /// The configured services in the order they start.
+    pub fn services_in_start_order(&self) -> Vec<ServiceConfig> {
+        match self.start_order() {
+            Ok(order) => order
+                .into_iter()
+                .filter_map(|i| self.file.services.get(i).cloned())
+                .collect(),
+            // A loaded configuration was checked; keep the file's order.
+            Err(_) => self.file.services.clone(),
+        }
+    }
+
+    /// `s` with its `cwd` as it will be used (relative to the file's folder).
+    fn resolved(&self, s: &ServiceConfig) -> ServiceConfig {
+        let mut s = s.clone();
+        if let Some(dir) = self.path.as_deref().and_then(Path::parent)
+            && !s.cwd.is_empty()
+            && Path::new(&s.cwd).is_relative()
+        {
+            s.cwd = dir.join(&s.cwd).display().to_string();
+        }
+        s
     }
 
     /// A relative `command` with a `/` is relative to the file's folder, and
@@ -410,7 +470,16 @@ impl Loaded {
         let Some(dir) = self.path.as_deref().and_then(Path::parent) else {
             return;
         };
+        // `cwd` and `[logs] dir` too; with the embedded default they stay
+        // relative to the broker's working directory.
+        let logs = &mut self.file.logs.dir;
+        if !logs.is_empty() && Path::new(logs.as_str()).is_relative() {
+            *logs = dir.join(&*logs).display().to_string();
+        }
         for s in &mut self.file.services {
+            if !s.cwd.is_empty() && Path::new(&s.cwd).is_relative() {
+                s.cwd = dir.join(&s.cwd).display().to_string();
+            }
             let p = Path::new(&s.command);
             if s.command != SELF_COMMAND && p.is_relative() && s.command.contains('/') {
                 s.command = dir.join(p).display().to_string();
