@@ -54,7 +54,9 @@ pub async fn reload(
             }
         }
     }
-    for spec in &next.services {
+    // New services start after what they depend on; a changed service
+    // restarts alone: nothing cascades to what depends on it.
+    for spec in &new.services_in_start_order() {
         match find(&old.services, &spec.name) {
             None => match broker.spawn(spec.clone()).await {
                 Ok(spawned) => {
