@@ -67,7 +67,8 @@ async fn a_child_runs_with_its_limits_its_cwd_and_as_nobody() {
     let broker = ProcBroker::builder().sysmon_interval(None).start();
     let cwd = temp_dir("ops-cwd");
     // World-readable: nobody must be able to enter it.
-    std::fs::set_permissions(&cwd, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&cwd, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let limits = Limits {
         open_files: Some(256),
         processes: Some(500),
@@ -78,7 +79,9 @@ async fn a_child_runs_with_its_limits_its_cwd_and_as_nobody() {
     let spec = ServiceConfig::new("jail", "/bin/sh")
         .args([
             "-c".to_owned(),
-            format!("cat /proc/self/limits >&2; id >&2; echo \"cwd $(pwd)\" >&2; exec {BIN} worker echo"),
+            format!(
+                "cat /proc/self/limits >&2; id >&2; echo \"cwd $(pwd)\" >&2; exec {BIN} worker echo"
+            ),
         ])
         .limits(limits)
         .cwd(cwd.display().to_string())
@@ -92,13 +95,19 @@ async fn a_child_runs_with_its_limits_its_cwd_and_as_nobody() {
     assert_eq!(limit(&lines, "Max open files"), ("256", "256"));
     assert_eq!(limit(&lines, "Max processes"), ("500", "500"));
     assert_eq!(limit(&lines, "Max cpu time"), ("3600", "3600"));
-    assert_eq!(limit(&lines, "Max address space"), ("68719476736", "68719476736"));
+    assert_eq!(
+        limit(&lines, "Max address space"),
+        ("68719476736", "68719476736")
+    );
     assert_eq!(limit(&lines, "Max core file size"), ("0", "0"));
     // Its user's group and groups, none of root's.
     let id = lines.iter().find(|l| l.starts_with("uid=")).expect("id");
     assert!(id.starts_with("uid=65534(nobody) gid=65534"), "{id}");
     assert!(id.ends_with("groups=65534(nogroup)"), "{id}");
-    assert!(lines.contains(&format!("cwd {}", cwd.display())), "{lines:?}");
+    assert!(
+        lines.contains(&format!("cwd {}", cwd.display())),
+        "{lines:?}"
+    );
     // The worker it exec'd: the same, and it serves.
     assert_eq!(status_field(pid, "Uid:"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(pid, "Gid:"), "65534\t65534\t65534\t65534");
@@ -144,24 +153,62 @@ fn bad_settings_fail_the_load_naming_their_key() {
         .expect("getrlimit");
     let e = load_error(
         "ops-hard",
-        &format!("[[service]]\nname = \"a\"\n{ECHO}limits = {{ open_files = {} }}\n", hard + 1),
+        &format!(
+            "[[service]]\nname = \"a\"\n{ECHO}limits = {{ open_files = {} }}\n",
+            hard + 1
+        ),
     );
-    assert!(e.contains("service[0].limits.open_files") && e.contains("hard limit"), "{e}");
-    let e = load_error("ops-unknown-limit", &format!("[[service]]\nname = \"a\"\n{ECHO}limits = {{ files = 10 }}\n"));
+    assert!(
+        e.contains("service[0].limits.open_files") && e.contains("hard limit"),
+        "{e}"
+    );
+    let e = load_error(
+        "ops-unknown-limit",
+        &format!("[[service]]\nname = \"a\"\n{ECHO}limits = {{ files = 10 }}\n"),
+    );
     assert!(e.contains("unknown field") && e.contains("files"), "{e}");
-    let e = load_error("ops-user", &format!("[[service]]\nname = \"a\"\n{ECHO}user = \"no-such-user-here\"\n"));
-    assert!(e.contains("service[0].user") && e.contains("no user \"no-such-user-here\""), "{e}");
-    let e = load_error("ops-group", &format!("[[service]]\nname = \"a\"\n{ECHO}group = \"no-such-group\"\n"));
-    assert!(e.contains("service[0].group") && e.contains("no group"), "{e}");
-    let e = load_error("ops-cwd", &format!("[[service]]\nname = \"a\"\n{ECHO}cwd = \"not/here\"\n"));
-    assert!(e.contains("service[0].cwd") && e.contains("not/here"), "{e}");
-    let e = load_error("ops-self", &format!("[[service]]\nname = \"a\"\n{ECHO}depends_on = [\"a\"]\n"));
-    assert!(e.contains("service[0].depends_on: service \"a\" depends on itself"), "{e}");
+    let e = load_error(
+        "ops-user",
+        &format!("[[service]]\nname = \"a\"\n{ECHO}user = \"no-such-user-here\"\n"),
+    );
+    assert!(
+        e.contains("service[0].user") && e.contains("no user \"no-such-user-here\""),
+        "{e}"
+    );
+    let e = load_error(
+        "ops-group",
+        &format!("[[service]]\nname = \"a\"\n{ECHO}group = \"no-such-group\"\n"),
+    );
+    assert!(
+        e.contains("service[0].group") && e.contains("no group"),
+        "{e}"
+    );
+    let e = load_error(
+        "ops-cwd",
+        &format!("[[service]]\nname = \"a\"\n{ECHO}cwd = \"not/here\"\n"),
+    );
+    assert!(
+        e.contains("service[0].cwd") && e.contains("not/here"),
+        "{e}"
+    );
+    let e = load_error(
+        "ops-self",
+        &format!("[[service]]\nname = \"a\"\n{ECHO}depends_on = [\"a\"]\n"),
+    );
+    assert!(
+        e.contains("service[0].depends_on: service \"a\" depends on itself"),
+        "{e}"
+    );
     let e = load_error(
         "ops-missing",
-        &format!("[[service]]\nname = \"a\"\n{ECHO}\n[[service]]\nname = \"b\"\n{ECHO}depends_on = [\"a\", \"dbb\"]\n"),
+        &format!(
+            "[[service]]\nname = \"a\"\n{ECHO}\n[[service]]\nname = \"b\"\n{ECHO}depends_on = [\"a\", \"dbb\"]\n"
+        ),
     );
-    assert!(e.contains("service[1].depends_on") && e.contains("\"b\" depends on \"dbb\""), "{e}");
+    assert!(
+        e.contains("service[1].depends_on") && e.contains("\"b\" depends on \"dbb\""),
+        "{e}"
+    );
     let e = load_error(
         "ops-cycle",
         &format!(
@@ -169,17 +216,27 @@ fn bad_settings_fail_the_load_naming_their_key() {
              [[service]]\nname = \"y\"\n{ECHO}depends_on = [\"z\"]\n[[service]]\nname = \"z\"\n{ECHO}depends_on = [\"x\", \"ok\"]\n"
         ),
     );
-    assert!(e.contains("\"x\"") && e.contains("\"y\"") && e.contains("\"z\"") && e.contains("cycle"), "{e}");
-    assert!(!e.contains("\"ok\","), "only the services of the cycle: {e}");
+    assert!(
+        e.contains("\"x\"") && e.contains("\"y\"") && e.contains("\"z\"") && e.contains("cycle"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("\"ok\","),
+        "only the services of the cycle: {e}"
+    );
 }
 
 #[test]
 fn a_broker_not_running_as_root_refuses_user_naming_the_key() {
     let dir = temp_dir("ops-notroot");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let config = dir.join("procbroker.toml");
-    std::fs::write(&config, format!("[admin]\nlisten = \"\"\n[[service]]\nname = \"a\"\n{ECHO}user = \"nobody\"\n"))
-        .expect("config");
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"\"\n[[service]]\nname = \"a\"\n{ECHO}user = \"nobody\"\n"),
+    )
+    .expect("config");
     let out = std::process::Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
@@ -189,7 +246,10 @@ fn a_broker_not_running_as_root_refuses_user_naming_the_key() {
         .expect("procbroker run as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("service[0].user") && stderr.contains("root"), "{stderr}");
+    assert!(
+        stderr.contains("service[0].user") && stderr.contains("root"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -219,7 +279,10 @@ fn a_limit_above_the_hard_limit_fails_the_start() {
 
 /// The order worker: records `ready`, `shutdown`, `exit` with the time.
 fn order_service(name: &str, workers: u32, deps: &[&str], ready_delay: &str) -> String {
-    let script = format!("{}/tests/python/order_worker.py", env!("CARGO_MANIFEST_DIR"));
+    let script = format!(
+        "{}/tests/python/order_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let deps: Vec<String> = deps.iter().map(|d| format!("\"{d}\"")).collect();
     format!(
         "[[service]]\nname = \"{name}\"\ncommand = \"{}\"\nargs = [\"{script}\"]\nworkers = {workers}\n\
@@ -267,14 +330,23 @@ fn services_start_after_what_they_depend_on_and_stop_before_it() {
         std::fs::write(&config, body).expect("config");
     };
     write("0.4");
-    let mut broker = Daemon::start(&config, &[("ORDER_LOG", order_log.to_str().expect("utf-8"))]);
+    let mut broker = Daemon::start(
+        &config,
+        &[("ORDER_LOG", order_log.to_str().expect("utf-8"))],
+    );
     broker.wait_for("procbroker running", Duration::from_secs(20));
     let started = events(&order_log);
     let max = |v: Vec<u64>| v.into_iter().max().expect("some");
     let min = |v: Vec<u64>| v.into_iter().min().expect("some");
     assert_eq!(times(&started, "db", "ready").len(), 2);
-    assert!(min(times(&started, "api", "ready")) > max(times(&started, "db", "ready")), "{started:?}");
-    assert!(min(times(&started, "web", "ready")) > max(times(&started, "api", "ready")), "{started:?}");
+    assert!(
+        min(times(&started, "api", "ready")) > max(times(&started, "db", "ready")),
+        "{started:?}"
+    );
+    assert!(
+        min(times(&started, "web", "ready")) > max(times(&started, "api", "ready")),
+        "{started:?}"
+    );
 
     // A reload that restarts db (its env changed) restarts db alone.
     let pids = |broker: &Daemon, service: &str| -> Vec<u64> {
@@ -282,30 +354,53 @@ fn services_start_after_what_they_depend_on_and_stop_before_it() {
             .log
             .iter()
             .filter(|v| message(v) == "child started")
-            .filter(|v| v["fields"]["process"].as_str().is_some_and(|p| p.starts_with(&format!("{service}."))))
+            .filter(|v| {
+                v["fields"]["process"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{service}.")))
+            })
             .filter_map(|v| v["fields"]["pid"].as_u64())
             .collect()
     };
     let (api_before, web_before) = (pids(&broker, "api"), pids(&broker, "web"));
     write("0.1");
     broker.signal(nix::sys::signal::Signal::SIGHUP);
-    broker.wait_for("SIGHUP: service restarted with its new settings", Duration::from_secs(20));
+    broker.wait_for(
+        "SIGHUP: service restarted with its new settings",
+        Duration::from_secs(20),
+    );
     broker.drain(Duration::from_millis(300));
     assert_eq!(pids(&broker, "db").len(), 4, "db restarted");
-    assert_eq!((pids(&broker, "api"), pids(&broker, "web")), (api_before, web_before), "no cascade");
+    assert_eq!(
+        (pids(&broker, "api"), pids(&broker, "web")),
+        (api_before, web_before),
+        "no cascade"
+    );
 
     std::fs::write(&order_log, "").expect("clear");
     assert!(broker.stop().success());
     let stopped = events(&order_log);
     eprintln!("{stopped:?}");
     for service in ["web", "api", "db", "lone"] {
-        assert!(!times(&stopped, service, "shutdown").is_empty(), "{service} got shutdown: {stopped:?}");
+        assert!(
+            !times(&stopped, service, "shutdown").is_empty(),
+            "{service} got shutdown: {stopped:?}"
+        );
     }
     // Every worker of a dependent exited before its dependency got shutdown.
-    assert!(max(times(&stopped, "web", "exit")) < min(times(&stopped, "api", "shutdown")), "{stopped:?}");
-    assert!(max(times(&stopped, "api", "exit")) < min(times(&stopped, "db", "shutdown")), "{stopped:?}");
+    assert!(
+        max(times(&stopped, "web", "exit")) < min(times(&stopped, "api", "shutdown")),
+        "{stopped:?}"
+    );
+    assert!(
+        max(times(&stopped, "api", "exit")) < min(times(&stopped, "db", "shutdown")),
+        "{stopped:?}"
+    );
     // Independent services stop side by side: lone with the first wave.
-    assert!(min(times(&stopped, "lone", "shutdown")) < min(times(&stopped, "api", "shutdown")), "{stopped:?}");
+    assert!(
+        min(times(&stopped, "lone", "shutdown")) < min(times(&stopped, "api", "shutdown")),
+        "{stopped:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -53,10 +53,9 @@ impl Socket {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (at, text) = self
-                .messages
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {line:?} within {within:?}; got {:?}", self.texts()));
+            let (at, text) = self.messages.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no {line:?} within {within:?}; got {:?}", self.texts())
+            });
             self.seen.push((at, text.clone()));
             if text.lines().any(|l| l == line) {
                 return text;
@@ -136,11 +135,21 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
         }
         assert!(socket.seen.len() < 100, "{:?}", socket.texts());
         std::thread::sleep(Duration::from_millis(20));
-        assert!(broker.child.try_wait().expect("wait").is_none(), "the broker exited");
+        assert!(
+            broker.child.try_wait().expect("wait").is_none(),
+            "the broker exited"
+        );
     };
     assert!(saw_503, "/ready was 503 before READY=1");
-    assert_eq!(http_get(&addr, "/ready").0, 200, "READY=1 means /ready is 200");
-    assert!(ready.1.contains("STATUS=ready workers: fast 2/2, slow 1/1"), "{ready:?}");
+    assert_eq!(
+        http_get(&addr, "/ready").0,
+        200,
+        "READY=1 means /ready is 200"
+    );
+    assert!(
+        ready.1.contains("STATUS=ready workers: fast 2/2, slow 1/1"),
+        "{ready:?}"
+    );
     assert!(
         socket.seen[..socket.seen.len() - 1]
             .iter()
@@ -157,7 +166,11 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
         .filter(|(_, t)| t.lines().any(|l| l == "WATCHDOG=1"))
         .map(|(at, _)| *at)
         .collect();
-    assert!((4..=7).contains(&pings.len()), "{} pings in 1.1 s", pings.len());
+    assert!(
+        (4..=7).contains(&pings.len()),
+        "{} pings in 1.1 s",
+        pings.len()
+    );
     for gap in pings.windows(2).map(|w| w[1] - w[0]) {
         assert!(gap < Duration::from_millis(400), "a gap of {gap:?}");
     }
@@ -172,7 +185,10 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
-    assert!((before..=after).contains(&usec), "{before} <= {usec} <= {after}");
+    assert!(
+        (before..=after).contains(&usec),
+        "{before} <= {usec} <= {after}"
+    );
     let reloading_at = socket.seen.len() - 1;
     socket.wait_for("READY=1", Duration::from_secs(10));
 
@@ -183,7 +199,11 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     let first_ready = socket.index_of("READY=1", 0);
     let reloaded = socket.index_of("READY=1", reloading_at);
     let stopping = socket.index_of("STOPPING=1", 0);
-    assert!(first_ready < reloading_at && reloading_at < reloaded && reloaded < stopping, "{:?}", socket.texts());
+    assert!(
+        first_ready < reloading_at && reloading_at < reloaded && reloaded < stopping,
+        "{:?}",
+        socket.texts()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -191,10 +211,11 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
 fn no_watchdog_pings_for_another_watchdog_pid_and_an_abstract_socket_works() {
     let dir = temp_dir("systemd-pid");
     let name = format!("procbroker-test-{}", std::process::id());
-    let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
-        name.as_bytes(),
-    )
-    .expect("abstract name");
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .expect("abstract name");
     let socket = UnixDatagram::bind_addr(&addr).expect("bind");
     let mut socket = Socket::reading(socket, format!("@{name}"));
     let config = config(&dir);
@@ -255,9 +276,19 @@ fn a_notify_socket_that_does_not_exist_is_said_once_and_the_broker_runs_on() {
 #[test]
 fn the_example_unit_file_passes_systemd_analyze_verify() {
     let dir = temp_dir("systemd-unit");
-    let unit = std::fs::read_to_string(format!("{}/examples/procbroker.service", env!("CARGO_MANIFEST_DIR")))
-        .expect("examples/procbroker.service");
-    for needed in ["Type=notify", "KillMode=mixed", "Restart=on-failure", "LimitNOFILE=", "WatchdogSec=", "ExecReload="] {
+    let unit = std::fs::read_to_string(format!(
+        "{}/examples/procbroker.service",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("examples/procbroker.service");
+    for needed in [
+        "Type=notify",
+        "KillMode=mixed",
+        "Restart=on-failure",
+        "LimitNOFILE=",
+        "WatchdogSec=",
+        "ExecReload=",
+    ] {
         assert!(unit.contains(needed), "{needed}");
     }
     // verify checks that ExecStart's program exists: point it at this build.
@@ -271,7 +302,10 @@ fn the_example_unit_file_passes_systemd_analyze_verify() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // It warns about what it ignores, with exit status 0: any word of
     // it about this unit is a mistake in it.
-    let about_unit: Vec<&str> = stderr.lines().filter(|l| l.contains("procbroker.service")).collect();
+    let about_unit: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("procbroker.service"))
+        .collect();
     assert!(out.status.success() && about_unit.is_empty(), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@
 //!   go in, and stdout is not read while the outbox is full, so a child that
 //!   never reads cannot make the broker hold more than that.
 //! - **stderr**: handed over, as a file descriptor, to the
-//!   [`LogStore`](super::log_store::LogStore), which reads it on a thread of
+//!   [`LogStore`], which reads it on a thread of
 //!   its own (the process's ring, its file, the broker's log).
 //! - **what it runs as**: the service's `limits`, `user`, `group` and `cwd`
 //!   are resolved before each fork and applied in the child before exec
