@@ -2,8 +2,9 @@
 //! the environment and `--set` flags applied as at start; a file that does
 //! not load changes nothing. New services start, removed ones are drained
 //! and stopped, a changed `workers` is a Scale, any other change to a
-//! service a rolling Restart with its new settings. `[broker]`, `[admin]` and
-//! `[sysmon]` cannot change live: a change there is logged as ignored.
+//! service a rolling Restart with its new settings. `[broker]`, `[admin]`,
+//! `[sysmon]` and `[logs]` cannot change live: a change there is logged as
+//! ignored.
 
 use procbroker::actors::broker::ControlError;
 use procbroker::config::ServiceConfig;
@@ -31,6 +32,7 @@ pub async fn reload(
         ("broker", old.broker == next.broker),
         ("admin", old.admin == next.admin),
         ("sysmon", old.sysmon == next.sysmon),
+        ("logs", old.logs == next.logs),
     ] {
         if !same {
             tracing::warn!(
