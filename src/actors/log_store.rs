@@ -22,7 +22,8 @@
 //! [`FOLLOW_BUFFER`] lines per process for slow followers (a follower that
 //! falls further behind is told how many it missed). A child that writes
 //! faster than this thread can store is slowed down by its own pipe, never
-//! by the broker's memory. Log volume: `broker_log_lines_per_s` lines a
+//! by the broker's memory. A process nobody follows has no follower
+//! buffer at all. Log volume: `broker_log_lines_per_s` lines a
 //! second per process at most, then one "N lines suppressed" line a second.
 
 use actix::prelude::*;
@@ -171,17 +172,19 @@ impl LineBudget {
 /// One process's log.
 struct ProcessLog {
     ring: VecDeque<LogLine>,
-    followers: broadcast::Sender<LogLine>,
+    /// Made at the first follower, dropped when the last one is gone: a
+    /// channel holds [`FOLLOW_BUFFER`] slots, which a process nobody
+    /// follows should not pay for.
+    followers: Option<broadcast::Sender<LogLine>>,
     file: Option<LogFile>,
     budget: LineBudget,
 }
 
 impl ProcessLog {
     fn new(id: &str, config: &LogsConfig) -> Self {
-        let (followers, _) = broadcast::channel(FOLLOW_BUFFER);
         Self {
             ring: VecDeque::new(),
-            followers,
+            followers: None,
             file: config
                 .dir
                 .as_ref()
@@ -194,8 +197,11 @@ impl ProcessLog {
         if let Some(file) = &mut self.file {
             file.write_line(&line);
         }
-        if self.followers.receiver_count() > 0 {
-            let _ = self.followers.send(Arc::clone(&line));
+        if let Some(followers) = &self.followers
+            && followers.send(Arc::clone(&line)).is_err()
+        {
+            // Nobody follows any more.
+            self.followers = None;
         }
         if self.ring.len() == RING_LINES {
             self.ring.pop_front();
@@ -356,7 +362,15 @@ impl Handler<FollowLog> for LogStore {
             Some(n) => log.newest(Some(n)),
             None => Vec::new(),
         };
-        MessageResult((replay, log.followers.subscribe()))
+        let receiver = match &log.followers {
+            Some(followers) => followers.subscribe(),
+            None => {
+                let (followers, receiver) = broadcast::channel(FOLLOW_BUFFER);
+                log.followers = Some(followers);
+                receiver
+            }
+        };
+        MessageResult((replay, receiver))
     }
 }
 
