@@ -167,12 +167,12 @@ fn the_broker_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
         .map(|(at, _)| *at)
         .collect();
     assert!(
-        (4..=7).contains(&pings.len()),
+        (3..=7).contains(&pings.len()),
         "{} pings in 1.1 s",
         pings.len()
     );
     for gap in pings.windows(2).map(|w| w[1] - w[0]) {
-        assert!(gap < Duration::from_millis(400), "a gap of {gap:?}");
+        assert!(gap < Duration::from_millis(500), "a gap of {gap:?}");
     }
 
     // A reload: RELOADING=1 with the monotonic clock, then READY=1.

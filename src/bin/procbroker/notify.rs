@@ -162,6 +162,8 @@ impl Notifier {
     /// `WATCHDOG=1` every `every`, each once the Router has answered.
     async fn watchdog(self: Rc<Self>, broker: BrokerHandle, every: Duration) {
         let mut ticks = actix::clock::interval(every);
+        // Late pings are not made up for in a burst: one a period.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
             match tokio::time::timeout(every, broker.router().send(PendingCount)).await {
