@@ -36,6 +36,7 @@ use crate::actors::broker::{
     StopAll, StopError, StopTarget,
 };
 use crate::actors::inproc::InProcessWorker;
+use crate::actors::log_store::{LogStore, ReopenLogs};
 use crate::actors::messages::{
     Call, Leave, ListNodes, PendingCount, Publish, RegisterProcess, RouterError, SetDraining,
     TrackProcess,
@@ -109,10 +110,20 @@ impl Builder {
         self
     }
 
-    /// Starts MetricsStore, Router, Broker and Sysmon on the current arbiter.
+    /// Children's stderr: files under a directory, the broker's own log
+    /// (default: no files; lines to the broker's log, 100 a second per
+    /// process at most).
+    pub fn logs(mut self, logs: crate::config::LogsConfig) -> Self {
+        self.config.logs = logs;
+        self
+    }
+
+    /// Starts MetricsStore, Router, Broker and Sysmon on the current
+    /// arbiter, and the LogStore on an arbiter (a thread) of its own.
     /// Panics outside an actix System (as `Actor::start` does).
     pub fn start(self) -> BrokerHandle {
         let config = self.config;
+        let logs = LogStore::start_own(config.logs.clone());
         let metrics = MetricsStore::new(config.latency_window).start();
         let router = Router::new(config.clone(), metrics.clone());
         let router_key = router.key();
@@ -124,6 +135,7 @@ impl Builder {
             router.clone(),
             metrics.clone(),
             sysmon.clone(),
+            logs.clone(),
         )
         .start();
         // Queued before anything a caller can send, so `broker` is routable
@@ -141,6 +153,7 @@ impl Builder {
             broker,
             metrics,
             sysmon,
+            logs,
             cluster,
             config,
         }))
@@ -196,6 +209,7 @@ struct Handles {
     broker: Addr<Broker>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
+    logs: Addr<LogStore>,
     /// The Cluster actor, when this broker is part of one.
     cluster: Option<Recipient<Leave>>,
     config: BrokerConfig,
@@ -512,6 +526,18 @@ impl BrokerHandle {
     /// Sysmon.
     pub fn sysmon(&self) -> &Addr<Sysmon> {
         &self.0.sysmon
+    }
+
+    /// The LogStore (children's stderr: rings, followers, files).
+    pub fn logs(&self) -> &Addr<LogStore> {
+        &self.0.logs
+    }
+
+    /// Reopens the log files under `[logs] dir` (what SIGUSR1 does, for an
+    /// outside tool that moved them away). False when no directory is
+    /// configured.
+    pub async fn reopen_logs(&self) -> bool {
+        self.0.logs.send(ReopenLogs).await.unwrap_or(false)
     }
 }
 

@@ -49,8 +49,8 @@
 //! - `loadgen` (feature `loadgen`, on by default): the round-trip
 //!   benchmark's peers (the load client, the raw baseline) and its driver.
 //! - [`admin`]: the operators' HTTP surface (`/metrics`, `/stats`,
-//!   `/health`, `/ready`, and the live dashboard `/` fed by `/events`) in
-//!   the broker's own actix System.
+//!   `/health`, `/ready`, children's stderr at `/logs/{process}`, and the
+//!   live dashboard `/` fed by `/events`) in the broker's own actix System.
 //! - [`config`], [`names`]: settings (and the config file) and the naming
 //!   rules of processes.
 //!

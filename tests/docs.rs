@@ -205,12 +205,24 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<String>> {
     let file: procbroker::config::file::FileConfig = toml::from_str("").expect("defaults");
     let value = toml::Value::try_from(&file).expect("the default config as TOML");
     let mut out = BTreeMap::new();
-    for section in ["broker", "admin", "sysmon", "cluster"] {
+    for section in ["broker", "admin", "sysmon", "logs", "cluster"] {
         let mut set = BTreeSet::new();
         keys(&value[section], "", &mut set);
         out.insert(section, set);
     }
-    let mut service = ServiceConfig::new("x", "y");
+    // Every optional key set, so that none is left out of the TOML.
+    let mut service: ServiceConfig = toml::from_str(
+        r#"
+        name = "x"
+        command = "y"
+        cwd = "."
+        user = "nobody"
+        group = "nogroup"
+        depends_on = ["z"]
+        limits = { open_files = 1 }
+        "#,
+    )
+    .expect("a service with every optional key");
     service.health = Some(HealthCheck::default());
     let mut set = BTreeSet::new();
     keys(
@@ -218,9 +230,12 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<String>> {
         "",
         &mut set,
     );
-    // `health` is documented as a whole, and its keys one by one in prose.
-    set.retain(|k| !k.starts_with("health."));
-    set.insert("health".into());
+    // `health` and `limits` are documented as a whole (their keys in prose
+    // and in their own guides).
+    for whole in ["health", "limits"] {
+        set.retain(|k| !k.starts_with(&format!("{whole}.")));
+        set.insert(whole.into());
+    }
     out.insert("service", set);
     out
 }
@@ -253,6 +268,7 @@ fn every_config_key_is_documented_and_every_documented_key_exists() {
         ("broker", "`[broker]`", &configuration),
         ("admin", "`[admin]`", &configuration),
         ("sysmon", "`[sysmon]`", &configuration),
+        ("logs", "`[logs]`", &configuration),
         ("service", "`[[service]]`", &configuration),
         ("cluster", "Configuration", &hosts),
     ] {

@@ -21,7 +21,12 @@
 //!   request or event that finds it full is bounced (`busy`); replies always
 //!   go in, and stdout is not read while the outbox is full, so a child that
 //!   never reads cannot make the broker hold more than that.
-//! - **stderr**: lines logged as `tracing` events with the process id.
+//! - **stderr**: handed over, as a file descriptor, to the
+//!   [`LogStore`], which reads it on a thread of
+//!   its own (the process's ring, its file, the broker's log).
+//! - **what it runs as**: the service's `limits`, `user`, `group` and `cwd`
+//!   are resolved before each fork and applied in the child before exec
+//!   ([`ChildSetup`]).
 //! - **wire**: a service with `protocol = "msgpack-rpc"` speaks
 //!   MessagePack-RPC instead of envelopes ([`WireCodec`]); the codec
 //!   translates at the pipe, so everything here still sees envelopes. Such a
@@ -48,11 +53,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::FramedRead;
 
 use super::health::{Health, Verdict};
 use super::inbox::{Handoff, Inbox};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
+use super::log_store::{AttachStderr, LogStore};
 use super::messages::{
     BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, SetReady,
     StopProcess, TrackProcess, Unwatch, Watch,
@@ -61,15 +66,17 @@ use super::pacer::{Paced, Pacer};
 use super::restart_policy::{Decision, Restarts};
 use super::router::Router;
 use super::sysmon::Sysmon;
+use crate::config::run_as::ChildSetup;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
-use crate::pipe::{self, Batches, LogLines, Outbox, WireCodec};
+use crate::pipe::{self, Batches, Outbox, WireCodec};
 use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{Envelope, EnvelopeCodec, FrameError, InvalidEnvelope, MessageType};
 
-/// The longest stderr line logged as one event; longer ones are split.
-const MAX_LOG_LINE: usize = 16 * 1024;
+/// What a child of the broker must not inherit: it is not the service
+/// manager's main process, and must not speak for the broker to systemd.
+const NOT_INHERITED: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 /// Most envelopes handed to the Router in one message.
 const READ_BATCH: usize = 64;
 /// Stopping: stdin is closed once stdout has been quiet this long after the
@@ -129,6 +136,8 @@ pub struct BridgePeers {
     pub broker: Recipient<TrackProcess>,
     /// Sysmon (pids to sample).
     pub sysmon: Addr<Sysmon>,
+    /// The LogStore (stderr pipes).
+    pub logs: Addr<LogStore>,
 }
 
 /// The bridge actor of one process id.
@@ -154,6 +163,8 @@ pub struct Bridge {
     warnings: LogLimit,
     /// While stopping: when stdout last brought something (is it quiet?).
     last_read: Instant,
+    /// How the last incarnation ended (for the restart line in its log).
+    last_exit: Option<String>,
 }
 
 impl Bridge {
@@ -185,6 +196,7 @@ impl Bridge {
             stopping: false,
             warnings: LogLimit::default(),
             last_read: Instant::now(),
+            last_exit: None,
         }
     }
 
@@ -236,7 +248,18 @@ impl Bridge {
         } else {
             self.spec.command.clone().into()
         };
+        // Resolved here, before the fork: user-database look-ups are not
+        // safe in the forked child. Checked at load already; the system
+        // may have changed since (a user removed, a directory gone).
+        let setup = ChildSetup::resolve(&self.spec)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut command = Command::new(program);
+        for name in NOT_INHERITED {
+            command.env_remove(name);
+        }
+        if !self.spec.cwd.is_empty() {
+            command.current_dir(&self.spec.cwd);
+        }
         command
             .args(&self.spec.args)
             .envs(&self.spec.env)
@@ -252,10 +275,14 @@ impl Bridge {
             .process_group(0);
         let broker = nix::unistd::getpid();
         // SAFETY: runs in the forked child before exec; it only makes
-        // async-signal-safe system calls (prctl, getppid, kill) and
-        // allocates nothing.
+        // async-signal-safe system calls (setrlimit, setgroups, setgid,
+        // setuid, prctl, getppid, kill) and allocates nothing (`setup` was
+        // resolved before the fork).
         unsafe {
             command.pre_exec(move || {
+                // Limits, groups, group, user: before the death signal,
+                // which a change of credentials clears.
+                setup.apply()?;
                 // No orphans: the child is killed when the broker dies,
                 // however it dies (kill_on_drop cannot help on SIGKILL).
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
@@ -327,7 +354,17 @@ impl Bridge {
         .map(move |batch| (generation, batch));
         let stdout = ctx.add_stream(frames);
 
-        actix::spawn(log_stderr(self.id.clone(), stderr));
+        match stderr.into_owned_fd() {
+            Ok(fd) => self.peers.logs.do_send(AttachStderr {
+                id: self.id.to_string(),
+                pid,
+                stderr: fd,
+                previous: self.last_exit.take(),
+            }),
+            Err(e) => {
+                tracing::error!(process = %self.id, error = %e, "cannot hand over the child's stderr; its lines are lost");
+            }
+        }
         let (signals, signal_rx) = mpsc::unbounded_channel();
         actix::spawn(watch(child, signal_rx, ctx.address(), generation));
 
@@ -544,6 +581,7 @@ impl Bridge {
             reason.push_str(" before it was ready");
         }
         self.exit_code = status.as_ref().ok().and_then(ExitStatus::code);
+        self.last_exit = Some(reason.clone());
         self.peers.router.do_send(RemoveProcess {
             id: self.id.clone(),
             reason: reason.clone(),
@@ -667,14 +705,6 @@ fn describe(status: &ExitStatus) -> String {
             Err(_) => format!("killed by signal {signal}"),
         },
         _ => status.to_string(),
-    }
-}
-
-/// Logs a child's stderr, one event per line, until EOF.
-async fn log_stderr(id: ByteString, stderr: tokio::process::ChildStderr) {
-    let mut lines = FramedRead::new(stderr, LogLines::new(MAX_LOG_LINE));
-    while let Some(Ok(line)) = lines.next().await {
-        tracing::info!(target: "procbroker::child", process = %id, "{line}");
     }
 }
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::bridge::{Bridge, BridgePeers};
+use super::log_store::{ForgetLogs, LogStore};
 use super::messages::{
     Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle, Route,
     SetReady, StopProcess, SubmitMetrics, TrackProcess,
@@ -57,8 +58,11 @@ pub struct StopTarget(pub String);
 #[rtype(result = "Vec<ProcessInfo>")]
 pub struct GetProcesses;
 
-/// Stops every subprocess (DESIGN 5.6: `shutdown`, EOF, SIGTERM, SIGKILL)
-/// and answers with the ids stopped once all are reaped.
+/// Stops every subprocess (`shutdown`, EOF, SIGTERM, SIGKILL) and answers
+/// with the ids stopped once all are reaped. In the reverse of the start
+/// order: every worker of a service has exited before any worker of a
+/// service it `depends_on` gets `shutdown`; services that do not depend on
+/// each other stop side by side.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<String>")]
 pub struct StopAll;
@@ -100,6 +104,15 @@ pub enum SpawnError {
         service: String,
         /// Its command.
         command: String,
+    },
+    /// Its `limits`, `user`, `group` or `cwd` cannot be carried out (the
+    /// error names the key).
+    #[error("service {service:?}: {error}")]
+    RunAs {
+        /// The service.
+        service: String,
+        /// The key and why.
+        error: crate::config::run_as::RunAsError,
     },
     /// The broker is shutting down.
     #[error("the broker is not running")]
@@ -285,6 +298,7 @@ pub struct Broker {
     router: Addr<Router>,
     metrics: Addr<MetricsStore>,
     sysmon: Addr<Sysmon>,
+    logs: Addr<LogStore>,
     processes: BTreeMap<String, ProcessInfo>,
     services: BTreeMap<String, Vec<Worker>>,
     /// How each subprocess service was started (for Scale and Restart).
@@ -302,12 +316,14 @@ impl Broker {
         router: Addr<Router>,
         metrics: Addr<MetricsStore>,
         sysmon: Addr<Sysmon>,
+        logs: Addr<LogStore>,
     ) -> Self {
         Self {
             config,
             router,
             metrics,
             sysmon,
+            logs,
             processes: BTreeMap::new(),
             services: BTreeMap::new(),
             specs: BTreeMap::new(),
@@ -340,6 +356,12 @@ impl Broker {
             return Err(SpawnError::NoRoom {
                 service: spec.name,
                 error: e,
+            });
+        }
+        if let Err(error) = crate::config::run_as::ChildSetup::resolve(&spec) {
+            return Err(SpawnError::RunAs {
+                service: spec.name,
+                error,
             });
         }
         // In-process workers of that name (they have no bridges).
@@ -390,6 +412,7 @@ impl Broker {
             router: self.router.clone(),
             broker: ctx.address().recipient(),
             sysmon: self.sysmon.clone(),
+            logs: self.logs.clone(),
         };
         let id = names::process_id(&spec.name, index);
         let (tx, rx) = oneshot::channel();
@@ -880,15 +903,39 @@ impl Handler<StopAll> for Broker {
 
     fn handle(&mut self, _: StopAll, _: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        let stopping: Vec<_> = self
+        let names: Vec<(String, Vec<String>)> = self
             .services
             .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .iter()
-            .filter_map(|name| self.stop_target(name).ok())
+            .map(|name| {
+                let deps = self
+                    .specs
+                    .get(name)
+                    .map(|s| s.depends_on.clone())
+                    .unwrap_or_default();
+                (name.clone(), deps)
+            })
             .collect();
-        Box::pin(async move { join_all(stopping).await.into_iter().flatten().collect() })
+        let view: Vec<(&str, &[String])> = names
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        // Each wave's stops are built now (nothing is sent before they are
+        // awaited) and awaited one wave after the other.
+        let waves: Vec<Vec<_>> = crate::config::order::stop_waves(&view)
+            .iter()
+            .map(|wave| {
+                wave.iter()
+                    .filter_map(|name| self.stop_target(name).ok())
+                    .collect()
+            })
+            .collect();
+        Box::pin(async move {
+            let mut stopped = Vec::new();
+            for wave in waves {
+                stopped.extend(join_all(wave).await.into_iter().flatten());
+            }
+            stopped
+        })
     }
 }
 
@@ -979,6 +1026,7 @@ impl Handler<Forget> for Broker {
         for id in &ids {
             self.processes.remove(id);
         }
+        self.logs.do_send(ForgetLogs(ids.clone()));
         // The Router ships its last counters of them first (its batch
         // reaches the store before the word to forget them).
         let (router, metrics) = (self.router.clone(), self.metrics.clone());

@@ -14,6 +14,9 @@
 //!   `link` (a process's way in to the Router: a method call when both
 //!   share a thread, a `Route` message otherwise), `restart_policy`
 //!   (backoff, `max_restarts`, restart intensity, as plain state).
+//! - [`log_store`]: children's stderr, on a thread of its own: each
+//!   process's ring of its last lines, its followers, its file (`log_file`:
+//!   rotation, reopen), its bounded share of the broker's own log.
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
 //!   federation over NATS (DESIGN 11): heartbeats, requests and replies to
@@ -35,7 +38,9 @@ mod inbox;
 pub mod inproc;
 pub mod latency;
 mod link;
+pub mod log_file;
 pub mod log_limit;
+pub mod log_store;
 #[cfg(feature = "cluster")]
 mod membership;
 pub mod messages;

@@ -10,11 +10,14 @@
 //! - `/health`: 200 while the broker runs.
 //! - `/ready`: 200 once every configured service has a ready worker, else
 //!   503; the body says which are not.
+//! - `/logs/{process}`: a process's last stderr lines, or (`?follow=1`)
+//!   every new one as server-sent events ([`logs`]).
 //!
 //! The server does not handle signals itself (`disable_signals`): the broker
 //! owns shutdown and stops the server as its last step.
 
 pub mod events;
+pub mod logs;
 pub mod metrics;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -24,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::actors::messages::GetLatencySums;
 use crate::embed::BrokerHandle;
-use crate::protocol::rpc::ProcessStatus;
+use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 
 struct State {
     broker: BrokerHandle,
@@ -73,6 +76,7 @@ impl Admin {
                     web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
                 )
                 .route("/ready", web::get().to(ready_page))
+                .route("/logs/{process}", web::get().to(logs_page))
         })
         .workers(1)
         .disable_signals()
@@ -155,6 +159,38 @@ async fn metrics_page(state: web::Data<State>) -> HttpResponse {
     }
 }
 
+async fn logs_page(
+    state: web::Data<State>,
+    process: web::Path<String>,
+    query: web::Query<logs::LogsQuery>,
+) -> HttpResponse {
+    logs::logs_page(
+        &state.broker,
+        state.closing.clone(),
+        process.into_inner(),
+        query.into_inner(),
+    )
+    .await
+}
+
+/// Ready workers per service of `services` (each listed, 0 if none), and
+/// whether every one has at least one: what `/ready` answers, and what
+/// `procbroker run` waits for before it tells systemd it is ready.
+pub fn readiness(
+    processes: &[ProcessInfo],
+    services: &[String],
+) -> (bool, BTreeMap<String, usize>) {
+    let mut ready: BTreeMap<String, usize> = services.iter().map(|s| (s.clone(), 0)).collect();
+    for p in processes {
+        if p.status == ProcessStatus::Ready
+            && let Some(n) = ready.get_mut(p.service.as_str())
+        {
+            *n += 1;
+        }
+    }
+    (ready.values().all(|&n| n > 0), ready)
+}
+
 async fn ready_page(state: web::Data<State>) -> HttpResponse {
     let processes = match state.broker.processes().await {
         Ok(p) => p,
@@ -164,15 +200,7 @@ async fn ready_page(state: web::Data<State>) -> HttpResponse {
         Ok(services) => services.clone(),
         Err(e) => return unavailable(e),
     };
-    let mut ready: BTreeMap<&str, usize> = services.iter().map(|s| (s.as_str(), 0)).collect();
-    for p in &processes {
-        if p.status == ProcessStatus::Ready
-            && let Some(n) = ready.get_mut(p.service.as_str())
-        {
-            *n += 1;
-        }
-    }
-    let all = ready.values().all(|&n| n > 0);
+    let (all, ready) = readiness(&processes, &services);
     let body = serde_json::json!({ "ready": all, "ready_workers": ready });
     if all {
         HttpResponse::Ok().json(body)

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{BrokerConfig, ClusterConfig, SELF_COMMAND, ServiceConfig};
+use super::run_as::ChildSetup;
+use super::{BrokerConfig, ClusterConfig, LogsConfig, SELF_COMMAND, ServiceConfig};
 use crate::names;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 
@@ -38,6 +39,9 @@ pub struct FileConfig {
     /// `[cluster]` (DESIGN 11).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// `[logs]`: children's stderr.
+    #[serde(default)]
+    pub logs: LogsSection,
     /// `[[service]]`, in order.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -118,6 +122,41 @@ impl Default for SysmonSection {
         }
     }
 }
+
+/// `[logs]`: children's stderr lines, besides each process's ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsSection {
+    /// `""`: no files; else each process's lines also go to
+    /// `dir/{process}.log` (relative to the config file's folder).
+    pub dir: String,
+    /// Rotate before a line would take a file past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept per process.
+    pub keep: u32,
+    /// Children's lines also go to the broker's own log.
+    pub to_broker_log: bool,
+    /// Per process, at most this many of them a second.
+    pub broker_log_lines_per_s: u32,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        let d = LogsConfig::default();
+        Self {
+            dir: String::new(),
+            max_bytes: d.max_bytes,
+            keep: d.keep,
+            to_broker_log: d.to_broker_log,
+            broker_log_lines_per_s: d.broker_log_lines_per_s,
+        }
+    }
+}
+
+/// The smallest `[logs] max_bytes`.
+pub const MIN_LOG_FILE_BYTES: u64 = 1024;
+/// The most rotated files `[logs] keep` may ask for.
+pub const MAX_LOG_FILES_KEPT: u32 = 1000;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -205,7 +244,7 @@ impl Loaded {
         for (name, value) in env {
             let key = env_key(&name).ok_or_else(|| ConfigError::Override {
                 origin: format!("environment variable {name}"),
-                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS, PROCBROKER_CLUSTER_…)".into(),
+                message: "not a setting (PROCBROKER_BROKER_…, PROCBROKER_ADMIN_LISTEN, PROCBROKER_SYSMON_INTERVAL_MS, PROCBROKER_CLUSTER_…, PROCBROKER_LOGS_…)".into(),
             })?;
             file = apply(file, &key, &value, &format!("environment variable {name}"))?;
         }
@@ -268,6 +307,25 @@ impl Loaded {
         }
         if let Err((key, message)) = self.file.cluster.check() {
             return Err(invalid(key.into(), &message));
+        }
+        let logs = &self.file.logs;
+        if logs.max_bytes < MIN_LOG_FILE_BYTES {
+            return Err(invalid(
+                "logs.max_bytes".into(),
+                &format!("must be at least {MIN_LOG_FILE_BYTES}"),
+            ));
+        }
+        if logs.keep > MAX_LOG_FILES_KEPT {
+            return Err(invalid(
+                "logs.keep".into(),
+                &format!("must be 0 … {MAX_LOG_FILES_KEPT}"),
+            ));
+        }
+        if logs.broker_log_lines_per_s == 0 {
+            return Err(invalid(
+                "logs.broker_log_lines_per_s".into(),
+                "must be at least 1 (to_broker_log = false keeps children's lines out of the broker's log)",
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.file.services.iter().enumerate() {
@@ -340,8 +398,67 @@ impl Loaded {
                     "need a method and interval_ms, timeout_ms, failures of at least 1",
                 ));
             }
+            // Limits against the broker's own, user and group (root
+            // only), cwd: checked here so a start or a reload is refused
+            // before anything runs.
+            if let Err(e) = ChildSetup::resolve(&self.resolved(s)) {
+                return Err(invalid(format!("service[{i}].{}", e.key), &e.message));
+            }
+        }
+        if let Err(e) = self.start_order() {
+            return Err(invalid(self.depends_on_key(&e), &e.to_string()));
         }
         Ok(())
+    }
+
+    /// The key an ordering error is reported under: the `depends_on` of
+    /// the (first) service involved.
+    fn depends_on_key(&self, e: &super::order::OrderError) -> String {
+        let name = match e {
+            super::order::OrderError::Unknown { service, .. } => Some(service),
+            super::order::OrderError::Cycle { cycle } => cycle.first(),
+        };
+        let index = name.and_then(|n| self.file.services.iter().position(|s| &s.name == n));
+        match index {
+            Some(i) => format!("service[{i}].depends_on"),
+            None => "depends_on".into(),
+        }
+    }
+
+    /// The configured services, as indices into `file.services`, in the
+    /// order they start (each after what it `depends_on`).
+    pub fn start_order(&self) -> Result<Vec<usize>, super::order::OrderError> {
+        let view: Vec<(&str, &[String])> = self
+            .file
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.depends_on.as_slice()))
+            .collect();
+        super::order::start_order(&view)
+    }
+
+    /// The configured services in the order they start.
+    pub fn services_in_start_order(&self) -> Vec<ServiceConfig> {
+        match self.start_order() {
+            Ok(order) => order
+                .into_iter()
+                .filter_map(|i| self.file.services.get(i).cloned())
+                .collect(),
+            // A loaded configuration was checked; keep the file's order.
+            Err(_) => self.file.services.clone(),
+        }
+    }
+
+    /// `s` with its `cwd` as it will be used (relative to the file's folder).
+    fn resolved(&self, s: &ServiceConfig) -> ServiceConfig {
+        let mut s = s.clone();
+        if let Some(dir) = self.path.as_deref().and_then(Path::parent)
+            && !s.cwd.is_empty()
+            && Path::new(&s.cwd).is_relative()
+        {
+            s.cwd = dir.join(&s.cwd).display().to_string();
+        }
+        s
     }
 
     /// A relative `command` with a `/` is relative to the file's folder, and
@@ -353,7 +470,16 @@ impl Loaded {
         let Some(dir) = self.path.as_deref().and_then(Path::parent) else {
             return;
         };
+        // `cwd` and `[logs] dir` too; with the embedded default they stay
+        // relative to the broker's working directory.
+        let logs = &mut self.file.logs.dir;
+        if !logs.is_empty() && Path::new(logs.as_str()).is_relative() {
+            *logs = dir.join(&*logs).display().to_string();
+        }
         for s in &mut self.file.services {
+            if !s.cwd.is_empty() && Path::new(&s.cwd).is_relative() {
+                s.cwd = dir.join(&s.cwd).display().to_string();
+            }
             let p = Path::new(&s.command);
             if s.command != SELF_COMMAND && p.is_relative() && s.command.contains('/') {
                 s.command = dir.join(p).display().to_string();
@@ -386,7 +512,20 @@ impl Loaded {
             latency_window: Duration::from_millis(b.latency_window_ms.max(1)),
             cluster: self.file.cluster.clone(),
             max_workers: b.max_workers,
+            logs: self.logs_config(),
             ..BrokerConfig::default()
+        }
+    }
+
+    /// The `[logs]` settings for the actors.
+    pub fn logs_config(&self) -> LogsConfig {
+        let l = &self.file.logs;
+        LogsConfig {
+            dir: (!l.dir.is_empty()).then(|| PathBuf::from(&l.dir)),
+            max_bytes: l.max_bytes,
+            keep: l.keep,
+            to_broker_log: l.to_broker_log,
+            broker_log_lines_per_s: l.broker_log_lines_per_s,
         }
     }
 
@@ -399,7 +538,7 @@ impl Loaded {
 /// `PROCBROKER_BROKER_QUEUE_CAPACITY` → `broker.queue_capacity`.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix("PROCBROKER_")?.to_ascii_lowercase();
-    ["broker", "admin", "sysmon", "cluster"]
+    ["broker", "admin", "sysmon", "cluster", "logs"]
         .into_iter()
         .find_map(|section| {
             rest.strip_prefix(section)
@@ -423,7 +562,7 @@ fn apply(
     let Some((section, name)) = key.split_once('.') else {
         return Err(fail(format!("{key:?} is not section.key")));
     };
-    if !matches!(section, "broker" | "admin" | "sysmon" | "cluster") {
+    if !matches!(section, "broker" | "admin" | "sysmon" | "cluster" | "logs") {
         return Err(fail(format!(
             "no section [{section}] to set (services are set in the file)"
         )));

@@ -3,8 +3,11 @@
 
 pub mod cluster;
 pub mod file;
+pub mod order;
+pub mod run_as;
 
 pub use cluster::{Balance, ClusterConfig, NatsUrls};
+pub use run_as::{Limits, UserRef};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -51,6 +54,39 @@ pub struct BrokerConfig {
     /// Most workers one subprocess service may have (`Spawn`, `Scale`,
     /// the config file).
     pub max_workers: u32,
+    /// Children's stderr: the ring, the files, the broker's own log
+    /// (`[logs]`).
+    pub logs: LogsConfig,
+}
+
+/// `[logs]`: where children's stderr lines go besides the ring of each
+/// process's last [`RING_LINES`](crate::actors::log_store::RING_LINES)
+/// lines, which is always kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsConfig {
+    /// Each process's lines also go to `dir/{process}.log` (`None`: no files).
+    pub dir: Option<std::path::PathBuf>,
+    /// A file is rotated before a line would take it past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`{process}.log.1` the newest).
+    pub keep: u32,
+    /// Children's lines also go to the broker's own log.
+    pub to_broker_log: bool,
+    /// At most this many lines a second per process go to the broker's own
+    /// log; the rest are counted in one "N lines suppressed" line.
+    pub broker_log_lines_per_s: u32,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: 10 * 1024 * 1024,
+            keep: 5,
+            to_broker_log: true,
+            broker_log_lines_per_s: 100,
+        }
+    }
 }
 
 /// The default of [`BrokerConfig::max_workers`].
@@ -73,6 +109,7 @@ impl Default for BrokerConfig {
             latency_window: Duration::from_secs(60),
             cluster: ClusterConfig::default(),
             max_workers: DEFAULT_MAX_WORKERS,
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -126,6 +163,26 @@ pub struct ServiceConfig {
     /// dropped and counted).
     #[serde(default)]
     pub events_to: String,
+    /// Resource limits of each child, soft and hard (`setrlimit` before
+    /// exec); none by default: the broker's own are inherited.
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    pub limits: Limits,
+    /// The children's working directory (`""`: the broker's). A relative
+    /// one is relative to the config file's folder.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cwd: String,
+    /// Run the children as this user (a name, or a number); the broker must
+    /// run as root. They get its primary group and supplementary groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserRef>,
+    /// Run the children with this group (a name, or a number) as their
+    /// primary group; the broker must run as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<UserRef>,
+    /// Services that must have all their workers ready before this one
+    /// starts; at shutdown this one stops first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
 }
 
 /// `protocol = "procbroker" | "msgpack-rpc"`.
@@ -196,6 +253,11 @@ impl ServiceConfig {
             ready_probe: String::new(),
             calls_to: String::new(),
             events_to: String::new(),
+            limits: Limits::default(),
+            cwd: String::new(),
+            user: None,
+            group: None,
+            depends_on: Vec::new(),
         }
     }
 
@@ -300,6 +362,37 @@ impl ServiceConfig {
     /// Sets the restart policy.
     pub fn restart(mut self, policy: RestartPolicy) -> Self {
         self.restart = policy;
+        self
+    }
+
+    /// Sets the resource limits of each child.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the children's working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = dir.into();
+        self
+    }
+
+    /// Runs the children as `user` (the broker must run as root).
+    pub fn user(mut self, user: impl Into<UserRef>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Runs the children with `group` as their primary group.
+    pub fn group(mut self, group: impl Into<UserRef>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Starts only once every worker of each of `services` is ready, and
+    /// stops before them.
+    pub fn depends_on<I: IntoIterator<Item = S>, S: Into<String>>(mut self, services: I) -> Self {
+        self.depends_on = services.into_iter().map(Into::into).collect();
         self
     }
 

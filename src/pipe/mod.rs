@@ -18,7 +18,7 @@ pub(crate) use outbox::tests as outbox_tests;
 mod wire;
 
 pub use batches::Batches;
-pub use log_lines::LogLines;
+pub use log_lines::{CUT_MARK, LogLines};
 pub use outbox::{Outbox, OutboxError};
 pub use wire::WireCodec;
 

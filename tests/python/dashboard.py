@@ -2,6 +2,7 @@
 
 Usage: dashboard.py URL PIDS_JSON SCREENSHOT
        dashboard.py --cluster URL NODE PID
+       dashboard.py --logs URL PROCESS SCREENSHOT
 
 PIDS_JSON maps each echo worker's process id to its real pid. The script
 checks that the page shows every worker with that pid, that its numbers
@@ -15,6 +16,12 @@ With --cluster, the page of a broker in a cluster: NODE (another broker,
 pid PID) must be listed as up with its services and a reply rate; the
 script then kills it (SIGKILL) and the row must say it is gone, with no
 reload and no console errors. It prints {"node": NODE, "gone": true}.
+
+With --logs, the page of a broker whose process PROCESS writes "tick N"
+lines to stderr a few times a second: clicking its row must open the logs
+panel with its newest lines, and new ticks must appear there without a
+reload; clicking the row again closes it. It saves a screenshot with the
+panel open and prints {"process": PROCESS, "first": N, "later": M}.
 """
 
 import json
@@ -104,9 +111,63 @@ def cluster_main(url, node, pid):
         driver.quit()
 
 
+def ticks(driver):
+    """The tick numbers shown in the logs panel, in order."""
+    text = driver.find_element(By.ID, "logs").text
+    return [int(line.rsplit("tick ", 1)[1]) for line in text.splitlines()
+            if "tick " in line and line.rsplit("tick ", 1)[1].isdigit()]
+
+
+def logs_main(url, process, screenshot):
+    driver = browser()
+    try:
+        driver.get(url)
+        driver.execute_script("window.__loaded_once = true;")
+        row = f'tr[data-process="{process}"]'
+        wait_until(f"{process} is listed", lambda: driver.find_elements(By.CSS_SELECTOR, row))
+        if driver.find_element(By.ID, "logs-panel").is_displayed():
+            fail("the logs panel is open before any click")
+        # The rows are redrawn every second: retry a click on a stale one.
+        wait_until(f"click {process}", lambda: driver.find_element(
+            By.CSS_SELECTOR, f"{row} td").click() is None)
+        wait_until("the logs panel opens",
+                   lambda: driver.find_element(By.ID, "logs-panel").is_displayed())
+        wait_until("the panel names the process",
+                   lambda: driver.find_element(By.ID, "logs-process").text == process)
+        wait_until("the clicked row is marked", lambda: "selected" in
+                   driver.find_element(By.CSS_SELECTOR, row).get_attribute("class"))
+        first = wait_until("the panel shows ticks", lambda: ticks(driver))[-1]
+        # Each line starts with the time the broker read it.
+        line = driver.find_element(By.CSS_SELECTOR, "#logs div").text
+        if not (len(line) > 27 and line[4] == "-" and line[10] == "T" and "Z " in line[:30]):
+            fail(f"a line without its RFC 3339 time: {line!r}")
+        later = wait_until("new ticks appear live",
+                           lambda: (t := ticks(driver)) and t[-1] >= first + 3 and t[-1])
+        shown = ticks(driver)
+        if shown != sorted(shown) or len(shown) != len(set(shown)):
+            fail(f"ticks out of order or repeated: {shown}")
+        wait_until("the link says live",
+                   lambda: driver.find_element(By.ID, "link").text == "live")
+        if not driver.execute_script("return window.__loaded_once === true"):
+            fail("the page was reloaded")
+        os.makedirs(os.path.dirname(os.path.abspath(screenshot)), exist_ok=True)
+        if not driver.save_screenshot(screenshot):
+            fail(f"could not save {screenshot}")
+        wait_until(f"click {process} again", lambda: driver.find_element(
+            By.CSS_SELECTOR, f"{row} td").click() is None)
+        wait_until("a second click closes the panel",
+                   lambda: not driver.find_element(By.ID, "logs-panel").is_displayed())
+        no_console_errors(driver)
+        print(json.dumps({"process": process, "first": first, "later": later}))
+    finally:
+        driver.quit()
+
+
 def main():
     if sys.argv[1] == "--cluster":
         return cluster_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1] == "--logs":
+        return logs_main(sys.argv[2], sys.argv[3], sys.argv[4])
     url, pids, screenshot = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     driver = browser()
     try:

@@ -236,3 +236,180 @@ pub fn assert_baseline_measured(v: &serde_json::Value) {
     );
     assert!(v["ratio_p50"].as_f64().is_some_and(|r| r > 0.0), "{v}");
 }
+
+/// A `procbroker run --config FILE` of the real binary, its log (JSON
+/// lines) read by a thread; killed (SIGKILL) if still running when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Every log line read so far.
+    pub log: Vec<serde_json::Value>,
+    /// Bytes of log read so far.
+    pub log_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The `message` field of a JSON log line.
+pub fn message(v: &serde_json::Value) -> String {
+    v["fields"]["message"].as_str().unwrap_or("").to_owned()
+}
+
+impl Daemon {
+    /// Starts `procbroker run --config config` with `env` set.
+    pub fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(BIN);
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .env("LOG_FORMAT", "json")
+            .env("LOG_LEVEL", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("procbroker run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = std::sync::Arc::clone(&log_bytes);
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stderr);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        let v = serde_json::from_str(&line).unwrap_or_else(
+                            |_| serde_json::json!({"fields": {"message": line.trim_end()}}),
+                        );
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+            log_bytes,
+        }
+    }
+
+    /// Reads log lines until one whose message contains `text` (within
+    /// `within`); returns it.
+    pub fn wait_for(&mut self, text: &str, within: Duration) -> serde_json::Value {
+        if let Some(v) = self.log.iter().find(|v| message(v).contains(text)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.log.push(v.clone());
+                    if message(&v).contains(text) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {text:?} within {within:?}; log: {:#?}",
+                    self.log.iter().map(message).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// Takes in the log lines that came so far (waiting up to `for_`).
+    pub fn drain(&mut self, for_: Duration) {
+        let deadline = Instant::now() + for_;
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.log.push(v);
+        }
+    }
+
+    /// The admin address it logged.
+    pub fn admin(&mut self) -> String {
+        self.wait_for("admin HTTP listening", Duration::from_secs(15))["fields"]["addr"]
+            .as_str()
+            .expect("addr")
+            .to_owned()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("signal the broker");
+    }
+
+    /// SIGTERM, then waits (10 s at most) for its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                self.drain(Duration::from_secs(2));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the broker did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh temporary folder for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("procbroker-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A plain blocking HTTP GET on loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}

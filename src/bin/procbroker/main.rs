@@ -13,6 +13,8 @@ mod cpu;
 mod interrupt;
 mod jsonl;
 mod logging;
+mod logs;
+mod notify;
 mod reload;
 mod run;
 mod stats;
@@ -92,6 +94,27 @@ enum Command {
         /// Redraw the table every second, like `top`, until Ctrl-C.
         #[arg(long)]
         watch: bool,
+    },
+    /// Show a process's last stderr lines, or a service's (its workers'
+    /// lines merged in time order, each prefixed with its process id), from
+    /// a running broker's admin endpoint (`/logs/{process}`).
+    ///
+    /// Each line: the time the broker read it (RFC 3339, UTC), a space, the
+    /// line as the child wrote it. With -f, new lines as they come, until
+    /// Ctrl-C or the broker stops.
+    Logs {
+        /// A process id (`echo.2`) or a service (`echo`).
+        #[arg(value_name = "PROCESS|SERVICE")]
+        target: String,
+        /// How many of the newest lines (in total, for a service).
+        #[arg(short = 'n', long = "lines", default_value_t = 100)]
+        lines: usize,
+        /// Follow: print new lines as they come.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The admin endpoint (`[admin] listen` of the running broker).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
     },
     /// Run a built-in worker on stdin/stdout (the broker spawns these; with
     /// `command = "@self"` a config re-executes this binary).
@@ -175,6 +198,12 @@ fn run_command(command: Command) -> Result<()> {
                 stats::stats(&admin, json)
             }
         }
+        Command::Logs {
+            target,
+            lines,
+            follow,
+            admin,
+        } => logs::logs(&admin, &target, lines, follow),
         Command::Bench(args) => {
             // Quiet unless asked: the result goes to stdout, progress to stderr.
             logging::init("warn")?;

@@ -3,8 +3,8 @@
 //! not load changes nothing. New services start, removed ones are drained
 //! and stopped, a changed `workers` is a Scale, any other change to a
 //! service a rolling Restart with its new settings. `[broker]`, `[admin]`,
-//! `[sysmon]` and `[cluster]` cannot change live: a change there is logged
-//! as ignored.
+//! `[sysmon]`, `[cluster]` and `[logs]` cannot change live: a change there
+//! is logged as ignored.
 
 use procbroker::actors::broker::ControlError;
 use procbroker::config::ServiceConfig;
@@ -33,6 +33,7 @@ pub async fn reload(
         ("admin", old.admin == next.admin),
         ("sysmon", old.sysmon == next.sysmon),
         ("cluster", old.cluster == next.cluster),
+        ("logs", old.logs == next.logs),
     ] {
         if !same {
             tracing::warn!(
@@ -56,7 +57,9 @@ pub async fn reload(
             }
         }
     }
-    for spec in &next.services {
+    // New services start after what they depend on; a changed service
+    // restarts alone: nothing cascades to what depends on it.
+    for spec in &new.services_in_start_order() {
         match find(&old.services, &spec.name) {
             None => match broker.spawn(spec.clone()).await {
                 Ok(spawned) => {

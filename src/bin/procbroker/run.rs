@@ -2,12 +2,16 @@
 
 use anyhow::{Context, Result, bail};
 use procbroker::actors::broker::SpawnError;
+use procbroker::actors::log_file::prepare_dir;
 use procbroker::admin::Admin;
 use procbroker::config::file::Loaded;
 use procbroker::embed::ProcBroker;
 use procbroker::protocol::rpc::ProcessStatus;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::notify::Notifier;
 
 /// Each child costs the broker about four descriptors (three pipes and its
 /// pidfd or signal plumbing): raise the soft limit on open files to the hard
@@ -33,6 +37,17 @@ pub fn run(config: Option<PathBuf>, sets: &[String]) -> Result<()> {
         || "the embedded default".to_owned(),
         |p| p.display().to_string(),
     );
+    // A log directory that cannot work is a mistake to say now, not a
+    // surprise at the first line (a later failure is logged and the rings
+    // go on).
+    if let Some(dir) = loaded.logs_config().dir {
+        prepare_dir(&dir).with_context(|| {
+            format!(
+                "{origin}: logs.dir = {:?}: cannot create it or write a file in it",
+                dir.display().to_string()
+            )
+        })?;
+    }
     let sets = sets.to_vec();
     block_on_task(async move { serve(loaded, origin, config, &sets).await })
 }
@@ -71,7 +86,11 @@ async fn serve(
     // SIGHUP's default action would kill the broker and every child with
     // it; operators send it expecting a reload, never a stop.
     let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // SIGUSR1 reopens the log files (for logrotate and the like); its
+    // default action would kill the broker, so it is always handled.
+    let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     let broker = ProcBroker::builder().config(loaded.broker_config()).start();
+    let notifier = Notifier::from_env(service_names(&loaded));
     tracing::info!(config = %origin, services = loaded.file.services.len(), "procbroker starting");
     if loaded.file.services.is_empty() {
         tracing::warn!(config = %origin, "no [[service]] configured: the broker runs with none (Spawn can add some)");
@@ -116,6 +135,7 @@ async fn serve(
     match started {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            notifier.stopping();
             broker.shutdown().await;
             if let Some(admin) = admin {
                 admin.stop().await;
@@ -130,6 +150,7 @@ async fn serve(
             if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
                 tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
             }
+            notifier.stopping();
             let report = broker.shutdown().await;
             if let Some(admin) = admin {
                 admin.stop().await;
@@ -144,6 +165,9 @@ async fn serve(
         }
     }
     tracing::info!("procbroker running; SIGTERM or SIGINT to stop");
+    // READY=1 once /ready would say 200, then STATUS= and watchdog pings,
+    // on this thread: the Router's.
+    actix::spawn(std::rc::Rc::clone(&notifier).watch(broker.clone()));
     let mut current = loaded;
     let signal = loop {
         // Biased: signals that arrived during start-up are all pending at
@@ -152,8 +176,14 @@ async fn serve(
             biased;
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
+            _ = usr1.recv() => {
+                if !broker.reopen_logs().await {
+                    tracing::info!("SIGUSR1: no [logs] dir is configured; nothing to reopen");
+                }
+            }
             _ = hangup.recv() => {
                 tracing::info!(config = %origin, "SIGHUP: reloading the configuration");
+                notifier.reloading();
                 // A rolling restart may take a while; a stop signal meanwhile
                 // abandons the reload and stops the broker.
                 let reloading = crate::reload::reload(&broker, current, path.as_deref(), sets);
@@ -165,8 +195,10 @@ async fn serve(
                     }
                     new = reloading => {
                         if let Some(admin) = &admin {
-                            admin.set_services(new.file.services.iter().map(|s| s.name.clone()).collect());
+                            admin.set_services(service_names(&new));
                         }
+                        notifier.set_services(service_names(&new));
+                        notifier.reloaded(&broker).await;
                         current = new;
                     }
                 }
@@ -179,6 +211,7 @@ async fn serve(
         tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
     }
     tracing::info!(signal, "shutting down");
+    notifier.stopping();
     let report = broker.shutdown().await;
     if let Some(admin) = admin {
         admin.stop().await;
@@ -204,16 +237,67 @@ async fn stop_signal(
     }
 }
 
-/// Starts the configured services in order; a service that cannot start
-/// as configured is an error (what was started is then stopped by the
-/// caller).
+/// The configured services' names.
+fn service_names(loaded: &Loaded) -> Vec<String> {
+    loaded
+        .file
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Waits until every worker of each service in `depends_on` is ready. A
+/// dependency with a worker that has given up (`failed`), or that exited
+/// after it was ready and is not restarted (`stopped`), will never be
+/// ready: that is an error naming both services.
+async fn await_dependencies(
+    broker: &procbroker::embed::BrokerHandle,
+    service: &str,
+    depends_on: &[String],
+    origin: &str,
+) -> Result<()> {
+    let mut said = false;
+    loop {
+        let table = broker.processes().await.unwrap_or_default();
+        let mut waiting = Vec::new();
+        for dep in depends_on {
+            for p in table.iter().filter(|p| &p.service == dep) {
+                match p.status {
+                    ProcessStatus::Ready => {}
+                    ProcessStatus::Failed | ProcessStatus::Stopped => bail!(
+                        "{origin}: service {service:?} depends on {dep:?}, whose worker {} is {}                          and will not become ready",
+                        p.id,
+                        p.status
+                    ),
+                    _ => waiting.push(p.id.clone()),
+                }
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if !said {
+            said = true;
+            tracing::info!(service, waiting_for = %waiting.join(", "),
+                "waiting for the workers it depends on to be ready");
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the configured services, each after every worker of what it
+/// `depends_on` is ready (the file's order otherwise); a service that
+/// cannot start as configured is an error (what was started is then
+/// stopped by the caller, in the reverse order).
 async fn start_services(
     broker: &procbroker::embed::BrokerHandle,
     loaded: &Loaded,
     origin: &str,
 ) -> Result<()> {
-    for service in loaded.file.services.clone() {
+    for service in loaded.services_in_start_order() {
         let name = service.name.clone();
+        await_dependencies(broker, &name, &service.depends_on, origin).await?;
         match broker.spawn(service).await {
             Ok(spawned) => {
                 let started = spawned.iter().filter(|p| p.pid.is_some()).count();
@@ -243,7 +327,8 @@ async fn start_services(
             Err(
                 e @ (SpawnError::CannotRun { .. }
                 | SpawnError::TooMany { .. }
-                | SpawnError::NoRoom { .. }),
+                | SpawnError::NoRoom { .. }
+                | SpawnError::RunAs { .. }),
             ) => bail!("{origin}: {e}"),
             Err(e) => bail!("{origin}: service {name:?}: {e}"),
         }
