@@ -100,6 +100,12 @@ impl<S: Sink> Core<S> {
         }
     }
 
+    /// Where the effects go.
+    #[cfg(test)]
+    pub(crate) fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
     /// The slot of sending process `from`. A batch comes from one process:
     /// its slot is looked up once. Routing cannot move it to another slot
     /// (only a registration reuses a slot, and that is another input); a
@@ -628,3 +634,6 @@ impl<S: Sink> Core<S> {
         self.draining = draining;
     }
 }
+
+#[cfg(test)]
+mod tests;

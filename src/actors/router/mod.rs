@@ -23,6 +23,8 @@ mod sink;
 mod table;
 
 #[cfg(test)]
+mod recorder;
+#[cfg(test)]
 mod tests;
 
 use actix::prelude::*;
