@@ -25,6 +25,8 @@ mod table;
 #[cfg(test)]
 mod recorder;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
 use actix::prelude::*;

@@ -228,6 +228,12 @@ impl<C> PendingTable<C> {
         self.deadlines = BinaryHeap::from(heap);
     }
 
+    /// Each request in flight and its worker.
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &ByteString)> {
+        self.map.iter().map(|(key, p)| (key, &p.worker))
+    }
+
     #[cfg(test)]
     pub(crate) fn heap_len(&self) -> usize {
         self.deadlines.len()
