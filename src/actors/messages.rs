@@ -102,7 +102,7 @@ pub struct RemoveProcess {
     pub reason: String,
 }
 
-/// Frames from process `from` that were not valid envelopes (DESIGN 5.4):
+/// Frames from process `from` that were not valid envelopes:
 /// counted as `bad_frames`; a salvaged request (reported alone, `count` 1)
 /// gets `bad_request`.
 #[derive(Debug, Message)]
