@@ -27,9 +27,10 @@
 //!   the last change, round-robin counts differ by at most one;
 //! - every input settles each port it delivered to, once.
 //!
-//! proptest generates the sequences and shrinks a failing one to a minimal
-//! one; the failure names the seed (`ROUTER_SIM_SEED` replays it) and
-//! prints the minimal sequence with what each step did.
+//! proptest generates the sequences and shrinks a failing one, then every
+//! step it still fails without is dropped; the failure names the seed
+//! (`ROUTER_SIM_SEED` replays it) and prints the minimal sequence with what
+//! each step did.
 
 use bytestring::ByteString;
 use proptest::prelude::*;
@@ -1002,19 +1003,45 @@ fn simulate(seed: u64, cases: u32, steps: usize) {
     let strategy = prop::collection::vec(op(), 1..=steps);
     match runner.run(&strategy, |ops| play(&ops)) {
         Ok(()) => {}
-        Err(TestError::Fail(reason, ops)) => panic!(
-            "router simulation failed (seed {seed}; rerun with ROUTER_SIM_SEED={seed}).\n\
-             Minimal failing sequence, {} operations:\n{}\n{reason}",
-            ops.len(),
-            ops.iter()
-                .map(|op| format!("  {op:?}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
+        Err(TestError::Fail(reason, ops)) => {
+            let ops = without_needless_steps(ops);
+            // Played once more, so that the steps shown are this sequence's
+            // (proptest keeps the reason of the last failure it saw).
+            let reason = match play(&ops) {
+                Err(replayed) => replayed.to_string(),
+                Ok(()) => reason.to_string(),
+            };
+            panic!(
+                "router simulation failed (seed {seed}; rerun with ROUTER_SIM_SEED={seed}).\n\
+                 Minimal failing sequence, {} operations:\n{}\n{reason}",
+                ops.len(),
+                ops.iter()
+                    .map(|op| format!("  {op:?}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        }
         Err(TestError::Abort(reason)) => {
             panic!("router simulation aborted (seed {seed}): {reason}")
         }
     }
+}
+
+/// `ops` (failing) without every step it still fails without: proptest's
+/// shrinking can stop at a sequence from which single steps still go.
+fn without_needless_steps(mut ops: Vec<Op>) -> Vec<Op> {
+    let mut i = 0;
+    while i < ops.len() && ops.len() > 1 {
+        let mut fewer = ops.clone();
+        fewer.remove(i);
+        if play(&fewer).is_err() {
+            ops = fewer;
+            i = 0;
+        } else {
+            i += 1;
+        }
+    }
+    ops
 }
 
 /// Cases to run: `ROUTER_SIM_CASES`, else `default`.
