@@ -42,7 +42,8 @@ use crate::actors::messages::{
     TrackProcess,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
-use crate::actors::router::{self, Router, RouterKey};
+use crate::actors::router::Router;
+use crate::actors::same_thread::{RouterKey, call_here};
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
 use crate::config::{BrokerConfig, ServiceConfig};
@@ -279,7 +280,7 @@ impl BrokerHandle {
             envelope: request,
             reply,
         };
-        if let Some(call) = router::call_here(self.0.router_key, call) {
+        if let Some(call) = call_here(self.0.router_key, call) {
             self.0.router.do_send(call);
         }
         let envelope = answer.await.map_err(|_| CallError::Closed)?;

@@ -6,16 +6,17 @@
 //!
 //! - **stdout**: an actix stream of envelope batches ([`EnvelopeCodec`],
 //!   what one read brought: [`pipe::Batches`]) behind a [`Paced`] gate.
-//!   Each batch goes to the Router through the incarnation's inbox (a
+//!   Each batch goes to the Router through the incarnation's link (a
 //!   method call once the Router has registered it on this thread, a
-//!   `Route` message before that or from another thread). Each envelope
+//!   `Route` message before that or from another thread; module
+//!   `same_thread`). Each envelope
 //!   gets its `source` stamped by the Router from the id registered here,
 //!   so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
 //!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
 //! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames,
-//!   behind the incarnation's inbox (module `inbox`), which the Router
+//!   behind the incarnation's inbox (module `same_thread`), which the Router
 //!   calls directly when it runs on this thread (the broker starts them
 //!   together) and this actor's [`Deliver`] handler calls otherwise. A
 //!   request or event that finds it full is bounced (`busy`); replies always
@@ -55,7 +56,6 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{Health, Verdict};
-use super::inbox::{Handoff, Inbox};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::log_store::{AttachStderr, LogStore};
 use super::messages::{
@@ -65,6 +65,7 @@ use super::messages::{
 use super::pacer::{Paced, Pacer};
 use super::restart_policy::{Decision, Restarts};
 use super::router::Router;
+use super::same_thread::{Handoff, Inbox, RouterLink};
 use super::sysmon::Sysmon;
 use crate::config::run_as::ChildSetup;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
@@ -107,6 +108,8 @@ struct Incarnation {
     outbox: Rc<Outbox>,
     /// What the Router delivers to this incarnation goes through here.
     inbox: Rc<Inbox>,
+    /// What this incarnation sends goes to the Router through here.
+    link: Rc<RouterLink>,
     pacer: Arc<Pacer>,
     stdout: SpawnHandle,
     signals: mpsc::UnboundedSender<Signal>,
@@ -368,18 +371,20 @@ impl Bridge {
         let (signals, signal_rx) = mpsc::unbounded_channel();
         actix::spawn(watch(child, signal_rx, ctx.address(), generation));
 
+        let router = &self.peers.router;
         let inbox = Rc::new(Inbox::new(
             self.id.clone(),
             capacity,
             &outbox,
             Arc::clone(&pacer),
-            self.peers.router.clone(),
+            router.clone().recipient(),
         ));
+        let link = Rc::new(RouterLink::new(self.id.clone(), router.clone().recipient()));
         let ready = !self.spec.awaits_ready();
-        self.peers.router.do_send(RegisterProcess {
+        router.do_send(RegisterProcess {
             ready,
             pacer: Some(Arc::clone(&pacer)),
-            inbox: Some(Handoff::new(Rc::clone(&inbox))),
+            inbox: Some(Handoff::child(Rc::clone(&inbox), Rc::clone(&link))),
             ..RegisterProcess::new(
                 self.id.clone(),
                 self.service.clone(),
@@ -401,6 +406,7 @@ impl Bridge {
             ready,
             outbox,
             inbox,
+            link,
             pacer,
             stdout,
             signals,
@@ -810,7 +816,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
         if !envelopes.is_empty()
             && let Some(child) = &self.child
         {
-            child.inbox.link().route(envelopes);
+            child.link.route(envelopes);
         }
         if unreported > 0 {
             self.peers.router.do_send(BadFrame {

@@ -13,10 +13,8 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use std::rc::Rc;
 
-use super::inbox::Handoff;
-use super::link::RouterLink;
-use super::messages::Deliver;
-use super::router::Router;
+use super::messages::{Deliver, Route};
+use super::same_thread::{Handoff, RouterLink};
 use crate::protocol::{Envelope, MessageType};
 use crate::service::{Answer, Methods};
 
@@ -28,10 +26,11 @@ pub struct InProcessWorker {
 }
 
 impl InProcessWorker {
-    /// A worker `id` serving `methods`, replying through `router`.
-    pub fn new(id: ByteString, methods: Rc<Methods>, router: Addr<Router>) -> Self {
+    /// A worker `id` serving `methods`, replying through `router` (the
+    /// Router's address, or any recipient of its `Route`s).
+    pub fn new(id: ByteString, methods: Rc<Methods>, router: impl Into<Recipient<Route>>) -> Self {
         Self {
-            link: Rc::new(RouterLink::new(id.clone(), router)),
+            link: Rc::new(RouterLink::new(id.clone(), router.into())),
             id,
             methods,
         }

@@ -1,5 +1,5 @@
-//! The actors' vocabulary: every message that crosses from one actor to
-//! another, in one place.
+//! The actors' vocabulary: the messages that cross from one actor to
+//! another.
 //!
 //! Why one file: the actors talk in both directions (the Router delivers to
 //! bridges, bridges route through the Router; the Broker starts bridges,
@@ -8,141 +8,27 @@
 //! file, and an actor that must reach one that imports it holds a
 //! `Recipient<…>` of the message, not an `Addr` of the actor.
 //!
-//! Two messages carry envelopes: [`Route`] (a process sent these, to the
-//! Router) and [`Deliver`] (these are for a process, from the Router). Both
-//! hold [`Envelopes`], one or many in order, so there is one path for a
-//! single message and for what one pipe read brought.
+//! Two exceptions, both below this file so that nothing imports in a
+//! circle: the messages that carry envelopes ([`Route`], [`Deliver`],
+//! [`Call`], [`Publish`], [`Bounce`] and their batch, [`Envelopes`]) are
+//! defined in `envelopes.rs`, beneath the same-thread fast path that hands
+//! them on, and re-exported here; and the control requests only the Broker
+//! handles (`SpawnService`, `ScaleService`, …) are defined beside it, in
+//! `broker.rs`.
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
-use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::sync::oneshot;
 
-use super::inbox::Handoff;
 use super::pacer::Pacer;
+use super::same_thread::Handoff;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
 
-// ---------------------------------------------------------------------------
-// Envelopes on the move
-
-/// One or more envelopes, oldest first. One is held inline (no allocation),
-/// which is the common case of a sequential call.
-#[derive(Debug, Default)]
-pub struct Envelopes(SmallVec<[Envelope; 1]>);
-
-impl Envelopes {
-    /// None yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Room for `n` (more than one allocates once).
-    pub fn with_capacity(n: usize) -> Self {
-        Self(SmallVec::with_capacity(n))
-    }
-
-    /// Room for `n` more.
-    pub fn reserve(&mut self, n: usize) {
-        self.0.reserve(n);
-    }
-
-    /// Appends one.
-    #[inline]
-    pub fn push(&mut self, envelope: Envelope) {
-        self.0.push(envelope);
-    }
-
-    /// How many.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// None at all.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The envelopes, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Envelope> {
-        self.0.iter()
-    }
-}
-
-impl From<Envelope> for Envelopes {
-    fn from(envelope: Envelope) -> Self {
-        let mut one = Self::new();
-        one.push(envelope);
-        one
-    }
-}
-
-impl From<Vec<Envelope>> for Envelopes {
-    fn from(envelopes: Vec<Envelope>) -> Self {
-        Self(SmallVec::from_vec(envelopes))
-    }
-}
-
-impl IntoIterator for Envelopes {
-    type Item = Envelope;
-    type IntoIter = smallvec::IntoIter<[Envelope; 1]>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
-    }
-}
-
-/// Envelopes sent by process `from`, to the Router. Their `source` is
-/// overwritten with `from`, whatever they say.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Route {
-    /// The sending process; authoritative.
-    pub from: ByteString,
-    /// What it sent, oldest first (for a bridge: what one pipe read brought).
-    pub envelopes: Envelopes,
-}
-
-impl Route {
-    /// One envelope from `from`.
-    pub fn one(from: ByteString, envelope: Envelope) -> Self {
-        Self {
-            from,
-            envelopes: envelope.into(),
-        }
-    }
-}
-
-/// Envelopes for a process, from the Router: requests and events addressed
-/// to it, replies to its requests. The Router sends at most one `Deliver` per
-/// process for each message it handles. Whatever backs a process (a bridge,
-/// an in-process worker, the Broker) handles it; a bridge on the Router's
-/// thread gets its envelopes through its inbox instead
-/// ([`RegisterProcess::inbox`]).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Deliver(pub Envelopes);
-
-/// A request from a Rust caller of the embedding API. The Router assigns the
-/// correlation id and answers exactly once on `reply`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Call {
-    /// The request (`correlation_id` is replaced).
-    pub envelope: Envelope,
-    /// Where the reply (a response or an error envelope) goes.
-    pub reply: oneshot::Sender<Envelope>,
-}
-
-/// An event from a Rust caller of the embedding API, to a process, every
-/// ready worker of a service, or `*`. Returns how many it was delivered to.
-#[derive(Debug, Message)]
-#[rtype(result = "usize")]
-pub struct Publish(pub Envelope);
+pub use super::envelopes::{Bounce, Call, Deliver, Envelopes, Publish, Route};
 
 // ---------------------------------------------------------------------------
 // The routing table (to the Router)
@@ -216,7 +102,7 @@ pub struct RemoveProcess {
     pub reason: String,
 }
 
-/// Frames from process `from` that were not valid envelopes (DESIGN 5.4):
+/// Frames from process `from` that were not valid envelopes:
 /// counted as `bad_frames`; a salvaged request (reported alone, `count` 1)
 /// gets `bad_request`.
 #[derive(Debug, Message)]
@@ -230,23 +116,6 @@ pub struct BadFrame {
     pub error: String,
     /// The request it seems to have been, if its correlation id was readable.
     pub request: Option<SalvagedRequest>,
-}
-
-/// An envelope the process `to` could not take (its stdin backlog is full,
-/// or the frame is too large for its pipe). A request is answered with `code`
-/// on its worker's behalf and the worker's slot freed; an event is dropped.
-/// Both count as `busy_rejections` of their sender when `code` is `busy`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Bounce {
-    /// The process that could not take it.
-    pub to: ByteString,
-    /// The envelope as it was delivered.
-    pub envelope: Envelope,
-    /// Error code for the requester.
-    pub code: ErrorCode,
-    /// Error message for the requester.
-    pub message: String,
 }
 
 /// A health check of process `id` failed (counted as its

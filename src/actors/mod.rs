@@ -3,23 +3,27 @@
 //! - [`messages`]: what the actors say to each other (every message type,
 //!   and the counters the Router ships to the MetricsStore).
 //! - [`router`]: the hot path; resolves targets, delivers, keeps each
-//!   request until its one reply. Beside it, its data: `table` (processes,
-//!   services, round-robin, held deliveries), `pending` (requests in flight
-//!   and their deadlines), `deadline` (its timer tasks), [`latency`],
-//!   `nodes` (the other nodes of a cluster and the choice among them).
+//!   request until its one reply. Its decisions are a core of plain Rust
+//!   (`router/core.rs`, with its process table, pending table and
+//!   effects), the actor a thin adapter around it. Beside it: [`latency`]
+//!   (histograms), `nodes` (the other nodes of a cluster and the choice
+//!   among them), `fast_map` (the hot path's hash map).
+//! - `same_thread`: the same-thread fast path, one type per direction:
+//!   `Outlet` (Router → process: a child's inbox on this thread, or a
+//!   mailbox) and `RouterLink` (process → Router: a method call, or a
+//!   `Route` message, in order).
+//! - `envelopes`: the messages that carry envelopes (re-exported by
+//!   [`messages`]).
 //! - [`bridge`]: one per child process; its pipes, readiness, exit, restarts.
 //!   Beside it: [`health`] (its health checks), [`log_limit`] (warnings
-//!   that cannot flood the log), `inbox` (what is queued for its child or
-//!   bounced; the Router calls it directly when both share a thread),
-//!   `link` (a process's way in to the Router: a method call when both
-//!   share a thread, a `Route` message otherwise), `restart_policy`
-//!   (backoff, `max_restarts`, restart intensity, as plain state).
+//!   that cannot flood the log), `restart_policy` (backoff,
+//!   `max_restarts`, restart intensity, as plain state).
 //! - [`log_store`]: children's stderr, on a thread of its own: each
 //!   process's ring of its last lines, its followers, its file (`log_file`:
 //!   rotation, reopen), its bounded share of the broker's own log.
 //! - [`pacer`]: bounds what a child's stdout may have queued at the Router.
 //! - `cluster` (feature `cluster`): this broker's membership of a
-//!   federation over NATS (DESIGN 11): heartbeats, requests and replies to
+//!   federation over NATS: heartbeats, requests and replies to
 //!   and from other nodes. Beside it, `membership`: the rules of who is in
 //!   the cluster (identity, liveness, forgetting, bounds), with no I/O.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
@@ -32,12 +36,11 @@ pub mod bridge;
 pub mod broker;
 #[cfg(feature = "cluster")]
 pub mod cluster;
-mod deadline;
+mod envelopes;
+mod fast_map;
 pub mod health;
-mod inbox;
 pub mod inproc;
 pub mod latency;
-mod link;
 pub mod log_file;
 pub mod log_limit;
 pub mod log_store;
@@ -47,11 +50,10 @@ pub mod messages;
 pub mod metrics_store;
 mod nodes;
 pub mod pacer;
-mod pending;
 mod restart_policy;
 pub mod router;
+pub(crate) mod same_thread;
 pub mod sysmon;
-mod table;
 pub mod window;
 
-pub use inbox::Handoff;
+pub use same_thread::Handoff;

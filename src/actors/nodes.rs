@@ -11,7 +11,7 @@
 
 use bytestring::ByteString;
 
-use super::pending::FastMap;
+use super::fast_map::FastMap;
 use crate::config::Balance;
 
 /// Splits `service@node` (or `service.N@node`, `proc@node`) at its last `@`.

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::codec::Encoder;
 
-use super::WireCodec;
+use super::wire::WireCodec;
 use crate::protocol::{Envelope, FrameError};
 
 /// A buffer above this size is not kept for reuse after a write.

@@ -241,7 +241,7 @@ pub struct ProcessMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Payload;
+    use crate::protocol::payload::Payload;
     use rmpv::Value;
 
     fn keys(v: &Value) -> Vec<&str> {

@@ -1,54 +1,37 @@
 //! The Router's process table: who is registered, which service each process
-//! is a worker of, the round-robin cursor of every service (DESIGN 5.1), the
-//! per-process counts, and the envelopes held for each process until the
-//! Router finishes the message it is handling.
+//! is a worker of, the round-robin cursor of every service, the per-process
+//! counts, and the processes delivered to during the current input.
 //!
-//! Why hold envelopes: one message the Router handles (a pipe read's worth
-//! of envelopes from a bridge, a call, an expiry pass) can produce several
-//! envelopes for the same process. Each process gets them in one
-//! [`Deliver`] at the end ([`ProcessTable::send_held`]): one mailbox hop per
-//! destination, whatever the form of the input. A bridge on the Router's
-//! thread needs no hop: its inbox queues each envelope as it is routed
-//! (holding it would only move it twice more), and publishes its depth
-//! at the end.
+//! Why note who was delivered to: one input of the Router (a pipe read's
+//! worth of envelopes from a bridge, a call, an expiry pass) can produce
+//! several envelopes for the same process. Each process is settled once at
+//! the end ([`ProcessTable::settle`]): its sink port then sends what it
+//! held in one message, or publishes its queue's depth.
+//!
+//! Each process carries a port `P`, the driver's handle on it (see
+//! `sink.rs`); the table never looks inside.
 
-use actix::prelude::*;
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
-use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
-use super::inbox::{Handoff, Inbox};
-use super::latency;
-use super::link::RouterLink;
-use super::messages::{Counters, Deliver, Envelopes, RegisterProcess, RouterError};
-use super::nodes;
-use super::pacer::Pacer;
-use super::pending::FastMap;
+use super::sink::Sink;
+use crate::actors::fast_map::FastMap;
+use crate::actors::latency;
+use crate::actors::messages::{Counters, RouterError};
+use crate::actors::nodes;
 use crate::names::{BROADCAST, BROKER};
 use crate::protocol::{Envelope, ErrorCode};
 
 /// One registered process.
-pub(crate) struct ProcessEntry {
+pub(crate) struct ProcessEntry<P> {
     /// Index of its service in [`ProcessTable::services`].
     pub(crate) service: usize,
-    /// Its bridge's read pacing, for subprocesses.
-    pub(crate) pacer: Option<Arc<Pacer>>,
-    recipient: Recipient<Deliver>,
-    /// Its bridge's inbox, when the bridge runs on the Router's thread:
-    /// then what is routed to it is queued at once, without a [`Deliver`].
-    inbox: Option<Rc<Inbox>>,
-    /// Its way in, when it runs on the Router's thread.
-    link: Option<Rc<RouterLink>>,
-    /// Envelopes for it, sent at the end of the current message (none are
-    /// held for a process with an inbox).
-    outgoing: Envelopes,
-    /// In [`ProcessTable::held`]: something was routed to it during the
-    /// current message.
+    /// The driver's handle on it.
+    pub(crate) port: P,
+    /// In [`ProcessTable::to_settle`]: something was delivered to it during
+    /// the current input.
     touched: bool,
-    /// How many the last [`Deliver`] carried: the size to reserve next time.
-    last_held: usize,
     /// In the rotation (its `ready` came).
     pub(crate) ready: bool,
     /// Requests delivered to it and not yet answered.
@@ -61,12 +44,7 @@ pub(crate) struct ProcessEntry {
     events: (Instant, u64),
 }
 
-impl ProcessEntry {
-    /// Its way in to the Router, when it runs on the Router's thread.
-    pub(crate) fn link(&self) -> Option<&Rc<RouterLink>> {
-        self.link.as_ref()
-    }
-
+impl<P> ProcessEntry<P> {
     /// Notes traffic from or to the process.
     #[inline]
     pub(crate) fn saw(&mut self, now: Instant) {
@@ -86,11 +64,6 @@ impl ProcessEntry {
         *count += 1;
         per_second == 0 || *count <= per_second
     }
-
-    /// Frames waiting in its stdin backlog (0 without a pipe).
-    pub(crate) fn backlog(&self) -> usize {
-        self.pacer.as_ref().map_or(0, |p| p.backlog())
-    }
 }
 
 /// One service: its workers in registration order (as slots of the
@@ -103,20 +76,32 @@ pub(crate) struct ServiceEntry {
 }
 
 /// The table. Processes live in dense slots (so the hot path, round-robin
-/// and the held deliveries, indexes instead of hashing ids); the id index
-/// finds a slot by name.
-#[derive(Default)]
-pub(crate) struct ProcessTable {
-    slots: Vec<Option<(ByteString, ProcessEntry)>>,
+/// and the settling at the end of an input, indexes instead of hashing
+/// ids); the id index finds a slot by name.
+pub(crate) struct ProcessTable<P> {
+    slots: Vec<Option<(ByteString, ProcessEntry<P>)>>,
     index: FastMap<ByteString, usize>,
     free: Vec<usize>,
     pub(crate) services: Vec<ServiceEntry>,
     service_index: FastMap<ByteString, usize>,
-    /// Slots routed to during the current message (`touched`).
-    held: Vec<usize>,
+    /// Slots delivered to during the current input (`touched`).
+    to_settle: Vec<usize>,
 }
 
-impl ProcessTable {
+impl<P> Default for ProcessTable<P> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            index: FastMap::default(),
+            free: Vec::new(),
+            services: Vec::new(),
+            service_index: FastMap::default(),
+            to_settle: Vec::new(),
+        }
+    }
+}
+
+impl<P> ProcessTable<P> {
     /// The slot of process `id`. A caller on another node (`proc@node`)
     /// resolves to that node's slot (`@node`): replies to it go there, and
     /// it is counted there.
@@ -172,21 +157,21 @@ impl ProcessTable {
     }
 
     #[inline]
-    pub(crate) fn at(&self, slot: usize) -> Option<&ProcessEntry> {
+    pub(crate) fn at(&self, slot: usize) -> Option<&ProcessEntry<P>> {
         self.slots.get(slot)?.as_ref().map(|(_, e)| e)
     }
 
     #[inline]
-    pub(crate) fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
+    pub(crate) fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry<P>> {
         self.slots.get_mut(slot)?.as_mut().map(|(_, e)| e)
     }
 
-    pub(crate) fn get(&self, id: &ByteString) -> Option<&ProcessEntry> {
+    pub(crate) fn get(&self, id: &ByteString) -> Option<&ProcessEntry<P>> {
         self.at(self.slot_of(id)?)
     }
 
     #[inline]
-    pub(crate) fn get_mut(&mut self, id: &ByteString) -> Option<&mut ProcessEntry> {
+    pub(crate) fn get_mut(&mut self, id: &ByteString) -> Option<&mut ProcessEntry<P>> {
         let slot = self.slot_of(id)?;
         self.at_mut(slot)
     }
@@ -196,52 +181,50 @@ impl ProcessTable {
         self.slots.get(slot)?.as_ref().map(|(id, _)| id)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&ByteString, &ProcessEntry)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&ByteString, &ProcessEntry<P>)> {
         self.slots.iter().flatten().map(|(id, e)| (id, e))
     }
 
-    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut ProcessEntry> {
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut ProcessEntry<P>> {
         self.slots.iter_mut().flatten().map(|(_, e)| e)
     }
 
-    /// Adds a process at the end of its service's rotation; returns its
-    /// slot.
-    pub(crate) fn register(&mut self, msg: RegisterProcess) -> Result<usize, RouterError> {
-        if self.index.contains_key(&msg.id) {
-            return Err(RouterError::Duplicate(msg.id.to_string()));
+    /// Adds process `id` of `service`, reached through `port`, at the end
+    /// of its service's rotation; returns its slot.
+    pub(crate) fn register(
+        &mut self,
+        id: ByteString,
+        service: &ByteString,
+        ready: bool,
+        port: P,
+        now: Instant,
+    ) -> Result<usize, RouterError> {
+        if self.index.contains_key(&id) {
+            return Err(RouterError::Duplicate(id.to_string()));
         }
-        let service = self.service_slot(&msg.service);
-        let (inbox, link) = match msg.inbox.and_then(Handoff::take) {
-            Some(local) => (local.inbox, Some(local.link)),
-            None => (None, None),
-        };
+        let service = self.service_slot(service);
         let entry = ProcessEntry {
             service,
-            pacer: msg.pacer,
-            recipient: msg.recipient,
-            inbox,
-            link,
-            outgoing: Envelopes::new(),
+            port,
             touched: false,
-            last_held: 0,
-            ready: msg.ready,
+            ready,
             in_flight: 0,
             delta: Counters::default(),
             first_seen: None,
             last_seen: None,
-            events: (Instant::now(), 0),
+            events: (now, 0),
         };
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.slots[slot] = Some((msg.id.clone(), entry));
+                self.slots[slot] = Some((id.clone(), entry));
                 slot
             }
             None => {
-                self.slots.push(Some((msg.id.clone(), entry)));
+                self.slots.push(Some((id.clone(), entry)));
                 self.slots.len() - 1
             }
         };
-        self.index.insert(msg.id, slot);
+        self.index.insert(id, slot);
         self.services[service].workers.push(slot);
         Ok(slot)
     }
@@ -261,9 +244,9 @@ impl ProcessTable {
         i
     }
 
-    /// Takes a process out of the table and its service's rotation. What was
-    /// held for it is dropped with it.
-    pub(crate) fn remove(&mut self, id: &ByteString) -> Option<ProcessEntry> {
+    /// Takes a process out of the table and its service's rotation. What its
+    /// port held is dropped with it.
+    pub(crate) fn remove(&mut self, id: &ByteString) -> Option<ProcessEntry<P>> {
         let slot = self.index.remove(id)?;
         let (_, entry) = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
@@ -275,7 +258,7 @@ impl ProcessTable {
         Some(entry)
     }
 
-    pub(crate) fn service_name(&self, entry: &ProcessEntry) -> &ByteString {
+    pub(crate) fn service_name(&self, entry: &ProcessEntry<P>) -> &ByteString {
         &self.services[entry.service].name
     }
 
@@ -372,13 +355,19 @@ impl ProcessTable {
         }
     }
 
-    /// Holds an envelope for process `to` until [`send_held`](Self::send_held)
-    /// (or queues it in its inbox), and counts it; false if the process is
-    /// gone (its actor stopped).
+    /// Hands an envelope to process `to` through its port (settled at the
+    /// end of the input), and counts it; false if the process is gone (its
+    /// actor stopped).
     #[inline]
-    pub(crate) fn deliver(&mut self, to: &ByteString, envelope: Envelope, now: Instant) -> bool {
+    pub(crate) fn deliver(
+        &mut self,
+        to: &ByteString,
+        envelope: Envelope,
+        now: Instant,
+        sink: &mut impl Sink<Port = P>,
+    ) -> bool {
         match self.slot_of(to) {
-            Some(slot) => self.hold(slot, envelope, now),
+            Some(slot) => self.hand(slot, envelope, now, sink),
             None => false,
         }
     }
@@ -392,16 +381,23 @@ impl ProcessTable {
         slot: usize,
         envelope: Envelope,
         now: Instant,
+        sink: &mut impl Sink<Port = P>,
     ) -> bool {
-        let held = self.hold(slot, envelope, now);
-        if held && let Some(entry) = self.at_mut(slot) {
+        let handed = self.hand(slot, envelope, now, sink);
+        if handed && let Some(entry) = self.at_mut(slot) {
             entry.in_flight += 1;
         }
-        held
+        handed
     }
 
     #[inline]
-    fn hold(&mut self, slot: usize, envelope: Envelope, now: Instant) -> bool {
+    fn hand(
+        &mut self,
+        slot: usize,
+        envelope: Envelope,
+        now: Instant,
+        sink: &mut impl Sink<Port = P>,
+    ) -> bool {
         let Some(entry) = self
             .slots
             .get_mut(slot)
@@ -410,23 +406,14 @@ impl ProcessTable {
         else {
             return false;
         };
-        if !entry.recipient.connected() {
+        if !sink.deliver(&mut entry.port, envelope) {
             return false;
         }
         entry.delta.sent += 1;
         entry.saw(now);
         if !entry.touched {
             entry.touched = true;
-            self.held.push(slot);
-            if entry.inbox.is_none() {
-                // Last time's count is the best guess of this time's: one
-                // allocation instead of a chain of doublings (each a copy).
-                entry.outgoing.reserve(entry.last_held);
-            }
-        }
-        match &entry.inbox {
-            Some(inbox) => inbox.queue(envelope),
-            None => entry.outgoing.push(envelope),
+            self.to_settle.push(slot);
         }
         true
     }
@@ -448,127 +435,17 @@ impl ProcessTable {
         }
     }
 
-    /// Ends the current message: each process routed to gets what was held
-    /// for it in one [`Deliver`]; an inbox, which queued as it went,
-    /// publishes its new depth for the stats.
+    /// Ends the current input: the port of each process delivered to is
+    /// settled (what it held goes out).
     #[inline]
-    pub(crate) fn send_held(&mut self) {
-        for slot in self.held.drain(..) {
+    pub(crate) fn settle(&mut self, sink: &mut impl Sink<Port = P>) {
+        for slot in self.to_settle.drain(..) {
             // A slot emptied meanwhile (the process was removed) has nothing.
             let Some(Some((_, entry))) = self.slots.get_mut(slot) else {
                 continue;
             };
             entry.touched = false;
-            if let Some(inbox) = &entry.inbox {
-                inbox.settle();
-            } else if !entry.outgoing.is_empty() {
-                let envelopes = std::mem::take(&mut entry.outgoing);
-                entry.last_held = envelopes.len();
-                entry.recipient.do_send(Deliver(envelopes));
-            }
+            sink.settle(&mut entry.port);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::actors::metrics_store::MetricsStore;
-    use crate::actors::router::Router;
-    use crate::config::BrokerConfig;
-    use crate::pipe::Outbox;
-    use crate::protocol::EnvelopeCodec;
-    use std::cell::Cell;
-    use std::time::Duration;
-    use tokio::io::AsyncReadExt;
-
-    /// Counts the envelopes that reach it in `Deliver` messages.
-    struct Counter(Rc<Cell<usize>>);
-
-    impl Actor for Counter {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<Deliver> for Counter {
-        type Result = ();
-
-        fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
-            self.0.set(self.0.get() + envelopes.len());
-        }
-    }
-
-    /// A table with `echo.0` registered; with an inbox on this thread if
-    /// `local`. Returns the table, the child's outbox and pacer, the count
-    /// of what came in `Deliver`s, and the child's end of its stdin.
-    fn table(
-        local: bool,
-    ) -> (
-        ProcessTable,
-        Rc<Outbox>,
-        Arc<Pacer>,
-        Rc<Cell<usize>>,
-        tokio::io::DuplexStream,
-    ) {
-        let (stdin, child) = tokio::io::duplex(1 << 16);
-        let outbox = Rc::new(Outbox::start(stdin, EnvelopeCodec::default()));
-        let metrics = MetricsStore::new(Duration::from_secs(60)).start();
-        let router = Router::new(BrokerConfig::default(), metrics.recipient()).start();
-        let pacer = Arc::new(Pacer::default());
-        let inbox = Rc::new(Inbox::new(
-            "echo.0".into(),
-            8,
-            &outbox,
-            Arc::clone(&pacer),
-            router,
-        ));
-        let delivered = Rc::new(Cell::new(0));
-        let recipient = Counter(Rc::clone(&delivered)).start().recipient();
-        let mut table = ProcessTable::default();
-        let registration = RegisterProcess::new("echo.0".into(), "echo".into(), recipient);
-        table
-            .register(RegisterProcess {
-                inbox: local.then(|| Handoff::new(inbox)),
-                ..registration
-            })
-            .expect("registered");
-        (table, outbox, pacer, delivered, child)
-    }
-
-    #[actix::test]
-    async fn a_local_inbox_is_queued_to_without_a_message() {
-        let (mut table, outbox, pacer, delivered, mut child) = table(true);
-        let event = Envelope::event("echo.0", "tick");
-        for _ in 0..2 {
-            assert!(table.deliver(&"echo.0".into(), event.clone(), Instant::now()));
-        }
-        assert_eq!(outbox.depth(), 2, "queued as routed: nothing is held");
-        assert_eq!(
-            pacer.backlog(),
-            0,
-            "the backlog is set when the message ends"
-        );
-        table.send_held();
-        assert_eq!(pacer.backlog(), 2);
-        let mut frame = vec![0; 2 * (4 + event.encoded_len())];
-        child
-            .read_exact(&mut frame)
-            .await
-            .expect("the child reads it");
-        actix::clock::sleep(Duration::from_millis(10)).await;
-        assert_eq!(delivered.get(), 0, "no Deliver message");
-    }
-
-    #[actix::test]
-    async fn without_an_inbox_envelopes_go_in_a_deliver_message() {
-        let (mut table, outbox, _, delivered, _child) = table(false);
-        assert!(table.deliver(
-            &"echo.0".into(),
-            Envelope::event("echo.0", "tick"),
-            Instant::now()
-        ));
-        table.send_held();
-        actix::clock::sleep(Duration::from_millis(10)).await;
-        assert_eq!(delivered.get(), 1);
-        assert_eq!(outbox.depth(), 0);
     }
 }

@@ -9,27 +9,23 @@
 use bytestring::ByteString;
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-
-/// The hash map of the hot path: foldhash instead of SipHash.
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::time::Instant;
-use tokio::sync::oneshot;
 
-use crate::protocol::Envelope;
+use crate::actors::fast_map::FastMap;
 
 /// Who gets the reply.
 #[derive(Debug)]
-pub(crate) enum ReplyTo {
+pub(crate) enum ReplyTo<C> {
     /// A process (its id is the key's origin): the reply is delivered to it.
     Process,
-    /// A Rust caller of the embedding API, waiting on a channel.
-    Caller(oneshot::Sender<Envelope>),
+    /// A Rust caller of the embedding API (the driver's `C`: a channel).
+    Caller(C),
 }
 
 /// One request in flight.
 #[derive(Debug)]
-pub(crate) struct Pending {
+pub(crate) struct Pending<C> {
     /// The process the request was delivered to; only it may answer.
     pub(crate) worker: ByteString,
     /// The request's method name, copied into broker-generated errors.
@@ -39,7 +35,7 @@ pub(crate) struct Pending {
     /// When the origin gets `timeout`.
     pub(crate) deadline: Instant,
     /// Where the reply goes.
-    pub(crate) reply_to: ReplyTo,
+    pub(crate) reply_to: ReplyTo<C>,
     /// Matches the heap entry that belongs to this request.
     seq: u64,
 }
@@ -47,11 +43,21 @@ pub(crate) struct Pending {
 pub(crate) type Key = (ByteString, u64);
 
 /// The pending table and its deadline heap.
-#[derive(Debug, Default)]
-pub(crate) struct PendingTable {
-    map: FastMap<Key, Pending>,
+#[derive(Debug)]
+pub(crate) struct PendingTable<C> {
+    map: FastMap<Key, Pending<C>>,
     deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
     next_seq: u64,
+}
+
+impl<C> Default for PendingTable<C> {
+    fn default() -> Self {
+        Self {
+            map: FastMap::default(),
+            deadlines: BinaryHeap::new(),
+            next_seq: 0,
+        }
+    }
 }
 
 /// The key is already in flight.
@@ -67,7 +73,7 @@ pub(crate) enum NotPending {
     Absent,
 }
 
-impl PendingTable {
+impl<C> PendingTable<C> {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
@@ -84,7 +90,7 @@ impl PendingTable {
         method: ByteString,
         start: Instant,
         deadline: Instant,
-        reply_to: ReplyTo,
+        reply_to: ReplyTo<C>,
     ) -> Result<(), Duplicate> {
         let seq = self.next_seq;
         match self.map.entry(key) {
@@ -108,7 +114,7 @@ impl PendingTable {
     }
 
     #[cfg(test)]
-    pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending> {
+    pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending<C>> {
         self.map.remove(key)
     }
 
@@ -121,7 +127,7 @@ impl PendingTable {
         &mut self,
         key: &Key,
         worker: &ByteString,
-    ) -> Result<Pending, NotPending> {
+    ) -> Result<Pending<C>, NotPending> {
         // One lookup on the hot path; the rare forgery puts its entry back
         // (its heap entry was never touched).
         match self.map.remove(key) {
@@ -146,7 +152,7 @@ impl PendingTable {
     }
 
     /// Removes and returns every request whose deadline is at or before `now`.
-    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(Key, Pending)> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(Key, Pending<C>)> {
         let mut expired = Vec::new();
         while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
             if *deadline > now {
@@ -167,8 +173,8 @@ impl PendingTable {
     /// Removes every entry for which `f` says so (worker or origin gone).
     pub(crate) fn drain_where(
         &mut self,
-        mut f: impl FnMut(&Key, &Pending) -> bool,
-    ) -> Vec<(Key, Pending)> {
+        mut f: impl FnMut(&Key, &Pending<C>) -> bool,
+    ) -> Vec<(Key, Pending<C>)> {
         let keys: Vec<Key> = self
             .map
             .iter()
@@ -220,6 +226,12 @@ impl PendingTable {
                 .map(|(k, p)| Reverse((p.deadline, p.seq, k.clone()))),
         );
         self.deadlines = BinaryHeap::from(heap);
+    }
+
+    /// Each request in flight and its worker.
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &ByteString)> {
+        self.map.iter().map(|(key, p)| (key, &p.worker))
     }
 
     #[cfg(test)]
@@ -278,7 +290,7 @@ mod tests {
         (ByteString::from_static("client.0"), n)
     }
 
-    fn add(t: &mut PendingTable, n: u64, deadline: Instant) -> Result<(), Duplicate> {
+    fn add(t: &mut PendingTable<()>, n: u64, deadline: Instant) -> Result<(), Duplicate> {
         t.insert(
             key(n),
             "w.0".into(),

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-use super::messages::FlushMetrics;
+use crate::actors::messages::FlushMetrics;
 
 /// Sent by the deadline task when the armed deadline has passed.
 #[derive(Debug, Message)]
@@ -34,7 +34,7 @@ struct Shared {
 }
 
 /// The Router's handle on its timer tasks (same arbiter thread).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Deadline(Rc<Shared>);
 
 impl Deadline {

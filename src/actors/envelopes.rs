@@ -1,0 +1,151 @@
+//! Envelopes on the move: the batch type, and the messages that carry
+//! envelopes between the processes and the Router.
+//!
+//! Two messages carry what processes exchange: [`Route`] (a process sent
+//! these, to the Router) and [`Deliver`] (these are for a process, from the
+//! Router). Both hold [`Envelopes`], one or many in order, so there is one
+//! path for a single message and for what one pipe read brought. A Rust
+//! caller's request is a [`Call`], its event a [`Publish`]; what a child's
+//! inbox cannot take goes back as a [`Bounce`].
+//!
+//! They live here, beneath the same-thread fast path (module
+//! `same_thread`) that hands them on, and `messages.rs` re-exports them
+//! with the rest of the vocabulary.
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use smallvec::SmallVec;
+use tokio::sync::oneshot;
+
+use crate::protocol::{Envelope, ErrorCode};
+
+/// One or more envelopes, oldest first. One is held inline (no allocation),
+/// which is the common case of a sequential call.
+#[derive(Debug, Default)]
+pub struct Envelopes(SmallVec<[Envelope; 1]>);
+
+impl Envelopes {
+    /// None yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Room for `n` (more than one allocates once).
+    pub fn with_capacity(n: usize) -> Self {
+        Self(SmallVec::with_capacity(n))
+    }
+
+    /// Room for `n` more.
+    pub fn reserve(&mut self, n: usize) {
+        self.0.reserve(n);
+    }
+
+    /// Appends one.
+    #[inline]
+    pub fn push(&mut self, envelope: Envelope) {
+        self.0.push(envelope);
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The envelopes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Envelope> {
+        self.0.iter()
+    }
+}
+
+impl From<Envelope> for Envelopes {
+    fn from(envelope: Envelope) -> Self {
+        let mut one = Self::new();
+        one.push(envelope);
+        one
+    }
+}
+
+impl From<Vec<Envelope>> for Envelopes {
+    fn from(envelopes: Vec<Envelope>) -> Self {
+        Self(SmallVec::from_vec(envelopes))
+    }
+}
+
+impl IntoIterator for Envelopes {
+    type Item = Envelope;
+    type IntoIter = smallvec::IntoIter<[Envelope; 1]>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// Envelopes sent by process `from`, to the Router. Their `source` is
+/// overwritten with `from`, whatever they say.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Route {
+    /// The sending process; authoritative.
+    pub from: ByteString,
+    /// What it sent, oldest first (for a bridge: what one pipe read brought).
+    pub envelopes: Envelopes,
+}
+
+impl Route {
+    /// One envelope from `from`.
+    pub fn one(from: ByteString, envelope: Envelope) -> Self {
+        Self {
+            from,
+            envelopes: envelope.into(),
+        }
+    }
+}
+
+/// Envelopes for a process, from the Router: requests and events addressed
+/// to it, replies to its requests. The Router sends at most one `Deliver` per
+/// process for each message it handles. Whatever backs a process (a bridge,
+/// an in-process worker, the Broker) handles it; a bridge on the Router's
+/// thread gets its envelopes through its inbox instead
+/// ([`RegisterProcess::inbox`](super::messages::RegisterProcess::inbox)).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Envelopes);
+
+/// A request from a Rust caller of the embedding API. The Router assigns the
+/// correlation id and answers exactly once on `reply`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Call {
+    /// The request (`correlation_id` is replaced).
+    pub envelope: Envelope,
+    /// Where the reply (a response or an error envelope) goes.
+    pub reply: oneshot::Sender<Envelope>,
+}
+
+/// An event from a Rust caller of the embedding API, to a process, every
+/// ready worker of a service, or `*`. Returns how many it was delivered to.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct Publish(pub Envelope);
+
+/// An envelope the process `to` could not take (its stdin backlog is full,
+/// or the frame is too large for its pipe). A request is answered with `code`
+/// on its worker's behalf and the worker's slot freed; an event is dropped.
+/// Both count as `busy_rejections` of their sender when `code` is `busy`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Bounce {
+    /// The process that could not take it.
+    pub to: ByteString,
+    /// The envelope as it was delivered.
+    pub envelope: Envelope,
+    /// Error code for the requester.
+    pub code: ErrorCode,
+    /// Error message for the requester.
+    pub message: String,
+}

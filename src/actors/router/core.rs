@@ -1,0 +1,644 @@
+//! The Router's core: the routing state machine, without actors, pipes or a
+//! clock of its own.
+//!
+//! Its inputs are method calls: envelopes a process sent
+//! ([`Core::route_batch`]), a Rust caller's request or event
+//! ([`Core::call`], [`Core::publish`]), a process registered, ready or
+//! removed, the time (`now`, given with every input that needs it, and
+//! [`Core::expire`] when an armed deadline is due), a control change
+//! (draining), what came from other nodes. Its effects go to a [`Sink`]
+//! (`sink.rs`): deliver this envelope to that process, settle the ports
+//! delivered to, answer this caller, arm a deadline; the metrics batch is
+//! returned ([`Core::flush`]). The Router actor (`mod.rs`) carries them out;
+//! the simulation test (`sim.rs`) records and checks them.
+//!
+//! What it does: resolves `target` (process id, service name with
+//! round-robin over ready workers, `broker`, `*`, a service of another
+//! node), hands the envelope to the destination's port through the
+//! process table (`table.rs`), and remembers each request in the pending
+//! table (`pending.rs`) so that exactly one reply goes back: the worker's,
+//! or an error the core generates (`busy`, `timeout`, `worker_exited`, …).
+//! It never decodes a payload.
+//!
+//! Read it top to bottom: the request path (`route` → `route_request` →
+//! `route_reply`), then the ways a request ends without its worker's reply
+//! (bounce, removal, expiry, bad frame), then the control changes. Other
+//! nodes are in `remote.rs`, the metrics batch in `metrics.rs`.
+//!
+//! Why counters and histograms live here and not in the MetricsStore: one
+//! actor message per sample would cost more than the routing itself. The
+//! Router owns them and ships a batch every `metrics_flush_interval` (and on
+//! `FlushMetrics`, which stats requests send first, so stats are exact).
+//!
+//! Why the queue bound is a counter: actix mailboxes do not bound memory
+//! (`do_send` ignores capacity), so the Router counts the requests in flight
+//! to each process and answers `busy` past `queue_capacity`.
+
+use bytestring::ByteString;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
+use super::sink::Sink;
+use super::table::ProcessTable;
+use crate::actors::latency;
+use crate::actors::log_limit::LogLimit;
+use crate::actors::messages::{Counters, Envelopes, ProcessSnapshot, RouterError};
+use crate::actors::nodes::Nodes;
+use crate::config::BrokerConfig;
+use crate::names::{self, BROKER, CALLER};
+use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
+
+/// The Router's state, and what it does with each input.
+pub(crate) struct Core<S: Sink> {
+    pub(super) config: BrokerConfig,
+    /// Where the effects go.
+    pub(super) sink: S,
+    pub(super) table: ProcessTable<S::Port>,
+    /// Other nodes of the cluster (empty on a single host).
+    pub(super) nodes: Nodes,
+    pub(super) pending: PendingTable<S::Caller>,
+    pub(super) expired: RecentlyExpired,
+    pub(super) draining: bool,
+    /// Embedded Rust callers: their correlation ids and counters.
+    pub(super) caller_id: ByteString,
+    next_call_id: u64,
+    pub(super) caller: Counters,
+    /// Processes removed since the last metrics batch.
+    pub(super) retired: Vec<ProcessSnapshot>,
+    /// Errors the Router answered in place of a worker since the last
+    /// batch, by [`ErrorCode::index`].
+    pub(super) broker_errors: [u64; ErrorCode::ALL.len()],
+    /// A monotonic instant and the wall-clock time it was: the metrics'
+    /// timestamps are computed from it.
+    pub(super) clock: (Instant, SystemTime),
+    /// Lines about nodes joining and leaving: nodes that come and go by
+    /// the thousand must not flood the log.
+    pub(super) node_log: LogLimit,
+}
+
+impl<S: Sink> Core<S> {
+    /// A core with no process yet, whose effects go to `sink`; `nodes` is
+    /// this node's view of the cluster (empty on a single host). `now` and
+    /// `wall` are the same moment on the monotonic and the wall clock.
+    pub(crate) fn new(
+        config: BrokerConfig,
+        nodes: Nodes,
+        sink: S,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
+        Self {
+            config,
+            sink,
+            table: ProcessTable::default(),
+            nodes,
+            pending: PendingTable::default(),
+            expired: RecentlyExpired::new(65_536),
+            draining: false,
+            caller_id: ByteString::from_static(CALLER),
+            next_call_id: 0,
+            caller: Counters::default(),
+            retired: Vec::new(),
+            broker_errors: [0; ErrorCode::ALL.len()],
+            clock: (now, wall),
+            node_log: LogLimit::default(),
+        }
+    }
+
+    /// Where the effects go.
+    #[cfg(test)]
+    pub(crate) fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// The slot of sending process `from`. A batch comes from one process:
+    /// its slot is looked up once. Routing cannot move it to another slot
+    /// (only a registration reuses a slot, and that is another input); a
+    /// removal mid-batch empties it, and the rest of the batch is dropped
+    /// as from an unregistered process.
+    #[inline]
+    pub(crate) fn slot_of(&self, from: &ByteString) -> Option<usize> {
+        let slot = self.table.slot_of(from);
+        if slot.is_none() {
+            tracing::debug!(process = %from, "envelopes from an unregistered process dropped");
+        }
+        slot
+    }
+
+    /// The port of the process in `slot`.
+    #[inline]
+    pub(crate) fn port(&self, slot: usize) -> Option<&S::Port> {
+        self.table.at(slot).map(|entry| &entry.port)
+    }
+
+    /// Requests in flight to process `id` (0 if it is unknown).
+    pub(crate) fn in_flight_of(&self, id: &ByteString) -> usize {
+        self.table.get(id).map_or(0, |e| e.in_flight)
+    }
+
+    /// Requests in flight.
+    pub(crate) fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Ready workers of every local service (for this node's heartbeat).
+    pub(crate) fn ready_counts(&self) -> Vec<(String, u32)> {
+        self.table.ready_counts()
+    }
+
+    /// The end of every input: each port delivered to is settled.
+    #[inline]
+    pub(super) fn settle(&mut self) {
+        self.table.settle(&mut self.sink);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The request path
+
+impl<S: Sink> Core<S> {
+    /// What process `from` (in `slot`, from [`slot_of`](Self::slot_of))
+    /// sent, in order; then the ports delivered to are settled.
+    #[inline]
+    pub(crate) fn route_batch(
+        &mut self,
+        slot: usize,
+        from: &ByteString,
+        envelopes: Envelopes,
+        now: Instant,
+    ) {
+        for envelope in envelopes {
+            self.route(slot, from, envelope, now);
+        }
+        self.settle();
+    }
+
+    /// A request of a Rust caller of the embedding API: its correlation id
+    /// is assigned here, and its one reply goes to `caller`.
+    pub(crate) fn call(&mut self, mut envelope: Envelope, caller: S::Caller, now: Instant) {
+        self.next_call_id += 1;
+        envelope.correlation_id = self.next_call_id;
+        envelope.kind = MessageType::Request;
+        let origin = self.caller_id.clone();
+        self.caller.count(MessageType::Request);
+        self.route_request(origin, envelope, ReplyTo::Caller(caller), false, now);
+        self.settle();
+    }
+
+    /// An event of a Rust caller, to a process, every ready worker of a
+    /// service, or `*`. Returns how many processes it was delivered to.
+    pub(crate) fn publish(&mut self, mut event: Envelope, now: Instant) -> usize {
+        event.kind = MessageType::Event;
+        event.source = self.caller_id.clone();
+        self.caller.count(MessageType::Event);
+        let recipients = self
+            .table
+            .event_recipients(&self.caller_id, &event.target)
+            .unwrap_or_default();
+        for id in &recipients {
+            self.table.deliver(id, event.clone(), now, &mut self.sink);
+        }
+        self.settle();
+        recipients.len()
+    }
+
+    /// One envelope from process `from` (in `slot`): counted, stamped,
+    /// routed by kind.
+    #[inline]
+    fn route(&mut self, slot: usize, from: &ByteString, mut envelope: Envelope, now: Instant) {
+        let Some(entry) = self.table.at_mut(slot) else {
+            tracing::debug!(process = %from, "envelope from an unregistered process dropped");
+            return;
+        };
+        entry.saw(now);
+        entry.delta.count(envelope.kind);
+        match envelope.kind {
+            // `route_request` stamps `source` itself (it serves `call` too):
+            // stamping here as well would cost two more reference counts.
+            MessageType::Request => {
+                self.route_request(from.clone(), envelope, ReplyTo::Process, false, now);
+            }
+            MessageType::Response | MessageType::Error => {
+                envelope.source = from.clone();
+                self.route_reply(slot, from, envelope, now);
+            }
+            MessageType::Event => {
+                envelope.source = from.clone();
+                self.route_event(from, envelope, now);
+            }
+        }
+    }
+
+    /// A request: pick a worker, deliver, remember it until its one reply.
+    /// `local_only`: it came from another node, which chose this one; it is
+    /// never sent on.
+    pub(super) fn route_request(
+        &mut self,
+        origin: ByteString,
+        mut envelope: Envelope,
+        reply_to: ReplyTo<S::Caller>,
+        local_only: bool,
+        now: Instant,
+    ) {
+        if self.draining {
+            let message = "the broker is shutting down";
+            return self.reject(
+                &envelope,
+                origin,
+                reply_to,
+                ErrorCode::ShuttingDown,
+                message,
+                now,
+            );
+        }
+        let key: Key = (origin, envelope.correlation_id);
+        if self.pending.contains(&key) {
+            let message = format!(
+                "correlation_id {} is already in flight from {:?}",
+                key.1, key.0
+            );
+            return self.reject(
+                &envelope,
+                key.0,
+                reply_to,
+                ErrorCode::BadRequest,
+                message,
+                now,
+            );
+        }
+        let picked = if local_only {
+            self.table
+                .pick(&envelope.target, self.config.queue_capacity)
+        } else {
+            self.pick(&mut envelope)
+        };
+        let slot = match picked {
+            Ok(slot) => slot,
+            Err((code, message)) => {
+                if code == ErrorCode::Busy {
+                    self.count_busy(&key.0);
+                }
+                return self.reject(&envelope, key.0, reply_to, code, message, now);
+            }
+        };
+        let timeout = envelope
+            .timeout_ms
+            .map_or(self.config.request_timeout, Duration::from_millis);
+        let deadline = now + timeout;
+        let Some(worker) = self.table.id_of(slot).cloned() else {
+            return;
+        };
+        // Copied, not sliced: a slice would keep the whole read buffer it
+        // came in (up to `pipe::READ_CHUNK`) alive for as long as the
+        // request is pending.
+        let method = ByteString::from(&*envelope.id);
+        envelope.source = key.0.clone();
+        if worker.starts_with('@') {
+            // To another node: the remaining budget travels along, so the
+            // node times out too.
+            envelope.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        }
+        if !self
+            .table
+            .deliver_request(slot, envelope, now, &mut self.sink)
+        {
+            // Its actor stopped without a removal: take it out now.
+            self.remove(&worker, "its actor stopped", now);
+            let message = format!("worker {worker:?} is gone");
+            let (origin, correlation_id) = key;
+            let error = Envelope::broker_error_to(
+                origin,
+                method,
+                correlation_id,
+                ErrorCode::WorkerExited,
+                message,
+            );
+            return self.answer(error, reply_to, now);
+        }
+        // Cannot collide: checked above, and nothing ran in between.
+        let _ = self
+            .pending
+            .insert(key, worker, method, now, deadline, reply_to);
+        self.sink.arm(deadline);
+    }
+
+    /// Resolves a request's target to the slot of one process, or of the
+    /// node that will serve it; rewrites a plain service name sent to
+    /// another node as `service@node`, the name that node needs.
+    #[inline]
+    pub(super) fn pick(&mut self, envelope: &mut Envelope) -> Result<usize, (ErrorCode, String)> {
+        let capacity = self.config.queue_capacity;
+        // A byte search (memchr): `str::contains(char)` builds a char
+        // searcher, ~100 instructions per request for a 10-byte name.
+        if self.nodes.is_empty() && !envelope.target.as_bytes().contains(&b'@') {
+            return self.table.pick(&envelope.target, capacity);
+        }
+        self.pick_in_cluster(envelope)
+    }
+
+    /// A reply: only the worker its request went to may answer, once.
+    pub(super) fn route_reply(
+        &mut self,
+        slot: usize,
+        from: &ByteString,
+        envelope: Envelope,
+        now: Instant,
+    ) {
+        let key: Key = (envelope.target.clone(), envelope.correlation_id);
+        let pending = match self.pending.take_answered_by(&key, from) {
+            Ok(pending) => pending,
+            Err(why) => {
+                let late = why == NotPending::Absent && self.expired.take(&key);
+                if let Some(counters) = self.counters_of(from) {
+                    if late {
+                        counters.late_replies += 1;
+                    } else {
+                        counters.unmatched_replies += 1;
+                    }
+                }
+                tracing::debug!(process = %from, target = %envelope.target,
+                    correlation_id = envelope.correlation_id, late, "reply dropped");
+                return;
+            }
+        };
+        self.table.release_slot(slot);
+        if self.config.record_latency
+            && let Some(entry) = self.table.at(slot)
+        {
+            let elapsed = now.saturating_duration_since(pending.start);
+            // One histogram per sample; `overall` is merged at flush.
+            let service = entry.service;
+            latency::record(&mut self.table.services[service].histogram, elapsed);
+        }
+        match pending.reply_to {
+            ReplyTo::Caller(caller) => self.sink.answer(caller, envelope),
+            ReplyTo::Process => {
+                self.table.deliver(&key.0, envelope, now, &mut self.sink);
+            }
+        }
+    }
+
+    /// An event: to a process, every ready worker of a service, or `*`.
+    /// Lifecycle events are the broker's to send: a process may address
+    /// `ready` (or any event) to the broker, but `shutdown` and `ready` to
+    /// another process would stop or confuse it, so they are dropped.
+    fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+        // A budget per sender: one process broadcasting as fast as it can
+        // must not bury everyone's replies behind its events.
+        let budget = self.config.max_events_per_s;
+        if let Some(entry) = self.table.get_mut(from)
+            && !entry.event_allowed(now, budget)
+        {
+            entry.delta.busy_rejections += 1;
+            return;
+        }
+        let lifecycle = matches!(&*envelope.id, names::SHUTDOWN_EVENT | names::READY_EVENT);
+        let recipients = if lifecycle && &*envelope.target != BROKER {
+            None
+        } else {
+            self.table.event_recipients(from, &envelope.target)
+        };
+        let Some(recipients) = recipients else {
+            if let Some(counters) = self.counters_of(from) {
+                counters.dropped_events += 1;
+            }
+            tracing::debug!(process = %from, target = %envelope.target, event = %envelope.id,
+                lifecycle, "event dropped");
+            return;
+        };
+        let Some((last, rest)) = recipients.split_last() else {
+            return;
+        };
+        for id in rest {
+            self.table
+                .deliver(id, envelope.clone(), now, &mut self.sink);
+        }
+        self.table.deliver(last, envelope, now, &mut self.sink);
+    }
+
+    /// Answers `request` of `origin` with a broker error instead of a worker.
+    pub(super) fn reject(
+        &mut self,
+        request: &Envelope,
+        origin: ByteString,
+        reply_to: ReplyTo<S::Caller>,
+        code: ErrorCode,
+        message: impl Into<ByteString>,
+        now: Instant,
+    ) {
+        let error = Envelope::broker_error_to(
+            origin,
+            request.id.clone(),
+            request.correlation_id,
+            code,
+            message,
+        );
+        self.answer(error, reply_to, now);
+    }
+
+    /// Sends a broker-generated reply to whoever waits for it.
+    pub(super) fn answer(&mut self, error: Envelope, reply_to: ReplyTo<S::Caller>, now: Instant) {
+        if let Some(code) = error.error_code() {
+            self.broker_errors[code.index()] += 1;
+        }
+        match reply_to {
+            ReplyTo::Caller(caller) => self.sink.answer(caller, error),
+            ReplyTo::Process => {
+                let origin = error.target.clone();
+                self.table.deliver(&origin, error, now, &mut self.sink);
+            }
+        }
+    }
+
+    pub(super) fn counters_of(&mut self, id: &ByteString) -> Option<&mut Counters> {
+        match self.table.get_mut(id) {
+            Some(entry) => Some(&mut entry.delta),
+            None if *id == self.caller_id => Some(&mut self.caller),
+            None => None,
+        }
+    }
+
+    fn count_busy(&mut self, origin: &ByteString) {
+        if let Some(counters) = self.counters_of(origin) {
+            counters.busy_rejections += 1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests that end without their worker's reply
+
+impl<S: Sink> Core<S> {
+    /// Process `to` could not take `envelope` (its stdin backlog was full,
+    /// or the frame too large): a request still pending is answered `code`
+    /// on its worker's behalf and the worker's slot freed; an event is
+    /// dropped.
+    pub(crate) fn bounce(
+        &mut self,
+        to: &ByteString,
+        envelope: Envelope,
+        code: ErrorCode,
+        message: String,
+        now: Instant,
+    ) {
+        let origin = envelope.source.clone();
+        if code == ErrorCode::Busy {
+            self.count_busy(&origin);
+        }
+        if envelope.kind != MessageType::Request {
+            tracing::debug!(process = %to, from = %origin, id = %envelope.id, %code, "envelope dropped: {message}");
+            return;
+        }
+        let key: Key = (origin, envelope.correlation_id);
+        // Not pending any more: already answered (timed out, worker removed).
+        if let Ok(pending) = self.pending.take_answered_by(&key, to) {
+            self.table.release(to);
+            self.reject(&envelope, key.0, pending.reply_to, code, message, now);
+            self.settle();
+        }
+    }
+
+    /// Takes process `id` out of routing (it exited or was stopped; a node
+    /// left). Requests in flight to it are answered `worker_exited` now,
+    /// not at their deadline; requests it had sent have nobody to answer.
+    /// Returns how many requests were failed.
+    pub(crate) fn remove_process(&mut self, id: &ByteString, reason: &str, now: Instant) -> usize {
+        let failed = self.remove(id, reason, now);
+        self.settle();
+        failed
+    }
+
+    /// [`remove_process`](Self::remove_process) within an input.
+    pub(super) fn remove(&mut self, id: &ByteString, reason: &str, now: Instant) -> usize {
+        let Some(entry) = self.table.remove(id) else {
+            return 0;
+        };
+        let snapshot = self.snapshot(id, &entry);
+        self.retired.push(ProcessSnapshot {
+            removed: true,
+            ..snapshot
+        });
+        // Its own requests: their workers' slots are freed, and a reply that
+        // still comes counts as late, not as a lie.
+        for (key, orphan) in self.pending.drain_where(|key, _| key.0 == *id) {
+            self.table.release(&orphan.worker);
+            self.expired.insert(key);
+        }
+        let failed = self.pending.drain_where(|_, p| p.worker == *id);
+        let count = failed.len();
+        for ((origin, correlation_id), pending) in failed {
+            let message = match id.strip_prefix('@') {
+                Some(node) => format!("node {node:?} left with the request in flight ({reason})"),
+                None => format!("worker {id:?} exited with the request in flight ({reason})"),
+            };
+            let error = Envelope::broker_error_to(
+                origin,
+                pending.method,
+                correlation_id,
+                ErrorCode::WorkerExited,
+                message,
+            );
+            self.answer(error, pending.reply_to, now);
+        }
+        count
+    }
+
+    /// The time is `now` (an armed deadline is due): answers `timeout` for
+    /// every request past its deadline, then arms the next one.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        for (key, pending) in self.pending.expire(now) {
+            self.table.release(&pending.worker);
+            if let Some(counters) = self.counters_of(&key.0) {
+                counters.timeouts += 1;
+            }
+            self.expired.insert(key.clone());
+            let waited = pending.deadline.saturating_duration_since(pending.start);
+            let message = format!(
+                "no reply from {:?} within {} ms",
+                pending.worker,
+                waited.as_millis()
+            );
+            let error = Envelope::broker_error_to(
+                key.0,
+                pending.method,
+                key.1,
+                ErrorCode::Timeout,
+                message,
+            );
+            self.answer(error, pending.reply_to, now);
+        }
+        if let Some(next) = self.pending.next_deadline() {
+            self.sink.arm(next);
+        }
+        self.settle();
+    }
+
+    /// `count` frames from process `from` were not valid envelopes: counted
+    /// as its `bad_frames`; a salvaged request gets `bad_request`.
+    pub(crate) fn bad_frame(
+        &mut self,
+        from: ByteString,
+        count: u64,
+        error: &str,
+        request: Option<SalvagedRequest>,
+        now: Instant,
+    ) {
+        let Some(entry) = self.table.get_mut(&from) else {
+            return;
+        };
+        entry.delta.bad_frames += count;
+        entry.saw(now);
+        if let Some(salvaged) = request {
+            let error = Envelope::broker_error_to(
+                from,
+                salvaged.id.unwrap_or_default(),
+                salvaged.correlation_id,
+                ErrorCode::BadRequest,
+                format!("invalid envelope: {error}"),
+            );
+            self.answer(error, ReplyTo::Process, now);
+            self.settle();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The table and the broker's control
+
+impl<S: Sink> Core<S> {
+    /// Adds process `id` of `service`, reached through `port`; routable at
+    /// once if `ready`. Returns its slot.
+    pub(crate) fn register(
+        &mut self,
+        id: ByteString,
+        service: &ByteString,
+        ready: bool,
+        port: S::Port,
+        now: Instant,
+    ) -> Result<usize, RouterError> {
+        self.table.register(id, service, ready, port, now)
+    }
+
+    /// Process `id` is routable (its `ready` came) or not (it is drained).
+    pub(crate) fn set_ready(&mut self, id: &ByteString, ready: bool) {
+        if let Some(entry) = self.table.get_mut(id) {
+            entry.ready = ready;
+        }
+    }
+
+    /// A health check of process `id` failed.
+    pub(crate) fn health_failure(&mut self, id: &ByteString) {
+        if let Some(entry) = self.table.get_mut(id) {
+            entry.delta.health_failures += 1;
+        }
+    }
+
+    /// While draining, new requests are answered `shutting_down`; replies
+    /// to requests already in flight still go through.
+    pub(crate) fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+}
+
+#[cfg(test)]
+mod tests;
