@@ -113,6 +113,26 @@ fn decoding_a_frame_body_allocates_nothing() {
 }
 
 #[test]
+fn decoding_a_v1_1_request_allocates_nothing() {
+    // `stream` and `key` (a slice of the frame, like the other strings).
+    let request = small_request()
+        .with_stream()
+        .with_key("session-42")
+        .expect("a short key");
+    let body = request.to_bytes();
+    let mut shared = BytesMut::with_capacity(body.len() + 1);
+    shared.put_slice(&body);
+    let _ = shared.split_to(0);
+    let frame: Bytes = shared.freeze();
+    let (decoded, allocs) = count(|| Envelope::decode(&frame));
+    assert_eq!(decoded.expect("valid"), request);
+    assert_eq!(
+        allocs, 0,
+        "Envelope::decode of a request with stream and key"
+    );
+}
+
+#[test]
 fn decoding_from_a_read_buffer_allocates_once_per_buffer_not_per_frame() {
     let mut buf = framed(&[small_request(), small_request(), small_request()]);
     let mut codec = EnvelopeCodec::default();
@@ -204,6 +224,12 @@ fn the_echo_worker_answers_without_allocating() {
     // The same handler as a future: the boxed future is the one allocation.
     let boxed = Methods::new().fallback(|request| async move { Ok(request.payload) });
     assert_eq!(reply_of(&boxed), 1, "echo (async)");
+    // A handler that takes its request's context (deadline, cancellation),
+    // where no cancel can reach it (`answer`, as in-process workers run
+    // it): the context costs nothing more.
+    let with_context =
+        Methods::new().raw_ctx("Echo", |request, _ctx| async move { Ok(request.payload) });
+    assert_eq!(reply_of(&with_context), 1, "echo (async, with context)");
 }
 
 #[test]
