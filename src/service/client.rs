@@ -424,39 +424,39 @@ impl Client {
     pub(crate) fn complete(&self, reply: Envelope) -> bool {
         let inner = &*self.inner;
         let correlation_id = reply.correlation_id;
-        let partial = reply.more && reply.kind == MessageType::Response;
         let mut pending = inner.pending.borrow_mut();
-        let Some(waiting) = pending.get(&correlation_id) else {
+        if !(reply.more && reply.kind == MessageType::Response) {
+            // A final reply (the hot path: one lookup).
+            let waiting = pending.remove(&correlation_id);
+            drop(pending);
+            return waiting.is_some_and(|w| w.reply.finish(Ok(reply)));
+        }
+        let Some(Waiting {
+            reply: Slot::Stream(stream),
+            ..
+        }) = pending.get(&correlation_id)
+        else {
+            // To no call, or to a call that asked for no stream.
             return false;
         };
-        if partial {
-            let Slot::Stream(stream) = &waiting.reply else {
-                return false;
-            };
-            if stream.unread() < STREAM_BUFFER {
-                stream.push(Ok(reply));
-                return true;
-            }
-            // The reader fell behind: cut the stream.
-            let cut = pending.remove(&correlation_id);
-            drop(pending);
-            if let Some(w) = cut {
-                w.reply.finish(Err(CallError::Remote {
-                    code: ErrorCode::Busy.as_str().into(),
-                    message: format!(
-                        "the stream's reader fell {STREAM_BUFFER} partial replies behind"
-                    ),
-                    source_id: inner.id.to_string(),
-                }));
-            }
-            if !inner.deaf.get() {
-                let _ = inner.outbox.push(&Envelope::cancel_request(correlation_id));
-            }
-            return false;
+        if stream.unread() < STREAM_BUFFER {
+            stream.push(Ok(reply));
+            return true;
         }
-        let waiting = pending.remove(&correlation_id);
+        // The reader fell behind: cut the stream.
+        let cut = pending.remove(&correlation_id);
         drop(pending);
-        waiting.is_some_and(|w| w.reply.finish(Ok(reply)))
+        if let Some(w) = cut {
+            w.reply.finish(Err(CallError::Remote {
+                code: ErrorCode::Busy.as_str().into(),
+                message: format!("the stream's reader fell {STREAM_BUFFER} partial replies behind"),
+                source_id: inner.id.to_string(),
+            }));
+        }
+        if !inner.deaf.get() {
+            let _ = inner.outbox.push(&Envelope::cancel_request(correlation_id));
+        }
+        false
     }
 
     /// Waits until fewer than `frames` frames are queued on stdout.
