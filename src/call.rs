@@ -20,6 +20,12 @@ impl Reply {
         self.0.payload.as_ref()
     }
 
+    /// Whether this is a partial reply (`more = true`) of a streaming call;
+    /// the final reply comes after it.
+    pub fn is_partial(&self) -> bool {
+        self.0.more
+    }
+
     /// The process that answered.
     pub fn source(&self) -> &str {
         &self.0.source

@@ -8,6 +8,9 @@ use crate::protocol::FrameError;
 use crate::protocol::msgpack_rpc::echo_requests;
 use crate::service::Methods;
 
+mod conformance;
+pub use conformance::conformance;
+
 /// `echo`: answers every request, whatever its method, with its payload
 /// verbatim (the bytes are not decoded).
 pub fn echo() -> Methods {

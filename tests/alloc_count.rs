@@ -113,6 +113,26 @@ fn decoding_a_frame_body_allocates_nothing() {
 }
 
 #[test]
+fn decoding_a_v1_1_request_allocates_nothing() {
+    // `stream` and `key` (a slice of the frame, like the other strings).
+    let request = small_request()
+        .with_stream()
+        .with_key("session-42")
+        .expect("a short key");
+    let body = request.to_bytes();
+    let mut shared = BytesMut::with_capacity(body.len() + 1);
+    shared.put_slice(&body);
+    let _ = shared.split_to(0);
+    let frame: Bytes = shared.freeze();
+    let (decoded, allocs) = count(|| Envelope::decode(&frame));
+    assert_eq!(decoded.expect("valid"), request);
+    assert_eq!(
+        allocs, 0,
+        "Envelope::decode of a request with stream and key"
+    );
+}
+
+#[test]
 fn decoding_from_a_read_buffer_allocates_once_per_buffer_not_per_frame() {
     let mut buf = framed(&[small_request(), small_request(), small_request()]);
     let mut codec = EnvelopeCodec::default();
@@ -204,6 +224,12 @@ fn the_echo_worker_answers_without_allocating() {
     // The same handler as a future: the boxed future is the one allocation.
     let boxed = Methods::new().fallback(|request| async move { Ok(request.payload) });
     assert_eq!(reply_of(&boxed), 1, "echo (async)");
+    // A handler that takes its request's context (deadline, cancellation),
+    // where no cancel can reach it (`answer`, as in-process workers run
+    // it): the context costs nothing more.
+    let with_context =
+        Methods::new().raw_ctx("Echo", |request, _ctx| async move { Ok(request.payload) });
+    assert_eq!(reply_of(&with_context), 1, "echo (async, with context)");
 }
 
 #[test]
@@ -220,4 +246,97 @@ fn cloning_a_broker_handle_allocates_nothing() {
         let report = broker.shutdown().await;
         assert!(report.drained, "nothing was in flight");
     });
+}
+
+/// Allocations the serve loop of a subprocess service makes to answer
+/// `calls` requests to method `Echo` of `methods`, written at once to an
+/// in-memory pipe; counted on a second round, after a warm-up round of the
+/// same size (the `ready` event, buffers and maps grown).
+fn served_allocations(methods: fn() -> procbroker::service::Methods, calls: usize) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let (mut to_worker, worker_in) = tokio::io::duplex(1 << 22);
+        let (worker_out, mut from_worker) = tokio::io::duplex(1 << 22);
+        tokio::task::spawn_local(procbroker::service::serve(
+            worker_in,
+            worker_out,
+            "svc.0".into(),
+            move |_| methods(),
+        ));
+        let requests: Vec<Envelope> = (0..calls)
+            .map(|i| {
+                let mut r = small_request().with_timeout_ms(5000);
+                r.correlation_id = i as u64 + 1;
+                r
+            })
+            .collect();
+        let frames = framed(&requests);
+        let mut read = BytesMut::with_capacity(1 << 22);
+        let mut codec = EnvelopeCodec::default();
+        let mut counted = 0;
+        for round in 0..2 {
+            if round == 1 {
+                COUNT.with(|c| c.set(0));
+                ENABLED.with(|on| on.set(true));
+            }
+            to_worker.write_all(&frames).await.expect("write");
+            let mut replies = 0;
+            while replies < calls {
+                match codec.decode(&mut read).expect("in sync") {
+                    Some(item) => {
+                        if item.expect("valid").kind != procbroker::protocol::MessageType::Event {
+                            replies += 1;
+                        }
+                    }
+                    None => {
+                        from_worker.read_buf(&mut read).await.expect("read");
+                    }
+                }
+            }
+            if round == 1 {
+                ENABLED.with(|on| on.set(false));
+                counted = COUNT.with(Cell::get);
+            }
+        }
+        counted
+    })
+}
+
+/// The serve loop of a subprocess service: a sync handler (the echo
+/// worker) costs allocations per read of its stdin, not per call; a
+/// handler that waits costs the same as before the request lifecycle
+/// existed (its boxed future, its task); one that takes a `Context` costs
+/// one more per call: its cancellation token.
+#[test]
+fn the_serve_loop_allocates_per_read_for_sync_handlers_and_one_token_per_context() {
+    fn waits() -> procbroker::service::Methods {
+        procbroker::service::Methods::new().raw("Echo", |r| async move {
+            tokio::task::yield_now().await;
+            Ok(r.payload)
+        })
+    }
+    fn waits_with_context() -> procbroker::service::Methods {
+        procbroker::service::Methods::new().raw_ctx("Echo", |r, _ctx| async move {
+            tokio::task::yield_now().await;
+            Ok(r.payload)
+        })
+    }
+    for calls in [64, 256] {
+        let sync = served_allocations(procbroker::workers::echo, calls);
+        let waiting = served_allocations(waits, calls);
+        let with_context = served_allocations(waits_with_context, calls);
+        eprintln!("{calls} calls: sync {sync}, async {waiting}, async with context {with_context}");
+        assert!(
+            sync < calls / 4,
+            "sync: {sync} allocations for {calls} calls"
+        );
+        assert!(
+            with_context >= waiting + calls && with_context <= waiting + calls + calls / 16,
+            "the context's token: {with_context} against {waiting} for {calls} calls"
+        );
+    }
 }

@@ -593,3 +593,233 @@ fn relay_rewrites_source_and_keeps_the_rest() {
     assert_eq!(back.payload_as::<String>().expect("str"), "hi");
     assert_eq!(back.correlation_id, 9);
 }
+
+// ---- protocol v1.1: stream, more, key, cancel ------------------------------
+
+#[test]
+fn v1_1_keys_round_trip_and_are_written_only_when_set() {
+    let request = Envelope::request("counter", "Count", 11)
+        .with_source("client.0")
+        .with_timeout_ms(900)
+        .with_stream()
+        .with_key("session-7")
+        .expect("a short key")
+        .with_payload(&3u8)
+        .expect("payload");
+    let partial = request
+        .partial_response(Some(Payload::encode(&0u8).expect("payload")))
+        .with_source("counter.1");
+    let last = request.response(None).with_source("counter.1");
+    for envelope in [&request, &partial, &last] {
+        assert_eq!(&round_trip(envelope), envelope);
+    }
+    assert!(partial.more && !last.more);
+    assert_eq!(
+        round_trip(&request).key.expect("key").as_str(),
+        Ok("session-7")
+    );
+
+    // The encoder's order: after `timeout_ms`, before `error` and `payload`.
+    let wire = encode(&request);
+    let at = |name: &str| {
+        wire.windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .unwrap_or_else(|| panic!("{name} written"))
+    };
+    assert!(at("timeout_ms") < at("stream"));
+    assert!(at("stream") < at("key"));
+    assert!(at("key") < at("payload"));
+
+    // Unset, they are not written: a v1 envelope's bytes are v1's.
+    let v1 = Envelope::request("echo", "Echo", 7)
+        .with_source("client.0")
+        .with_payload(&"x")
+        .expect("payload");
+    let bytes = encode(&v1);
+    for name in ["stream", "more", "key"] {
+        assert!(
+            !bytes.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} written for a v1 envelope"
+        );
+    }
+    assert_eq!(bytes.len(), 4 + v1.encoded_len());
+}
+
+#[test]
+fn false_and_nil_flags_are_absent_and_other_types_are_refused() {
+    let with = |field: &str, value: rmpv::Value| {
+        pack(&map(vec![
+            ("type", "request".into()),
+            ("id", "M".into()),
+            ("correlation_id", 1.into()),
+            ("target", "t".into()),
+            (field, value),
+        ]))
+    };
+    for field in ["stream", "more"] {
+        for absent in [false.into(), rmpv::Value::Nil] {
+            let e = decode_one(&with(field, absent)).expect("valid");
+            assert!(!e.stream && !e.more);
+        }
+        let e = decode_one(&with(field, true.into())).expect("valid");
+        assert_eq!((e.stream, e.more), (field == "stream", field == "more"));
+        assert_eq!(
+            invalid(&with(field, 1.into())),
+            EnvelopeError::WrongType {
+                field: if field == "stream" { "stream" } else { "more" },
+                expected: "bool",
+                found: "uint",
+            }
+        );
+    }
+    // A nil key is no key.
+    assert_eq!(
+        decode_one(&with("key", rmpv::Value::Nil))
+            .expect("valid")
+            .key,
+        None
+    );
+}
+
+/// A key routing cannot use does not make the frame invalid: the envelope
+/// decodes with the key marked invalid (the router answers `bad_request`),
+/// and a relay writes its bytes back unchanged.
+#[test]
+fn a_bad_key_decodes_as_invalid_and_is_relayed_byte_for_byte() {
+    use procbroker::protocol::{KeyError, MAX_KEY_BYTES, RequestKey};
+    let request = |key: rmpv::Value| {
+        pack(&map(vec![
+            ("type", "request".into()),
+            ("id", "M".into()),
+            ("correlation_id", 1.into()),
+            ("target", "t".into()),
+            ("key", key),
+        ]))
+    };
+    let longest = "k".repeat(MAX_KEY_BYTES);
+    let fits = decode_one(&request(longest.as_str().into())).expect("valid");
+    assert_eq!(fits.key.expect("key").as_str(), Ok(longest.as_str()));
+
+    let cases = [
+        (
+            rmpv::Value::from("k".repeat(MAX_KEY_BYTES + 1)),
+            KeyError::TooLong(MAX_KEY_BYTES + 1),
+        ),
+        (rmpv::Value::from(42), KeyError::NotAString("uint")),
+        (
+            rmpv::Value::Binary(b"k".to_vec()),
+            KeyError::NotAString("bin"),
+        ),
+        (
+            rmpv::Value::Array(vec!["k".into()]),
+            KeyError::NotAString("array"),
+        ),
+    ];
+    for (value, problem) in cases {
+        let body = request(value.clone());
+        let e = decode_one(&body).expect("still a valid envelope");
+        let key = e.key.clone().expect("a key");
+        assert!(matches!(key, RequestKey::Invalid(_)), "{value:?}");
+        assert_eq!(key.problem(), Some(problem), "{value:?}");
+        // Re-encoded, the key's bytes are the ones that came.
+        let again = encode(&e);
+        let value_bytes = pack(&value);
+        assert!(
+            again.windows(value_bytes.len()).any(|w| w == value_bytes),
+            "{value:?} relayed verbatim"
+        );
+        assert_eq!(&round_trip(&e), &e);
+    }
+    // A str that is not UTF-8.
+    let mut body = request("xx".into());
+    let len = body.len();
+    body[len - 2..].copy_from_slice(&[0xff, 0xfe]);
+    let e = decode_one(&body).expect("valid");
+    assert_eq!(e.key.expect("key").problem(), Some(KeyError::NotUtf8));
+    // Malformed MessagePack in the key is a bad frame like anywhere else.
+    // (The key `"k"` rewritten as an array holding the reserved 0xc1.)
+    let mut torn = request("k".into());
+    let len = torn.len();
+    torn[len - 2..].copy_from_slice(&[0x91, 0xc1]);
+    assert!(matches!(
+        decode_one(&torn).map_err(|e| e.error),
+        Err(EnvelopeError::Malformed(_))
+    ));
+
+    // Built by hand, a key over the limit is refused at once.
+    assert_eq!(
+        Envelope::request("t", "M", 1)
+            .with_key("k".repeat(MAX_KEY_BYTES + 1))
+            .map(|_| ()),
+        Err(KeyError::TooLong(MAX_KEY_BYTES + 1))
+    );
+}
+
+#[test]
+fn a_valid_key_is_a_slice_of_the_frame() {
+    let body = encode(
+        &Envelope::request("svc", "M", 1)
+            .with_key("a-session-key")
+            .expect("key"),
+    )
+    .split_off(4)
+    .freeze();
+    let envelope = Envelope::decode(&body).expect("valid");
+    let Some(procbroker::protocol::RequestKey::Str(key)) = &envelope.key else {
+        panic!("a valid key");
+    };
+    assert!(body.as_ptr_range().contains(&key.as_ptr()));
+}
+
+#[test]
+fn the_cancel_event_both_ways() {
+    use procbroker::protocol::{CancelNotice, CancelReason};
+    // Caller → broker: the request's correlation id, no payload.
+    let ask = round_trip(&Envelope::cancel_request(41).with_source("client.0"));
+    assert!(ask.is_cancel());
+    assert_eq!((&*ask.target, ask.correlation_id), ("broker", 41));
+    assert_eq!(ask.payload, None);
+    // Broker → worker: {source, reason}, readable by any MessagePack library.
+    let told = round_trip(&Envelope::cancel_notice(
+        "svc.0",
+        41,
+        "client.0",
+        CancelReason::Timeout,
+    ));
+    assert_eq!(
+        (&*told.source, &*told.target, told.correlation_id),
+        ("broker", "svc.0", 41)
+    );
+    let value: rmpv::Value =
+        rmpv::decode::read_value(&mut told.payload.as_ref().expect("payload").as_bytes().as_ref())
+            .expect("msgpack");
+    assert_eq!(
+        value,
+        map(vec![
+            ("source", "client.0".into()),
+            ("reason", "timeout".into())
+        ])
+    );
+    let notice = CancelNotice::from_payload(told.payload.as_ref()).expect("notice");
+    assert_eq!(notice.reason, CancelReason::Timeout);
+    let reasons: Vec<&str> = CancelReason::KNOWN
+        .iter()
+        .map(CancelReason::as_str)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "timeout",
+            "cancelled",
+            "caller_exited",
+            "busy",
+            "shutting_down"
+        ]
+    );
+    assert_eq!(
+        CancelReason::from_wire("later".into()),
+        CancelReason::Other("later".into())
+    );
+    // The caller's request is then answered with the new code.
+    assert_eq!("cancelled".parse::<ErrorCode>(), Ok(ErrorCode::Cancelled));
+}

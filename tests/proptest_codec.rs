@@ -1,7 +1,7 @@
 //! Properties of the codec over random envelopes and random byte streams.
 
 use bytes::BytesMut;
-use procbroker::protocol::{Envelope, EnvelopeCodec, FrameError, MessageType, Payload};
+use procbroker::protocol::{Envelope, EnvelopeCodec, FrameError, MessageType, Payload, RequestKey};
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -42,9 +42,21 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         ".{0,60}",
         name(),
         proptest::option::of(any::<u64>()),
+        (any::<bool>(), any::<bool>(), proptest::option::of(key())),
     )
         .prop_map(
-            |(kind, id, correlation_id, source, target, payload, error, code, timeout_ms)| {
+            |(
+                kind,
+                id,
+                correlation_id,
+                source,
+                target,
+                payload,
+                error,
+                code,
+                timeout_ms,
+                (stream, more, key),
+            )| {
                 let mut e = Envelope::request(target, id, correlation_id);
                 e.kind = kind;
                 if let Some(source) = source {
@@ -58,6 +70,9 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     e.code = Some(code.into());
                 }
                 e.timeout_ms = timeout_ms;
+                e.stream = stream;
+                e.more = more;
+                e.key = key;
                 if let Some(value) = payload {
                     let mut raw = Vec::new();
                     rmpv::encode::write_value(&mut raw, &value).expect("vec write");
@@ -66,6 +81,24 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 e
             },
         )
+}
+
+/// A v1.1 `key`: a str within the limit, or any other value (kept raw,
+/// as the decoder keeps it).
+fn key() -> impl Strategy<Value = RequestKey> {
+    prop_oneof![
+        ".{0,40}".prop_map(|k| RequestKey::new(k).expect("short")),
+        "[a-z]{257,300}".prop_map(|k| raw_key(&rmpv::Value::from(k))),
+        msgpack_value()
+            .prop_filter("not a str", |v| !v.is_str() && !v.is_nil())
+            .prop_map(|v| raw_key(&v)),
+    ]
+}
+
+fn raw_key(value: &rmpv::Value) -> RequestKey {
+    let mut raw = Vec::new();
+    rmpv::encode::write_value(&mut raw, value).expect("vec write");
+    RequestKey::Invalid(Payload::from_msgpack(raw).expect("one value"))
 }
 
 /// Decodes everything in `chunks`, fed one chunk at a time, then EOF.

@@ -480,6 +480,70 @@ fn encode_reports_each_bad_line_by_number_and_goes_on_unless_strict() {
     assert_eq!(ids, ["one"]);
 }
 
+/// The v1.1 keys: `stream` and `more` print only when true, a key as its
+/// text, a key routing cannot use as its bytes (`key_msgpack`); and they
+/// come back through `encode`, a key over the limit included (so a bad
+/// key can be sent by hand to see the broker refuse it).
+#[test]
+fn v1_1_keys_print_and_come_back() {
+    let request = Envelope::request("svc", "Count", 1)
+        .with_source("client.0")
+        .with_stream()
+        .with_key("session-1")
+        .expect("key");
+    let partial = request.partial_response(None).with_source("svc.0");
+    let mut int_key = Envelope::request("svc", "M", 2);
+    int_key.key = Some(procbroker::protocol::RequestKey::Invalid(
+        Payload::encode(&7u8).expect("int"),
+    ));
+    let mut stream = BytesMut::new();
+    for e in [&request, &partial, &int_key] {
+        EnvelopeCodec::default()
+            .encode(e, &mut stream)
+            .expect("encode");
+    }
+    let printed = round_trip(&stream);
+    assert!(
+        printed[0].contains(r#""stream":true,"key":"session-1""#),
+        "{}",
+        printed[0]
+    );
+    assert!(printed[1].contains(r#""more":true"#), "{}", printed[1]);
+    assert!(
+        printed[2].contains(r#""key_msgpack":"07""#),
+        "{}",
+        printed[2]
+    );
+    for line in &printed {
+        assert!(!line.contains("false"), "{line}");
+    }
+
+    let long = "k".repeat(257);
+    let line = format!(
+        r#"{{"type":"request","id":"M","correlation_id":3,"target":"svc","key":"{long}"}}"#
+    );
+    let out = run(&["encode", "--strict"], line.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frame = Envelope::decode(&bytes::Bytes::copy_from_slice(&out.stdout[4..])).expect("valid");
+    assert_eq!(
+        frame.key.expect("key").problem(),
+        Some(procbroker::protocol::KeyError::TooLong(257))
+    );
+    let both = r#"{"type":"request","id":"M","correlation_id":3,"target":"svc","key":"a","key_msgpack":"a161"}"#;
+    assert!(
+        !run(&["encode", "--strict"], both.as_bytes())
+            .status
+            .success()
+    );
+    let not_bool = r#"{"type":"request","id":"M","correlation_id":3,"target":"svc","stream":1}"#;
+    let out = run(&["encode", "--strict"], not_bool.as_bytes());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("true or false"));
+}
+
 /// Any MessagePack value, in any of its encodings (not only the shortest).
 fn any_msgpack() -> impl Strategy<Value = Vec<u8>> {
     fn sized(n: usize, width: u8, markers: [u8; 3]) -> Vec<u8> {

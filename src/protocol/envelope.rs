@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use super::error::{EnvelopeError, SalvagedRequest};
 use super::error_code::ErrorCode;
+use super::key::{KeyError, MAX_KEY_BYTES, RequestKey};
 use super::message_type::MessageType;
 use super::msgpack::{self, Reader, SliceWriter, kind_name, m};
 use super::payload::{Payload, PayloadError};
@@ -16,10 +17,14 @@ pub const BROKER: &str = "broker";
 
 /// One message: a MessagePack map with string keys.
 ///
-/// Decoding borrows from the frame: `id`, `source`, `target`, `error`, `code`
-/// and `payload` are slices of the frame's `Bytes` (reference-counted, not
-/// copied), so decoding a frame allocates nothing. Keys not listed here are
-/// ignored on decode and therefore not forwarded.
+/// Decoding borrows from the frame: `id`, `source`, `target`, `error`,
+/// `code`, `key` and `payload` are slices of the frame's `Bytes`
+/// (reference-counted, not copied), so decoding a frame allocates nothing.
+/// Keys not listed here are ignored on decode and therefore not forwarded.
+///
+/// `stream`, `more` and `key` are protocol v1.1: they are written only when
+/// set (`true`, `Some`), so an envelope without them encodes exactly as in
+/// v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// `type`: what kind of message this is.
@@ -38,8 +43,17 @@ pub struct Envelope {
     pub error: Option<ByteString>,
     /// `code`: machine-readable code of an `error` envelope.
     pub code: Option<ByteString>,
-    /// `timeout_ms`: per-request deadline override.
+    /// `timeout_ms`: per-request deadline override; on a request the broker
+    /// delivers, the budget left (v1.1).
     pub timeout_ms: Option<u64>,
+    /// `stream` (request, v1.1): the caller takes partial replies.
+    pub stream: bool,
+    /// `more` (response, v1.1): a partial reply; the final reply comes later.
+    pub more: bool,
+    /// `key` (request, v1.1): the routing key. A value that is not a str of
+    /// at most 256 bytes decodes as [`RequestKey::Invalid`] (the frame stays
+    /// valid; the router answers the request `bad_request`).
+    pub key: Option<RequestKey>,
 }
 
 /// The shape of an envelope's encoding, computed before writing it.
@@ -60,9 +74,19 @@ struct Spans {
     source: Option<Range<usize>>,
     target: Option<Range<usize>>,
     timeout_ms: Option<u64>,
+    stream: bool,
+    more: bool,
+    key: Option<KeySpan>,
     error: Option<Range<usize>>,
     code: Option<Range<usize>>,
     payload: Option<Range<usize>>,
+}
+
+/// Where a decoder found `key`: a valid key's text, or the whole value of
+/// one that is not.
+enum KeySpan {
+    Str(Range<usize>),
+    Invalid(Range<usize>),
 }
 
 /// The keys as written: str header and name, one copy each.
@@ -73,6 +97,9 @@ mod key {
     pub const SOURCE: &[u8] = b"\xa6source";
     pub const TARGET: &[u8] = b"\xa6target";
     pub const TIMEOUT_MS: &[u8] = b"\xaatimeout_ms";
+    pub const STREAM: &[u8] = b"\xa6stream";
+    pub const MORE: &[u8] = b"\xa4more";
+    pub const KEY: &[u8] = b"\xa3key";
     pub const ERROR: &[u8] = b"\xa5error";
     pub const CODE: &[u8] = b"\xa4code";
     pub const PAYLOAD: &[u8] = b"\xa7payload";
@@ -90,6 +117,9 @@ enum Field {
     Error,
     Code,
     TimeoutMs,
+    Stream,
+    More,
+    Key,
 }
 
 impl Field {
@@ -102,11 +132,14 @@ impl Field {
         }
         Some(match key.len() {
             2 if is(key, b"id") => Self::Id,
+            3 if is(key, b"key") => Self::Key,
             4 if is(key, b"type") => Self::Type,
             4 if is(key, b"code") => Self::Code,
+            4 if is(key, b"more") => Self::More,
             5 if is(key, b"error") => Self::Error,
             6 if is(key, b"source") => Self::Source,
             6 if is(key, b"target") => Self::Target,
+            6 if is(key, b"stream") => Self::Stream,
             7 if is(key, b"payload") => Self::Payload,
             10 if is(key, b"timeout_ms") => Self::TimeoutMs,
             14 if is(key, b"correlation_id") => Self::CorrelationId,
@@ -125,6 +158,9 @@ impl Field {
             Self::Error => "error",
             Self::Code => "code",
             Self::TimeoutMs => "timeout_ms",
+            Self::Stream => "stream",
+            Self::More => "more",
+            Self::Key => "key",
         }
     }
 
@@ -213,6 +249,43 @@ fn read_uint(reader: &mut Reader<'_>, field: Field) -> Result<Option<u64>, Envel
     }
 }
 
+/// Reads a bool field (nil reads as absent, that is `false`).
+#[inline(always)]
+fn read_bool(reader: &mut Reader<'_>, field: Field) -> Result<bool, EnvelopeError> {
+    match reader.marker()? {
+        m::TRUE => Ok(true),
+        m::FALSE | m::NIL => Ok(false),
+        marker => Err(EnvelopeError::WrongType {
+            field: field.name(),
+            expected: "bool",
+            found: kind_name(marker),
+        }),
+    }
+}
+
+/// Reads `key` (nil reads as absent). A value that is not a UTF-8 str of at
+/// most [`MAX_KEY_BYTES`] is kept whole as an invalid key: the envelope
+/// still decodes, and the router refuses the request. Only malformed
+/// MessagePack fails the frame.
+#[inline]
+fn read_key(frame: &[u8], reader: &mut Reader<'_>) -> Result<Option<KeySpan>, EnvelopeError> {
+    let start = reader.position();
+    let marker = reader.marker()?;
+    if marker == m::NIL {
+        return Ok(None);
+    }
+    Ok(Some(match reader.str_body(marker)? {
+        Some(range) if range.len() <= MAX_KEY_BYTES && is_utf8(&frame[range.clone()]) => {
+            KeySpan::Str(range)
+        }
+        Some(_) => KeySpan::Invalid(start..reader.position()),
+        None => {
+            reader.skip_body(marker)?;
+            KeySpan::Invalid(start..reader.position())
+        }
+    }))
+}
+
 /// `Some` and non-empty, else the field counts as missing.
 fn present(value: &Option<ByteString>) -> bool {
     value.as_ref().is_some_and(|s| !s.is_empty())
@@ -230,6 +303,9 @@ impl Envelope {
             error: None,
             code: None,
             timeout_ms: None,
+            stream: false,
+            more: false,
+            key: None,
         }
     }
 
@@ -263,6 +339,14 @@ impl Envelope {
         );
         reply.payload = payload;
         reply
+    }
+
+    /// A partial reply to this request (`more = true`, v1.1): one of those
+    /// a request that asked `stream = true` may get before its final reply.
+    pub fn partial_response(&self, payload: Option<Payload>) -> Self {
+        let mut partial = self.response(payload);
+        partial.more = true;
+        partial
     }
 
     /// The failed reply to this request, with a code (any string; see
@@ -331,6 +415,18 @@ impl Envelope {
         self
     }
 
+    /// Asks for partial replies (`stream = true`, v1.1).
+    pub fn with_stream(mut self) -> Self {
+        self.stream = true;
+        self
+    }
+
+    /// Sets the routing key (v1.1); refused if longer than 256 bytes.
+    pub fn with_key(mut self, key: impl Into<ByteString>) -> Result<Self, KeyError> {
+        self.key = Some(RequestKey::new(key)?);
+        Ok(self)
+    }
+
     /// Deserializes the payload into `T`; an absent payload reads as nil (so
     /// `()` and `Option<_>` accept it).
     pub fn payload_as<'de, T: Deserialize<'de>>(&'de self) -> Result<T, PayloadError> {
@@ -364,7 +460,7 @@ impl Envelope {
     fn decode_canonical(frame: &Bytes) -> Option<Self> {
         let mut reader = Reader::new(frame);
         let entries = match reader.marker().ok()? {
-            marker @ 0x81..=0x89 => usize::from(marker & 0x0f),
+            marker @ 0x81..=0x8c => usize::from(marker & 0x0f),
             _ => return None,
         };
         // The general decoder's readers; an error or a nil (absent in the
@@ -403,6 +499,26 @@ impl Envelope {
         }
         if read < entries && reader.eat(key::TIMEOUT_MS) {
             spans.timeout_ms = Some(uint_at(&mut reader, Field::TimeoutMs)?);
+            read += 1;
+        }
+        // v1.1: written only when set, so a `false` is the general
+        // decoder's.
+        if read < entries && reader.eat(key::STREAM) {
+            spans.stream = reader.marker().ok()? == m::TRUE;
+            if !spans.stream {
+                return None;
+            }
+            read += 1;
+        }
+        if read < entries && reader.eat(key::MORE) {
+            spans.more = reader.marker().ok()? == m::TRUE;
+            if !spans.more {
+                return None;
+            }
+            read += 1;
+        }
+        if read < entries && reader.eat(key::KEY) {
+            spans.key = Some(read_key(frame, &mut reader).ok()??);
             read += 1;
         }
         if read < entries && reader.eat(key::ERROR) {
@@ -491,6 +607,9 @@ impl Envelope {
                 Field::Code => spans.code = read_str(frame, &mut reader, field)?,
                 Field::CorrelationId => spans.correlation_id = read_uint(&mut reader, field)?,
                 Field::TimeoutMs => spans.timeout_ms = read_uint(&mut reader, field)?,
+                Field::Stream => spans.stream = read_bool(&mut reader, field)?,
+                Field::More => spans.more = read_bool(&mut reader, field)?,
+                Field::Key => spans.key = read_key(frame, &mut reader)?,
                 Field::Payload => spans.payload = Some(reader.value_span()?),
             }
         }
@@ -509,19 +628,27 @@ impl Envelope {
     /// type requires.
     #[inline(always)]
     fn assemble(frame: &Bytes, kind: MessageType, spans: Spans) -> Result<Self, EnvelopeError> {
-        let text = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
+        let text_of = |span: Option<Range<usize>>| span.map(|span| text(frame, span));
         let envelope = Self {
             kind,
-            id: text(spans.id).unwrap_or_default(),
+            id: text_of(spans.id).unwrap_or_default(),
             correlation_id: spans.correlation_id.unwrap_or(0),
-            source: text(spans.source).unwrap_or_default(),
-            target: text(spans.target).unwrap_or_default(),
+            source: text_of(spans.source).unwrap_or_default(),
+            target: text_of(spans.target).unwrap_or_default(),
             payload: spans
                 .payload
                 .map(|span| Payload::from_checked(frame.slice(span))),
-            error: text(spans.error),
-            code: text(spans.code),
+            error: text_of(spans.error),
+            code: text_of(spans.code),
             timeout_ms: spans.timeout_ms,
+            stream: spans.stream,
+            more: spans.more,
+            key: spans.key.map(|key| match key {
+                KeySpan::Str(span) => RequestKey::Str(text(frame, span)),
+                KeySpan::Invalid(span) => {
+                    RequestKey::Invalid(Payload::from_checked(frame.slice(span)))
+                }
+            }),
         };
         envelope.check_required(spans.correlation_id.is_some())?;
         Ok(envelope)
@@ -589,6 +716,18 @@ impl Envelope {
             entries += 1;
             len += key::TIMEOUT_MS.len() + msgpack::uint_len(ms);
         }
+        if self.stream {
+            entries += 1;
+            len += key::STREAM.len() + 1;
+        }
+        if self.more {
+            entries += 1;
+            len += key::MORE.len() + 1;
+        }
+        if let Some(k) = &self.key {
+            entries += 1;
+            len += key::KEY.len() + k.encoded_len();
+        }
         if let Some(error) = &self.error {
             entries += 1;
             len += key::ERROR.len() + msgpack::str_len(error);
@@ -643,6 +782,25 @@ impl Envelope {
         if let Some(ms) = self.timeout_ms {
             w.bytes(key::TIMEOUT_MS);
             w.uint(ms);
+        }
+        if self.stream {
+            w.bytes(key::STREAM);
+            w.bytes(&[m::TRUE]);
+        }
+        if self.more {
+            w.bytes(key::MORE);
+            w.bytes(&[m::TRUE]);
+        }
+        match &self.key {
+            Some(RequestKey::Str(k)) => {
+                w.bytes(key::KEY);
+                w.str(k);
+            }
+            Some(RequestKey::Invalid(raw)) => {
+                w.bytes(key::KEY);
+                w.bytes(raw.as_bytes());
+            }
+            None => {}
         }
         if let Some(error) = &self.error {
             w.bytes(key::ERROR);
@@ -773,9 +931,25 @@ mod tests {
             (any::<u64>(), proptest::option::of(any::<u64>())),
             proptest::option::of(("[ -~é]{0,40}", "[a-z_]{0,12}")),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                proptest::option::of(prop_oneof![
+                    "[a-z]{0,12}".prop_map(|k| RequestKey::new(k).expect("short")),
+                    any::<u32>()
+                        .prop_map(|n| RequestKey::Invalid(Payload::encode(&n).expect("an int"))),
+                ]),
+            ),
         )
             .prop_map(
-                |(kind, (id, source, target), (correlation_id, timeout_ms), error, payload)| {
+                |(
+                    kind,
+                    (id, source, target),
+                    (correlation_id, timeout_ms),
+                    error,
+                    payload,
+                    (stream, more, key),
+                )| {
                     let mut envelope = Envelope::request(target, id, correlation_id);
                     envelope.kind = [
                         MessageType::Request,
@@ -785,6 +959,9 @@ mod tests {
                     ][usize::from(kind)];
                     envelope.source = source.into();
                     envelope.timeout_ms = timeout_ms;
+                    envelope.stream = stream;
+                    envelope.more = more;
+                    envelope.key = key;
                     if let Some((message, code)) = error {
                         envelope.error = Some(message.into());
                         envelope.code = Some(code.into());

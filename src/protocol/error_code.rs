@@ -32,11 +32,14 @@ pub enum ErrorCode {
     Forbidden,
     /// A broker bug or an unexpected internal failure.
     Internal,
+    /// The caller cancelled the request (protocol v1.1: the `cancel` event
+    /// to `broker`).
+    Cancelled,
 }
 
 impl ErrorCode {
-    /// Every code, in DESIGN order.
-    pub const ALL: [ErrorCode; 11] = [
+    /// Every code, in protocol order (v1.1's `cancelled` last).
+    pub const ALL: [ErrorCode; 12] = [
         Self::UnknownTarget,
         Self::Unavailable,
         Self::Busy,
@@ -48,6 +51,7 @@ impl ErrorCode {
         Self::ShuttingDown,
         Self::Forbidden,
         Self::Internal,
+        Self::Cancelled,
     ];
 
     /// Its position in [`ALL`](Self::ALL), for counting by code.
@@ -69,6 +73,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::Forbidden => "forbidden",
             Self::Internal => "internal",
+            Self::Cancelled => "cancelled",
         }
     }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Reader<'a> {
 pub(crate) mod m {
     pub const NIL: u8 = 0xc0;
     pub const RESERVED: u8 = 0xc1;
+    pub const FALSE: u8 = 0xc2;
+    pub const TRUE: u8 = 0xc3;
 }
 
 impl<'a> Reader<'a> {

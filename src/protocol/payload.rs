@@ -37,6 +37,11 @@ impl Payload {
     /// MessagePack `nil`: what an absent payload reads as.
     pub const NIL_BYTES: &'static [u8] = &[0xc0];
 
+    /// MessagePack `nil` as a payload (allocates nothing).
+    pub fn nil() -> Self {
+        Self(Bytes::from_static(Self::NIL_BYTES))
+    }
+
     /// Serializes `value` with named fields (a struct becomes a map with string
     /// keys, readable as a dict by any msgpack library).
     ///

@@ -6,6 +6,12 @@
 //! `bad_request`; an unknown method is `unknown_method`; a handler's own
 //! failure is `handler` unless it says otherwise; a handler that panics is
 //! `internal` (the worker lives on).
+//!
+//! Handlers registered with `method_ctx`, `raw_ctx`, `stream` and
+//! `raw_stream` also get the request's [`Context`] (deadline and
+//! cancellation), and streaming ones a [`Partials`] for partial replies.
+//! The others (`method`, `raw`, `raw_sync`) are unchanged and cost nothing
+//! more per request.
 
 use futures_util::FutureExt;
 use futures_util::future::LocalBoxFuture;
@@ -14,7 +20,10 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
+use super::client::Client;
+use super::context::{CancelToken, Context, Partials};
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload};
 use bytestring::ByteString;
 
@@ -62,11 +71,29 @@ pub type HandlerFuture = LocalBoxFuture<'static, HandlerResult>;
 
 type EventHandler = Box<dyn Fn(Envelope)>;
 
-/// A handler as stored: one that may wait, or one that answers at once.
-/// The second kind exists for the hot path: no future is boxed per request.
+type LifecycleHandler = Box<dyn Fn(Envelope, Context, Partials) -> HandlerFuture>;
+
+/// A handler as stored: one that may wait, one that answers at once, or one
+/// that sees its request's lifecycle (deadline, cancellation, partial
+/// replies). The second kind exists for the hot path: no future is boxed
+/// per request.
 enum RawHandler {
     Async(Box<dyn Fn(Envelope) -> HandlerFuture>),
     Sync(Box<dyn Fn(Envelope) -> HandlerResult>),
+    Lifecycle(LifecycleHandler),
+}
+
+/// What the runner of a request offers its handler: where partial replies
+/// go (`None`: nowhere) and whether a `cancel` can reach it.
+#[derive(Clone, Copy)]
+struct Runner<'a> {
+    /// The served pipe's client: partial replies go out through it, and
+    /// the serve loop delivers cancels.
+    served: Option<&'a Client>,
+}
+
+impl Runner<'_> {
+    const DETACHED: Runner<'static> = Runner { served: None };
 }
 
 impl RawHandler {
@@ -78,20 +105,42 @@ impl RawHandler {
         Self::Async(Box::new(move |request| Box::pin(handler(request))))
     }
 
+    fn lifecycle<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Envelope, Context, Partials) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        Self::Lifecycle(Box::new(move |request, ctx, partials| {
+            Box::pin(handler(request, ctx, partials))
+        }))
+    }
+
     /// Calls the handler: a sync handler's result, or an async handler's
-    /// future, not yet polled.
-    fn call(&self, request: Envelope) -> Called {
+    /// future, not yet polled (with the cancellation a lifecycle handler
+    /// was given).
+    fn call(&self, request: Envelope, runner: Runner<'_>) -> Called {
         match self {
             Self::Sync(handler) => Called::Done(handler(request)),
-            Self::Async(handler) => Called::Waiting(handler(request)),
+            Self::Async(handler) => Called::Waiting(handler(request), None),
+            Self::Lifecycle(handler) => {
+                let token = match runner.served {
+                    Some(_) => CancelToken::new(),
+                    None => CancelToken::never(),
+                };
+                let ctx = Context::of(&request, Instant::now(), token.clone());
+                let out = runner.served.filter(|_| request.stream).cloned();
+                let partials = Partials::new(out, ReplyAddress::of(&request), token.clone());
+                Called::Waiting(handler(request, ctx, partials), Some(token))
+            }
         }
     }
 }
 
-/// What calling a handler gave: its result, or a future that has more to do.
+/// What calling a handler gave: its result, or a future that has more to do
+/// (and the cancellation its handler watches, if it watches one).
 enum Called {
     Done(HandlerResult),
-    Waiting(HandlerFuture),
+    Waiting(HandlerFuture, Option<CancelToken>),
 }
 
 /// Handlers by method name, plus an optional event handler.
@@ -119,15 +168,7 @@ impl Methods {
     {
         self.raw(name, move |request: Envelope| {
             let params = request.payload_as::<P>();
-            let future = params.map(&handler);
-            async move {
-                let result = future
-                    .map_err(|e| HandlerError::broker(ErrorCode::BadRequest, e.to_string()))?
-                    .await?;
-                Payload::encode(&result)
-                    .map(Some)
-                    .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))
-            }
+            typed_result(params.map(&handler))
         })
     }
 
@@ -152,6 +193,86 @@ impl Methods {
     {
         self.handlers
             .insert(name.to_owned(), RawHandler::Sync(Box::new(handler)));
+        self
+    }
+
+    /// [`method`](Self::method) with the request's [`Context`]: its
+    /// deadline, and a cancellation that the broker's `cancel` triggers.
+    ///
+    /// ```no_run
+    /// use procbroker::service::{Context, HandlerError, Methods};
+    /// use std::time::Duration;
+    ///
+    /// let methods = Methods::new().method_ctx("Sleep", |ms: u64, ctx: Context| async move {
+    ///     tokio::select! {
+    ///         () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(ms),
+    ///         reason = ctx.cancelled() => Err(HandlerError::new(format!("stopped: {reason}"))),
+    ///     }
+    /// });
+    /// ```
+    pub fn method_ctx<P, R, F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+        F: Fn(P, Context) -> Fut + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + 'static,
+    {
+        self.raw_stream(name, move |request: Envelope, ctx, _partials| {
+            let params = request.payload_as::<P>();
+            let future = params.map(|params| handler(params, ctx));
+            typed_result(future)
+        })
+    }
+
+    /// [`raw`](Self::raw) with the request's [`Context`].
+    pub fn raw_ctx<F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Envelope, Context) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        self.raw_stream(name, move |request, ctx, _partials| handler(request, ctx))
+    }
+
+    /// Serves `name` with a streaming handler: it sends partial replies
+    /// through its [`Partials`] and returns the final reply's payload.
+    ///
+    /// Partial replies reach callers that asked `stream = true`; a request
+    /// without it gets the final reply only (what the handler sends as
+    /// partials is dropped), so the same method serves both.
+    ///
+    /// ```no_run
+    /// use procbroker::service::{Context, HandlerError, Methods, Partials};
+    ///
+    /// let methods = Methods::new().stream("Count", |n: u32, _ctx: Context, out: Partials| async move {
+    ///     for i in 0..n {
+    ///         out.send(&i).await?; // fails once the request is cancelled
+    ///     }
+    ///     Ok::<_, HandlerError>(n)
+    /// });
+    /// ```
+    pub fn stream<P, R, F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+        F: Fn(P, Context, Partials) -> Fut + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + 'static,
+    {
+        self.raw_stream(name, move |request: Envelope, ctx, partials| {
+            let params = request.payload_as::<P>();
+            let future = params.map(|params| handler(params, ctx, partials));
+            typed_result(future)
+        })
+    }
+
+    /// [`stream`](Self::stream) with the whole request envelope and raw
+    /// payloads.
+    pub fn raw_stream<F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Envelope, Context, Partials) -> Fut + 'static,
+        Fut: Future<Output = HandlerResult> + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), RawHandler::lifecycle(handler));
         self
     }
 
@@ -182,32 +303,34 @@ impl Methods {
         self
     }
 
-    /// Runs the handler for `request.id`.
+    /// Runs the handler for `request.id`. A handler that takes a
+    /// [`Context`] gets one that is never cancelled, and its partial
+    /// replies are dropped.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
-        match self.call(request) {
+        match self.call(request, Runner::DETACHED) {
             Called::Done(result) => Box::pin(std::future::ready(result)),
-            Called::Waiting(future) => future,
+            Called::Waiting(future, _) => future,
         }
     }
 
     /// Runs the handler for `request.id` up to its first wait: the result,
     /// or the future that has more to do.
-    fn start(&self, request: Envelope) -> Called {
-        let mut future = match self.call(request) {
-            Called::Waiting(future) => future,
+    fn start(&self, request: Envelope, runner: Runner<'_>) -> Called {
+        let (mut future, token) = match self.call(request, runner) {
+            Called::Waiting(future, token) => (future, token),
             done => return done,
         };
         match (&mut future).now_or_never() {
             Some(result) => Called::Done(result),
-            None => Called::Waiting(future),
+            None => Called::Waiting(future, token),
         }
     }
 
     /// Calls the handler for `request.id`: a result now (sync handlers,
     /// `Ping`, unknown methods), or an async handler's unpolled future.
-    fn call(&self, request: Envelope) -> Called {
+    fn call(&self, request: Envelope, runner: Runner<'_>) -> Called {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
-            Some(handler) => handler.call(request),
+            Some(handler) => handler.call(request, runner),
             // The broker's health check (DESIGN 10.3): answered with `{}`
             // unless the service serves `Ping` itself.
             None if &*request.id == PING => Called::Done(
@@ -256,6 +379,20 @@ impl ReplyAddress {
         }
     }
 
+    /// A partial reply (`more = true`) with `payload`.
+    pub fn partial(&self, payload: Option<Payload>) -> Envelope {
+        let mut partial = Envelope::request(self.to.clone(), self.id.clone(), self.correlation_id);
+        partial.kind = MessageType::Response;
+        partial.more = true;
+        partial.payload = payload;
+        partial
+    }
+
+    /// The requester and correlation id: what names the request.
+    pub(crate) fn request(&self) -> (&ByteString, u64) {
+        (&self.to, self.correlation_id)
+    }
+
     /// The reply for a handler's result: a response, or an error reply.
     pub fn reply(self, result: HandlerResult) -> Envelope {
         let mut reply = Envelope::request(self.to, self.id, self.correlation_id);
@@ -285,24 +422,86 @@ pub enum Answer {
     Later(LocalBoxFuture<'static, Envelope>),
 }
 
+/// A request the serve loop started: answered, or running with the
+/// address of its reply and the cancellation its handler watches (if any).
+pub(crate) enum Started {
+    Now(Envelope),
+    Later {
+        reply: LocalBoxFuture<'static, Envelope>,
+        /// Who asked and the correlation id: what a `cancel` names.
+        request: (ByteString, u64),
+        token: Option<CancelToken>,
+    },
+}
+
 impl Methods {
     /// Runs the handler for `request` up to its first wait and returns the
     /// reply if it is already there. A panic, now or later, becomes an
     /// `internal` error reply (logged with `worker`, the process id).
+    ///
+    /// A handler that takes a [`Context`] gets one that is never
+    /// cancelled, and its partial replies are dropped (the final reply is
+    /// the answer).
     pub fn answer(&self, request: Envelope, worker: &str) -> Answer {
-        let address = ReplyAddress::of(&request);
-        let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request)));
-        match started {
-            Ok(Called::Done(result)) => Answer::Now(address.reply(result)),
-            Ok(Called::Waiting(future)) => {
-                let worker = worker.to_owned();
-                Answer::Later(Box::pin(AssertUnwindSafe(future).catch_unwind().map(
-                    move |result| address.reply(result.unwrap_or_else(|_| panicked(&worker))),
-                )))
-            }
-            Err(_) => Answer::Now(address.reply(panicked(worker))),
+        match self.run(request, worker, Runner::DETACHED) {
+            Started::Now(reply) => Answer::Now(reply),
+            Started::Later { reply, .. } => Answer::Later(reply),
         }
     }
+
+    /// [`answer`](Self::answer) for the serve loop of a subprocess: partial
+    /// replies go out through `client`, and a lifecycle handler's token is
+    /// one a `cancel` can trigger (the caller registers it).
+    pub(crate) fn answer_served(
+        &self,
+        request: Envelope,
+        worker: &str,
+        client: &Client,
+    ) -> Started {
+        self.run(
+            request,
+            worker,
+            Runner {
+                served: Some(client),
+            },
+        )
+    }
+
+    fn run(&self, request: Envelope, worker: &str, runner: Runner<'_>) -> Started {
+        let address = ReplyAddress::of(&request);
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request, runner)));
+        match started {
+            Ok(Called::Done(result)) => Started::Now(address.reply(result)),
+            Ok(Called::Waiting(future, token)) => {
+                let worker = worker.to_owned();
+                let (to, correlation_id) = address.request();
+                let request = (to.clone(), correlation_id);
+                Started::Later {
+                    reply: Box::pin(AssertUnwindSafe(future).catch_unwind().map(move |result| {
+                        address.reply(result.unwrap_or_else(|_| panicked(&worker)))
+                    })),
+                    request,
+                    token,
+                }
+            }
+            Err(_) => Started::Now(address.reply(panicked(worker))),
+        }
+    }
+}
+
+/// A typed handler's future as a raw one: a payload that did not decode is
+/// `bad_request`, a result that does not encode is `internal`.
+async fn typed_result<R, Fut>(started: Result<Fut, crate::protocol::PayloadError>) -> HandlerResult
+where
+    R: Serialize + 'static,
+    Fut: Future<Output = Result<R, HandlerError>> + 'static,
+{
+    let result = started
+        .map_err(|e| HandlerError::broker(ErrorCode::BadRequest, e.to_string()))?
+        .await?;
+    Payload::encode(&result)
+        .map(Some)
+        .map_err(|e| HandlerError::broker(ErrorCode::Internal, e.to_string()))
 }
 
 fn panicked(worker: &str) -> HandlerResult {

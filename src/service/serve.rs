@@ -2,7 +2,8 @@
 
 use bytestring::ByteString;
 use futures_util::StreamExt;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -10,10 +11,13 @@ use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
 use super::client::Client;
-use super::methods::{Answer, Methods};
+use super::context::CancelToken;
+use super::methods::{Methods, Started};
 use crate::names::{BROKER, PROCESS_ID_ENV};
 use crate::pipe::{Batches, Outbox};
-use crate::protocol::{EnvelopeCodec, FrameError, MessageType};
+use crate::protocol::{
+    CancelNotice, CancelReason, Envelope, EnvelopeCodec, FrameError, MessageType,
+};
 
 /// Why a service stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,13 @@ pub fn run(build: impl FnOnce(Client) -> Methods) -> Result<(), ServeError> {
 
 /// The serve loop over any pipe pair; must run inside a `LocalSet` (or an
 /// actix arbiter). [`run`] is this on stdin and stdout.
+///
+/// Protocol v1.1: a `cancel` event from `broker` cancels the
+/// [`Context`](super::Context) of the request it names (`correlation_id`
+/// and the payload's `source`), and that request's reply is then not sent
+/// (the broker has answered its caller and would drop it). A `cancel` from
+/// any other source is ignored. At EOF every running request is cancelled
+/// with reason `shutting_down` before the grace period.
 pub async fn serve<R, W>(
     input: R,
     output: W,
@@ -64,7 +75,7 @@ where
     let codec = EnvelopeCodec::default();
     let client = Client::new(id.clone(), Outbox::start(output, codec));
     let methods = Rc::new(build(client.clone()));
-    let busy = Rc::new(InFlight::default());
+    let busy = Rc::new(Running::default());
     let _ = client.ready();
     // Whatever one read brought, decoded in one go (see `pipe::Batches`).
     let mut frames = Batches::new(input, codec, READ_BATCH);
@@ -87,16 +98,26 @@ where
                 Ok(Ok(envelope)) => envelope,
             };
             match envelope.kind {
-                MessageType::Request => match methods.answer(envelope, &id) {
-                    Answer::Now(reply) => {
+                MessageType::Request => match methods.answer_served(envelope, &id, &client) {
+                    Started::Now(reply) => {
                         let _ = client.send(&reply);
                     }
-                    Answer::Later(future) => {
+                    Started::Later {
+                        reply,
+                        request,
+                        token,
+                    } => {
                         let client = client.clone();
-                        let guard = busy.enter();
+                        let guard = busy.enter(request, token);
                         tokio::task::spawn_local(async move {
-                            let reply = future.await;
-                            let _ = client.send(&reply);
+                            let mut guard = guard;
+                            let reply = reply.await;
+                            if guard.finish() {
+                                tracing::debug!(process = %client.id(), correlation_id = reply.correlation_id,
+                                    "reply to a cancelled request not sent");
+                            } else {
+                                let _ = client.send(&reply);
+                            }
                             drop(guard);
                         });
                     }
@@ -114,6 +135,7 @@ where
                     client.stop_calling();
                     draining = true;
                 }
+                MessageType::Event if envelope.is_cancel() => cancel(&busy, &envelope, &id),
                 MessageType::Event => methods.event(envelope),
             }
         }
@@ -124,6 +146,7 @@ where
         // then the process ends whatever is still in flight: a handler that
         // loops on calls must not keep an orphan alive.
         client.fail_pending();
+        busy.cancel_all(CancelReason::ShuttingDown);
         let _ = tokio::time::timeout(EOF_GRACE, busy.idle()).await;
     }
     client.outbox().close();
@@ -137,19 +160,106 @@ const READ_BATCH: usize = 64;
 /// After EOF, how long running handlers may take to finish.
 const EOF_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Counts handlers still running.
-#[derive(Default)]
-struct InFlight {
-    count: Cell<usize>,
-    done: Notify,
+/// A `cancel` event: from `broker`, it cancels the running request it
+/// names; from anyone else, it is ignored.
+fn cancel(running: &Running, event: &Envelope, id: &str) {
+    if &*event.source != BROKER {
+        tracing::debug!(process = %id, source = %event.source, "cancel not from the broker ignored");
+        return;
+    }
+    match CancelNotice::from_payload(event.payload.as_ref()) {
+        Ok(notice) => {
+            if !running.cancel(notice.source.clone(), event.correlation_id, notice.reason) {
+                tracing::debug!(process = %id, correlation_id = event.correlation_id,
+                    origin = %notice.source, "cancel of no running request ignored");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(process = %id, correlation_id = event.correlation_id, error = %e,
+                "cancel ignored");
+        }
+    }
 }
 
-struct Entered(Rc<InFlight>);
+/// The requests whose handlers are still running: how many (to wait for
+/// them), and each by (source, correlation id), so a `cancel` finds it.
+#[derive(Default)]
+struct Running {
+    count: Cell<usize>,
+    done: Notify,
+    requests: RefCell<HashMap<(ByteString, u64), Entry, foldhash::fast::RandomState>>,
+    /// Tells apart two entries under one name (a requester that reused a
+    /// correlation id while the first was running).
+    next_seq: Cell<u64>,
+}
 
-impl InFlight {
-    fn enter(self: &Rc<Self>) -> Entered {
+struct Entry {
+    seq: u64,
+    /// The handler's cancellation, if it watches one.
+    token: Option<CancelToken>,
+    /// The broker cancelled it: its reply is not sent.
+    cancelled: bool,
+}
+
+/// A running request, until its reply is ready (or its task is dropped).
+struct Entered {
+    running: Rc<Running>,
+    request: (ByteString, u64),
+    seq: u64,
+    token: Option<CancelToken>,
+    finished: bool,
+}
+
+impl Running {
+    fn enter(self: &Rc<Self>, request: (ByteString, u64), token: Option<CancelToken>) -> Entered {
         self.count.set(self.count.get() + 1);
-        Entered(Rc::clone(self))
+        let seq = self.next_seq.get().wrapping_add(1);
+        self.next_seq.set(seq);
+        self.requests.borrow_mut().insert(
+            request.clone(),
+            Entry {
+                seq,
+                token: token.clone(),
+                cancelled: false,
+            },
+        );
+        Entered {
+            running: Rc::clone(self),
+            request,
+            seq,
+            token,
+            finished: false,
+        }
+    }
+
+    /// Cancels the request `(source, correlation_id)` if it is running;
+    /// false if it is not.
+    fn cancel(&self, source: ByteString, correlation_id: u64, reason: CancelReason) -> bool {
+        let mut requests = self.requests.borrow_mut();
+        let Some(entry) = requests.get_mut(&(source, correlation_id)) else {
+            return false;
+        };
+        entry.cancelled = true;
+        let token = entry.token.clone();
+        drop(requests);
+        if let Some(token) = token {
+            token.cancel(reason);
+        }
+        true
+    }
+
+    /// Cancels every running handler that watches its token (their replies
+    /// are still sent: nobody said the caller stopped waiting).
+    fn cancel_all(&self, reason: CancelReason) {
+        let tokens: Vec<CancelToken> = self
+            .requests
+            .borrow()
+            .values()
+            .filter_map(|entry| entry.token.clone())
+            .collect();
+        for token in tokens {
+            token.cancel(reason.clone());
+        }
     }
 
     async fn idle(&self) {
@@ -159,12 +269,38 @@ impl InFlight {
     }
 }
 
+impl Entered {
+    /// The handler is done: forgets the request. True if the broker
+    /// cancelled it (its reply must not be sent).
+    fn finish(&mut self) -> bool {
+        self.finished = true;
+        if let Some(token) = &self.token {
+            token.finish();
+        }
+        self.forget()
+    }
+
+    fn forget(&self) -> bool {
+        let mut requests = self.running.requests.borrow_mut();
+        match requests.get(&self.request) {
+            Some(entry) if entry.seq == self.seq => {
+                requests.remove(&self.request).is_some_and(|e| e.cancelled)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Drop for Entered {
     fn drop(&mut self) {
-        let count = self.0.count.get() - 1;
-        self.0.count.set(count);
+        if !self.finished {
+            // The task was dropped with the runtime: forget it all the same.
+            self.forget();
+        }
+        let count = self.running.count.get() - 1;
+        self.running.count.set(count);
         if count == 0 {
-            self.0.done.notify_waiters();
+            self.running.done.notify_waiters();
         }
     }
 }

@@ -12,7 +12,7 @@
 //! byte for byte, as the broker carries it.
 
 use anyhow::{Context, Result, bail};
-use procbroker::protocol::{Envelope, MessageType, Payload};
+use procbroker::protocol::{Envelope, MAX_KEY_BYTES, MessageType, Payload, RequestKey};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Number;
@@ -641,13 +641,17 @@ fn ext_bytes(kind: i8, data: &[u8], out: &mut Vec<u8>) -> Result<()> {
 // ---- envelopes ---------------------------------------------------------------
 
 /// The keys of a line, in the order `decode` prints them.
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 14] = [
     "type",
     "id",
     "correlation_id",
     "source",
     "target",
     "timeout_ms",
+    "stream",
+    "more",
+    "key",
+    "key_msgpack",
     "error",
     "code",
     "payload",
@@ -671,6 +675,19 @@ pub fn envelope_line(e: &Envelope) -> Json {
     }
     if let Some(ms) = e.timeout_ms {
         obj.push(("timeout_ms".into(), Json::Num(ms.into())));
+    }
+    for (key, set) in [("stream", e.stream), ("more", e.more)] {
+        if set {
+            obj.push((key.into(), Json::Bool(true)));
+        }
+    }
+    match &e.key {
+        Some(RequestKey::Str(key)) => obj.push(("key".into(), text(key))),
+        // Not a key routing can use: its bytes, as they came.
+        Some(RequestKey::Invalid(raw)) => {
+            obj.push(("key_msgpack".into(), Json::Str(hex(raw.as_bytes()))));
+        }
+        None => {}
     }
     for (key, value) in [("error", &e.error), ("code", &e.code)] {
         if let Some(value) = value {
@@ -720,6 +737,10 @@ pub fn line_envelope(line: &[u8]) -> Result<Envelope> {
         source,
         target,
         timeout_ms,
+        stream,
+        more,
+        key,
+        key_msgpack,
         error,
         code,
         payload,
@@ -751,6 +772,38 @@ pub fn line_envelope(line: &[u8]) -> Result<Envelope> {
     envelope.kind = kind;
     envelope.source = text(source, "source")?.unwrap_or_default().into();
     envelope.timeout_ms = uint(timeout_ms, "timeout_ms")?;
+    let flag = |value: Option<Json>, key: &str| -> Result<bool> {
+        match value {
+            None | Some(Json::Null) => Ok(false),
+            Some(Json::Bool(b)) => Ok(b),
+            Some(other) => bail!("{key:?} must be true or false, not {}", short(&other)),
+        }
+    };
+    envelope.stream = flag(stream, "stream")?;
+    envelope.more = flag(more, "more")?;
+    envelope.key = match (text(key, "key")?, text(key_msgpack, "key_msgpack")?) {
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give \"key\" or \"key_msgpack\", not both"),
+        // A key over the limit is written all the same (as a str): the
+        // broker is the one to refuse it.
+        (Some(key), None) => Some(RequestKey::new(key.clone()).unwrap_or_else(|_| {
+            let mut raw = Vec::with_capacity(key.len() + 5);
+            // `str_bytes` fails only past 4 GiB, which no line holds.
+            let _ = str_bytes(key.as_bytes(), &mut raw);
+            RequestKey::Invalid(Payload::from_msgpack(raw).unwrap_or_else(|_| Payload::nil()))
+        })),
+        (None, Some(hex)) => {
+            let bytes = unhex(&hex).context("\"key_msgpack\"")?;
+            let raw = Payload::from_msgpack(bytes).context("\"key_msgpack\"")?;
+            // Read as the broker reads it: a str (not a bin) of UTF-8 within
+            // the limit is a key; anything else stays as given.
+            let is_str = matches!(raw.as_bytes().first(), Some(0xa0..=0xbf | 0xd9..=0xdb));
+            Some(match raw.decode::<String>() {
+                Ok(text) if is_str && text.len() <= MAX_KEY_BYTES => RequestKey::Str(text.into()),
+                _ => RequestKey::Invalid(raw),
+            })
+        }
+    };
     envelope.error = text(error, "error")?.map(Into::into);
     envelope.code = text(code, "code")?.map(Into::into);
     envelope.payload = match (payload, payload_msgpack) {

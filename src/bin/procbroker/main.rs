@@ -60,6 +60,10 @@ enum WorkerName {
     /// Raw NATS benchmark peer: answers requests on a subject (from the
     /// environment) until stdin closes.
     NatsEcho,
+    /// The Rust SDK's conformance subject: Echo, Sleep, Active, Count,
+    /// Fail, Deadline, WhoAmI, Relay, Notify, LastCancel, LastNote and the
+    /// `note` event (PROTOCOL.md lists what each does).
+    Conformance,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +174,7 @@ fn worker(name: WorkerName) -> Result<()> {
         WorkerName::RawEcho => loadgen::raw::echo()?,
         WorkerName::RawClient => loadgen::raw::client()?,
         WorkerName::NatsEcho => loadgen::nats::echo()?,
+        WorkerName::Conformance => service::run(workers::conformance)?,
     }
     Ok(())
 }
