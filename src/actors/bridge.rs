@@ -254,7 +254,7 @@ impl Bridge {
         // Resolved here, before the fork: user-database look-ups are not
         // safe in the forked child. Checked at load already; the system
         // may have changed since (a user removed, a directory gone).
-        let setup = ChildSetup::resolve(&self.spec)
+        let setup = ChildSetup::resolve(&*self.spec)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut command = Command::new(program);
         for name in NOT_INHERITED {

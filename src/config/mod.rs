@@ -7,7 +7,7 @@ pub mod order;
 pub mod run_as;
 
 pub use cluster::{Balance, ClusterConfig, NatsUrls};
-pub use run_as::{Limits, UserRef};
+pub use run_as::{Limits, RunAsSpec, UserRef};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -416,5 +416,20 @@ impl From<SpawnRequest> for ServiceConfig {
             restart: r.restart,
             ..Self::new(String::new(), String::new())
         }
+    }
+}
+
+impl RunAsSpec for ServiceConfig {
+    fn run_limits(&self) -> &Limits {
+        &self.limits
+    }
+    fn run_cwd(&self) -> &str {
+        &self.cwd
+    }
+    fn run_user(&self) -> Option<&UserRef> {
+        self.user.as_ref()
+    }
+    fn run_group(&self) -> Option<&UserRef> {
+        self.group.as_ref()
     }
 }

@@ -23,7 +23,19 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::{Deserialize, Serialize};
 
-use super::ServiceConfig;
+/// The parts of a service's settings that say how its children run: what
+/// [`ChildSetup::resolve`] reads. A trait, so that this module need not
+/// know the whole service configuration (which is built on it).
+pub trait RunAsSpec {
+    /// `limits`.
+    fn run_limits(&self) -> &Limits;
+    /// `cwd` (`""`: the broker's).
+    fn run_cwd(&self) -> &str;
+    /// `user`.
+    fn run_user(&self) -> Option<&UserRef>;
+    /// `group`.
+    fn run_group(&self) -> Option<&UserRef>;
+}
 
 /// `limits = { open_files, processes, cpu_seconds, address_space_bytes,
 /// core_bytes }`: each sets both the soft and the hard limit of the child
@@ -152,9 +164,9 @@ impl ChildSetup {
     /// Checks and resolves `spec`'s `limits`, `user`, `group` and `cwd`
     /// against this broker (its hard limits, whether it runs as root, the
     /// user and group databases, the file system).
-    pub fn resolve(spec: &ServiceConfig) -> Result<Self, RunAsError> {
+    pub fn resolve(spec: &impl RunAsSpec) -> Result<Self, RunAsError> {
         let mut limits = Vec::new();
-        for (key, resource, value) in spec.limits.each() {
+        for (key, resource, value) in spec.run_limits().each() {
             let key = format!("limits.{key}");
             let (_, hard) = getrlimit(resource).map_err(|e| {
                 RunAsError::new(&key, format!("cannot read the broker's own limit: {e}"))
@@ -172,19 +184,20 @@ impl ChildSetup {
             }
             limits.push((resource, value));
         }
-        if !spec.cwd.is_empty() {
-            match std::fs::metadata(&spec.cwd) {
+        let cwd = spec.run_cwd();
+        if !cwd.is_empty() {
+            match std::fs::metadata(cwd) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     return Err(RunAsError::new(
                         "cwd",
-                        format!("{:?} is not a directory", spec.cwd),
+                        format!("{cwd:?} is not a directory"),
                     ));
                 }
-                Err(e) => return Err(RunAsError::new("cwd", format!("{:?}: {e}", spec.cwd))),
+                Err(e) => return Err(RunAsError::new("cwd", format!("{cwd:?}: {e}"))),
             }
         }
-        let ids = resolve_ids(spec.user.as_ref(), spec.group.as_ref())?;
+        let ids = resolve_ids(spec.run_user(), spec.run_group())?;
         Ok(Self { limits, ids })
     }
 
@@ -298,8 +311,51 @@ fn resolve_ids(user: Option<&UserRef>, group: Option<&UserRef>) -> Result<Option
 mod tests {
     use super::*;
 
-    fn spec() -> ServiceConfig {
-        ServiceConfig::new("svc", "/bin/true")
+    /// A service's run-as settings, built as a service's are.
+    #[derive(Default)]
+    struct Spec {
+        limits: Limits,
+        cwd: String,
+        user: Option<UserRef>,
+        group: Option<UserRef>,
+    }
+
+    impl Spec {
+        fn limits(mut self, limits: Limits) -> Self {
+            self.limits = limits;
+            self
+        }
+        fn cwd(mut self, dir: &str) -> Self {
+            self.cwd = dir.into();
+            self
+        }
+        fn user(mut self, user: impl Into<UserRef>) -> Self {
+            self.user = Some(user.into());
+            self
+        }
+        fn group(mut self, group: impl Into<UserRef>) -> Self {
+            self.group = Some(group.into());
+            self
+        }
+    }
+
+    impl RunAsSpec for Spec {
+        fn run_limits(&self) -> &Limits {
+            &self.limits
+        }
+        fn run_cwd(&self) -> &str {
+            &self.cwd
+        }
+        fn run_user(&self) -> Option<&UserRef> {
+            self.user.as_ref()
+        }
+        fn run_group(&self) -> Option<&UserRef> {
+            self.group.as_ref()
+        }
+    }
+
+    fn spec() -> Spec {
+        Spec::default()
     }
 
     #[test]
