@@ -201,7 +201,7 @@ impl Envelope {
 
     /// Whether this is a `cancel` event.
     pub fn is_cancel(&self) -> bool {
-        self.kind == super::MessageType::Event && &*self.id == CANCEL
+        self.kind == super::message_type::MessageType::Event && &*self.id == CANCEL
     }
 }
 

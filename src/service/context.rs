@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::client::Client;
-use super::methods::{HandlerError, ReplyAddress};
+use super::reply::{HandlerError, ReplyAddress};
 use crate::call::CallError;
 use crate::protocol::{CancelReason, Envelope, ErrorCode, Payload, PayloadError};
 

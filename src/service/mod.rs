@@ -71,6 +71,7 @@
 mod client;
 mod context;
 mod methods;
+mod reply;
 mod reply_slot;
 mod serve;
 
