@@ -6,7 +6,43 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_procbroker");
+
+/// `procbroker run --config CONFIG` with JSON logs at info; its log lines
+/// arrive on the receiver as they are written (lines that are not JSON are
+/// printed and skipped).
+fn run_json(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<serde_json::Value>,
+) {
+    let mut broker = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("procbroker run");
+    let stderr = broker.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            match serde_json::from_str(&line) {
+                Ok(v) => {
+                    let _ = lines_tx.send(v);
+                }
+                Err(_) => eprintln!("not JSON: {line}"),
+            }
+        }
+    });
+    (broker, lines)
+}
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
@@ -54,27 +90,7 @@ env = {{ LOAD_IN_FLIGHT = "{}" }}
         ),
     )
     .expect("config");
-    let mut broker = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("procbroker run");
-    let stderr = broker.stderr.take().expect("stderr");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = lines_tx.send(v);
-            } else {
-                eprintln!("not JSON: {line}");
-            }
-        }
-    });
+    let (mut broker, lines) = run_json(&config);
     let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
@@ -188,25 +204,7 @@ ready_timeout_ms = 600000
         ),
     )
     .expect("config");
-    let mut broker = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("procbroker run");
-    let stderr = broker.stderr.take().expect("stderr");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = lines_tx.send(v);
-            }
-        }
-    });
+    let (mut broker, lines) = run_json(&config);
     let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut log = Vec::new();
@@ -257,32 +255,6 @@ ready_timeout_ms = 600000
     }
 }
 
-/// A plain HTTP GET on loopback: the status code and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 /// SIGHUP to settings that make the program crash: the roll stops at the
 /// first new worker and says so, the other worker keeps serving; a service
 /// removed by the same reload leaves `/ready`, `/stats` and `/metrics`.
@@ -324,25 +296,7 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
         .expect("config");
     };
     write(false, true);
-    let mut broker = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("procbroker run");
-    let stderr = broker.stderr.take().expect("stderr");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = lines_tx.send(v);
-            }
-        }
-    });
+    let (mut broker, lines) = run_json(&config);
     let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
     let wait_for = |text: &str| -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -360,7 +314,7 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
         .expect("addr")
         .to_owned();
     wait_for("procbroker running");
-    assert_eq!(http_get(&addr, "/ready").0, 200);
+    assert_eq!(support::http_get(&addr, "/ready").0, 200);
 
     write(true, false);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(broker.id()).expect("pid"));
@@ -375,14 +329,14 @@ fn a_reload_that_cannot_start_stops_its_roll_and_a_removed_service_leaves_ready(
     assert!(error.contains("api.1"), "{stopped}");
 
     // api.1 still serves the old settings; b is gone from every surface.
-    let (status, body) = http_get(&addr, "/ready");
+    let (status, body) = support::http_get(&addr, "/ready");
     assert_eq!(status, 200, "{body}");
     assert!(!body.contains("\"b\""), "{body}");
-    let (_, stats) = http_get(&addr, "/stats");
+    let (_, stats) = support::http_get(&addr, "/stats");
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats");
     assert_eq!(stats["per_process"]["api.1"]["status"], "ready", "{stats}");
     assert!(stats["per_process"].get("b.0").is_none(), "{stats}");
-    let (_, metrics) = http_get(&addr, "/metrics");
+    let (_, metrics) = support::http_get(&addr, "/metrics");
     assert!(!metrics.contains("process=\"b.0\""), "{metrics}");
 
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
