@@ -187,15 +187,15 @@ impl Intake for RefCell<Shell> {
         true
     }
 
-    fn call(&self, call: Call) -> Option<Call> {
+    fn call(&self, call: &mut Option<Call>) {
         let Ok(mut shell) = self.try_borrow_mut() else {
-            return Some(call);
+            return;
         };
-        if shell.stopped {
-            return Some(call);
+        if !shell.stopped
+            && let Some(call) = call.take()
+        {
+            shell.handle(call);
         }
-        shell.handle(call);
-        None
     }
 }
 

@@ -25,9 +25,10 @@ pub(crate) trait Intake {
     /// false, leaving them, if it could not.
     fn route(&self, from: &ByteString, envelopes: &mut Envelopes) -> bool;
 
-    /// Takes `call`, as a `Call` message would; gives it back if it could
-    /// not.
-    fn call(&self, call: Call) -> Option<Call>;
+    /// Takes `call`, as a `Call` message would; leaves it if it could not.
+    /// (By reference: a `Call` moved through this dynamic call and back
+    /// would be copied twice.)
+    fn call(&self, call: &mut Option<Call>);
 }
 
 /// Identifies one Router among those of a process.
@@ -63,10 +64,8 @@ pub(crate) fn call_here(key: RouterKey, call: Call) -> Option<Call> {
             .iter()
             .find(|(k, _)| *k == key)
             .and_then(|(_, router)| router.upgrade());
-        if let Some(router) = router
-            && let Some(taken) = call.take()
-        {
-            call = router.call(taken);
+        if let Some(router) = router {
+            router.call(&mut call);
         }
     });
     call

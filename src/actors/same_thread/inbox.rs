@@ -77,6 +77,7 @@ impl Inbox {
 
     /// Queues one envelope routed to the child (the Router's way in; it
     /// calls [`settle`](Self::settle) when its input is handled).
+    #[inline]
     pub(crate) fn queue(&self, envelope: Envelope) {
         match self.outbox.upgrade() {
             Some(outbox) => self.push(&outbox, envelope),
@@ -87,6 +88,7 @@ impl Inbox {
 
     /// Publishes how deep the queue now is (the process's `queue_depth`
     /// in the Router's stats).
+    #[inline]
     pub(crate) fn settle(&self) {
         if let Some(outbox) = self.outbox.upgrade() {
             self.pacer.set_backlog(outbox.depth());
