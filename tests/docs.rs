@@ -220,6 +220,8 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<String>> {
         group = "nogroup"
         depends_on = ["z"]
         limits = { open_files = 1 }
+        balance = "least_pending"
+        recycle = { max_requests = 1 }
         "#,
     )
     .expect("a service with every optional key");
@@ -230,9 +232,9 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<String>> {
         "",
         &mut set,
     );
-    // `health` and `limits` are documented as a whole (their keys in prose
-    // and in their own guides).
-    for whole in ["health", "limits"] {
+    // `health`, `limits` and `recycle` are documented as a whole (their
+    // keys in prose and in their own guides).
+    for whole in ["health", "limits", "recycle"] {
         set.retain(|k| !k.starts_with(&format!("{whole}.")));
         set.insert(whole.into());
     }

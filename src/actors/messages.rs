@@ -25,6 +25,7 @@ use std::time::SystemTime;
 
 use super::pacer::Pacer;
 use super::same_thread::Handoff;
+use crate::config::WorkerBalance;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
 
@@ -88,6 +89,75 @@ pub struct SetReady {
     pub id: ByteString,
     /// Routable or not.
     pub ready: bool,
+}
+
+/// How the Router spreads a service's requests over its ready workers, and
+/// after how many requests a worker is due for recycling. Sent by the
+/// Broker when it starts a service and when a reload changes either; a
+/// service never told keeps round-robin and no request limit.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetServicePolicy {
+    /// The service.
+    pub service: ByteString,
+    /// Round-robin or least-pending.
+    pub balance: WorkerBalance,
+    /// Requests delivered to one worker (health checks not counted) after
+    /// which the Router sends [`RecycleDue`] for it, once; 0: never.
+    pub max_requests: u64,
+}
+
+/// Why a worker is recycled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleReason {
+    /// It served `recycle.max_requests` requests.
+    MaxRequests,
+    /// It has been ready for `recycle.max_age_ms`.
+    MaxAge,
+    /// Its resident memory reached `recycle.max_rss_kb`.
+    MaxRss,
+}
+
+impl RecycleReason {
+    /// The name logged: `max_requests`, `max_age`, `max_rss`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxRequests => "max_requests",
+            Self::MaxAge => "max_age",
+            Self::MaxRss => "max_rss",
+        }
+    }
+}
+
+impl std::fmt::Display for RecycleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A worker reached a recycling limit: whoever supervises it replaces it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RecycleDue {
+    /// The worker.
+    pub id: ByteString,
+    /// Which limit.
+    pub reason: RecycleReason,
+}
+
+/// Where the Router sends [`RecycleDue`] (the Broker, once it runs).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetRecycler(pub Recipient<RecycleDue>);
+
+/// The drain at shutdown expired for process `id`: every request still in
+/// flight to it gets a `cancel` (reason `shutting_down`) before its stdin
+/// closes. The callers are answered as before, when it is removed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CancelInFlight {
+    /// The process.
+    pub id: ByteString,
 }
 
 /// Removes a process (it exited or was stopped). Requests in flight to it are
@@ -198,6 +268,13 @@ pub struct Counters {
     pub dropped_events: u64,
     /// Its failed health checks.
     pub health_failures: u64,
+    /// `cancel` events the broker sent it (requests delivered to it that
+    /// ended without its final reply).
+    pub cancels: u64,
+    /// Partial replies (`more = true`) it sent.
+    pub partial_replies: u64,
+    /// Times it was replaced by recycling (not crashes).
+    pub recycles: u64,
 }
 
 impl Counters {
@@ -228,6 +305,9 @@ impl Counters {
         self.timeouts += o.timeouts;
         self.dropped_events += o.dropped_events;
         self.health_failures += o.health_failures;
+        self.cancels += o.cancels;
+        self.partial_replies += o.partial_replies;
+        self.recycles += o.recycles;
     }
 }
 

@@ -183,6 +183,53 @@ pub struct ServiceConfig {
     /// starts; at shutdown this one stops first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
+    /// How requests to the service name are spread over its ready workers.
+    #[serde(default, skip_serializing_if = "WorkerBalance::is_default")]
+    pub balance: WorkerBalance,
+    /// When a worker is replaced by a fresh one (all off by default).
+    #[serde(default, skip_serializing_if = "Recycle::is_off")]
+    pub recycle: Recycle,
+}
+
+/// `balance = "round_robin" | "least_pending"`: which ready worker a
+/// request to the service name goes to. Requests with a `key` always go
+/// to the worker their key hashes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerBalance {
+    /// The next ready worker in turn.
+    #[default]
+    RoundRobin,
+    /// The ready worker with the fewest requests in flight; ties go to the
+    /// next in turn.
+    LeastPending,
+}
+
+impl WorkerBalance {
+    fn is_default(&self) -> bool {
+        *self == Self::RoundRobin
+    }
+}
+
+/// `recycle = { max_requests, max_age_ms, max_rss_kb }`: a worker that
+/// reaches any of them is replaced, one worker of the service at a time,
+/// as in a rolling restart. 0 (or left out) is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recycle {
+    /// Requests served (health checks not counted).
+    pub max_requests: u64,
+    /// Time since its `ready`, in milliseconds.
+    pub max_age_ms: u64,
+    /// Resident memory, in KiB, checked at each system sample.
+    pub max_rss_kb: u64,
+}
+
+impl Recycle {
+    /// No limit set.
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `protocol = "procbroker" | "msgpack-rpc"`.
@@ -258,6 +305,8 @@ impl ServiceConfig {
             user: None,
             group: None,
             depends_on: Vec::new(),
+            balance: WorkerBalance::RoundRobin,
+            recycle: Recycle::default(),
         }
     }
 
@@ -386,6 +435,18 @@ impl ServiceConfig {
     /// Runs the children with `group` as their primary group.
     pub fn group(mut self, group: impl Into<UserRef>) -> Self {
         self.group = Some(group.into());
+        self
+    }
+
+    /// Sets how requests to the service name are spread over its workers.
+    pub fn balance(mut self, balance: WorkerBalance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// Sets when a worker is replaced by a fresh one.
+    pub fn recycle(mut self, recycle: Recycle) -> Self {
+        self.recycle = recycle;
         self
     }
 
