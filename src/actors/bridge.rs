@@ -59,8 +59,8 @@ use super::health::{Health, Verdict};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::log_store::{AttachStderr, LogStore};
 use super::messages::{
-    BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, SetReady,
-    StopProcess, TrackProcess, Unwatch, Watch,
+    BadFrame, Deliver, Envelopes, HealthFailure, RecycleDue, RecycleReason, RegisterProcess,
+    RemoveProcess, SetReady, StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
 use super::restart_policy::{Decision, Restarts};
@@ -122,6 +122,8 @@ struct Incarnation {
     health: Option<Health>,
     /// The interval that sends them.
     health_timer: Option<SpawnHandle>,
+    /// Fires at `recycle.max_age_ms` after `ready` (if the service has it).
+    age_timer: Option<SpawnHandle>,
 }
 
 impl Incarnation {
@@ -137,6 +139,8 @@ pub struct BridgePeers {
     pub router: Addr<Router>,
     /// The Broker (process table).
     pub broker: Recipient<TrackProcess>,
+    /// The Broker again: a worker that reached `recycle.max_age_ms`.
+    pub recycle: Recipient<RecycleDue>,
     /// Sysmon (pids to sample).
     pub sysmon: Addr<Sysmon>,
     /// The LogStore (stderr pipes).
@@ -394,6 +398,7 @@ impl Bridge {
         self.peers.sysmon.do_send(Watch {
             id: self.id.to_string(),
             pid,
+            max_rss_kb: self.spec.recycle.max_rss_kb,
         });
         let ready_timer = (!ready).then(|| {
             let timeout = Duration::from_millis(self.spec.ready_timeout_ms);
@@ -415,6 +420,7 @@ impl Bridge {
             bad_rate: BadFrameRate::new(self.config.max_bad_frames_per_s),
             health: None,
             health_timer: None,
+            age_timer: None,
         });
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
@@ -433,6 +439,7 @@ impl Bridge {
             self.set_status(ProcessStatus::Ready);
             self.settle_first_start(None);
             self.start_health(ctx);
+            self.start_age_limit(ctx);
         } else {
             self.set_status(ProcessStatus::Starting);
         }
@@ -486,6 +493,31 @@ impl Bridge {
         self.set_status(ProcessStatus::Ready);
         self.settle_first_start(None);
         self.start_health(ctx);
+        self.start_age_limit(ctx);
+    }
+
+    /// Once the current incarnation has been ready for `recycle.max_age_ms`
+    /// (if the service has it), tells the Broker it is due for recycling.
+    fn start_age_limit(&mut self, ctx: &mut Context<Self>) {
+        let max_age = self.spec.recycle.max_age_ms;
+        let Some(child) = self.child.as_mut().filter(|_| max_age > 0) else {
+            return;
+        };
+        let generation = child.generation;
+        child.age_timer = Some(
+            ctx.run_later(Duration::from_millis(max_age), move |bridge, _| {
+                let current = bridge.child.as_mut().filter(|c| c.generation == generation);
+                if let Some(child) = current {
+                    child.age_timer = None;
+                    if !bridge.stopping {
+                        bridge.peers.recycle.do_send(RecycleDue {
+                            id: bridge.id.clone(),
+                            reason: RecycleReason::MaxAge,
+                        });
+                    }
+                }
+            }),
+        );
     }
 
     /// Starts the health checks of the current incarnation, if the service
@@ -567,7 +599,7 @@ impl Bridge {
             return;
         };
         ctx.cancel_future(child.stdout);
-        for timer in [child.ready_timer, child.health_timer]
+        for timer in [child.ready_timer, child.health_timer, child.age_timer]
             .into_iter()
             .flatten()
         {

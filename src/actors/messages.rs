@@ -529,6 +529,14 @@ pub struct ProcessLifecycle {
 #[rtype(result = "()")]
 pub struct ForgetProcesses(pub Vec<String>);
 
+/// Worker `id` was replaced by recycling: counted as its `recycles`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CountRecycle {
+    /// The worker.
+    pub id: String,
+}
+
 /// Stores `/proc` samples; returns how many were stored.
 #[derive(Debug, Message)]
 #[rtype(result = "u64")]
@@ -554,6 +562,9 @@ pub struct Watch {
     pub id: String,
     /// Its OS pid.
     pub pid: u32,
+    /// Its service's `recycle.max_rss_kb`: the first sample of this pid
+    /// at or above it sends [`RecycleDue`] (once; 0: never).
+    pub max_rss_kb: u64,
 }
 
 /// Stops sampling `id`.

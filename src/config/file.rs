@@ -398,6 +398,9 @@ impl Loaded {
                     "need a method and interval_ms, timeout_ms, failures of at least 1",
                 ));
             }
+            if let Err((key, message)) = s.recycle.check(self.file.sysmon.interval_ms > 0) {
+                return Err(invalid(format!("service[{i}].recycle.{key}"), &message));
+            }
             // Limits against the broker's own, user and group (root
             // only), cwd: checked here so a start or a reload is refused
             // before anything runs.

@@ -225,10 +225,66 @@ pub struct Recycle {
     pub max_rss_kb: u64,
 }
 
+/// The smallest `recycle.max_age_ms` (other than 0): a worker replaced
+/// sooner spends more of its life starting than serving.
+pub const MIN_RECYCLE_AGE_MS: u64 = 1_000;
+/// The largest `recycle.max_age_ms`: a year. Longer is as good as off, and
+/// more likely a slip of a few zeros than a wish.
+pub const MAX_RECYCLE_AGE_MS: u64 = 365 * 24 * 3_600_000;
+/// The smallest `recycle.max_rss_kb` (other than 0): 1 MiB. Every program
+/// is that large once it has started, so a smaller limit would recycle its
+/// workers at every memory sample, in a loop.
+pub const MIN_RECYCLE_RSS_KB: u64 = 1_024;
+
 impl Recycle {
     /// No limit set.
     pub fn is_off(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Checks the limits against the bounds above, and `max_rss_kb`
+    /// against the memory sampling (`sampled`: Sysmon runs). On error: the
+    /// key under `recycle` (`max_age_ms`) and what is wrong.
+    pub fn check(&self, sampled: bool) -> Result<(), (&'static str, String)> {
+        let age = self.max_age_ms;
+        if age != 0 && age < MIN_RECYCLE_AGE_MS {
+            return Err((
+                "max_age_ms",
+                format!(
+                    "{age} would replace each worker more than once a second; \
+                     must be 0 (off) or {MIN_RECYCLE_AGE_MS} … {MAX_RECYCLE_AGE_MS}"
+                ),
+            ));
+        }
+        if age > MAX_RECYCLE_AGE_MS {
+            return Err((
+                "max_age_ms",
+                format!(
+                    "{age} is more than a year; must be 0 (off) or \
+                     {MIN_RECYCLE_AGE_MS} … {MAX_RECYCLE_AGE_MS}"
+                ),
+            ));
+        }
+        let rss = self.max_rss_kb;
+        if rss != 0 && rss < MIN_RECYCLE_RSS_KB {
+            return Err((
+                "max_rss_kb",
+                format!(
+                    "{rss} kB is less than any program needs to run, so every worker \
+                     would be recycled at every memory sample; must be 0 (off) or at \
+                     least {MIN_RECYCLE_RSS_KB}"
+                ),
+            ));
+        }
+        if rss != 0 && !sampled {
+            return Err((
+                "max_rss_kb",
+                "is read at each memory sample, and sampling is off \
+                 (sysmon.interval_ms = 0): set an interval or leave max_rss_kb out"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -52,6 +52,19 @@ pub struct FaultCounters {
     /// Health checks that failed (no reply in time, or an error reply).
     #[serde(default)]
     pub health_failures: u64,
+    /// `cancel` events the broker sent the process: requests delivered to
+    /// it that ended without its final reply (timeout, the caller
+    /// cancelled or went away, a stream cut, the drain at shutdown ran
+    /// out).
+    #[serde(default)]
+    pub cancels: u64,
+    /// Partial replies (`more = true`) the process sent.
+    #[serde(default)]
+    pub partial_replies: u64,
+    /// Times the process was replaced by recycling (`restarts` counts
+    /// crashes only).
+    #[serde(default)]
+    pub recycles: u64,
 }
 
 /// `total` of the stats reply.
@@ -322,6 +335,9 @@ mod tests {
             "bad_frames",
             "pending",
             "broker_errors",
+            "cancels",
+            "partial_replies",
+            "recycles",
         ] {
             assert!(keys(total).contains(&key), "total lacks {key}");
         }
@@ -335,6 +351,9 @@ mod tests {
             "bad_frames",
             "service",
             "uptime_s",
+            "cancels",
+            "partial_replies",
+            "recycles",
         ] {
             assert!(keys(echo).contains(&key), "per_process lacks {key}");
         }
