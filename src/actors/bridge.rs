@@ -33,6 +33,9 @@
 //!   translates at the pipe, so everything here still sees envelopes. Such a
 //!   child has no `ready`/`shutdown` handshake: it is ready when it answers
 //!   `ready_probe` (or at once), and is stopped by EOF on stdin.
+//! - **age**: with `recycle.max_age_ms`, each incarnation tells the Broker
+//!   once, that long after its `ready`, that it is due for recycling (the
+//!   Broker decides when it is replaced).
 //! - **exit**: a watcher task owns the `Child`, reaps it (no zombies) and
 //!   tells the bridge; the Router then fails the requests in flight to it
 //!   with `worker_exited` at once.

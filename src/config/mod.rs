@@ -218,11 +218,57 @@ impl WorkerBalance {
 #[serde(default, deny_unknown_fields)]
 pub struct Recycle {
     /// Requests served (health checks not counted).
+    #[serde(deserialize_with = "recycle_limit::max_requests")]
     pub max_requests: u64,
     /// Time since its `ready`, in milliseconds.
+    #[serde(deserialize_with = "recycle_limit::max_age_ms")]
     pub max_age_ms: u64,
     /// Resident memory, in KiB, checked at each system sample.
+    #[serde(deserialize_with = "recycle_limit::max_rss_kb")]
     pub max_rss_kb: u64,
+}
+
+/// The `recycle` limits are read as whole numbers of at least 0; a
+/// negative one is refused with the key named (serde's own message says
+/// only "expected u64").
+mod recycle_limit {
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    struct Limit(&'static str);
+
+    impl Visitor<'_> for Limit {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "recycle.{}: a whole number, 0 (off) or more", self.0)
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "recycle.{}: {v} is negative; must be 0 (off) or more",
+                    self.0
+                ))
+            })
+        }
+    }
+
+    pub fn max_requests<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_requests"))
+    }
+
+    pub fn max_age_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_age_ms"))
+    }
+
+    pub fn max_rss_kb<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_rss_kb"))
+    }
 }
 
 /// The smallest `recycle.max_age_ms` (other than 0): a worker replaced
