@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use super::bridge::{Bridge, BridgePeers};
 use super::log_store::{ForgetLogs, LogStore};
 use super::messages::{
-    Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle, Route,
-    SetReady, StopProcess, SubmitMetrics, TrackProcess,
+    CancelInFlight, Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes,
+    ProcessLifecycle, Route, SetReady, StopProcess, SubmitMetrics, TrackProcess,
 };
 use super::metrics_store::{MetricsStore, fresh_stats};
 use super::router::Router;
@@ -220,6 +220,9 @@ pub(crate) async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::
             Ok(_) => actix::clock::sleep(std::time::Duration::from_millis(5)).await,
         }
     }
+    // Out of time: the worker is told to drop what it still has before
+    // it is stopped.
+    let _ = router.send(CancelInFlight { id: Some(id) }).await;
 }
 
 /// The reply of a handler whose work was refused at once (`Err`) or goes on
