@@ -38,14 +38,16 @@ use crate::actors::broker::{
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::log_store::{LogStore, ReopenLogs};
 use crate::actors::messages::{
-    Call, Leave, ListNodes, PendingCount, Publish, RegisterProcess, RouterError, SetDraining,
-    TrackProcess,
+    Call, CallStream, CancelInFlight, Leave, ListNodes, PendingCount, Publish, RegisterProcess,
+    RouterError, SetDraining, TrackProcess, next_call_id,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::Router;
 use crate::actors::same_thread::{RouterKey, call_here};
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
+pub use crate::call_stream::BrokerStream;
+use crate::call_stream::CancelOnDrop;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
 use crate::protocol::rpc::{NodeInfo, ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
@@ -273,9 +275,14 @@ impl BrokerHandle {
     }
 
     /// [`call`](Self::call) with a request built by hand (raw payload,
-    /// `timeout_ms`). Its `correlation_id` is assigned by the Router.
-    pub async fn call_envelope(&self, request: Envelope) -> Result<Reply, CallError> {
+    /// `timeout_ms`, `key`). Its `correlation_id` is assigned here.
+    ///
+    /// Dropping the future before the reply cancels the request: the
+    /// worker is sent `cancel` and its slot freed.
+    pub async fn call_envelope(&self, mut request: Envelope) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
+        request.correlation_id = next_call_id();
+        let mut guard = CancelOnDrop::new(&self.0.router, request.correlation_id);
         let call = Call {
             envelope: request,
             reply,
@@ -283,8 +290,29 @@ impl BrokerHandle {
         if let Some(call) = call_here(self.0.router_key, call) {
             self.0.router.do_send(call);
         }
-        let envelope = answer.await.map_err(|_| CallError::Closed)?;
-        Reply::from_envelope(envelope)
+        let envelope = answer.await;
+        guard.disarm();
+        Reply::from_envelope(envelope.map_err(|_| CallError::Closed)?)
+    }
+
+    /// A streaming call: `request` goes out with `stream = true`, and the
+    /// worker's partial replies come back in order, then the final reply
+    /// (or the error that ends the call). Dropping the stream before its
+    /// end cancels the request.
+    ///
+    /// The stream holds up to `queue_capacity` unread replies; a caller
+    /// that falls further behind has the call cut: its last item is the
+    /// error `busy`, and the worker is told to stop.
+    pub fn call_stream(&self, mut request: Envelope) -> BrokerStream {
+        request.correlation_id = next_call_id();
+        let correlation_id = request.correlation_id;
+        let capacity = self.0.config.queue_capacity.max(1) + 1;
+        let (parts, replies) = tokio::sync::mpsc::channel(capacity);
+        self.0.router.do_send(CallStream {
+            envelope: request,
+            parts,
+        });
+        BrokerStream::new(replies, self.0.router.clone(), correlation_id)
     }
 
     /// A worker's way in to the Router by method call, when it is made on
@@ -468,6 +496,8 @@ impl BrokerHandle {
                 in_flight,
                 "drain timeout: stopping with requests in flight (they get worker_exited)"
             );
+            // Their workers are told before their stdin closes.
+            let _ = self.0.router.send(CancelInFlight { id: None }).await;
         }
         // Answered what it had; now out of the other nodes' rotation at
         // once, before its workers go.

@@ -71,6 +71,7 @@
 pub mod actors;
 pub mod admin;
 pub mod call;
+pub mod call_stream;
 pub mod config;
 pub mod embed;
 #[cfg(feature = "loadgen")]

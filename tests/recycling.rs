@@ -1,5 +1,6 @@
 //! Worker recycling with real children: a worker that reaches its
-//! service's `recycle.max_age_ms` or `max_rss_kb` is replaced, one worker
+//! service's `recycle.max_requests`, `max_age_ms` or `max_rss_kb` is
+//! replaced, one worker
 //! of a service at a time (rolling restarts take turns with it), with no
 //! caller error while another worker serves; `recycles` counts it (not
 //! `restarts`) in `/stats` and `/metrics`, the log says why; limits that
@@ -7,8 +8,8 @@
 
 mod support;
 
-use procbroker::config::Recycle;
 use procbroker::config::file::Loaded;
+use procbroker::config::{HealthCheck, Recycle};
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::protocol::rpc::ProcessStatus;
 use std::cell::{Cell, RefCell};
@@ -193,6 +194,110 @@ async fn workers_at_their_max_age_are_replaced_one_at_a_time_and_no_caller_sees_
     assert_eq!(stats.total.faults.recycles, {
         recycles(&stats, "aged.0") + recycles(&stats, "aged.1")
     });
+    broker.shutdown().await;
+}
+
+async fn pid_of(broker: &BrokerHandle, id: &str) -> Option<u32> {
+    broker
+        .processes()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|p| p.id == id)
+        .and_then(|p| p.pid)
+}
+
+#[actix::test]
+async fn a_worker_is_due_at_its_max_requests_and_health_checks_are_not_requests() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let recycle = Recycle {
+        max_requests: 10,
+        ..Recycle::default()
+    };
+    let health = HealthCheck {
+        method: "Ping".into(),
+        interval_ms: 20,
+        timeout_ms: 1_000,
+        failures: 3,
+    };
+    broker
+        .spawn(echo("counted", 1).recycle(recycle).health(health))
+        .await
+        .expect("spawn");
+    let first = pid_of(&broker, "counted.0").await;
+    // About 25 health checks: none of them is a request.
+    actix::clock::sleep(Duration::from_millis(500)).await;
+    for i in 0..9u32 {
+        broker.call("counted", "Echo", &i).await.expect("call");
+    }
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    let stats = broker.stats().await.expect("stats");
+    assert_eq!(recycles(&stats, "counted.0"), 0, "9 requests of 10");
+    assert_eq!(pid_of(&broker, "counted.0").await, first);
+    // The tenth reaches the limit (>=); it is answered, then the worker
+    // is replaced.
+    broker.call("counted", "Echo", &9).await.expect("the tenth");
+    let stats = stats_until(&broker, "recycled once and ready", |s| {
+        let p = &s.per_process["counted.0"];
+        p.faults.recycles == 1 && p.status == ProcessStatus::Ready && p.pid != first
+    })
+    .await;
+    assert_eq!(stats.per_process["counted.0"].faults.restarts, 0);
+    let second = pid_of(&broker, "counted.0").await;
+    // The new process counts afresh; requests to its id count as well.
+    for i in 0..9u32 {
+        broker.call("counted.0", "Echo", &i).await.expect("call");
+    }
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pid_of(&broker, "counted.0").await, second);
+    broker.call("counted.0", "Echo", &9).await.expect("call");
+    stats_until(&broker, "recycled twice", |s| {
+        let p = &s.per_process["counted.0"];
+        p.faults.recycles == 2 && p.status == ProcessStatus::Ready && p.pid != second
+    })
+    .await;
+    broker.shutdown().await;
+}
+
+#[actix::test]
+async fn a_busy_service_recycled_by_request_count_serves_every_call() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    let recycle = Recycle {
+        max_requests: 300,
+        ..Recycle::default()
+    };
+    broker
+        .spawn(echo("busy", 2).recycle(recycle))
+        .await
+        .expect("spawn");
+    let watcher = watch(&broker, "busy");
+    let callers = load(&broker, "busy", 4);
+    let stats = stats_until(&broker, "three recycles of each", |s| {
+        recycles(s, "busy.0") >= 3 && recycles(s, "busy.1") >= 3
+    })
+    .await;
+    let (ok, errors) = callers.stop().await;
+    let (most_out, pids) = watcher.stop();
+    eprintln!(
+        "max_requests 300, 2 workers, 4 callers: {ok} replies, {} errors, recycles {} + {}, pids {pids:?}",
+        errors.len(),
+        recycles(&stats, "busy.0"),
+        recycles(&stats, "busy.1"),
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    assert_eq!(most_out, 1, "never two workers out at once, and one was");
+    // Each recycle came after at least 300 requests to that worker.
+    let served: u64 = stats.total.counters.response_count;
+    let recycled = recycles(&stats, "busy.0") + recycles(&stats, "busy.1");
+    assert!(
+        served >= recycled * 300,
+        "{served} replies, {recycled} recycles"
+    );
     broker.shutdown().await;
 }
 

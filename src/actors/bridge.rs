@@ -392,6 +392,7 @@ impl Bridge {
             ready,
             pacer: Some(Arc::clone(&pacer)),
             inbox: Some(Handoff::child(Rc::clone(&inbox), Rc::clone(&link))),
+            takes_cancel: self.spec.protocol == Protocol::Procbroker,
             ..RegisterProcess::new(
                 self.id.clone(),
                 self.service.clone(),

@@ -30,9 +30,9 @@ use tokio::sync::oneshot;
 use super::bridge::{Bridge, BridgePeers};
 use super::log_store::{ForgetLogs, LogStore};
 use super::messages::{
-    CountRecycle, Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle,
-    RecycleDue, RecycleReason, Route, SetReady, SetRecycler, StopProcess, SubmitMetrics,
-    TrackProcess,
+    CancelInFlight, CountRecycle, Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes,
+    ProcessLifecycle, RecycleDue, RecycleReason, Route, SetReady, SetRecycler, SetServicePolicy,
+    StopProcess, SubmitMetrics, TrackProcess,
 };
 use super::metrics_store::{MetricsStore, fresh_stats};
 use super::recycling::{Due, Recycling, Turn};
@@ -239,6 +239,9 @@ pub(crate) async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::
             Ok(_) => actix::clock::sleep(std::time::Duration::from_millis(5)).await,
         }
     }
+    // Out of time: the worker is told to drop what it still has before
+    // it is stopped.
+    let _ = router.send(CancelInFlight { id: Some(id) }).await;
 }
 
 /// How the replacement of one worker went.
@@ -426,6 +429,17 @@ impl Broker {
         }
     }
 
+    /// Tells the Router how `spec`'s service spreads its requests and
+    /// after how many requests a worker is due for recycling; before its
+    /// workers register, so the first request already follows it.
+    fn set_policy(&self, spec: &ServiceConfig) {
+        self.router.do_send(SetServicePolicy {
+            service: spec.name.as_str().into(),
+            balance: spec.balance,
+            max_requests: spec.recycle.max_requests,
+        });
+    }
+
     /// Checks what the config file's loader checks too, for services that
     /// do not come from a file (the embedding API).
     fn check_settings(&self, spec: &ServiceConfig) -> Result<(), (String, String)> {
@@ -483,6 +497,7 @@ impl Broker {
         if live || in_process {
             return Err(SpawnError::Running(spec.name));
         }
+        self.set_policy(&spec);
         let spec = Arc::new(spec);
         let mut workers = Vec::with_capacity(spec.workers as usize);
         let mut starts = Vec::with_capacity(spec.workers as usize);
@@ -1032,7 +1047,9 @@ impl Actor for Broker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Workers over their `recycle.max_rss_kb` are reported here.
+        // Workers at their `recycle.max_requests` (counted by the Router)
+        // and over their `max_rss_kb` (sampled by Sysmon) are reported here.
+        self.router.do_send(SetRecycler(ctx.address().recipient()));
         self.sysmon.do_send(SetRecycler(ctx.address().recipient()));
     }
 }
@@ -1231,6 +1248,9 @@ impl Handler<Reconfigure> for Broker {
             return Box::pin(async move { Err(e) });
         }
         spec.workers = u32::try_from(workers).unwrap_or(u32::MAX);
+        // Both apply at once; each worker the roll replaces counts its
+        // requests afresh.
+        self.set_policy(&spec);
         let name = spec.name.clone();
         self.specs.insert(name.clone(), Arc::new(spec));
         respond_flat(self.restart(&name, ctx))

@@ -29,7 +29,9 @@ use crate::config::WorkerBalance;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
 
-pub use super::envelopes::{Bounce, Call, Deliver, Envelopes, Publish, Route};
+pub use super::envelopes::{
+    Bounce, Call, CallStream, CancelCall, Deliver, Envelopes, Publish, Route, next_call_id,
+};
 
 // ---------------------------------------------------------------------------
 // The routing table (to the Router)
@@ -57,6 +59,9 @@ pub struct RegisterProcess {
     /// gives an in-process worker's). `None`: every delivery is a
     /// [`Deliver`] message, and everything the process sends a [`Route`].
     pub inbox: Option<Handoff>,
+    /// It is told with `cancel` when a request delivered to it ends without
+    /// its reply (false for MessagePack-RPC programs, which have no cancel).
+    pub takes_cancel: bool,
 }
 
 impl RegisterProcess {
@@ -69,6 +74,7 @@ impl RegisterProcess {
             ready: true,
             pacer: None,
             inbox: None,
+            takes_cancel: true,
         }
     }
 }
@@ -150,14 +156,15 @@ pub struct RecycleDue {
 #[rtype(result = "()")]
 pub struct SetRecycler(pub Recipient<RecycleDue>);
 
-/// The drain at shutdown expired for process `id`: every request still in
-/// flight to it gets a `cancel` (reason `shutting_down`) before its stdin
-/// closes. The callers are answered as before, when it is removed.
+/// The drain at shutdown (or before a worker's restart) expired: every
+/// request still in flight to process `id` (to every process with `None`)
+/// gets a `cancel` (reason `shutting_down`) before its stdin closes. The
+/// callers are answered as before, when it is removed.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct CancelInFlight {
-    /// The process.
-    pub id: ByteString,
+    /// The process, or all of them.
+    pub id: Option<ByteString>,
 }
 
 /// Removes a process (it exited or was stopped). Requests in flight to it are

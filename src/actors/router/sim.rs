@@ -493,7 +493,7 @@ impl Sim {
         let service = self.procs[i].service.clone();
         let result = self
             .core
-            .register(id.clone(), &service, ready, id.clone(), self.now);
+            .register(id.clone(), &service, ready, id.clone(), true, self.now);
         match (result.is_ok(), self.procs[i].registered) {
             (true, false) => {
                 let p = &mut self.procs[i];
@@ -683,6 +683,7 @@ impl Sim {
                 Effect::Deliver { to, envelope } => self.delivered(to, envelope)?,
                 Effect::Answer { caller, reply } => self.caller_answered(caller, &reply)?,
                 Effect::Refused { to, envelope } => self.refused(&to, &envelope)?,
+                Effect::Partial { .. } | Effect::RecycleDue { .. } => {}
             }
         }
         self.sync()
