@@ -260,6 +260,35 @@ async fn a_worker_is_due_at_its_max_requests_and_health_checks_are_not_requests(
 }
 
 #[actix::test]
+async fn a_reconfigured_limit_applies_to_the_workers_the_roll_starts() {
+    let broker = ProcBroker::builder().sysmon_interval(None).start();
+    broker.spawn(echo("later", 1)).await.expect("spawn");
+    for i in 0..20u32 {
+        broker.call("later", "Echo", &i).await.expect("call");
+    }
+    let recycle = Recycle {
+        max_requests: 5,
+        ..Recycle::default()
+    };
+    let restarted = broker
+        .reconfigure(echo("later", 1).recycle(recycle))
+        .await
+        .expect("reconfigure");
+    assert_eq!(restarted, ["later.0"]);
+    let fresh = pid_of(&broker, "later.0").await;
+    // The 20 requests before were the old process's; five to the new one.
+    for i in 0..5u32 {
+        broker.call("later", "Echo", &i).await.expect("call");
+    }
+    stats_until(&broker, "recycled at the new limit", |s| {
+        let p = &s.per_process["later.0"];
+        p.faults.recycles == 1 && p.status == ProcessStatus::Ready && p.pid != fresh
+    })
+    .await;
+    broker.shutdown().await;
+}
+
+#[actix::test]
 async fn a_busy_service_recycled_by_request_count_serves_every_call() {
     let broker = ProcBroker::builder().sysmon_interval(None).start();
     let recycle = Recycle {
