@@ -107,7 +107,7 @@ impl Builder {
         self
     }
 
-    /// Joins a cluster through NATS (DESIGN 11); the default has none.
+    /// Joins a cluster through NATS; the default has none.
     pub fn cluster(mut self, cluster: crate::config::ClusterConfig) -> Self {
         self.config.cluster = cluster;
         self
@@ -465,7 +465,7 @@ impl BrokerHandle {
             .map_err(|_| ControlError::Unknown(name))?
     }
 
-    /// Graceful shutdown (DESIGN 5.6): new requests are answered
+    /// Graceful shutdown: new requests are answered
     /// `shutting_down`; requests in flight get up to `drain_timeout` to be
     /// answered; then every child gets `shutdown`, EOF, SIGTERM and SIGKILL
     /// (as needed) and is reaped. The actors keep running (stop the System

@@ -1,4 +1,4 @@
-//! Federation over NATS (DESIGN 11) with real parts only: each test starts
+//! Federation over NATS with real parts only: each test starts
 //! its own `nats-server` on a free loopback port, node `a` is a broker
 //! embedded in the test (so it can call and look inside), nodes `b` and `c`
 //! are `procbroker run` processes with real worker subprocesses. Every

@@ -14,7 +14,7 @@
 //!   so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
-//!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
+//!   is out of sync, so the child is killed and restarted.
 //! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames,
 //!   behind the incarnation's inbox (module `same_thread`), which the Router
 //!   calls directly when it runs on this thread (the broker starts them
@@ -280,7 +280,7 @@ impl Bridge {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             // Its own process group: a terminal's Ctrl-C reaches the broker
-            // only, which then stops the children in order (DESIGN 5.6);
+            // only, which then stops the children in order;
             // and signals to the group reach the child's own children.
             .process_group(0);
         let broker = nix::unistd::getpid();

@@ -1,5 +1,5 @@
 //! Broker: the control plane. It is the process `broker` in the routing table
-//! and answers the broker's RPCs (DESIGN 4); it keeps the process table that
+//! and answers the broker's RPCs; it keeps the process table that
 //! `ListProcesses` shows and reports life-cycle changes to the MetricsStore.
 //!
 //! Every reply copies the request's `correlation_id` (it is built from the
@@ -555,7 +555,7 @@ impl Broker {
 
     /// `Scale`: starts `name.N…` up to `workers` (and starts again any
     /// worker below that whose first start failed for good), or drains and
-    /// stops the highest-numbered workers down to it (DESIGN 10.4). The
+    /// stops the highest-numbered workers down to it. The
     /// reply says which new workers did not become ready, and why; none
     /// ready is an error.
     fn scale(
@@ -669,7 +669,7 @@ impl Broker {
     }
 
     /// `Restart`: one worker at a time, out of rotation, drained, stopped,
-    /// started again and ready before the next (DESIGN 10.4). A new worker
+    /// started again and ready before the next. A new worker
     /// that does not become ready stops the roll: the workers after it are
     /// left serving, and the answer is an error naming it and why.
     fn restart(

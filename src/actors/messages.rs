@@ -382,7 +382,7 @@ pub struct NodeSnapshot {
 }
 
 // ---------------------------------------------------------------------------
-// Federation (DESIGN 11): the Cluster actor and the Router
+// Federation: the Cluster actor and the Router
 
 /// A remote node is up (its heartbeat came): routable as `@node`, with
 /// the services it advertises. Sent on every advertisement; the first one

@@ -1,5 +1,5 @@
 //! MetricsStore: cumulative counters, latency histograms, process life-cycle
-//! and the latest `/proc` samples; answers `GetMessageStats` (DESIGN 6.2).
+//! and the latest `/proc` samples; answers `GetMessageStats`.
 //!
 //! It is fed in batches: the Router ships counter deltas and histograms every
 //! flush interval ([`MetricsBatch`]), the Broker reports life-cycle changes
@@ -169,7 +169,7 @@ fn latest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
 }
 
 impl MetricsStore {
-    /// The stats reply, as DESIGN 6.2 shapes it.
+    /// The stats reply (`GetMessageStats`).
     pub fn stats(&self) -> MessageStats {
         let mut total = Counters::default();
         total.add(&self.caller);

@@ -1,4 +1,4 @@
-//! The Router's view of the other nodes of a cluster (DESIGN 11.2).
+//! The Router's view of the other nodes of a cluster.
 //!
 //! A remote node is routed like a process: it has a slot in the process
 //! table under the id `@node` (so requests in flight to it live in the same

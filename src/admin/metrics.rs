@@ -275,7 +275,7 @@ pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<Me
 
 type NodeValue = fn(&NodeStats) -> f64;
 
-/// Per other node: this broker's traffic with it (DESIGN 11).
+/// Per other node: this broker's traffic with it.
 const NODE_GAUGES: [(&str, &str, MetricType, NodeValue); 8] = [
     (
         "node_up",

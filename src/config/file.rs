@@ -1,4 +1,4 @@
-//! The config file (DESIGN 7): TOML, then `PROCBROKER_…` environment
+//! The config file: TOML, then `PROCBROKER_…` environment
 //! variables, then command-line settings, each on top of the one before.
 //!
 //! Every key is checked: an unknown key, a value of the wrong type or out of
@@ -36,7 +36,7 @@ pub struct FileConfig {
     /// `[sysmon]`.
     #[serde(default)]
     pub sysmon: SysmonSection,
-    /// `[cluster]` (DESIGN 11).
+    /// `[cluster]`.
     #[serde(default)]
     pub cluster: ClusterConfig,
     /// `[logs]`: children's stderr.

@@ -19,7 +19,7 @@ use crate::protocol::rpc::{RestartPolicy, SpawnRequest};
 /// Settings of the Router, Broker and Sysmon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
-    /// Largest frame, in bytes (DESIGN 3.1).
+    /// Largest frame, in bytes.
     pub max_frame_bytes: usize,
     /// Requests in flight per process before it counts as full (`busy`).
     pub queue_capacity: usize,
@@ -36,7 +36,7 @@ pub struct BrokerConfig {
     /// Record request latencies (on by default; off only to measure its cost).
     pub record_latency: bool,
     /// Stopping a child: EOF on its stdin, SIGTERM after half of this, SIGKILL
-    /// after all of it (DESIGN 5.6).
+    /// after all of it.
     pub kill_timeout: Duration,
     /// At shutdown, how long in-flight requests may take to be answered.
     pub drain_timeout: Duration,
@@ -147,7 +147,7 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub health: Option<HealthCheck>,
     /// The wire the child speaks: procbroker's envelopes (the default) or
-    /// MessagePack-RPC (DESIGN 12).
+    /// MessagePack-RPC.
     #[serde(default)]
     pub protocol: Protocol,
     /// `msgpack-rpc`: the method called once at each start whose reply
@@ -338,10 +338,10 @@ impl Recycle {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
-    /// Length-prefixed envelopes (DESIGN 3), `ready` and `shutdown` events.
+    /// Length-prefixed envelopes, `ready` and `shutdown` events.
     #[default]
     Procbroker,
-    /// MessagePack-RPC values on stdio, no handshake (DESIGN 12).
+    /// MessagePack-RPC values on stdio, no handshake.
     MsgpackRpc,
 }
 
@@ -451,7 +451,7 @@ impl ServiceConfig {
         }
     }
 
-    /// Speaks MessagePack-RPC (DESIGN 12); `ready_probe` is called at each
+    /// Speaks MessagePack-RPC; `ready_probe` is called at each
     /// start and its reply makes the worker ready (`""`: ready at once).
     pub fn msgpack_rpc(mut self, ready_probe: impl Into<String>) -> Self {
         self.protocol = Protocol::MsgpackRpc;

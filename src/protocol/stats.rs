@@ -1,4 +1,4 @@
-//! `GetMessageStats` (DESIGN 6.2) and `ProcessMetrics` (DESIGN 6.3).
+//! `GetMessageStats` and `ProcessMetrics`.
 //!
 //! The shape is v2e's, made additive: v2e's keys keep their names and
 //! meaning, and the new counters sit beside them.
@@ -29,7 +29,7 @@ pub struct MessageCounters {
     pub last_message_time: Option<String>,
 }
 
-/// What went wrong, counted (DESIGN 6.1).
+/// What went wrong, counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultCounters {
     /// Frames that were not valid envelopes, or broke the stream.
@@ -140,8 +140,8 @@ pub struct MessageStats {
     /// `overall` and one entry per service: broker-observed request latency
     /// since start.
     pub latency_us: BTreeMap<String, LatencyQuantiles>,
-    /// The same over the last `broker.latency_window_ms` (60 s by default;
-    /// DESIGN 13): what `/metrics` quantiles and the dashboard show.
+    /// The same over the last `broker.latency_window_ms` (60 s by default):
+    /// what `/metrics` quantiles and the dashboard show.
     #[serde(default)]
     pub latency_window_us: BTreeMap<String, LatencyQuantiles>,
     /// Latest sample per process id (the broker's own under `broker`).
@@ -150,7 +150,7 @@ pub struct MessageStats {
     pub uptime_s: f64,
     /// procbroker's version.
     pub version: String,
-    /// The cluster (DESIGN 11); absent on a single host.
+    /// The cluster; absent on a single host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStats>,
 }
