@@ -1569,6 +1569,9 @@ async fn partial_replies_cross_nodes_in_order_before_the_final_and_a_cut_stream_
 async fn keys_and_deadlines_travel_and_the_serving_node_hashes_over_its_workers() {
     let nats = Nats::start(&[]);
     let (_b, _b_admin, a) = lifecycle_nodes(&nats, 1000).await;
+    let _c = Node::start("c", &nats.url(), 1, &conformance(2));
+    serves(&a, "c", "conf", 2).await;
+    // Who served a keyed `WhoAmI`: `conf.N@node`.
     let who = |target: &str, key: &str| {
         let request = Envelope::request(target, "WhoAmI", 0)
             .with_key(key)
@@ -1578,27 +1581,37 @@ async fn keys_and_deadlines_travel_and_the_serving_node_hashes_over_its_workers(
             let reply = ask(&a, request).await;
             assert_eq!(code(&reply), None, "{reply:?}");
             let v: serde_json::Value = reply.payload_as().expect("WhoAmI");
-            v["id"].as_str().unwrap_or_default().to_owned()
+            let node = reply.source.rsplit('@').next().unwrap_or_default();
+            format!("{}@{node}", v["id"].as_str().unwrap_or_default())
         }
     };
-    let mut owners = std::collections::BTreeMap::<String, u32>::new();
+    let mut on_b = std::collections::BTreeMap::<String, u32>::new();
+    let mut by_name = std::collections::BTreeMap::<String, u32>::new();
     for k in 0..24 {
         let key = format!("session-{k}");
+        // To b: b hashes the key over its own workers.
         let owner = who("conf@b", &key).await;
+        // By plain name (a has no `conf`): a hashes the key over the nodes
+        // that serve it, then that node over its workers.
+        let anywhere = who("conf", &key).await;
         for _ in 0..3 {
-            assert_eq!(who("conf@b", &key).await, owner, "{key} moved");
+            assert_eq!(who("conf@b", &key).await, owner, "{key} moved on b");
+            assert_eq!(who("conf", &key).await, anywhere, "{key} moved");
         }
-        // A plain name goes to b (a has no `conf`), to the same worker.
-        assert_eq!(who("conf", &key).await, owner, "{key} by plain name");
-        *owners.entry(owner).or_default() += 1;
+        if anywhere.ends_with("@b") {
+            assert_eq!(anywhere, owner, "{key}: b's worker differs by the route");
+        }
+        *on_b.entry(owner).or_default() += 1;
+        let node = anywhere.rsplit('@').next().unwrap_or_default().to_owned();
+        *by_name.entry(node).or_default() += 1;
     }
-    assert!(owners.len() >= 2, "24 keys on one worker: {owners:?}");
+    assert!(on_b.len() >= 2, "24 keys on one worker of b: {on_b:?}");
     assert!(
-        owners.keys().all(|id| id.starts_with("conf.")),
-        "{owners:?}"
+        by_name.len() == 2 && by_name.keys().all(|n| n == "b" || n == "c"),
+        "24 keys not spread over b and c: {by_name:?}"
     );
     // On a process id the key is ignored.
-    assert_eq!(who("conf.2@b", "session-0").await, "conf.2");
+    assert_eq!(who("conf.2@b", "session-0").await, "conf.2@b");
     // A key that is not a str: refused before it leaves a.
     let mut bad = Envelope::request("conf@b", "WhoAmI", 0);
     bad.key = Some(procbroker::protocol::RequestKey::Invalid(

@@ -50,6 +50,7 @@ pub mod messages;
 pub mod metrics_store;
 mod nodes;
 pub mod pacer;
+mod rendezvous;
 mod restart_policy;
 pub mod router;
 pub(crate) mod same_thread;

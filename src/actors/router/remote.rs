@@ -234,7 +234,7 @@ impl<S: Sink> Core<S> {
         }
         let service = envelope.target.clone();
         let local_ready = self.table.has_ready(&service);
-        match self.nodes.choose(&service, local_ready) {
+        match self.nodes.choose(&service, local_ready, key) {
             Some(Choice::Remote(node)) => {
                 let slot = self.node_slot(&node)?;
                 envelope.target = format!("{service}@{node}").into();
