@@ -492,6 +492,10 @@ pub struct ClusterState {
     /// Nodes forgotten (unheard for `forget_after_ms`, or evicted to make
     /// room).
     pub nodes_forgotten: u64,
+    /// Requests, cancels and replies from other nodes dropped unread: they
+    /// could not be read, or a reply or cancel came from an instance other
+    /// than the one routed to under its node name.
+    pub dropped_messages: u64,
 }
 
 /// One remote node in [`ClusterState`].

@@ -284,6 +284,7 @@ impl MetricsStore {
             nodes_ignored: state.nodes_ignored,
             services_ignored: state.services_ignored,
             nodes_forgotten: state.nodes_forgotten,
+            dropped_messages: state.dropped_messages,
             services: state.services.clone(),
             nodes,
         })

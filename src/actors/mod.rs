@@ -53,6 +53,7 @@ pub mod metrics_store;
 mod nodes;
 pub mod pacer;
 mod recycling;
+mod rendezvous;
 mod restart_policy;
 pub mod router;
 pub(crate) mod same_thread;

@@ -374,6 +374,11 @@ fn cluster_families(cluster: &ClusterStats, out: &mut Vec<MetricFamily>) {
             "Nodes forgotten: unheard for forget_after_ms, or evicted to make room.",
             cluster.nodes_forgotten,
         ),
+        (
+            "cluster_dropped_messages_total",
+            "Requests, cancels and replies from other nodes dropped: unreadable, or from an instance not routed to.",
+            cluster.dropped_messages,
+        ),
     ] {
         out.push(family(
             name,

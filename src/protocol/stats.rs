@@ -194,6 +194,14 @@ pub struct ClusterStats {
     /// the longest) to make room for a new one.
     #[serde(default)]
     pub nodes_forgotten: u64,
+    /// Requests, cancels and replies from other nodes dropped unread: they
+    /// could not be read (no or bad node and instance headers, not an
+    /// envelope, a kind that does not belong on their subject, a cancel
+    /// without its reason), or a reply or cancel came from an instance
+    /// other than the one routed to under its node name (a predecessor, an
+    /// impostor).
+    #[serde(default)]
+    pub dropped_messages: u64,
     /// What this node advertises: exported services and ready workers.
     pub services: BTreeMap<String, u32>,
     /// The other nodes kept, by name: at most `max_nodes`; one that left

@@ -168,7 +168,12 @@ impl<S: Sink> Core<S> {
     /// cut): the worker here is told, with the reason given. That broker
     /// has answered its caller already, so nothing is answered here; a
     /// reply that still comes is late. A cancel of a request this node
-    /// does not hold from `node` is dropped.
+    /// does not hold from `node` (answered already, or never sent by a
+    /// caller of that node) is dropped and counted as the node's
+    /// `dropped_events`, as a process's would be; unless this node ended
+    /// that request early itself a moment ago (both brokers time a request
+    /// out, so their deadlines pass together): then the two crossed, and
+    /// the worker was told already.
     fn remote_cancel(&mut self, node: &ByteString, cancel: &Envelope, now: Instant) {
         let key: Key = (cancel.source.clone(), cancel.correlation_id);
         let from_node =
@@ -176,6 +181,10 @@ impl<S: Sink> Core<S> {
         let reason = CancelNotice::from_payload(cancel.payload.as_ref())
             .map_or(CancelReason::Cancelled, |notice| notice.reason);
         if !from_node || !self.pending.contains(&key) {
+            let crossed = from_node && self.expired.contains(&key);
+            if !crossed && let Some(entry) = self.table.get_mut(node) {
+                entry.delta.dropped_events += 1;
+            }
             tracing::debug!(%node, source = %key.0, correlation_id = key.1, "cancel from a node dropped");
             return;
         }
@@ -225,7 +234,7 @@ impl<S: Sink> Core<S> {
         }
         let service = envelope.target.clone();
         let local_ready = self.table.has_ready(&service);
-        match self.nodes.choose(&service, local_ready) {
+        match self.nodes.choose(&service, local_ready, key) {
             Some(Choice::Remote(node)) => {
                 let slot = self.node_slot(&node)?;
                 envelope.target = format!("{service}@{node}").into();

@@ -20,6 +20,7 @@ use crate::actors::fast_map::FastMap;
 use crate::actors::latency;
 use crate::actors::messages::{Counters, RouterError};
 use crate::actors::nodes;
+use crate::actors::rendezvous;
 use crate::config::WorkerBalance;
 use crate::names::{BROADCAST, BROKER};
 use crate::protocol::{Envelope, ErrorCode};
@@ -596,40 +597,5 @@ impl<P> ProcessTable<P> {
             entry.touched = false;
             sink.settle(&mut entry.port);
         }
-    }
-}
-
-/// Rendezvous (highest random weight) hashing: a key's score with each
-/// worker is a hash of both, and the worker with the highest score wins.
-/// The worker's part is hashed once, at registration; a request hashes its
-/// key once and mixes it with each candidate's.
-mod rendezvous {
-    /// FNV-1a over `bytes`: stable across runs, so a key maps to the same
-    /// worker after a broker restart with the same workers.
-    fn fnv1a(bytes: &[u8]) -> u64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in bytes {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        hash
-    }
-
-    pub(super) fn id_hash(id: &str) -> u64 {
-        fnv1a(id.as_bytes())
-    }
-
-    pub(super) fn key_hash(key: &str) -> u64 {
-        fnv1a(key.as_bytes())
-    }
-
-    /// The score of a key with a worker: the two hashes mixed by the
-    /// splitmix64 finalizer, so that every bit of both moves the result.
-    #[inline]
-    pub(super) fn score(key: u64, worker: u64) -> u64 {
-        let mut z = key ^ worker.rotate_left(32);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }

@@ -182,12 +182,13 @@ fn nodes_table(out: &mut String, c: &procbroker::protocol::ClusterStats) {
         c.reconnects,
         c.slow_consumers
     );
-    let ignored = c.malformed_heartbeats + c.nodes_ignored + c.services_ignored;
+    let ignored =
+        c.malformed_heartbeats + c.nodes_ignored + c.services_ignored + c.dropped_messages;
     if ignored > 0 {
         let _ = writeln!(
             out,
-            "ignored: {} unreadable heartbeats, {} from nodes past max_nodes, {} services past 1000 a node",
-            c.malformed_heartbeats, c.nodes_ignored, c.services_ignored
+            "ignored: {} unreadable heartbeats, {} from nodes past max_nodes, {} services past 1000 a node, {} messages dropped",
+            c.malformed_heartbeats, c.nodes_ignored, c.services_ignored, c.dropped_messages
         );
     }
     let _ = writeln!(

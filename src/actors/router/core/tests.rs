@@ -871,3 +871,150 @@ fn the_drain_expiring_cancels_in_flight_work_once_and_callers_wait_for_removal()
         "no second cancel at the deadline"
     );
 }
+
+/// A core of node `this` with `echo.0` and `client.0`, and node `other` up
+/// with one `echo` (routed as `@other`, its port named the same).
+fn node_core(this: &str, other: &str, t0: Instant) -> Core<Recorder> {
+    let nodes = Nodes::new(this, crate::config::Balance::default());
+    let mut core = recorder::core(None, nodes, t0);
+    for (id, service) in [("echo.0", "echo"), ("client.0", "client")] {
+        core.register(id.into(), &service.into(), true, id.into(), true, t0)
+            .expect("registered");
+    }
+    let port = ByteString::from(format!("@{other}"));
+    core.node_up(&other.into(), vec![("echo".into(), 1)], port, t0);
+    core
+}
+
+/// What node `from` hands the core, and the effects.
+fn from_node(
+    core: &mut Core<Recorder>,
+    from: &str,
+    envelope: Envelope,
+    now: Instant,
+) -> Vec<Effect> {
+    core.route_from_nodes(vec![(ByteString::from(from), envelope)], now);
+    effects(core)
+}
+
+/// A cancel as another node's broker sends it: the caller's own cancel,
+/// `source` stamped `proc@node` on arrival, with the reason.
+fn remote_cancel(source: &str, correlation_id: u64, reason: CancelReason) -> Envelope {
+    let origin = source.split('@').next().unwrap_or_default().to_owned();
+    let mut cancel = Envelope::cancel_notice("broker", correlation_id, origin, reason);
+    cancel.source = source.into();
+    cancel
+}
+
+#[test]
+fn a_cancel_from_a_node_stops_its_callers_request_only() {
+    let t0 = Instant::now();
+    let mut core = node_core("b", "a", t0);
+    let mut asked = request("echo", 7);
+    asked.source = "client.0@a".into();
+    let (worker, delivered) = one(from_node(&mut core, "@a", asked, t0));
+    assert_eq!(
+        (worker.as_str(), &*delivered.source),
+        ("echo.0", "client.0@a")
+    );
+
+    // Another node's caller, an unknown id: dropped, counted as the node's.
+    let forged = remote_cancel("client.0@c", 7, CancelReason::Cancelled);
+    assert!(from_node(&mut core, "@a", forged, t0).is_empty());
+    let unknown = remote_cancel("client.0@a", 8, CancelReason::Cancelled);
+    assert!(from_node(&mut core, "@a", unknown, t0).is_empty());
+    assert_eq!(counters(&mut core, "@a").dropped_events, 2);
+    assert_eq!(core.pending_count(), 1);
+
+    // The caller's broker timed it out: the worker is told why, its slot
+    // freed, and nothing goes back (that broker answered already).
+    let cancel = remote_cancel("client.0@a", 7, CancelReason::Timeout);
+    let told = one(from_node(&mut core, "@a", cancel, t0));
+    assert_eq!(
+        cancel_of(&told),
+        (
+            "echo.0".into(),
+            7,
+            "client.0@a".into(),
+            CancelReason::Timeout
+        )
+    );
+    assert_eq!(core.in_flight_of(&"echo.0".into()), 0, "slot freed");
+    assert!(send(&mut core, "echo.0", vec![reply_to(&delivered)], t0).is_empty());
+    assert_eq!(counters(&mut core, "echo.0").late_replies, 1);
+    let again = remote_cancel("client.0@a", 7, CancelReason::Timeout);
+    assert!(
+        from_node(&mut core, "@a", again, t0).is_empty(),
+        "told once"
+    );
+    assert_eq!(
+        counters(&mut core, "@a").dropped_events,
+        3,
+        "a repeat finds nothing"
+    );
+
+    // Both brokers time a request out: whichever is first tells the
+    // worker; the other's cancel crosses it and is not counted as dropped.
+    let mut asked = request("echo", 9);
+    asked.source = "client.0@a".into();
+    asked.timeout_ms = Some(50);
+    one(from_node(&mut core, "@a", asked, t0));
+    core.expire(t0 + ms(50));
+    let effects = effects(&mut core);
+    let told = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Deliver { to, envelope } if envelope.is_cancel() => {
+                Some((to.to_string(), envelope.clone()))
+            }
+            _ => None,
+        })
+        .expect("the worker told");
+    assert_eq!(cancel_of(&told).3, CancelReason::Timeout);
+    let crossing = remote_cancel("client.0@a", 9, CancelReason::Timeout);
+    assert!(from_node(&mut core, "@a", crossing, t0 + ms(51)).is_empty());
+    assert_eq!(
+        counters(&mut core, "@a").dropped_events,
+        3,
+        "crossed, not dropped"
+    );
+}
+
+#[test]
+fn a_request_to_a_node_that_ends_early_is_cancelled_there() {
+    let t0 = Instant::now();
+    let mut core = node_core("a", "b", t0);
+    let (to, sent) = one(send(&mut core, "client.0", vec![request("echo@b", 3)], t0));
+    assert_eq!((to.as_str(), &*sent.target), ("@b", "echo@b"));
+
+    // Its deadline passes here: `timeout` to the caller, `cancel` to b.
+    core.expire(t0 + ms(100));
+    let [(to, timeout), cancel] = two(effects(&mut core));
+    assert_eq!(
+        (to.as_str(), timeout.error_code()),
+        ("client.0", Some(ErrorCode::Timeout))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        ("@b".into(), 3, "client.0".into(), CancelReason::Timeout)
+    );
+    assert_eq!(counters(&mut core, "@b").cancels, 1);
+
+    // The caller cancels: `cancelled` to it, `cancel` to b; b's reply
+    // after it is late.
+    let (_, sent) = one(send(&mut core, "client.0", vec![request("echo@b", 4)], t0));
+    let [(to, cancelled), cancel] = two(send(&mut core, "client.0", vec![cancel_to_broker(4)], t0));
+    assert_eq!(
+        (to.as_str(), cancelled.error_code()),
+        ("client.0", Some(ErrorCode::Cancelled))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        ("@b".into(), 4, "client.0".into(), CancelReason::Cancelled)
+    );
+    let mut late = reply_to(&sent);
+    late.source = "echo.0@b".into();
+    assert!(from_node(&mut core, "@b", late, t0).is_empty());
+    assert_eq!(counters(&mut core, "@b").late_replies, 1);
+    assert_eq!(core.pending_count(), 0);
+}
