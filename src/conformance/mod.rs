@@ -39,7 +39,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::{BrokerConfig, ServiceConfig};
-use crate::embed::{BrokerHandle, ProcBroker};
+use crate::embed::ProcBroker;
 use crate::names;
 use crate::protocol::rpc::{ProcessStatus, RestartPolicy};
 use probe::Probe;
@@ -221,7 +221,8 @@ async fn under_broker(
         Err(e) => (Err(format!("stats: {e}")), Vec::new()),
     };
     results.push(CheckResult::new("stays-up", stays_up, started.elapsed()));
-    stop(&broker).await;
+    // The subject's workers get `shutdown`, EOF, then signals.
+    let _ = broker.shutdown().await;
     (results, bad_frames)
 }
 
@@ -290,12 +291,6 @@ async fn through_broker(probe: &Probe) -> Vec<CheckResult> {
         timed("pipelined", load::pipelined(probe)).await,
     ]);
     results
-}
-
-/// Stops the subject's workers (`shutdown`, EOF, then signals) and the
-/// broker.
-async fn stop(broker: &BrokerHandle) {
-    let _ = broker.shutdown().await;
 }
 
 #[cfg(test)]

@@ -33,8 +33,8 @@ pub struct Probe {
     pub ids: Rc<Vec<String>>,
 }
 
-/// A request to `target` with `payload` (raw MessagePack, or none) and a
-/// deadline.
+/// A request to `target` with `payload` (MessagePack the kit made: one
+/// valid value; or none) and a deadline.
 pub fn request(target: &str, method: &str, payload: Option<&[u8]>, timeout: Duration) -> Envelope {
     let mut request = Envelope::request(target, method, 0)
         .with_timeout_ms(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
