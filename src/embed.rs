@@ -50,6 +50,7 @@ pub use crate::call_stream::BrokerStream;
 use crate::call_stream::CancelOnDrop;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
+pub use crate::pending_call::PendingCall;
 use crate::protocol::rpc::{NodeInfo, ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
 use crate::protocol::{Envelope, MessageStats};
 use crate::service::Methods;
@@ -293,6 +294,25 @@ impl BrokerHandle {
         let envelope = answer.await;
         guard.disarm();
         Reply::from_envelope(envelope.map_err(|_| CallError::Closed)?)
+    }
+
+    /// [`call_envelope`](Self::call_envelope), with the request sent at once
+    /// and its correlation id known before the reply (the one its worker
+    /// sees): await the [`PendingCall`] for the reply, or
+    /// [`cancel`](PendingCall::cancel) it and await the `cancelled` error.
+    /// Dropping it before the reply cancels the request.
+    pub fn start_call(&self, mut request: Envelope) -> PendingCall {
+        let (reply, answer) = oneshot::channel();
+        request.correlation_id = next_call_id();
+        let correlation_id = request.correlation_id;
+        let call = Call {
+            envelope: request,
+            reply,
+        };
+        if let Some(call) = call_here(self.0.router_key, call) {
+            self.0.router.do_send(call);
+        }
+        PendingCall::new(answer, self.0.router.clone(), correlation_id)
     }
 
     /// A streaming call: `request` goes out with `stream = true`, and the
@@ -579,6 +599,57 @@ mod tests {
     /// What a far thread's `add_service` and calls saw: whether it was
     /// offered a handoff, and what its two calls were answered.
     type FarSide = (bool, Result<Vec<String>, String>, Vec<Result<u64, String>>);
+
+    #[actix::test]
+    async fn a_started_call_names_its_request_and_can_be_cancelled_while_awaited() {
+        let broker = ProcBroker::builder().sysmon_interval(None).start();
+        let methods = Methods::new()
+            .method("Wait", |ms: u64| async move {
+                actix::clock::sleep(Duration::from_millis(ms)).await;
+                Ok(ms)
+            })
+            .raw_sync("Echo", |request| Ok(request.payload));
+        broker
+            .add_service("slow", 1, methods)
+            .await
+            .expect("service");
+
+        let request = |method: &str, ms: u64| {
+            Envelope::request("slow", method, 0)
+                .with_payload(&ms)
+                .expect("payload")
+        };
+        let quick = broker.start_call(request("Echo", 7));
+        let later = broker.start_call(request("Echo", 8));
+        assert!(quick.correlation_id() > 0);
+        assert_ne!(quick.correlation_id(), later.correlation_id());
+        let reply = quick.await.expect("answered");
+        assert_eq!(reply.payload_as::<u64>().expect("u64"), 7);
+
+        // Cancelled while awaited: the broker's `cancelled`, at once.
+        let waiting = broker.start_call(request("Wait", 10_000));
+        waiting.cancel();
+        let answer = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("answered at once");
+        assert_eq!(
+            answer.expect_err("cancelled").broker_code(),
+            Some(crate::protocol::ErrorCode::Cancelled)
+        );
+
+        // Dropped before its reply: nothing stays in flight.
+        drop(broker.start_call(request("Wait", 10_000)));
+        drop(later);
+        let mut in_flight = usize::MAX;
+        for _ in 0..100 {
+            in_flight = broker.router().send(PendingCount).await.expect("router");
+            if in_flight == 0 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(in_flight, 0, "a dropped call is cancelled");
+    }
 
     #[actix::test]
     async fn a_service_added_on_another_thread_replies_by_message() {
