@@ -13,7 +13,8 @@ import (
 // request without a payload arrives (Request.Payload is then nil).
 //
 // Raw also works inside values encoded with msgpack (a struct field, a
-// map value): it is written there as it is.
+// map value): it is written there as it is, and decoded as the value's
+// bytes (but msgpack decodes a nil there as an empty Raw: Field keeps it).
 type Raw []byte
 
 // Decode decodes the value into v (a pointer), with
