@@ -9,20 +9,25 @@ import (
 	"time"
 )
 
-// outbox is stdout: frames are appended to one buffer under a lock, and
-// one writer goroutine writes whatever has piled up in a single write.
-// While it writes, the next batch piles up, so under load many replies
-// share one system call.
+// outbox is stdout: frames are appended to one buffer under a lock and
+// written in batches, never two writes at once, in the order they were
+// queued. Whatever is queued always has someone to write it: the one
+// writing now (who looks again when done), the reading goroutine while it
+// holds the outbox (it writes before it waits for input: the replies to
+// what one read brought go out in one write), or the writer goroutine,
+// woken for frames queued while the reader waits.
 type outbox struct {
 	w        io.Writer
 	maxFrame int
 
 	mu       sync.Mutex
-	buf      []byte // frames waiting for the writer
+	buf      []byte // frames waiting to be written
 	spare    []byte // the other buffer, reused
 	frames   int    // frames in buf
 	inFlight int    // frames being written
-	woken    bool   // the writer was signalled and has not taken buf yet
+	writing  bool   // a batch is being written
+	held     bool   // the reader will write what is queued before it waits
+	woken    bool   // the writer goroutine was signalled and has not run yet
 	closing  bool   // no new frames; the writer exits once buf is written
 	err      error  // the write that failed (stdout is gone)
 	lowWater []chan struct{}
@@ -30,6 +35,11 @@ type outbox struct {
 	wake chan struct{}
 	done chan struct{} // closed when the writer has exited
 }
+
+// The reader writes a batch itself only below this size (a pipe takes it
+// without blocking); a bigger one goes to the writer goroutine, so that
+// reading never waits on a slow stdout.
+const inlineWrite = 1 << 16
 
 var errClosed = errors.New("stdout is closed")
 
@@ -73,13 +83,8 @@ func (o *outbox) commit(b []byte, start int) error {
 	}
 	o.buf = b
 	o.frames++
-	if !o.woken {
-		// Under the lock: close (which closes wake) cannot come between.
-		o.woken = true
-		select {
-		case o.wake <- struct{}{}:
-		default:
-		}
+	if !o.writing && !o.held {
+		o.signalLocked()
 	}
 	o.mu.Unlock()
 	return nil
@@ -112,56 +117,99 @@ func (o *outbox) belowWater(n int) <-chan struct{} {
 	return ch
 }
 
+// signalLocked wakes the writer goroutine (under the lock: close, which
+// closes wake, cannot come between).
+func (o *outbox) signalLocked() {
+	if o.woken || o.closing {
+		return
+	}
+	o.woken = true
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+// hold says the reading goroutine is handling what one read brought: it
+// will write the replies itself (release), the writer goroutine need not
+// wake for them.
+func (o *outbox) hold() {
+	o.mu.Lock()
+	o.held = true
+	o.mu.Unlock()
+}
+
+// release is the reader about to wait for input: it writes what is queued
+// (a small batch, unless a write is under way), or leaves it to the writer
+// goroutine.
+func (o *outbox) release() {
+	o.mu.Lock()
+	o.held = false
+	if !o.writing && len(o.buf) > 0 {
+		if len(o.buf) <= inlineWrite {
+			o.writeLocked()
+		} else {
+			o.signalLocked()
+		}
+	}
+	o.mu.Unlock()
+}
+
+// writeLocked writes what is queued, batch after batch, until nothing is
+// (or stdout fails). Called with the lock held and nobody writing; returns
+// with it held.
+func (o *outbox) writeLocked() {
+	for len(o.buf) > 0 && o.err == nil {
+		out := o.buf
+		o.buf = o.spare[:0]
+		o.inFlight, o.frames = o.frames, 0
+		o.writing = true
+		o.mu.Unlock()
+
+		_, err := o.w.Write(out)
+
+		o.mu.Lock()
+		o.writing = false
+		o.inFlight = 0
+		if cap(out) <= 1<<20 {
+			o.spare = out[:0]
+		} else {
+			o.spare = make([]byte, 0, 1<<16)
+		}
+		for _, ch := range o.lowWater {
+			close(ch)
+		}
+		o.lowWater = nil
+		if err != nil {
+			o.err = err
+			o.buf = nil
+			o.frames = 0
+		}
+	}
+}
+
 func (o *outbox) run() {
 	defer close(o.done)
 	for range o.wake {
 		// Let the handlers that are ready to run (those of the requests one
 		// read brought) add their replies first: one write for all.
 		runtime.Gosched()
-		for {
-			o.mu.Lock()
-			out := o.buf
-			if len(out) == 0 {
-				o.woken = false
-				closing := o.closing
-				o.mu.Unlock()
-				if closing {
-					return
-				}
-				break
-			}
-			o.buf = o.spare[:0]
-			o.inFlight, o.frames = o.frames, 0
-			o.mu.Unlock()
-
-			_, err := o.w.Write(out)
-
-			o.mu.Lock()
-			o.inFlight = 0
-			if cap(out) <= 1<<20 {
-				o.spare = out[:0]
-			} else {
-				o.spare = make([]byte, 0, 1<<16)
-			}
-			waiters := o.lowWater
-			o.lowWater = nil
-			if err != nil {
-				o.err = err
-				o.buf = nil
-				o.frames = 0
-			}
-			o.mu.Unlock()
-			for _, ch := range waiters {
-				close(ch)
-			}
-			if err != nil {
-				// Nobody reads stdout any more: drain the signals until close.
-				for range o.wake {
-				}
-				return
-			}
+		o.mu.Lock()
+		o.woken = false
+		if !o.writing {
+			o.writeLocked()
 		}
+		o.mu.Unlock()
 	}
+	// Closed: what is left, unless someone is writing it.
+	o.mu.Lock()
+	for o.writing {
+		o.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		o.mu.Lock()
+	}
+	o.writeLocked()
+	o.mu.Unlock()
 }
 
 // close writes what is queued, then stops the writer; it waits at most
@@ -170,6 +218,7 @@ func (o *outbox) close(wait time.Duration) {
 	o.mu.Lock()
 	if !o.closing {
 		o.closing = true
+		o.held = false
 		close(o.wake)
 	}
 	o.mu.Unlock()

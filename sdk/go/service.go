@@ -259,8 +259,18 @@ func (s *Service) Serve(in io.Reader, out io.Writer, main func(ctx context.Conte
 // readLoop reads and dispatches frames until EOF or an error.
 func (s *Service) readLoop(in io.Reader) error {
 	frames := newFrameReader(in, s.MaxFrameBytes)
+	ob := s.out.Load()
+	defer ob.release()
 	for {
+		wait := !frames.buffered()
+		if wait {
+			// About to wait for input: the replies so far go out now.
+			ob.release()
+		}
 		body, err := frames.next()
+		if wait {
+			ob.hold()
+		}
 		if err == io.EOF {
 			return nil
 		}

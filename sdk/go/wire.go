@@ -95,8 +95,14 @@ func decodeEnvelope(body []byte, e *envelope) error {
 			return errShort
 		}
 		var key []byte
-		key, p, err = readStr(body, p)
-		if err != nil {
+		if m := body[p]; m&0xe0 == 0xa0 {
+			// A fixstr, as keys are.
+			end := p + 1 + int(m&0x1f)
+			if end > len(body) {
+				return errShort
+			}
+			key, p = body[p+1:end], end
+		} else if key, p, err = readStr(body, p); err != nil {
 			if isTypeError(err) {
 				return wireErr("an envelope key is not a str")
 			}
@@ -323,8 +329,15 @@ func readStr(b []byte, p int) ([]byte, int, error) {
 
 // readOptStr reads a str, or nil (absent).
 func readOptStr(b []byte, p int) ([]byte, bool, int, error) {
-	if p < len(b) && b[p] == 0xc0 {
-		return nil, false, p + 1, nil
+	if p < len(b) {
+		if m := b[p]; m&0xe0 == 0xa0 {
+			end := p + 1 + int(m&0x1f)
+			if end <= len(b) {
+				return b[p+1 : end : end], true, end, nil
+			}
+		} else if m == 0xc0 {
+			return nil, false, p + 1, nil
+		}
 	}
 	s, q, err := readStr(b, p)
 	return s, err == nil, q, err
