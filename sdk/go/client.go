@@ -97,6 +97,9 @@ func (s *Service) Call(ctx context.Context, target, method string, payload any, 
 	if err := ctx.Err(); err != nil {
 		return nil, ctxCallError(err)
 	}
+	if err := notInline(ctx); err != nil {
+		return nil, err
+	}
 	pc := &pendingCall{ch: make(chan callReply, 1)}
 	cid, err := s.submit(ctx, pc, target, method, payload, false, opts)
 	if err != nil {
@@ -116,6 +119,16 @@ func (s *Service) Call(ctx context.Context, target, method string, payload any, 
 		return nil, r.err
 	}
 	return r.payload, nil
+}
+
+// notInline refuses a call from an inline handler: its reply could never
+// be read (the handler holds the reading goroutine).
+func notInline(ctx context.Context) error {
+	if rc := requestOf(ctx); rc != nil && rc.inline {
+		return &CallError{Code: CodeInternal,
+			Message: "a handler registered with HandleInline cannot make calls (its reply would never be read): use Handle"}
+	}
+	return nil
 }
 
 func ctxCallError(err error) *CallError {
@@ -161,7 +174,7 @@ func (s *Service) submit(ctx context.Context, pc *pendingCall, target, method st
 	defer release()
 
 	s.cmu.Lock()
-	if s.deaf || s.stopping {
+	if s.deaf || s.stopping.Load() {
 		s.cmu.Unlock()
 		return 0, &CallError{Code: CodeShuttingDown, Message: "the service is shutting down: no new calls"}
 	}
@@ -355,6 +368,9 @@ func (s *Service) Stream(ctx context.Context, target, method string, payload any
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, ctxCallError(err)
+	}
+	if err := notInline(ctx); err != nil {
+		return nil, err
 	}
 	st := &Stream{s: s, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	cid, err := s.submit(ctx, &pendingCall{stream: st}, target, method, payload, true, opts)

@@ -43,6 +43,7 @@ type reqCtx struct {
 	finished bool // the handler returned: no more partial replies
 
 	sameID *reqCtx // another running request with the same correlation id
+	inline bool    // its handler runs on the reading goroutine
 }
 
 func (c *reqCtx) Deadline() (time.Time, bool) { return c.deadline, c.hasDeadline }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -77,6 +78,9 @@ func TestHandlerErrorsAndPanics(t *testing.T) {
 	svc.Handle("BadRaw", func(ctx context.Context, req *Request) (any, error) {
 		return Raw{0x92, 0x01}, nil
 	})
+	svc.HandleInline("CallInline", func(ctx context.Context, req *Request) (any, error) {
+		return svc.Call(ctx, "echo", "Echo", nil)
+	})
 	b := serve(t, svc, nil)
 	want := map[string][2]string{
 		"Plain":       {CodeHandler, "plain failure"},
@@ -91,7 +95,7 @@ func TestHandlerErrorsAndPanics(t *testing.T) {
 			t.Fatalf("%s: %v", method, reply)
 		}
 	}
-	for _, method := range []string{"Unencodable", "BadRaw"} {
+	for _, method := range []string{"Unencodable", "BadRaw", "CallInline"} {
 		if reply := b.call(b.request(method, nil)); reply.Code != CodeInternal {
 			t.Fatalf("%s: %v", method, reply)
 		}
@@ -841,5 +845,49 @@ func TestCallBeforeRun(t *testing.T) {
 	}
 	if err := svc.Emit("x", "e", nil); !isCode(err, CodeUnavailable) {
 		t.Fatal(err)
+	}
+}
+
+// An inline handler that watches its context (a deadline timer armed)
+// never shares it with the next request: run with -race.
+func TestInlineHandlersThatWatchTheirContext(t *testing.T) {
+	svc := NewService()
+	var watchers sync.WaitGroup
+	svc.HandleInline("Peek", func(ctx context.Context, req *Request) (any, error) {
+		done := ctx.Done()
+		watchers.Add(1)
+		go func() {
+			defer watchers.Done()
+			<-done // closed when the handler returns
+			if ctx.Err() == nil {
+				panic("done without an error")
+			}
+		}()
+		select {
+		case <-done:
+			return "done", nil
+		default:
+		}
+		_, ok := ctx.Deadline()
+		return ok, nil
+	})
+	b := serve(t, svc, nil)
+	defer watchers.Wait()
+	var batch []byte
+	const n = 2000
+	for i := 0; i < n; i++ {
+		timeout := 1 + i%3
+		if i%2 == 0 {
+			batch = append(batch, encodeFrame(t, b.request("Peek", nil))...)
+		} else {
+			batch = append(batch, encodeFrame(t, b.request("Peek", nil, "timeout_ms", timeout))...)
+		}
+	}
+	b.write(batch)
+	for i := 0; i < n; i++ {
+		f := b.expect("a Peek reply")
+		if v := f.value(t); v != true && v != false && v != "done" {
+			t.Fatalf("%v", f)
+		}
 	}
 }

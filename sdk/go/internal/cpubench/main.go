@@ -83,16 +83,27 @@ func main() {
 			}
 			perCall := float64(cpu-base) / float64(len(frames)) / 1e3
 			results[name] = append(results[name], perCall)
-			fmt.Printf("round %d %-8s cpu %8.1f ms (start-up %5.1f ms)  %6.3f µs/call  %8.0f calls/s\n",
+			fmt.Printf("round %d %-14s cpu %8.1f ms (start-up %5.1f ms)  %6.3f µs/call  %8.0f calls/s\n",
 				r+1, name, float64(cpu)/1e6, float64(base)/1e6, perCall, float64(len(frames))/wall.Seconds())
 		}
 	}
-	fmt.Printf("median µs of worker CPU per call, %d requests, %d in flight:\n", *n, *depth)
-	first := median(results[names[0]])
+	fmt.Printf("worker CPU per call, %d requests, %d in flight, %d rounds (medians; the ratio is the median of each round's ratio):\n",
+		*n, *depth, *rounds)
+	first := results[names[0]]
 	for _, name := range names {
-		m := median(results[name])
-		fmt.Printf("  %-8s %6.3f  (%.2f× %s)\n", name, m, m/first, names[0])
+		ratios := make([]float64, len(first))
+		for r := range first {
+			ratios[r] = results[name][r] / first[r]
+		}
+		fmt.Printf("  %-14s %6.3f µs  %.2f× %s (rounds %s)\n", name, median(results[name]), median(ratios),
+			names[0], spread(ratios))
 	}
+}
+
+func spread(v []float64) string {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return fmt.Sprintf("%.2f–%.2f", s[0], s[len(s)-1])
 }
 
 func median(v []float64) float64 {
