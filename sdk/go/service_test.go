@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"math/rand"
 	"strings"
@@ -889,5 +890,26 @@ func TestInlineHandlersThatWatchTheirContext(t *testing.T) {
 		if v := f.value(t); v != true && v != false && v != "done" {
 			t.Fatalf("%v", f)
 		}
+	}
+}
+
+// RunWith's main: its error is logged, and serving goes on after it.
+func TestMainsErrorIsLoggedAndServingGoesOn(t *testing.T) {
+	svc := echoService()
+	b := serve(t, svc, func(ctx context.Context, s *Service) error {
+		return errors.New("main gave up")
+	})
+	if reply := b.call(b.request("Echo", "after main")); reply.value(t) != "after main" {
+		t.Fatalf("%v", reply)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for !b.logged("main: main gave up") {
+		if time.Now().After(deadline) {
+			t.Fatalf("not logged: %s", b.logs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := svc.Serve(strings.NewReader(""), io.Discard, nil); err == nil {
+		t.Fatal("a Service served twice")
 	}
 }
