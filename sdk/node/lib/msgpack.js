@@ -306,9 +306,12 @@ class PayloadEncoder extends Encoder {
 const decoder = new PayloadDecoder({ mapKeyConverter });
 const encoder = new PayloadEncoder({ initialBufferSize: 4096 });
 
-/** Decodes the one value in `b[start, end)`. */
+/**
+ * Decodes the one value in `b[start, end)`. A plain Uint8Array view, so
+ * that bin values decode as Uint8Array whatever `b` is.
+ */
 export function decodePayload(b, start, end) {
-  return decoder.decode(start === 0 && end === b.length ? b : b.subarray(start, end));
+  return decoder.decode(new Uint8Array(b.buffer, b.byteOffset + start, end - start));
 }
 
 /**
@@ -328,5 +331,5 @@ export function encode(value) {
 
 /** Decodes one value from `bytes` (integers beyond 2^53 as bigint). */
 export function decode(bytes) {
-  return decoder.decode(bytes);
+  return decodePayload(bytes, 0, bytes.length);
 }

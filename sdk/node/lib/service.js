@@ -1013,8 +1013,8 @@ export class Service {
       signal.addEventListener('abort', call.onAbort, { once: true });
     }
     if (this._sweeper === null) {
+      // Kept referenced: a call waiting for its reply keeps the process up.
       this._sweeper = setInterval(() => this._sweep(), SWEEP_MS);
-      this._sweeper.unref?.();
     }
     return cid;
   }
