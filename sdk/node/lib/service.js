@@ -338,6 +338,8 @@ export class Service {
     this._exit = options.exit ?? this._stdio;
     this._logLine = options.log ?? ((line) => process.stderr.write(line + '\n'));
     this._methods = new Map();
+    /** The method names read last, with their handlers (no string made per request). */
+    this._seen = [];
     this._events = new Map();
     this._fields = new Fields();
     this._running = new Map();
@@ -378,6 +380,7 @@ export class Service {
   method(name, handler, options = {}) {
     if (typeof handler !== 'function') throw new TypeError(`the handler of ${name} must be a function`);
     this._methods.set(String(name), { fn: handler, decode: options.decode !== false });
+    this._seen = [];
     return this;
   }
 
@@ -540,9 +543,28 @@ export class Service {
     }
   }
 
+  /** The method named by b[s, e) and its handler: from the few names seen last, else the table. */
+  _lookup(b, s, e) {
+    const cache = this._seen;
+    const n = e - s;
+    outer: for (let i = 0; i < cache.length; i++) {
+      const entry = cache[i];
+      const name = entry.bytes;
+      if (name.length !== n) continue;
+      for (let j = 0; j < n; j++) if (name[j] !== b[s + j]) continue outer;
+      return entry;
+    }
+    const method = text(b, s, e);
+    const entry = { bytes: Uint8Array.prototype.slice.call(b, s, e), method, handler: this._methods.get(method) };
+    if (cache.length >= 8) cache.pop();
+    cache.unshift(entry);
+    return entry;
+  }
+
   _request(b, f) {
-    const method = text(b, f.idS, f.idE);
-    const h = this._methods.get(method);
+    const seen = this._lookup(b, f.idS, f.idE);
+    const method = seen.method;
+    const h = seen.handler;
     if (h === undefined) {
       if (method === 'Ping') {
         this._out.reply(b, f.idH, f.idE, f.cidH, f.cidE, f.srcH, f.srcE, false, EMPTY_MAP, 0, 1);

@@ -238,6 +238,230 @@ function typeOf(b, s, len) {
   }
 }
 
+// Keys as written (str header and name), for the fast path: compared
+// four bytes at a time through a DataView of the frame's buffer.
+function keyWords(name) {
+  const bytes = [0xa0 | name.length, ...Buffer.from(name, 'latin1')];
+  const words = [];
+  let i = 0;
+  for (; i + 4 <= bytes.length; i += 4) {
+    words.push(((bytes[i] << 24) | (bytes[i + 1] << 16) | (bytes[i + 2] << 8) | bytes[i + 3]) >>> 0);
+  }
+  return { words, tail: bytes.slice(i), length: bytes.length };
+}
+const FK_CID = keyWords('correlation_id');
+const FK_SOURCE = keyWords('source');
+const FK_TARGET = keyWords('target');
+const FK_TIMEOUT = keyWords('timeout_ms');
+const FK_STREAM = keyWords('stream');
+const FK_MORE = keyWords('more');
+const FK_KEY = keyWords('key');
+const FK_ERROR = keyWords('error');
+const FK_CODE = keyWords('code');
+const FK_PAYLOAD = keyWords('payload');
+
+// The DataView of the buffer frames are read from (made once per buffer).
+let viewOf = null;
+let view = null;
+
+function keyAt(b, p, k) {
+  const words = k.words;
+  let q = p;
+  for (let i = 0; i < words.length; i++, q += 4) if (view.getUint32(q) !== words[i]) return false;
+  const tail = k.tail;
+  for (let i = 0; i < tail.length; i++) if (b[q + i] !== tail[i]) return false;
+  return true;
+}
+
+/** The end of the fixstr at `p` (sH, sS set), or -1 if it is not one. */
+function fixstrAt(b, p) {
+  const m = b[p];
+  if (m < 0xa0 || m > 0xbf) return -1;
+  sH = p;
+  sS = p + 1;
+  return p + 1 + (m & 0x1f);
+}
+
+/**
+ * The fast path: keys in the order this package and the broker write
+ * them (type, id, correlation_id, source, target, timeout_ms, stream,
+ * more, key, error, code, payload), short strs, no nil values. Anything
+ * else returns false and the general decoder reads the frame from the
+ * start, so errors are reported the one way.
+ */
+export function decodeCanonical(b, start, end, f) {
+  if (viewOf !== b) {
+    view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    viewOf = b;
+  }
+  let p = start;
+  const m0 = b[p];
+  if (m0 < 0x82 || m0 > 0x8f) return false;
+  const n = m0 & 0x0f;
+  p++;
+  // "type": "request" | "response" | "event" | "error"
+  if (view.getUint32(p) !== 0xa4747970 || b[p + 4] !== 0x65) return false;
+  p += 5;
+  let type;
+  const w = view.getUint32(p);
+  if (w === 0xa7726571 && view.getUint32(p + 4) === 0x75657374) {
+    type = REQUEST;
+    p += 8;
+  } else if (w === 0xa8726573 && view.getUint32(p + 4) === 0x706f6e73 && b[p + 8] === 0x65) {
+    type = RESPONSE;
+    p += 9;
+  } else if (w === 0xa5657665 && b[p + 4] === 0x6e && b[p + 5] === 0x74) {
+    type = EVENT;
+    p += 6;
+  } else if (w === 0xa5657272 && b[p + 4] === 0x6f && b[p + 5] === 0x72) {
+    type = ERROR;
+    p += 6;
+  } else return false;
+  let e;
+  if ((view.getUint32(p) >>> 8) !== 0xa26964) return false;
+  e = fixstrAt(b, p + 3);
+  if (e <= sS) return false; // not a str, or empty
+  f.reset();
+  f.type = type;
+  f.idH = sH;
+  f.idS = sS;
+  f.idE = e;
+  p = e;
+  let read = 2;
+  if (read < n && keyAt(b, p, FK_CID)) {
+    p += FK_CID.length;
+    const m = b[p];
+    if (m <= 0x7f) {
+      f.cid = m;
+      f.cidH = p;
+      p += 1;
+    } else if (m === 0xcc) {
+      f.cid = b[p + 1];
+      f.cidH = p;
+      p += 2;
+    } else if (m === 0xcd) {
+      f.cid = (b[p + 1] << 8) | b[p + 2];
+      f.cidH = p;
+      p += 3;
+    } else if (m === 0xce) {
+      f.cid = u32(b, p + 1);
+      f.cidH = p;
+      p += 5;
+    } else if (m === 0xcf) {
+      const hi = u32(b, p + 1);
+      const lo = u32(b, p + 5);
+      f.cid = hi < 0x200000 ? hi * 0x100000000 + lo : (BigInt(hi) << 32n) | BigInt(lo);
+      f.cidH = p;
+      p += 9;
+    } else return false;
+    f.cidE = p;
+    read++;
+  } else if (type !== EVENT) return false;
+  if (read < n && keyAt(b, p, FK_SOURCE)) {
+    e = fixstrAt(b, p + FK_SOURCE.length);
+    if (e < 0) return false;
+    f.srcH = sH;
+    f.srcS = sS;
+    f.srcE = e;
+    p = e;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_TARGET)) {
+    e = fixstrAt(b, p + FK_TARGET.length);
+    if (e < 0) return false;
+    f.tgtS = sS;
+    f.tgtE = e;
+    p = e;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_TIMEOUT)) {
+    p += FK_TIMEOUT.length;
+    const m = b[p];
+    if (m <= 0x7f) {
+      f.timeoutMs = m;
+      p += 1;
+    } else if (m === 0xcc) {
+      f.timeoutMs = b[p + 1];
+      p += 2;
+    } else if (m === 0xcd) {
+      f.timeoutMs = (b[p + 1] << 8) | b[p + 2];
+      p += 3;
+    } else if (m === 0xce) {
+      f.timeoutMs = u32(b, p + 1);
+      p += 5;
+    } else return false;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_STREAM)) {
+    if (b[p + FK_STREAM.length] !== 0xc3) return false;
+    f.stream = true;
+    p += FK_STREAM.length + 1;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_MORE)) {
+    if (b[p + FK_MORE.length] !== 0xc3) return false;
+    f.more = true;
+    p += FK_MORE.length + 1;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_KEY)) {
+    p += FK_KEY.length;
+    if (b[p] === 0xc0) return false;
+    f.keyS = p;
+    p = skipValue(b, p, end);
+    f.keyE = p;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_ERROR)) {
+    p += FK_ERROR.length;
+    lim = end;
+    const t = p;
+    const len = strHeadAt(b, t);
+    if (len < 0) return false;
+    f.errS = sS;
+    f.errE = sS + len;
+    p = sS + len;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_CODE)) {
+    e = fixstrAt(b, p + FK_CODE.length);
+    if (e <= sS) return false;
+    f.codeS = sS;
+    f.codeE = e;
+    p = e;
+    read++;
+  }
+  if (read < n && keyAt(b, p, FK_PAYLOAD)) {
+    p += FK_PAYLOAD.length;
+    f.payS = p;
+    p = skipValue(b, p, end);
+    f.payE = p;
+    read++;
+  }
+  if (read !== n || p !== end) return false;
+  if (type === ERROR && (f.codeS < 0 || f.errS < 0)) return false;
+  if (type === EVENT && f.cid === undefined) f.cid = 0;
+  return true;
+}
+
+/** A str header at `t`: the content length (sS set), or -1 if not a str. */
+function strHeadAt(b, t) {
+  const m = b[t];
+  if (m >= 0xa0 && m <= 0xbf) {
+    sS = t + 1;
+    return m & 0x1f;
+  }
+  if (m === 0xd9) {
+    sS = t + 2;
+    return b[t + 1];
+  }
+  if (m === 0xda) {
+    sS = t + 3;
+    return (b[t + 1] << 8) | b[t + 2];
+  }
+  return -1;
+}
+
 /**
  * Decodes the envelope in b[start, end) into `f`. Throws EnvelopeError (or
  * MsgpackError) for anything that is not a valid envelope: not a map, a
@@ -245,6 +469,15 @@ function typeOf(b, s, len) {
  * unknown or missing `type`, a missing required field, trailing bytes.
  */
 export function decodeEnvelope(b, start, end, f) {
+  try {
+    if (decodeCanonical(b, start, end, f)) return;
+  } catch {
+    // the general decoder names what is wrong
+  }
+  decodeAny(b, start, end, f);
+}
+
+function decodeAny(b, start, end, f) {
   f.reset();
   p = start;
   lim = end;
@@ -499,7 +732,7 @@ function uintLen(v) {
 /** Copies src[s, e) into dst at `at`. */
 function copy(dst, at, src, s, e) {
   const n = e - s;
-  if (n <= 256) {
+  if (n <= 16) {
     for (let i = 0; i < n; i++) dst[at + i] = src[s + i];
   } else {
     dst.set(src.subarray(s, e), at);

@@ -7,7 +7,7 @@ import { Raw, decode, encode } from '../index.js';
 import { MsgpackError, skipValue } from '../lib/msgpack.js';
 import {
   EVENT, EnvelopeError, Fields, FrameError, FrameReader, Outbox, REQUEST, RESPONSE, TooLargeError,
-  decodeEnvelope, salvageRequest,
+  decodeCanonical, decodeEnvelope, salvageRequest,
 } from '../lib/wire.js';
 
 const frameOf = (value) => {
@@ -228,4 +228,57 @@ test('skipValue steps over every type and refuses bad bytes', () => {
   }
   assert.throws(() => skipValue(Uint8Array.of(0xc1), 0, 1), /invalid byte 0xc1/);
   assert.throws(() => skipValue(Uint8Array.of(0xdd, 0xff, 0xff, 0xff, 0xff, 1), 0, 6), /truncated/);
+});
+
+test('the fast path reads what the general decoder reads, and leaves it anything else', () => {
+  const written = [];
+  const out = new Outbox((chunks) => written.push(...chunks), 1 << 20);
+  const envelopes = [
+    { type: REQUEST, id: 'Echo', cid: 7, target: 'w.0', timeoutMs: 30_000, payload: Uint8Array.of(0xc4, 1, 9) },
+    { type: REQUEST, id: 'Get', cid: 2 ** 53 + 2, target: 'store', timeoutMs: 70_000, stream: true, key: 'k-1' },
+    { type: REQUEST, id: 'M', cid: 2 ** 64 - 1, target: 't' },
+    { type: EVENT, id: 'cancel', cid: 12, target: 'broker' },
+    { type: EVENT, id: 'note', target: 'x', payload: Uint8Array.of(0x90) },
+    { type: 4, id: 'M', cid: 300, target: 'c.0', error: 'x'.repeat(300), code: 'nope' },
+  ];
+  for (const e of envelopes) out.envelope(e);
+  out.flush();
+  const all = Buffer.concat(written);
+  for (let pos = 0; pos < all.length;) {
+    const n = all.readUInt32BE(pos);
+    const body = all.subarray(pos + 4, pos + 4 + n);
+    pos += 4 + n;
+    const fast = new Fields();
+    assert.ok(decodeCanonical(body, 0, body.length, fast), `fast path for ${decode(body).id}`);
+    // The same fields in reverse order, with an unknown key: the general decoder.
+    const value = decode(body);
+    const shuffled = Buffer.from(encode(Object.fromEntries([['zz', 1], ...Object.entries(value).reverse()])));
+    const slow = new Fields();
+    assert.equal(decodeCanonical(shuffled, 0, shuffled.length, new Fields()), false);
+    decodeEnvelope(shuffled, 0, shuffled.length, slow);
+    const text = (f, b, s, e) => (s < 0 ? null : b.subarray(s, e).toString('latin1'));
+    for (const [name, [s, e]] of Object.entries({
+      id: ['idS', 'idE'], source: ['srcS', 'srcE'], target: ['tgtS', 'tgtE'], error: ['errS', 'errE'],
+      code: ['codeS', 'codeE'], payload: ['payS', 'payE'], key: ['keyS', 'keyE'],
+    })) {
+      assert.equal(text(fast, body, fast[s], fast[e]), text(slow, shuffled, slow[s], slow[e]), name);
+    }
+    for (const name of ['type', 'cid', 'timeoutMs', 'stream', 'more']) assert.equal(fast[name], slow[name], name);
+  }
+  // Valid but not canonical: nil values, a non-fixstr id, a key out of order.
+  for (const value of [
+    { type: 'request', id: 'M', correlation_id: 1, source: null, target: 't' },
+    { type: 'request', id: 'M'.repeat(40), correlation_id: 1, target: 't' },
+    { type: 'request', correlation_id: 1, id: 'M', target: 't' },
+    { type: 'request', id: 'M', correlation_id: 1, target: 't', stream: false },
+  ]) {
+    const b = Buffer.from(encode(value));
+    assert.equal(decodeCanonical(b, 0, b.length, new Fields()), false, JSON.stringify(value));
+    const f = new Fields();
+    decodeEnvelope(b, 0, b.length, f);
+    assert.equal(f.type, REQUEST);
+  }
+  // Cut short, the fast path declines and the general decoder names the problem.
+  const body = all.subarray(4, 4 + all.readUInt32BE(0));
+  assert.throws(() => decodeEnvelope(body, 0, body.length - 2, new Fields()), MsgpackError);
 });
