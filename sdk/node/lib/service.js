@@ -415,6 +415,37 @@ export class Service {
     });
   }
 
+  /**
+   * The sink of a pipe on `fd`: write(2) at once while nothing waits in the
+   * socket's queue; what the pipe does not take goes to the queue.
+   */
+  _pipeSink(fd, out) {
+    return (chunks) => {
+      if (out.destroyed || out.writableEnded) return;
+      let i = 0;
+      if (out.writableLength === 0) {
+        for (; i < chunks.length; i++) {
+          const chunk = chunks[i];
+          let written;
+          try {
+            written = fs.writeSync(fd, chunk, 0, chunk.length);
+          } catch (err) {
+            if (err.code !== 'EAGAIN') {
+              out.destroy(err);
+              return;
+            }
+            written = 0;
+          }
+          if (written < chunk.length) {
+            chunks[i] = chunk.subarray(written);
+            break;
+          }
+        }
+      }
+      for (; i < chunks.length; i++) out.write(chunks[i]);
+    };
+  }
+
   _log(message) {
     try {
       this._logLine(`procbroker ${this.processId}: ${message}`);
@@ -433,7 +464,11 @@ export class Service {
         stat = null;
       }
       if (stat !== null && (stat.isFIFO() || stat.isSocket())) {
+        // A pipe: written straight with write(2) while it takes everything
+        // (libuv made it non-blocking), through the socket's queue (and its
+        // 'drain') once it is full.
         this._output = new net.Socket({ fd: 1, readable: false, writable: true });
+        sink = this._pipeSink(1, this._output);
       } else {
         sink = (chunks) => {
           for (const chunk of chunks) writeAllSync(1, chunk);
@@ -447,7 +482,7 @@ export class Service {
         get: () => process.stderr,
       });
     }
-    if (sink === undefined) {
+    if (this._output !== null) {
       const out = this._output;
       out.on('error', (err) => {
         if (this._state < CLOSING) {
@@ -456,7 +491,7 @@ export class Service {
         }
       });
       out.on('drain', () => this._wakeDrain());
-      sink = (chunks) => {
+      sink ??= (chunks) => {
         if (out.destroyed || out.writableEnded) return;
         if (chunks.length === 1) {
           out.write(chunks[0]);

@@ -264,6 +264,15 @@ const FK_PAYLOAD = keyWords('payload');
 let viewOf = null;
 let view = null;
 
+/** A DataView of `b` (the last one made is kept). */
+function viewFor(b) {
+  if (viewOf !== b) {
+    view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    viewOf = b;
+  }
+  return view;
+}
+
 function keyAt(b, p, k) {
   const words = k.words;
   let q = p;
@@ -290,10 +299,7 @@ function fixstrAt(b, p) {
  * start, so errors are reported the one way.
  */
 export function decodeCanonical(b, start, end, f) {
-  if (viewOf !== b) {
-    view = new DataView(b.buffer, b.byteOffset, b.byteLength);
-    viewOf = b;
-  }
+  viewFor(b);
   let p = start;
   const m0 = b[p];
   if (m0 < 0x82 || m0 > 0x8f) return false;
@@ -718,6 +724,24 @@ const V_TYPE = [null, bytes('\xa7request'), bytes('\xa8response'), bytes('\xa5ev
 const RESPONSE_HEAD = Buffer.concat([KB_TYPE, V_TYPE[RESPONSE], KB_ID]);
 const ERROR_HEAD = Buffer.concat([KB_TYPE, V_TYPE[ERROR], KB_ID]);
 
+/** Constant bytes as big-endian words and a tail, to write four at a time. */
+function constant(bytes) {
+  const words = [];
+  let i = 0;
+  for (; i + 4 <= bytes.length; i += 4) {
+    words.push(((bytes[i] << 24) | (bytes[i + 1] << 16) | (bytes[i + 2] << 8) | bytes[i + 3]) >>> 0);
+  }
+  return { words, tail: Array.from(bytes.subarray(i)), length: bytes.length };
+}
+// `"type": "response"` / `"type": "error"`, before the id's key.
+const C_RESPONSE = constant(Buffer.concat([KB_TYPE, V_TYPE[RESPONSE]]));
+const C_ERROR = constant(Buffer.concat([KB_TYPE, V_TYPE[ERROR]]));
+const C_ID = constant(KB_ID);
+const C_CID = constant(KB_CID);
+const C_TARGET = constant(KB_TARGET);
+const C_MORE_TRUE = constant(KB_MORE_TRUE);
+const C_PAYLOAD = constant(KB_PAYLOAD);
+
 /** Encoded length of str `s` (header included). */
 export function strLen(s) {
   const n = Buffer.byteLength(s, 'utf8');
@@ -727,16 +751,6 @@ export function strLen(s) {
 function uintLen(v) {
   if (typeof v === 'bigint') return v <= MAX_SAFE ? uintLen(Number(v)) : 9;
   return v < 0x80 ? 1 : v < 0x100 ? 2 : v < 0x10000 ? 3 : v < 0x100000000 ? 5 : 9;
-}
-
-/** Copies src[s, e) into dst at `at`. */
-function copy(dst, at, src, s, e) {
-  const n = e - s;
-  if (n <= 16) {
-    for (let i = 0; i < n; i++) dst[at + i] = src[s + i];
-  } else {
-    dst.set(src.subarray(s, e), at);
-  }
 }
 
 /** Large payloads are written as chunks of their own instead of copied. */
@@ -758,6 +772,7 @@ export class Outbox {
     this.sink = sink;
     this.max = maxFrameBytes;
     this.buf = Buffer.allocUnsafe(BLOCK);
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.pos = 0;
     this.start = 0;
     this.chunks = [];
@@ -768,9 +783,44 @@ export class Outbox {
   room(n) {
     if (this.pos + n <= this.buf.length) return;
     if (this.pos > this.start) this.chunks.push(this.buf.subarray(this.start, this.pos));
-    this.buf = Buffer.allocUnsafe(Math.max(BLOCK, n));
+    this.newBlock(Math.max(BLOCK, n));
+  }
+
+  newBlock(size) {
+    this.buf = Buffer.allocUnsafe(size);
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.pos = 0;
     this.start = 0;
+  }
+
+  /** Appends src[s, e), four bytes at a time. */
+  bytes(src, s, e) {
+    const n = e - s;
+    if (n > 256) {
+      this.buf.set(new Uint8Array(src.buffer, src.byteOffset + s, n), this.pos);
+      this.pos += n;
+      return;
+    }
+    const dv = this.dv;
+    const sv = viewFor(src);
+    let at = this.pos;
+    let i = s;
+    for (; i + 4 <= e; i += 4, at += 4) dv.setUint32(at, sv.getUint32(i));
+    const b = this.buf;
+    for (; i < e; i++) b[at++] = src[i];
+    this.pos = at;
+  }
+
+  /** Appends a constant made by `constant()`. */
+  put(c) {
+    const dv = this.dv;
+    const words = c.words;
+    let at = this.pos;
+    for (let i = 0; i < words.length; i++, at += 4) dv.setUint32(at, words[i]);
+    const tail = c.tail;
+    const b = this.buf;
+    for (let i = 0; i < tail.length; i++) b[at++] = tail[i];
+    this.pos = at;
   }
 
   /** Appends a payload pb[ps, pe) (after its key): copied, or a chunk of its own if large. */
@@ -781,8 +831,7 @@ export class Outbox {
       this.start = this.pos;
       this.chunks.push(ps === 0 && pe === pb.length ? pb : pb.subarray(ps, pe));
     } else {
-      copy(this.buf, this.pos, pb, ps, pe);
-      this.pos += n;
+      this.bytes(pb, ps, pe);
     }
   }
 
@@ -796,8 +845,11 @@ export class Outbox {
   }
 
   raw(k) {
-    copy(this.buf, this.pos, k, 0, k.length);
-    this.pos += k.length;
+    const n = k.length;
+    const b = this.buf;
+    const at = this.pos;
+    for (let i = 0; i < n; i++) b[at + i] = k[i];
+    this.pos = at + n;
   }
 
   mapHead(n) {
@@ -884,7 +936,7 @@ export class Outbox {
    */
   reply(rb, idH, idE, cidH, cidE, srcH, srcE, more, pb, ps, pe, code, message) {
     const isError = typeof code === 'string';
-    const headLen = isError ? ERROR_HEAD.length : RESPONSE_HEAD.length;
+    const headLen = isError ? ERROR_HEAD.length : RESPONSE_HEAD.length; // type and the id's key
     let entries = 3;
     let len = 1 + headLen + (idE - idH) + KB_CID.length + (cidE - cidH);
     if (srcH >= 0) {
@@ -908,18 +960,21 @@ export class Outbox {
     this.room(4 + len - (plen >= SEPARATE ? plen : 0));
     this.len32(len);
     this.mapHead(entries);
-    this.raw(isError ? ERROR_HEAD : RESPONSE_HEAD);
-    copy(this.buf, this.pos, rb, idH, idE);
-    this.pos += idE - idH;
-    this.raw(KB_CID);
-    copy(this.buf, this.pos, rb, cidH, cidE);
-    this.pos += cidE - cidH;
-    if (srcH >= 0) {
-      this.raw(KB_TARGET);
-      copy(this.buf, this.pos, rb, srcH, srcE);
-      this.pos += srcE - srcH;
+    this.put(isError ? C_ERROR : C_RESPONSE);
+    if (cidH === idE + 15 && idH >= 3 && rb[idH - 3] === 0xa2 && rb[idH - 2] === 0x69 && rb[idH - 1] === 0x64) {
+      // As the broker writes them: `"id": …, "correlation_id": …` in one piece.
+      this.bytes(rb, idH - 3, cidE);
+    } else {
+      this.put(C_ID);
+      this.bytes(rb, idH, idE);
+      this.put(C_CID);
+      this.bytes(rb, cidH, cidE);
     }
-    if (more) this.raw(KB_MORE_TRUE);
+    if (srcH >= 0) {
+      this.put(C_TARGET);
+      this.bytes(rb, srcH, srcE);
+    }
+    if (more) this.put(C_MORE_TRUE);
     if (isError) {
       this.raw(KB_ERROR);
       this.str(message);
@@ -927,7 +982,7 @@ export class Outbox {
       this.str(code);
     }
     if (pb !== undefined) {
-      this.raw(KB_PAYLOAD);
+      this.put(C_PAYLOAD);
       this.payload(pb, ps, pe);
     }
     this.frames++;
@@ -1028,11 +1083,7 @@ export class Outbox {
     const chunks = this.chunks;
     this.chunks = [];
     this.frames = 0;
-    if (this.buf.length - this.pos < 512) {
-      this.buf = Buffer.allocUnsafe(BLOCK);
-      this.pos = 0;
-      this.start = 0;
-    }
+    if (this.buf.length - this.pos < 512) this.newBlock(BLOCK);
     this.sink(chunks);
   }
 }

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { SDK, SUBJECT, brokerBin, sleep } from './helpers.mjs';
+import { SDK, SUBJECT, brokerBin, brokerEnv, sleep } from './helpers.mjs';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pb-node-broker-'));
 const resultsFile = path.join(dir, 'results.json');
@@ -24,6 +24,9 @@ before(async () => {
   const config = path.join(dir, 'procbroker.toml');
   const q = (s) => JSON.stringify(s);
   fs.writeFileSync(config, `
+[broker]
+queue_capacity = 6000
+
 [admin]
 listen = ""
 
@@ -47,7 +50,7 @@ command = ${q(process.execPath)}
 args = [${q(path.join(SDK, 'test', 'fixtures', 'broker-client.mjs'))}]
 env = { RESULTS = ${q(resultsFile)} }
 `);
-  broker = spawn(bin, ['run', '--config', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+  broker = spawn(bin, ['run', '--config', config], { stdio: ['ignore', 'ignore', 'pipe'], env: brokerEnv() });
   broker.stderr.setEncoding('utf8');
   broker.stderr.on('data', (s) => {
     stderr += s;

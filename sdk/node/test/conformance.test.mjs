@@ -6,11 +6,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 
-import { SUBJECT, brokerBin } from './helpers.mjs';
+import { SUBJECT, brokerBin, brokerEnv } from './helpers.mjs';
 
 test('procbroker conformance passes the Node subject', { timeout: 180_000 }, async () => {
   const bin = brokerBin();
-  const kit = spawn(bin, ['conformance', '--', process.execPath, SUBJECT], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const kit = spawn(bin, ['conformance', '--', process.execPath, SUBJECT], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: brokerEnv(),
+  });
   let out = '';
   kit.stdout.setEncoding('utf8');
   kit.stderr.setEncoding('utf8');

@@ -274,6 +274,17 @@ export function sleep(ms) {
 }
 
 /**
+ * The environment for the broker: this one without PROCBROKER_BIN (the
+ * broker reads every PROCBROKER_* variable as a setting and refuses one it
+ * does not know).
+ */
+export function brokerEnv() {
+  const env = { ...process.env };
+  delete env.PROCBROKER_BIN;
+  return env;
+}
+
+/**
  * The broker binary: $PROCBROKER_BIN, else the repository's release or
  * debug build. Throws (a failure, never a skip) when there is none.
  */
