@@ -26,6 +26,9 @@ export const STREAM_BUFFER = 1000;
 const EOF_GRACE_MS = 100;
 /** At exit, how long stdout may take to accept the last frames. */
 const FLUSH_LIMIT_MS = 500;
+/** Stdin is read into blocks of this size, at most READ_SIZE at a time. */
+const READ_BLOCK = 256 * 1024;
+const READ_SIZE = 64 * 1024;
 /** Bytes queued for stdout past which a streaming handler waits. */
 const HIGH_WATER = 1 << 20;
 /** Longest routing key, in UTF-8 bytes. */
@@ -505,17 +508,58 @@ export class Service {
     }
     this._out = new Outbox(sink, this._max);
     this._reader = new FrameReader(this._max, (b, s, e) => this._onFrame(b, s, e));
-    const input = this._input ?? process.stdin;
-    this._input = input;
     this._onData = (chunk) => this._data(chunk);
     this._onEnd = () => this._eof();
     this._onError = (err) => {
       this._log(`stdin failed: ${err.message}`);
       this._eof();
     };
-    input.on('data', this._onData);
+    let input = this._input;
+    if (input === null) input = this._stdinPipe();
+    if (input === null) {
+      input = process.stdin;
+      input.on('data', this._onData);
+    }
+    this._input = input;
     input.on('end', this._onEnd);
     input.on('error', this._onError);
+  }
+
+  /**
+   * Stdin as a socket that reads into blocks of our own, when it is a pipe:
+   * each read lands after the previous one in a block (no allocation per
+   * read, no stream machinery per chunk), and what a frame holds on to is
+   * never written again. Null when stdin is not a pipe.
+   */
+  _stdinPipe() {
+    let stat;
+    try {
+      stat = fs.fstatSync(0);
+    } catch {
+      return null;
+    }
+    if (!stat.isFIFO() && !stat.isSocket()) return null;
+    let block = Buffer.allocUnsafe(READ_BLOCK);
+    let used = 0;
+    const next = () => {
+      if (READ_BLOCK - used < READ_SIZE) {
+        block = Buffer.allocUnsafe(READ_BLOCK);
+        used = 0;
+      }
+      return block.subarray(used, used + READ_SIZE);
+    };
+    return new net.Socket({
+      fd: 0,
+      readable: true,
+      writable: false,
+      onread: {
+        buffer: next,
+        callback: (nread, buf) => {
+          used += nread;
+          this._data(buf.subarray(0, nread));
+        },
+      },
+    });
   }
 
   _data(chunk) {
@@ -951,7 +995,7 @@ export class Service {
     input.removeListener('data', this._onData);
     input.removeListener('end', this._onEnd);
     if (typeof input.pause === 'function') input.pause();
-    if (input === process.stdin && typeof input.destroy === 'function') input.destroy();
+    if (this._stdio && typeof input.destroy === 'function') input.destroy();
     this._out.flush();
     const done = () => {
       if (this._state === CLOSED) return;
