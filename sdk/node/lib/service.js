@@ -26,6 +26,8 @@ export const STREAM_BUFFER = 1000;
 const EOF_GRACE_MS = 100;
 /** At exit, how long stdout may take to accept the last frames. */
 const FLUSH_LIMIT_MS = 500;
+/** Marks the stdin socket that reads into our own blocks. */
+const OWN_READS = Symbol('own reads');
 /** Stdin is read into blocks of this size, at most READ_SIZE at a time. */
 const READ_BLOCK = 256 * 1024;
 const READ_SIZE = 64 * 1024;
@@ -516,10 +518,9 @@ export class Service {
     };
     let input = this._input;
     if (input === null) input = this._stdinPipe();
-    if (input === null) {
-      input = process.stdin;
-      input.on('data', this._onData);
-    }
+    if (input === null) input = process.stdin;
+    // A pipe read into our own blocks calls _data itself; anything else is a stream.
+    if (!input[OWN_READS]) input.on('data', this._onData);
     this._input = input;
     input.on('end', this._onEnd);
     input.on('error', this._onError);
@@ -548,7 +549,7 @@ export class Service {
       }
       return block.subarray(used, used + READ_SIZE);
     };
-    return new net.Socket({
+    const socket = new net.Socket({
       fd: 0,
       readable: true,
       writable: false,
@@ -560,6 +561,8 @@ export class Service {
         },
       },
     });
+    socket[OWN_READS] = true;
+    return socket;
   }
 
   _data(chunk) {

@@ -320,11 +320,19 @@ test('main runs once ready, and serving goes on after it returns', async () => {
     assert.equal(s, svc);
     mainRan = true;
   });
-  await sleep(20);
+  const until = async (cond) => {
+    for (let waited = 0; !cond() && waited < 2000; waited += 5) await sleep(5);
+  };
+  await until(() => mainRan);
   assert.ok(mainRan);
   input.write(frame(Buffer.from(encode({ type: 'request', id: 'Echo', correlation_id: 1, source: 'c.0', payload: 3 }))));
-  await sleep(20);
-  const [bodies] = splitFrames(output.read());
+  let out = Buffer.alloc(0);
+  await until(() => {
+    const chunk = output.read();
+    if (chunk !== null) out = Buffer.concat([out, chunk]);
+    return splitFrames(out)[0].length >= 2;
+  });
+  const [bodies] = splitFrames(out);
   assert.deepEqual(bodies.map((b) => decodeEnvelope(b).id), ['ready', 'Echo']);
   input.end();
   assert.equal(await running, 0);
