@@ -2,7 +2,9 @@
 // Worker CPU per call: pipes N `Echo` requests, `inflight` at a time, into
 // each worker command given (the driver plays the broker) and reads the
 // worker's CPU time from /proc (every thread's, from its `ready` to its
-// last reply), in one run so the numbers compare.
+// last reply; what it used before `ready` is shown apart), in one run so
+// the numbers compare. --rounds alternates the workers that many times and
+// prints the median ratio to the first.
 //
 //   node bench/echo-cpu.mjs [--calls 50000] [--inflight 64] [--payload 64] \
 //     --worker 'procbroker worker echo' --worker 'node conformance/subject.mjs'
@@ -150,7 +152,7 @@ async function measure(command) {
   const cpu = cpuNs(child.pid) - cpuAtReady;
   stdin.end();
   await new Promise((r) => child.on('exit', r));
-  return { command, calls, cpuPerCallUs: cpu / calls / 1000, callsPerS: calls / (elapsed / 1000) };
+  return { command, calls, cpuPerCallUs: cpu / calls / 1000, callsPerS: calls / (elapsed / 1000), startupMs: cpuAtReady / 1e6 };
 }
 
 const results = [];
@@ -158,7 +160,7 @@ for (let r = 0; r < rounds; r++) {
   for (const w of workers) results.push(await measure(w));
 }
 for (const r of results) {
-  console.log(`${r.cpuPerCallUs.toFixed(2)} µs CPU/call  ${Math.round(r.callsPerS)} calls/s  ${r.command}`);
+  console.log(`${r.cpuPerCallUs.toFixed(2)} µs CPU/call  ${Math.round(r.callsPerS)} calls/s  (${r.startupMs.toFixed(0)} ms CPU before ready)  ${r.command}`);
 }
 if (workers.length > 1) {
   const by = new Map();
