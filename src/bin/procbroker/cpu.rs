@@ -87,6 +87,17 @@ pub struct CpuPerCall {
 }
 
 impl CpuPerCall {
+    /// Each figure times `factor` (CPU per call into CPU per frame, or per
+    /// partial reply).
+    pub fn scaled(&self, factor: f64) -> Self {
+        let by = |v: Option<f64>| v.map(|v| v * factor);
+        Self {
+            broker: by(self.broker),
+            client: by(self.client),
+            workers: by(self.workers),
+        }
+    }
+
     /// Every role together.
     pub fn total(&self) -> f64 {
         [self.broker, self.client, self.workers]
