@@ -36,6 +36,11 @@ use crate::interrupt::Interrupt;
 /// pipelined relay).
 const RELAY_IN_FLIGHT: u64 = 64;
 
+/// Rounds of the keyed plan: round-robin and keyed calls take turns, so
+/// that the machine's drift over a run (other tenants, clock speed) falls on
+/// both alike.
+const KEYED_ROUNDS: u64 = 5;
+
 /// How long the cancel bench waits, after its last call ended, for the
 /// worker to have seen every cancel.
 const CANCELS_SETTLE: Duration = Duration::from_secs(3);
@@ -190,21 +195,31 @@ impl Plan {
                     }),
                 },
             ],
-            Self::Keyed { keys } => vec![
-                Phase {
-                    label: "round-robin".into(),
-                    service: "echo".into(),
-                    call: Call::Run(plain("echo")),
-                },
-                Phase {
-                    label: format!("keyed, {keys} keys"),
-                    service: "echo".into(),
-                    call: Call::Keyed(KeyedSpec {
-                        run: plain("echo"),
-                        keys: *keys,
-                    }),
-                },
-            ],
+            Self::Keyed { keys } => (0..KEYED_ROUNDS)
+                .filter_map(|round| {
+                    // The calls shared out among the rounds.
+                    let calls = args.requests / KEYED_ROUNDS
+                        + u64::from(round < args.requests % KEYED_ROUNDS);
+                    (calls > 0).then(|| run("echo", "Echo", calls, args.concurrency))
+                })
+                .flat_map(|spec| {
+                    [
+                        Phase {
+                            label: "round-robin".into(),
+                            service: "echo".into(),
+                            call: Call::Run(spec.clone()),
+                        },
+                        Phase {
+                            label: format!("keyed, {keys} keys"),
+                            service: "echo".into(),
+                            call: Call::Keyed(KeyedSpec {
+                                run: spec,
+                                keys: *keys,
+                            }),
+                        },
+                    ]
+                })
+                .collect(),
             Self::Workers { commands } => std::iter::once(Phase {
                 label: "built-in Rust echo".into(),
                 service: "echo".into(),
@@ -298,6 +313,8 @@ impl Call {
 /// What a phase measured.
 struct Measured {
     label: String,
+    /// Calls asked.
+    calls: u64,
     report: RunReport,
     /// Partial replies received (streams only).
     partials: Option<u64>,
@@ -375,9 +392,13 @@ pub(crate) fn bench(
     let broker_cpus = cpu_list(&cpus_of(0)?);
     let started = Instant::now();
     let phases = plan.phases(args);
-    let labels: Vec<String> = phases.iter().map(|p| p.label.clone()).collect();
+    let stream = match plan {
+        Plan::Stream { partials } => Some(partials),
+        _ => None,
+    };
     let outcome = crate::run::block_on_task(run(
         args.clone(),
+        stream,
         plan.services(&exe.display().to_string(), args.workers),
         phases,
         exe,
@@ -398,7 +419,7 @@ pub(crate) fn bench(
             std::process::exit(128 + signal as i32);
         }
     };
-    let mut phases = phases;
+    let mut phases = merged(phases);
     if let Some(times) = &cancels
         && let Some(timeouts) = phases.first_mut()
     {
@@ -418,11 +439,61 @@ pub(crate) fn bench(
     }
     let named: Vec<(String, &RunReport)> = phases
         .iter()
-        .zip(&labels)
-        .map(|(m, label)| (format!("of the run \"{label}\""), &m.report))
+        .map(|m| (format!("of the run \"{}\"", m.label), &m.report))
         .collect();
     let runs: Vec<(&str, &RunReport)> = named.iter().map(|(n, r)| (n.as_str(), *r)).collect();
     failed_runs(&runs)
+}
+
+/// The phases with one label (the rounds of the keyed plan) as one: calls,
+/// errors and times added up, CPU per call and latency quantiles averaged
+/// weighted by calls. In the order each label first came.
+fn merged(phases: Vec<Measured>) -> Vec<Measured> {
+    let mut out: Vec<Measured> = Vec::new();
+    for m in phases {
+        let Some(into) = out.iter_mut().find(|o| o.label == m.label) else {
+            out.push(m);
+            continue;
+        };
+        let (a, b) = (into.calls as f64, m.calls as f64);
+        let mean = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => Some((x * a + y * b) / (a + b).max(1.0)),
+            _ => None,
+        };
+        into.cpu = CpuPerCall {
+            broker: mean(into.cpu.broker, m.cpu.broker),
+            client: mean(into.cpu.client, m.cpu.client),
+            workers: mean(into.cpu.workers, m.cpu.workers),
+        };
+        let (r, s) = (&mut into.report, m.report);
+        let (ok_a, ok_b) = (r.ok as f64, s.ok as f64);
+        let q = |x: u64, y: u64| {
+            ((x as f64 * ok_a + y as f64 * ok_b) / (ok_a + ok_b).max(1.0)).round() as u64
+        };
+        let (l, k) = (r.latency_ns, s.latency_ns);
+        r.latency_ns = Quantiles {
+            p50: q(l.p50, k.p50),
+            p90: q(l.p90, k.p90),
+            p99: q(l.p99, k.p99),
+            p999: q(l.p999, k.p999),
+            max: l.max.max(k.max),
+        };
+        r.ok += s.ok;
+        r.errors += s.errors;
+        r.elapsed_ns += s.elapsed_ns;
+        for c in s.error_codes {
+            match r.error_codes.iter_mut().find(|e| e.code == c.code) {
+                Some(e) => e.count += c.count,
+                None => r.error_codes.push(c),
+            }
+        }
+        into.partials = match (into.partials, m.partials) {
+            (Some(x), Some(y)) => Some(x + y),
+            (x, y) => x.or(y),
+        };
+        into.calls += m.calls;
+    }
+    out
 }
 
 /// Each call whose cancel the worker did not see, or saw with another
@@ -461,6 +532,7 @@ fn check_cancels(report: &mut RunReport, times: &CancelTimes) {
 /// other, and stops everything; stops at once on SIGINT or SIGTERM.
 async fn run(
     args: BenchArgs,
+    stream: Option<u64>,
     services: Vec<(String, ServiceConfig, String)>,
     phases: Vec<Phase>,
     exe: PathBuf,
@@ -474,10 +546,19 @@ async fn run(
         kill_timeout: Duration::from_millis(400),
         ..procbroker::config::BrokerConfig::default()
     };
+    // Room for every partial reply in flight: the broker cuts a stream
+    // (`busy`) whose caller has `queue_capacity` frames waiting, and a
+    // client that reads more slowly than its worker writes builds such a
+    // backlog however fast it reads. The bench measures the rate, not the
+    // cut.
+    let in_flight = match stream {
+        Some(partials) => args.concurrency.saturating_mul(partials.saturating_add(1)),
+        None => args.concurrency,
+    };
     let broker = ProcBroker::builder()
         .config(config)
         .sysmon_interval(None)
-        .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX))
+        .queue_capacity(usize::try_from(in_flight.max(1000)).unwrap_or(usize::MAX))
         .start();
     let total: u64 = phases
         .iter()
@@ -547,6 +628,7 @@ async fn run(
             };
             measured.push(Measured {
                 label: phase.label,
+                calls: phase.call.calls(),
                 report,
                 partials,
                 cpu: meter.stop(phase.call.calls()),
