@@ -1002,3 +1002,340 @@ fn bench_raw_baseline_with_more_in_flight_than_the_pipes_hold_completes() {
         support::assert_baseline_measured(&v);
     }
 }
+
+/// `procbroker bench ARGS`, stopped (with its children) if it has not
+/// ended within 120 s: its exit status, stdout and stderr.
+fn bench_bounded(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
+        .arg("bench")
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            for pid in children_of(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench {args:?} did not end within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A bench `--json` that succeeded: its object.
+fn bench_ok(args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = bench_bounded(args);
+    assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).expect("one JSON object")
+}
+
+/// The fields every `--json` has, plus `extra`.
+fn assert_keys(v: &serde_json::Value, extra: &[&str]) {
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    let mut want = vec![
+        "baseline",
+        "concurrency",
+        "cpu_us_per_call",
+        "cpus",
+        "elapsed_s",
+        "error_codes",
+        "errors",
+        "latency_us",
+        "mode",
+        "payload_bytes",
+        "pin",
+        "placement",
+        "ratio_p50",
+        "requests",
+        "throughput_rps",
+        "worker",
+        "workers",
+    ];
+    want.extend_from_slice(extra);
+    want.sort_unstable();
+    assert_eq!(keys, want, "{v}");
+    assert!(v["baseline"].is_null() && v["ratio_p50"].is_null(), "{v}");
+}
+
+#[test]
+fn bench_stream_counts_every_partial_reply_against_the_relay_of_the_same_run() {
+    let v = bench_ok(&[
+        "--mode",
+        "relay",
+        "--stream",
+        "50",
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--json",
+    ]);
+    assert_keys(
+        &v,
+        &[
+            "stream",
+            "partials",
+            "partials_per_s",
+            "cpu_us_per_partial",
+            "relay",
+            "ratio_partials_to_relay_frames",
+        ],
+    );
+    assert_eq!(
+        (
+            v["worker"].as_str(),
+            v["stream"].as_u64(),
+            v["requests"].as_u64(),
+            v["partials"].as_u64(),
+            v["errors"].as_u64()
+        ),
+        (Some("bench-worker"), Some(50), Some(4), Some(200), Some(0)),
+        "{v}"
+    );
+    // The relay of the same run: 64 in flight, as many frames (2 a call).
+    let relay = &v["relay"];
+    assert_eq!(
+        (
+            relay["concurrency"].as_u64(),
+            relay["requests"].as_u64(),
+            relay["errors"].as_u64()
+        ),
+        (Some(64), Some(100), Some(0)),
+        "{v}"
+    );
+    let frames = relay["frames_per_s"].as_f64().expect("frames/s");
+    let partials = v["partials_per_s"].as_f64().expect("partials/s");
+    let ratio = v["ratio_partials_to_relay_frames"].as_f64().expect("ratio");
+    assert!(frames > 0.0 && partials > 0.0, "{v}");
+    assert!(
+        (ratio - partials / frames).abs() < 1e-6 * ratio.max(1.0),
+        "{v}"
+    );
+    assert_eq!(
+        support::cpu_roles(&v["cpu_us_per_partial"]),
+        [true, true, true],
+        "{v}"
+    );
+    assert_eq!(
+        support::cpu_roles(&relay["cpu_us_per_frame"]),
+        [true, true, true],
+        "{v}"
+    );
+}
+
+#[test]
+fn bench_key_spread_runs_round_robin_then_keyed_in_one_invocation() {
+    let v = bench_ok(&[
+        "--key-spread",
+        "10",
+        "--workers",
+        "2",
+        "--concurrency",
+        "4",
+        "--requests",
+        "300",
+        "--json",
+    ]);
+    assert_keys(&v, &["key_spread", "keyed", "ratio_broker_cpu_keyed"]);
+    assert_eq!(
+        (
+            v["key_spread"].as_u64(),
+            v["requests"].as_u64(),
+            v["errors"].as_u64(),
+            v["keyed"]["requests"].as_u64(),
+            v["keyed"]["errors"].as_u64()
+        ),
+        (Some(10), Some(300), Some(0), Some(300), Some(0)),
+        "{v}"
+    );
+    for run in [&v, &v["keyed"]] {
+        assert_eq!(
+            support::cpu_roles(&run["cpu_us_per_call"]),
+            [true, true, true],
+            "{v}"
+        );
+        assert!(
+            run["latency_us"]["p50"].as_f64().is_some_and(|p| p > 0.0),
+            "{v}"
+        );
+    }
+    // A number, or null when the round-robin run's broker used no
+    // measurable CPU (the clock counts in ticks).
+    assert!(
+        v["ratio_broker_cpu_keyed"].is_number() || v["ratio_broker_cpu_keyed"].is_null(),
+        "{v}"
+    );
+}
+
+#[test]
+fn bench_cancel_times_every_cancel_from_the_callers_deadline() {
+    let v = bench_ok(&[
+        "--mode",
+        "cancel",
+        "--requests",
+        "20",
+        "--concurrency",
+        "4",
+        "--timeout-ms",
+        "2",
+        "--json",
+    ]);
+    assert_keys(&v, &["timeout_ms", "cancels", "cancel_latency_us"]);
+    assert_eq!(
+        (
+            v["mode"].as_str(),
+            v["timeout_ms"].as_u64(),
+            v["errors"].as_u64(),
+            v["cancels"]["count"].as_u64(),
+            v["cancels"]["other_reasons"].as_u64()
+        ),
+        (Some("cancel"), Some(2), Some(0), Some(20), Some(0)),
+        "{v}"
+    );
+    let q = &v["cancel_latency_us"];
+    let (p50, max) = (
+        q["p50"].as_f64().expect("p50"),
+        q["max"].as_f64().expect("max"),
+    );
+    assert!(0.0 <= p50 && p50 <= max, "{v}");
+    // The caller's latency is until its `timeout` reply: past its deadline.
+    assert!(
+        v["latency_us"]["p50"].as_f64().is_some_and(|p| p >= 2000.0),
+        "{v}"
+    );
+
+    let (code, stdout, stderr) =
+        bench_bounded(&["--mode", "cancel", "--requests", "5", "--timeout-ms", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("cancels seen by the worker: 5 (0 with another reason")
+            && stdout.contains("cancel latency, from the caller's deadline"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_worker_cmd_runs_any_program_beside_the_rust_echo() {
+    let rust = format!("{} worker conformance", env!("CARGO_BIN_EXE_procbroker"));
+    let python = format!(
+        "{} '{}/examples/python/echo_worker.py'",
+        support::python(),
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v = bench_ok(&[
+        "--worker-cmd",
+        &rust,
+        "--worker-cmd",
+        &python,
+        "--concurrency",
+        "4",
+        "--requests",
+        "300",
+        "--json",
+    ]);
+    assert_keys(&v, &["worker_cmds"]);
+    assert_eq!(v["worker"], "echo", "{v}");
+    let cmds = v["worker_cmds"].as_array().expect("array");
+    assert_eq!(cmds.len(), 2, "{v}");
+    for (cmd, command) in cmds.iter().zip([&rust, &python]) {
+        assert_eq!(cmd["command"].as_str(), Some(command.as_str()), "{v}");
+        assert_eq!(
+            (cmd["requests"].as_u64(), cmd["errors"].as_u64()),
+            (Some(300), Some(0)),
+            "{v}"
+        );
+        assert_eq!(
+            support::cpu_roles(&cmd["cpu_us_per_call"]),
+            [true, true, true],
+            "{v}"
+        );
+        assert!(
+            cmd["ratio_throughput"].as_f64().is_some_and(|r| r > 0.0),
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn bench_lifecycle_runs_that_fail_say_why_and_exit_non_zero() {
+    let too_large = ["--payload-bytes", "20000000", "--requests", "2"];
+    for (flags, why) in [
+        (&["--stream", "2"][..], "of the run \"streams\" failed"),
+        (
+            &["--key-spread", "3"][..],
+            "of the run \"keyed, 3 keys\" failed",
+        ),
+        (&["--mode", "cancel"][..], "of the run \"timeouts\" failed"),
+    ] {
+        let args: Vec<&str> = flags.iter().chain(&too_large).copied().collect();
+        let (code, _, stderr) = bench_bounded(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(why) && stderr.contains("too_large"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A program that does the handshake but has no `Echo`.
+    let no_echo = format!("{} worker bench-worker", env!("CARGO_BIN_EXE_procbroker"));
+    let (code, stdout, stderr) =
+        bench_bounded(&["--worker-cmd", &no_echo, "--requests", "3", "--json"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("3 × unknown_method"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(v["worker_cmds"][0]["errors"], 3, "{v}");
+    // A program that cannot run, one that exits before it is ready: named,
+    // at once.
+    for (command, why) in [
+        ("/nonexistent/worker --flag", "cannot run"),
+        ("false", "did not become ready"),
+    ] {
+        let (code, _, stderr) = bench_bounded(&["--worker-cmd", command]);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("--worker-cmd {command:?}")) && stderr.contains(why),
+            "{stderr}"
+        );
+    }
+    // Combinations that mean nothing.
+    for (args, why) in [
+        (
+            &["--stream", "5", "--key-spread", "3"][..],
+            "give one of them",
+        ),
+        (
+            &["--stream", "5", "--baseline"][..],
+            "--baseline does not apply",
+        ),
+        (
+            &["--mode", "direct", "--key-spread", "3"][..],
+            "needs --mode relay",
+        ),
+        (&["--stream", "0"][..], "--stream must be at least 1"),
+        (&["--worker-cmd", "a 'b"][..], "unbalanced quotes"),
+    ] {
+        let (code, _, stderr) = bench_bounded(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+}

@@ -11,11 +11,14 @@
 //!   actors, no MessagePack.
 //! - `nats` (with the `cluster` feature): the raw limit of the cluster
 //!   topology, plain NATS request/reply between two processes.
+//! - [`worker`]: the benchmark worker of the request lifecycle: streams of
+//!   partial replies, and requests held until their `cancel` comes (timed).
 
 pub mod client;
 #[cfg(feature = "cluster")]
 pub mod nats;
 pub mod raw;
+pub mod worker;
 
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -38,6 +41,57 @@ pub struct RunSpec {
     pub concurrency: u64,
     /// Payload size (a binary string of this many bytes).
     pub payload_bytes: u64,
+}
+
+/// A run of keyed calls: call `i` carries the key `key-{i mod keys}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedSpec {
+    /// The calls.
+    pub run: RunSpec,
+    /// How many distinct keys the calls carry (at least 1).
+    pub keys: u64,
+}
+
+/// A run of streaming calls: each asks `partials` partial replies of
+/// `run.payload_bytes` (the [`worker`]'s `Repeat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSpec {
+    /// The calls (each one stream).
+    pub run: RunSpec,
+    /// Partial replies asked of each call.
+    pub partials: u64,
+}
+
+/// How a run of streaming calls went: a call is one stream, answered when
+/// its final reply came after all its partial replies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReport {
+    /// The streams.
+    pub run: RunReport,
+    /// Partial replies received, over all streams.
+    pub partials: u64,
+}
+
+/// A run of calls meant to time out: each has a deadline of `timeout_ms`
+/// and goes to the [`worker`]'s `Hold`, which waits for its `cancel`. A call
+/// "succeeds" when its reply is the broker's `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutSpec {
+    /// The calls.
+    pub run: RunSpec,
+    /// Each call's deadline, in milliseconds (at least 1).
+    pub timeout_ms: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the
+/// machine, so a time taken in one process compares with one taken in
+/// another (the cancel benchmark's caller and worker).
+pub fn monotonic_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
+        u64::try_from(ns).unwrap_or(0)
+    })
 }
 
 /// How a run went, as the client measured it.

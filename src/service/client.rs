@@ -114,6 +114,9 @@ struct Inner {
     /// to drain (`watching_writes`).
     written: Rc<Notify>,
     watching_writes: Cell<bool>,
+    /// A partial reply was queued for a streaming call since the serve loop
+    /// last looked (it then lets the stream's reader run).
+    fed_stream: Cell<bool>,
 }
 
 /// What handlers use to reach the broker: [`call`](Self::call) another
@@ -163,6 +166,7 @@ impl Client {
                 stopping: Cell::new(false),
                 written: Rc::new(Notify::new()),
                 watching_writes: Cell::new(false),
+                fed_stream: Cell::new(false),
             }),
         }
     }
@@ -441,6 +445,7 @@ impl Client {
         };
         if stream.unread() < STREAM_BUFFER {
             stream.push(Ok(reply));
+            inner.fed_stream.set(true);
             return true;
         }
         // The reader fell behind: cut the stream.
@@ -457,6 +462,12 @@ impl Client {
             let _ = inner.outbox.push(&Envelope::cancel_request(correlation_id));
         }
         false
+    }
+
+    /// Whether a partial reply was queued for a streaming call since the
+    /// last time this was asked.
+    pub(crate) fn take_fed_stream(&self) -> bool {
+        self.inner.fed_stream.replace(false)
     }
 
     /// Waits until fewer than `frames` frames are queued on stdout.

@@ -139,6 +139,13 @@ where
                 MessageType::Event => methods.event(envelope),
             }
         }
+        // Partial replies went to a streaming call's reader: let it run
+        // before the next batch. One read can bring thousands of them,
+        // and without a turn the reader would look `STREAM_BUFFER` behind
+        // and have its stream cut, however fast it reads.
+        if client.take_fed_stream() {
+            tokio::task::yield_now().await;
+        }
     };
     if result.is_ok() {
         // EOF means "exit now". Handlers still running get a moment to write
@@ -302,5 +309,98 @@ impl Drop for Entered {
         if count == 0 {
             self.running.done.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Payload;
+    use crate::service::{CallOptions, HandlerError, STREAM_BUFFER};
+    use bytes::BytesMut;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_util::codec::{Decoder, Encoder};
+
+    /// The next frame from the service, within 5 s.
+    async fn next_frame(from: &mut DuplexStream, buf: &mut BytesMut) -> Envelope {
+        loop {
+            if let Some(item) = EnvelopeCodec::default().decode(buf).expect("in sync") {
+                return item.expect("a valid envelope");
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), from.read_buf(buf))
+                .await
+                .expect("a frame within 5 s")
+                .expect("read");
+            assert!(read > 0, "the service's stdout closed");
+        }
+    }
+
+    #[test]
+    fn a_stream_read_as_fast_as_it_comes_is_not_cut_however_many_partials_one_read_brings() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let (mut to_service, stdin) = tokio::io::duplex(1 << 24);
+            let (stdout, mut from_service) = tokio::io::duplex(1 << 24);
+            // `Pull n`: a streaming call to `counter`, counting its
+            // partial replies as they come (a reader that keeps up).
+            let service = tokio::task::spawn_local(serve(stdin, stdout, "c.0".into(), |client| {
+                Methods::new().method("Pull", move |n: u64| {
+                    let client = client.clone();
+                    async move {
+                        let mut replies =
+                            client.call_stream("counter", "Count", &n, CallOptions::new());
+                        let mut partials = 0u64;
+                        while let Some(reply) = replies.next().await {
+                            match reply {
+                                Ok(reply) if reply.is_partial() => partials += 1,
+                                Ok(_) => return Ok(partials),
+                                Err(e) => return Err(HandlerError::new(e.to_string())),
+                            }
+                        }
+                        Err(HandlerError::new("the stream ended without a final reply"))
+                    }
+                })
+            }));
+            let mut buf = BytesMut::new();
+            let ready = next_frame(&mut from_service, &mut buf).await;
+            assert_eq!(&*ready.id, "ready");
+            let n = 5 * STREAM_BUFFER as u64;
+            let pull = Envelope::request("c.0", "Pull", 7)
+                .with_source("broker")
+                .with_payload(&n)
+                .expect("payload");
+            let mut frames = BytesMut::new();
+            let mut codec = EnvelopeCodec::default();
+            codec.encode(&pull, &mut frames).expect("encode");
+            to_service.write_all(&frames).await.expect("write");
+            let call = next_frame(&mut from_service, &mut buf).await;
+            assert!(call.stream, "{call:?}");
+            // Every partial reply and the final one in one write: the
+            // service finds them all in its pipe at once.
+            frames.clear();
+            let part = Payload::encode(&0u8).expect("int");
+            for _ in 0..n {
+                let partial = call
+                    .partial_response(Some(part.clone()))
+                    .with_source("counter.0");
+                codec.encode(&partial, &mut frames).expect("encode");
+            }
+            let last = call.response(None).with_source("counter.0");
+            codec.encode(&last, &mut frames).expect("encode");
+            to_service.write_all(&frames).await.expect("write");
+            let reply = next_frame(&mut from_service, &mut buf).await;
+            assert_eq!(reply.correlation_id, 7);
+            assert_eq!(
+                (reply.kind, reply.payload_as::<u64>().ok()),
+                (MessageType::Response, Some(n)),
+                "{reply:?}"
+            );
+            drop(to_service);
+            let _ = service.await;
+        });
     }
 }

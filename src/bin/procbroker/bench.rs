@@ -30,6 +30,10 @@ pub enum Mode {
     /// B, and back (needs `--nats-url`). Both brokers are
     /// started by the bench: A is this process, B a `procbroker run`.
     Cluster,
+    /// Cancel latency: a client subprocess makes calls with a deadline of
+    /// `--timeout-ms` to a worker that holds each until the broker cancels
+    /// it; the worker times each cancel from the caller's deadline.
+    Cancel,
 }
 
 /// The echo service's workers.
@@ -90,6 +94,27 @@ pub struct BenchArgs {
     /// The NATS server of `--mode cluster` (e.g. nats://127.0.0.1:4222).
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// Relay mode: each call asks a worker for N partial replies of
+    /// `--payload-bytes` (a stream); the same invocation also runs the
+    /// pipelined relay (64 in flight, as many frames) and prints partial
+    /// replies per second against its frames per second.
+    #[arg(long, value_name = "N")]
+    pub stream: Option<u64>,
+    /// Relay mode: runs the calls twice in one invocation, round-robin and
+    /// then each carrying one of K keys (keyed routing), and prints the
+    /// CPU per call of both.
+    #[arg(long, value_name = "K")]
+    pub key_spread: Option<u64>,
+    /// Cancel mode: each call's deadline, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_ms: u64,
+    /// Relay mode: serve the calls with this program (a command line,
+    /// split as a shell would, not run by one) as the echo workers: it must
+    /// do the `ready` handshake and answer `Echo` with the payload. The
+    /// same invocation runs the built-in Rust echo first; each program's
+    /// row follows, with its workers' CPU per call. Repeatable.
+    #[arg(long = "worker-cmd", value_name = "CMD")]
+    pub worker_cmd: Vec<String>,
 }
 
 fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
@@ -103,7 +128,7 @@ fn set_cpus(pid: u32, cpus: &[usize]) -> Result<()> {
 }
 
 /// The CPUs a process may run on, as the kernel says (`0` = this one).
-fn cpus_of(pid: u32) -> Result<Vec<usize>> {
+pub(crate) fn cpus_of(pid: u32) -> Result<Vec<usize>> {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
     let set = nix::sched::sched_getaffinity(pid).context("reading a CPU affinity")?;
     Ok((0..nix::sched::CpuSet::count())
@@ -111,7 +136,7 @@ fn cpus_of(pid: u32) -> Result<Vec<usize>> {
         .collect())
 }
 
-fn cpu_list(cpus: &[usize]) -> String {
+pub(crate) fn cpu_list(cpus: &[usize]) -> String {
     cpus.iter()
         .map(usize::to_string)
         .collect::<Vec<_>>()
@@ -121,14 +146,14 @@ fn cpu_list(cpus: &[usize]) -> String {
 /// Where the broker and its children go, decided from the CPUs this process
 /// may use **before** it pins itself (after, it would see only its own CPU).
 #[derive(Clone, Debug)]
-struct Placement {
-    pin: Pin,
+pub(crate) struct Placement {
+    pub(crate) pin: Pin,
     broker: Vec<usize>,
     children: Vec<usize>,
 }
 
 impl Placement {
-    fn new(pin: Pin) -> Result<Self> {
+    pub(crate) fn new(pin: Pin) -> Result<Self> {
         let allowed = cpus_of(0)?;
         let first = allowed.first().copied().unwrap_or(0);
         let (broker, children) = match pin {
@@ -145,7 +170,7 @@ impl Placement {
     }
 
     /// Pins this process (the broker).
-    fn pin_self(&self) -> Result<()> {
+    pub(crate) fn pin_self(&self) -> Result<()> {
         if self.pin != Pin::None {
             set_cpus(0, &self.broker)?;
         }
@@ -154,7 +179,7 @@ impl Placement {
 
     /// Pins children as they start; remembers the mask the kernel reports
     /// for each, for `--json`.
-    fn placer(
+    pub(crate) fn placer(
         &self,
     ) -> (
         impl Fn(u32) + use<>,
@@ -176,7 +201,7 @@ impl Placement {
         (place, seen)
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self.pin {
             Pin::Spread if self.broker != self.children => format!(
                 "broker {}, children {}",
@@ -192,7 +217,7 @@ impl Placement {
 /// Prints progress on stderr every 2 s while a long run goes on: requests
 /// answered so far (as the broker counts them), rate and time left. The task
 /// ends with the System.
-fn progress(broker: BrokerHandle, total: u64) {
+pub(crate) fn progress(broker: BrokerHandle, total: u64) {
     let started = Instant::now();
     actix::spawn(async move {
         loop {
@@ -218,6 +243,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
         bail!("--requests, --concurrency and --workers must be at least 1");
     }
+    if let Some(plan) = crate::phases::Plan::of(&args)? {
+        let interrupt = Interrupt::install().context("handling SIGINT and SIGTERM")?;
+        let placement = Placement::new(args.pin)?;
+        placement.pin_self()?;
+        return crate::phases::bench(&args, plan, placement, interrupt);
+    }
     match (args.mode, args.worker) {
         (Mode::Inproc, Worker::RpcEcho | Worker::Nvim) => {
             bail!("--worker rpc-echo and nvim are subprocesses: use --mode direct or relay")
@@ -231,6 +262,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         (Mode::Cluster, Worker::Echo) if args.nats_url.is_none() => {
             bail!("--mode cluster needs --nats-url (a running NATS server)")
         }
+        (Mode::Cancel, _) => bail!("--mode cancel is measured by a plan of its own"),
         _ => {}
     }
     // Before any thread starts, so that every thread has the signals blocked.
@@ -368,9 +400,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 /// of the calls asked for. Says why (each error code, its count and first
 /// message) in the error that sets the exit status.
 fn failed(report: &RunReport, baseline: Option<&RunReport>) -> Result<()> {
-    let mut why = Vec::new();
     let runs = std::iter::once(("through the broker", report));
-    for (name, r) in runs.chain(baseline.map(|b| ("of the baseline", b))) {
+    let runs: Vec<_> = runs
+        .chain(baseline.map(|b| ("of the baseline", b)))
+        .collect();
+    failed_runs(&runs)
+}
+
+/// [`failed`] for any runs, each named as in "3 of 10 calls {name} failed".
+pub(crate) fn failed_runs(runs: &[(&str, &RunReport)]) -> Result<()> {
+    let mut why = Vec::new();
+    for &(name, r) in runs {
         if r.errors > 0 {
             let codes: Vec<String> = r
                 .error_codes
@@ -409,7 +449,7 @@ enum Outcome {
 
 /// What an interrupted run had measured.
 #[derive(Default)]
-struct SoFar {
+pub(crate) struct SoFar {
     /// The procbroker run, if it had finished (the baseline was running).
     report: Option<RunReport>,
     /// Requests to `echo` answered through the broker, and their latency
@@ -419,7 +459,12 @@ struct SoFar {
 }
 
 /// Prints what an interrupted run measured (stdout, as a result would be).
-fn interrupted(args: &BenchArgs, signal: nix::sys::signal::Signal, took: Duration, so_far: &SoFar) {
+pub(crate) fn interrupted(
+    args: &BenchArgs,
+    signal: nix::sys::signal::Signal,
+    took: Duration,
+    so_far: &SoFar,
+) {
     let latency = so_far.latency_us.as_ref().map(|q| {
         json!({"count": q.count, "p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999, "max": q.max})
     });
@@ -463,14 +508,19 @@ fn interrupted(args: &BenchArgs, signal: nix::sys::signal::Signal, took: Duratio
 
 /// What the broker measured until now: its stats of the `echo` service,
 /// or in a cluster run of node b (which serves `echo@b`).
-async fn measured(broker: &BrokerHandle) -> SoFar {
+pub(crate) async fn measured(broker: &BrokerHandle) -> SoFar {
+    measured_of(broker, "echo").await
+}
+
+/// [`measured`] of the service `service`.
+pub(crate) async fn measured_of(broker: &BrokerHandle, service: &str) -> SoFar {
     let Ok(stats) = broker.stats().await else {
         return SoFar::default();
     };
     let remote = stats
         .cluster
         .and_then(|c| c.nodes.get("b").map(|b| b.latency_us));
-    let latency = stats.latency_us.get("echo").cloned().or(remote);
+    let latency = stats.latency_us.get(service).cloned().or(remote);
     SoFar {
         report: None,
         answered: latency.as_ref().map_or(0, |q| q.count),
@@ -549,6 +599,7 @@ async fn run(
                     roles.workers.push(pid);
                 }
             }
+            Mode::Cancel => bail!("--mode cancel is measured by a plan of its own"),
         }
         if matches!(args.mode, Mode::Relay | Mode::Cluster) {
             let client = ServiceConfig::new("client", exe.display().to_string())
@@ -567,6 +618,7 @@ async fn run(
         let meter = CpuMeter::start(roles);
         let report = match args.mode {
             Mode::Inproc | Mode::Direct => lanes(&broker, &args).await?,
+            Mode::Cancel => bail!("--mode cancel is measured by a plan of its own"),
             Mode::Relay | Mode::Cluster => {
                 let target = match args.mode {
                     Mode::Cluster => "echo@b",
@@ -631,6 +683,7 @@ async fn run(
             };
             nvim_direct(&args, &cpus)
         }
+        Mode::Cancel => Err(std::io::Error::other("--mode cancel has no raw baseline")),
         Mode::Relay => RawRelay::start(&exe).and_then(|mut relay| {
             let [client, echo] = relay.pids();
             place_raw(client);

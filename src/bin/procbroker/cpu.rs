@@ -1,11 +1,18 @@
 //! CPU time per call of each process of a benchmark run: the figure that
 //! says where a relay's time goes (broker, client, workers), read as user +
-//! system time from `/proc/<pid>/stat` before and after the measured phase.
+//! system time of each process before and after the measured phase.
 
 use serde_json::{Value, json};
 
-/// CPU time a process has used so far (user + system, all threads), in µs.
+/// CPU time a process has used so far (user + system, all threads), in µs:
+/// read from its CPU-time clock (nanoseconds), or where that cannot be read
+/// from `/proc/<pid>/stat` (clock ticks: 10 ms apiece, too coarse to tell
+/// apart two runs of a second).
 fn cpu_us(pid: u32) -> Option<f64> {
+    let id = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    if let Ok(t) = nix::time::clock_getcpuclockid(id).and_then(nix::time::clock_gettime) {
+        return Some(t.tv_sec() as f64 * 1e6 + t.tv_nsec() as f64 / 1e3);
+    }
     let stat = procfs::process::Process::new(i32::try_from(pid).ok()?)
         .ok()?
         .stat()
@@ -87,6 +94,17 @@ pub struct CpuPerCall {
 }
 
 impl CpuPerCall {
+    /// Each figure times `factor` (CPU per call into CPU per frame, or per
+    /// partial reply).
+    pub fn scaled(&self, factor: f64) -> Self {
+        let by = |v: Option<f64>| v.map(|v| v * factor);
+        Self {
+            broker: by(self.broker),
+            client: by(self.client),
+            workers: by(self.workers),
+        }
+    }
+
     /// Every role together.
     pub fn total(&self) -> f64 {
         [self.broker, self.client, self.workers]

@@ -16,6 +16,7 @@ mod jsonl;
 mod logging;
 mod logs;
 mod notify;
+mod phases;
 mod reload;
 mod run;
 mod stats;
@@ -54,6 +55,9 @@ enum WorkerName {
     RpcEcho,
     /// Benchmark client: its `Run` method makes calls and times them.
     BenchClient,
+    /// Benchmark worker: streams partial replies (`Repeat`), holds requests
+    /// until their `cancel` and times it (`Hold`, `Cancels`).
+    BenchWorker,
     /// Raw benchmark peer: echoes length-prefixed frames (no envelopes).
     RawEcho,
     /// Raw benchmark peer: the client side of the raw baseline.
@@ -184,6 +188,7 @@ fn worker(name: WorkerName) -> Result<()> {
             workers::rpc_echo(std::io::stdin().lock(), std::io::stdout().lock())?
         }
         WorkerName::BenchClient => service::run(loadgen::client::methods)?,
+        WorkerName::BenchWorker => service::run(loadgen::worker::methods)?,
         WorkerName::RawEcho => loadgen::raw::echo()?,
         WorkerName::RawClient => loadgen::raw::client()?,
         WorkerName::NatsEcho => loadgen::nats::echo()?,
