@@ -1,0 +1,434 @@
+"""Frames and envelopes: the bytes on the pipes.
+
+A frame is a 4-byte big-endian length ``L`` (``1 <= L <= max_frame_bytes``)
+and ``L`` bytes holding one MessagePack map with string keys: the envelope.
+
+Replies, requests and events are written here by hand from pre-encoded
+pieces (the keys never change; method names and process ids repeat and are
+cached), and a request's header is decoded apart from its payload, so that
+a payload can be carried byte for byte (``ctx.raw_payload``) and decoded
+only for the handlers that want it decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+U64_MAX = (1 << 64) - 1
+
+_UNPACK_OPTS = dict(raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+_unpackb = msgpack.unpackb
+_pack_len = struct.Struct(">I").pack
+_unpack_len_from = struct.Struct(">I").unpack_from
+
+
+class FrameError(Exception):
+    """The input is not a stream of frames any more (a length over the
+    limit, or EOF inside a frame): nothing after it can be trusted."""
+
+
+class Raw:
+    """MessagePack bytes sent verbatim: as a handler's result, or as the
+    payload of ``call``, ``stream`` and ``emit``. ``Raw(None)`` (or
+    ``Raw(b"")``) means no payload at all."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Optional[bytes]) -> None:
+        if data is not None and type(data) is not bytes:
+            data = bytes(data)
+        self.data = data or None
+
+    def decode(self) -> Any:
+        """The decoded value (None when there is no payload)."""
+        if self.data is None:
+            return None
+        return _unpackb(self.data, **_UNPACK_OPTS)
+
+    def __bytes__(self) -> bytes:
+        return self.data or b""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Raw) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"Raw({self.data!r})"
+
+
+def decode_value(data: bytes) -> Any:
+    """One MessagePack value (ints up to 2**64-1 stay ints, bin stays bytes,
+    ext and timestamps come back as ``msgpack.ExtType``/``Timestamp``)."""
+    return _unpackb(data, **_UNPACK_OPTS)
+
+
+_tls = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _tls.packer
+    except AttributeError:
+        p = _tls.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        return p
+
+
+def encode_value(value: Any) -> Optional[bytes]:
+    """A value as payload bytes: ``Raw`` verbatim, anything else packed."""
+    if type(value) is Raw:
+        return value.data
+    try:
+        return _packer().pack(value)
+    except BaseException:
+        # A failed pack can leave the packer's buffer dirty: start afresh.
+        _tls.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        raise
+
+
+# --- encoding by hand --------------------------------------------------------
+
+_str_cache: Dict[str, bytes] = {}
+
+
+def enc_str(s: str) -> bytes:
+    """``s`` as a MessagePack str, cached (method names and process ids
+    repeat)."""
+    b = _str_cache.get(s)
+    if b is not None:
+        return b
+    raw = s.encode("utf-8", "surrogateescape")
+    n = len(raw)
+    if n < 32:
+        b = bytes((0xA0 | n,)) + raw
+    elif n < 0x100:
+        b = b"\xd9" + bytes((n,)) + raw
+    elif n < 0x10000:
+        b = b"\xda" + n.to_bytes(2, "big") + raw
+    else:
+        b = b"\xdb" + n.to_bytes(4, "big") + raw
+    if n <= 256:
+        if len(_str_cache) >= 4096:
+            _str_cache.clear()
+        _str_cache[s] = b
+    return b
+
+
+def enc_uint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + bytes((n,))
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+_K_TYPE_RESPONSE = b"\xa4type\xa8response"
+_K_TYPE_ERROR = b"\xa4type\xa5error"
+_K_TYPE_REQUEST = b"\xa4type\xa7request"
+_K_TYPE_EVENT = b"\xa4type\xa5event"
+_K_ID = b"\xa2id"
+_K_CID = b"\xaecorrelation_id"
+_K_TARGET = b"\xa6target"
+_K_PAYLOAD = b"\xa7payload"
+_K_MORE = b"\xa4more\xc3"
+_K_STREAM = b"\xa6stream\xc3"
+_K_TIMEOUT = b"\xaatimeout_ms"
+_K_KEY = b"\xa3key"
+_K_CODE = b"\xa4code"
+_K_ERROR = b"\xa5error"
+
+
+def _frame(entries: int, parts: List[bytes]) -> bytes:
+    parts[0] = bytes((0x80 | entries,))
+    body = b"".join(parts)
+    return _pack_len(len(body)) + body
+
+
+_reply_heads: Dict[str, Dict[str, bytes]] = {}
+
+
+def _reply_head(method: str, target: str) -> bytes:
+    """``type``, ``id`` and ``target`` of a response, encoded (cached: a
+    service answers few methods to few callers)."""
+    by_target = _reply_heads.get(method)
+    if by_target is None:
+        if len(_reply_heads) >= 1024:
+            _reply_heads.clear()
+        by_target = _reply_heads[method] = {}
+    head = by_target.get(target)
+    if head is None:
+        if len(by_target) >= 1024:
+            by_target.clear()
+        head = by_target[target] = _K_TYPE_RESPONSE + _K_ID + enc_str(method) + _K_TARGET + enc_str(target) + _K_CID
+    return head
+
+
+def response(method: str, cid: int, target: str, payload: Optional[bytes], more: bool = False) -> bytes:
+    """A reply frame (``more``: a partial reply); ``payload`` None: none."""
+    head = _reply_head(method, target)
+    c = enc_uint(cid)
+    if payload is None:
+        if more:
+            return b"".join((_pack_len(len(head) + len(c) + 7), b"\x85", head, c, _K_MORE))
+        return b"".join((_pack_len(len(head) + len(c) + 1), b"\x84", head, c))
+    if more:
+        return b"".join((_pack_len(len(head) + len(c) + len(payload) + 15), b"\x86", head, c, _K_MORE,
+                         _K_PAYLOAD, payload))
+    return b"".join((_pack_len(len(head) + len(c) + len(payload) + 9), b"\x85", head, c, _K_PAYLOAD, payload))
+
+
+def error(method: str, cid: int, target: str, code: str, message: str) -> bytes:
+    """An error reply frame."""
+    parts = [b"", _K_TYPE_ERROR, _K_ID, enc_str(method), _K_CID, enc_uint(cid), _K_TARGET, enc_str(target),
+             _K_CODE, enc_str(code), _K_ERROR, enc_str(message)]
+    return _frame(6, parts)
+
+
+def request(target: str, method: str, cid: int, payload: Optional[bytes], timeout_ms: Optional[int],
+            key: Optional[str], stream: bool) -> bytes:
+    """A request frame."""
+    parts = [b"", _K_TYPE_REQUEST, _K_ID, enc_str(method), _K_CID, enc_uint(cid), _K_TARGET, enc_str(target)]
+    n = 4
+    if timeout_ms is not None:
+        parts += (_K_TIMEOUT, enc_uint(timeout_ms))
+        n += 1
+    if key is not None:
+        parts += (_K_KEY, enc_str(key))
+        n += 1
+    if stream:
+        parts.append(_K_STREAM)
+        n += 1
+    if payload is not None:
+        parts += (_K_PAYLOAD, payload)
+        n += 1
+    return _frame(n, parts)
+
+
+def event(target: str, name: str, payload: Optional[bytes], cid: Optional[int] = None) -> bytes:
+    """An event frame (``cid``: the correlation id a ``cancel`` names)."""
+    parts = [b"", _K_TYPE_EVENT, _K_ID, enc_str(name), _K_TARGET, enc_str(target)]
+    n = 3
+    if cid is not None:
+        parts += (_K_CID, enc_uint(cid))
+        n += 1
+    if payload is not None:
+        parts += (_K_PAYLOAD, payload)
+        n += 1
+    return _frame(n, parts)
+
+
+# --- decoding ----------------------------------------------------------------
+
+_NIL = b"\xc0"
+
+
+class BadEnvelope(Exception):
+    """A frame whose body is not an envelope (not MessagePack, not a map)."""
+
+
+def decode_envelope(body: bytes, decode_head: Optional["HeadDecoder"] = None) -> Tuple[Dict[str, Any], Optional[bytes]]:
+    """The envelope's keys except ``payload`` (decoded), and the payload's
+    bytes exactly as they were (None when there is none).
+
+    The fast way: the broker writes ``payload`` last, so the header is the
+    body up to that key, decoded with a nil put in the payload's place. That
+    decode succeeding with ``payload`` as its last key proves the key was
+    found where the parser meets it (MessagePack is read front to back), so
+    the rest of the body is the payload. Anything else takes the slow way.
+    """
+    p = body.find(_K_PAYLOAD)
+    if p > 0:
+        q = p + 8
+        decoder = decode_head or _ONE_SHOT
+        head = decoder(body[:q] + _NIL)
+        # popitem() takes the key parsed last (dicts keep their order).
+        if type(head) is dict and head and head.popitem() == ("payload", None):
+            payload = body[q:]
+            if decoder.is_one_value(payload):
+                return head, payload
+    elif p < 0:
+        head = (decode_head or _ONE_SHOT)(body)
+        if type(head) is dict:
+            return head, None
+    return _decode_slowly(body)
+
+
+class HeadDecoder:
+    """Decodes one value (None if it is not exactly one) with an Unpacker
+    kept across calls: cheaper than ``unpackb``, which sets one up per call.
+    For one thread: the one that reads the frames."""
+
+    def __init__(self) -> None:
+        self._new()
+
+    def _new(self) -> None:
+        self._up = msgpack.Unpacker(**_UNPACK_OPTS)
+        self._fed = 0
+
+    def __call__(self, data: bytes) -> Any:
+        up = self._up
+        try:
+            up.feed(data)
+            self._fed += len(data)
+            value = up.unpack()
+        except Exception:
+            self._new()
+            return None
+        if up.tell() != self._fed:  # bytes left over: not one value
+            self._new()
+            return None
+        if self._fed > 1 << 30:
+            self._new()
+        return value
+
+    def is_one_value(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly one MessagePack value (checked
+        without building it)."""
+        up = self._up
+        try:
+            up.feed(data)
+            self._fed += len(data)
+            up.skip()
+        except Exception:
+            self._new()
+            return False
+        if up.tell() != self._fed:
+            self._new()
+            return False
+        return True
+
+
+class _OneShot(HeadDecoder):
+    """The same, with an Unpacker per call: for any thread."""
+
+    def __call__(self, data: bytes) -> Any:
+        try:
+            return _unpackb(data, **_UNPACK_OPTS)
+        except Exception:
+            return None
+
+    def is_one_value(self, data: bytes) -> bool:
+        up = msgpack.Unpacker(**_UNPACK_OPTS, max_buffer_size=max(len(data), 1024))
+        try:
+            up.feed(data)
+            up.skip()
+        except Exception:
+            return False
+        return up.tell() == len(data)
+
+
+_ONE_SHOT = _OneShot()
+
+
+
+def _decode_slowly(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
+    """Key by key, keeping the payload's span (any key order)."""
+    up = msgpack.Unpacker(**_UNPACK_OPTS, max_buffer_size=max(len(body), 1024))
+    up.feed(body)
+    try:
+        entries = up.read_map_header()
+    except Exception as e:
+        try:
+            value = _unpackb(body, **_UNPACK_OPTS)
+        except Exception as e2:
+            raise BadEnvelope(f"not MessagePack: {e2}") from None
+        raise BadEnvelope(f"not a map but {_kind(value)}") from e
+    head: Dict[str, Any] = {}
+    payload: Optional[bytes] = None
+    try:
+        for _ in range(entries):
+            key = up.unpack()
+            if key == "payload":
+                start = up.tell()
+                up.skip()
+                payload = body[start:up.tell()]
+            else:
+                value = up.unpack()
+                if type(key) is str:
+                    head[key] = value
+    except Exception as e:
+        raise BadEnvelope(f"not MessagePack: {e}") from None
+    if up.tell() != len(body):
+        raise BadEnvelope(f"{len(body) - up.tell()} bytes after the envelope")
+    return head, payload
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nil"
+    return {bool: "a bool", int: "an int", float: "a float", str: "a str", bytes: "bin",
+            list: "an array", dict: "a map"}.get(type(value), type(value).__name__)
+
+
+# --- reading frames ----------------------------------------------------------
+
+_READ_SIZE = 256 * 1024
+
+
+class FrameReader:
+    """Whole frames from a file descriptor: each read takes what the pipe
+    has (up to 256 KiB) and returns every frame it completes."""
+
+    def __init__(self, fd: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.fd = fd
+        self.max = max_frame_bytes
+        self._buf = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buf)
+        self._len = 0  # bytes held at the front of _buf
+
+    def read(self) -> Optional[List[bytes]]:
+        """The frames of the next read (maybe none yet), or None at EOF.
+        Raises FrameError when the input is out of sync."""
+        buf, view = self._buf, self._view
+        n = os.readv(self.fd, [view[self._len:]])
+        if n == 0:
+            if self._len:
+                raise FrameError(f"stdin ended inside a frame ({self._len} bytes of it read)")
+            return None
+        end = self._len + n
+        frames: List[bytes] = []
+        pos = 0
+        limit = self.max
+        while end - pos >= 4:
+            (length,) = _unpack_len_from(buf, pos)
+            if length == 0 or length > limit:
+                raise FrameError(f"frame length {length} is not within 1..{limit}")
+            stop = pos + 4 + length
+            if stop > end:
+                if 4 + length > len(buf):
+                    # Larger than the buffer: read the rest of it straight
+                    # into a buffer of its own.
+                    frames.append(self._read_big(pos, end, length))
+                    return frames
+                break
+            frames.append(bytes(view[pos + 4:stop]))
+            pos = stop
+        rest = end - pos
+        if rest and pos:
+            buf[:rest] = bytes(view[pos:end])  # a copy: the two ranges may overlap
+        self._len = rest
+        return frames
+
+    def _read_big(self, pos: int, end: int, length: int) -> bytes:
+        body = bytearray(length)
+        have = end - pos - 4
+        body[:have] = self._view[pos + 4:end]
+        bview = memoryview(body)
+        while have < length:
+            n = os.readv(self.fd, [bview[have:]])
+            if n == 0:
+                raise FrameError(f"stdin ended inside a frame ({have} of its {length} bytes read)")
+            have += n
+        self._len = 0
+        return bytes(body)
