@@ -638,16 +638,18 @@ class Service:
     def _stream_partial(self, cid: int, w: Any, raw: Optional[bytes]) -> None:
         if type(w) is _SyncStreamState:
             with w.cond:
-                w.items.append(raw)
-                behind = len(w.items) > STREAM_BUFFER
-                w.cond.notify()
+                behind = len(w.items) >= STREAM_BUFFER
+                if not behind:
+                    w.items.append(raw)
+                    w.cond.notify()
         else:
-            w.items.append(raw)
-            behind = len(w.items) > STREAM_BUFFER
-            self._defer(w.loop, _wake_async_stream, w)
+            behind = len(w.items) >= STREAM_BUFFER
+            if not behind:
+                w.items.append(raw)
+                self._defer(w.loop, _wake_async_stream, w)
         if behind:
             # The reader fell behind: cut the stream (the broker frees the
-            # worker), and end it with `busy`.
+            # worker), drop this partial, and end it with `busy`.
             self._pending.pop(cid, None)
             self._out.append(_wire.event(BROKER, "cancel", None, cid))
             self._deliver(w, ("abort", "busy", f"the stream's reader fell {STREAM_BUFFER} partial replies behind"))

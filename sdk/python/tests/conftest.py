@@ -24,12 +24,11 @@ SUBJECT = SDK / "conformance" / "subject.py"
 # The tests run against the installed package (`pip install ./sdk/python`);
 # without one, against the checkout's copy, for the children too.
 try:
-    import procbroker  # noqa: F401
-
-    _EXTRA_PATH = None
+    import procbroker
 except ImportError:
-    _EXTRA_PATH = str(SDK)
-    sys.path.insert(0, _EXTRA_PATH)
+    sys.path.insert(0, str(SDK))
+    import procbroker
+_EXTRA_PATH = str(SDK) if Path(procbroker.__file__).resolve().parent.parent == SDK else None
 
 
 def child_env(extra=None):
@@ -197,6 +196,9 @@ class Peer:
         try:
             f = self.frames.get(timeout=within)
         except queue.Empty:
+            return
+        if f is None:  # stdout closed: no frame came
+            self.frames.put(None)
             return
         raise AssertionError(f"unexpected frame {f!r}")
 
