@@ -25,6 +25,7 @@ import msgpack
 from procbroker import CallError, Raw, Service
 
 svc = Service()
+NIL = b"\xc0"
 lock = threading.Lock()
 state = {"sleeping": 0, "last_cancel": None, "last_note": None}
 
@@ -67,7 +68,7 @@ def required_str(found, name):
 
 @svc.method("Echo", raw=True, inline=True)
 def echo(payload):
-    return Raw(payload)
+    return payload  # a raw handler's bytes go out as they are
 
 
 @svc.method("Sleep")
@@ -135,7 +136,7 @@ def relay(payload, ctx):
 def notify(payload):
     found = fields(payload, ["target", "event", "payload"])
     svc.emit(required_str(found, "target"), required_str(found, "event"), Raw(found["payload"]))
-    return None
+    return NIL  # a raw handler returns bytes: this is MessagePack nil
 
 
 @svc.method("LastCancel", inline=True)
@@ -152,7 +153,7 @@ def last_note(_payload):
 
 @svc.event("note", raw=True, inline=True)
 def on_note(payload):
-    state["last_note"] = payload if payload is not None else b"\xc0"
+    state["last_note"] = payload if payload is not None else NIL
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ log = logging.getLogger("procbroker")
 
 _monotonic = time.monotonic
 _U64_MAX = _wire.U64_MAX
+_NOT_DECODED = _wire.NOT_DECODED
 
 #: A call's deadline when neither the caller nor the request it serves set one.
 DEFAULT_CALL_TIMEOUT = 30.0
@@ -150,17 +151,21 @@ class _Pool:
 
 # --- calls waiting for their replies -----------------------------------------
 
-# What a waiter is handed: ("response" | "error", header, raw payload), or
-# ("abort", code, message) when the call ends without a reply.
+# What a waiter is handed: ("response" | "error", header, (payload bytes,
+# payload decoded or NOT_DECODED)), or ("abort", code, message) when the
+# call ends without a reply.
 _Outcome = Tuple[str, Any, Any]
 
 
 def _outcome_value(outcome: _Outcome, raw: bool) -> Any:
     kind, head, payload = outcome
     if kind == "response":
+        data, value = payload
         if raw:
-            return Raw(payload)
-        return None if payload is None else decode_value(payload)
+            return Raw(data)
+        if value is _NOT_DECODED:
+            return decode_value(data)
+        return value
     if kind == "error":
         code = head.get("code")
         message = head.get("error")
@@ -274,7 +279,6 @@ class Service:
         self._out: List[bytes] = []  # the reader's own frames of this batch
         self._deferred: Dict[asyncio.AbstractEventLoop, List[Tuple[Callable, tuple]]] = {}
         self._served = False
-        self._decode_head = _wire.HeadDecoder()
 
     # --- registration --------------------------------------------------------
 
@@ -424,7 +428,9 @@ class Service:
         """Reads and dispatches until EOF (False) or drained after
         ``shutdown`` (True)."""
         reader = _wire.FrameReader(in_fd, self._max_frame)
-        dispatch = self._dispatch
+        decode = _wire.decode_envelope
+        bad_envelope = _wire.BadEnvelope
+        on_request = self._on_request
         while True:
             if self._draining:
                 if self._active == 0:
@@ -440,7 +446,13 @@ class Service:
             now = _monotonic()
             for body in frames:
                 try:
-                    dispatch(body, now)
+                    head, raw, value = decode(body)
+                    if head.get("type") == "request":
+                        on_request(head, raw, value, now)
+                    else:
+                        self._on_other(head, raw, value)
+                except bad_envelope as e:
+                    log.warning("[%s] skipping a bad frame: %s", self._process_id, e)
                 except Exception:  # a bug of ours must not stop the service
                     log.exception("[%s] a frame could not be handled", self._process_id)
             self._flush_reader_batch()
@@ -486,23 +498,17 @@ class Service:
 
     # --- frames in -----------------------------------------------------------
 
-    def _dispatch(self, body: bytes, now: float) -> None:
-        try:
-            head, raw = _wire.decode_envelope(body, self._decode_head)
-        except _wire.BadEnvelope as e:
-            log.warning("[%s] skipping a bad frame: %s", self._process_id, e)
-            return
+    def _on_other(self, head: Dict[str, Any], raw: Optional[bytes], value: Any) -> None:
+        """A frame that is not a request."""
         kind = head.get("type")
-        if kind == "request":
-            self._on_request(head, raw, now)
-        elif kind == "response" or kind == "error":
-            self._on_reply(kind, head, raw)
+        if kind == "response" or kind == "error":
+            self._on_reply(kind, head, raw, value)
         elif kind == "event":
-            self._on_event(head, raw)
+            self._on_event(head, raw, value)
         else:
             log.warning("[%s] skipping a frame of unknown type %r", self._process_id, kind)
 
-    def _on_request(self, head: Dict[str, Any], raw: Optional[bytes], now: float) -> None:
+    def _on_request(self, head: Dict[str, Any], raw: Optional[bytes], value: Any, now: float) -> None:
         get = head.get
         method = get("id")
         cid = get("correlation_id")
@@ -530,13 +536,14 @@ class Service:
             return
         if h.raw:
             arg = raw
-        elif raw is None:
-            arg = None
+        elif value is not _NOT_DECODED:
+            arg = value
         else:
             try:
-                arg = decode_value(raw)
+                arg = decode_value(raw)  # type: ignore[arg-type]
             except Exception as e:
-                out.append(_wire.error(method, cid, source, "bad_request", f"the payload does not decode: {e}"))
+                out.append(_wire.error(method, cid, source, "bad_request",
+                                       f"the payload does not decode: {_describe(e)}"))
                 return
         kind = h.kind
         if kind == _INLINE:
@@ -551,10 +558,12 @@ class Service:
             except Exception:
                 out.append(self._call_plain(h, arg, None, method, cid, source))
                 return
-            if type(result) is Raw:
+            if h.raw and (result is None or type(result) is bytes):
+                out.append(_wire.response(method, cid, source, result))
+            elif type(result) is Raw:
                 out.append(_wire.response(method, cid, source, result.data))
             else:
-                out.append(self._reply(result, method, cid, source))
+                out.append(self._reply(result, method, cid, source, False))
             return
         ctx = Context(source, cid, method, raw, None if timeout_ms is None else now + timeout_ms / 1000,
                       stream is True, key)
@@ -594,16 +603,18 @@ class Service:
         except Exception as e:
             log.warning("[%s] handler %s failed", self._process_id, method, exc_info=True)
             return _wire.error(method, cid, source, "handler", _describe(e))
-        return self._reply(result, method, cid, source)
+        return self._reply(result, method, cid, source, h.raw)
 
-    def _reply(self, result: Any, method: str, cid: int, source: str) -> bytes:
+    def _reply(self, result: Any, method: str, cid: int, source: str, raw: bool) -> bytes:
+        """The reply frame for a handler's result (a raw handler's bytes or
+        None are the payload's bytes, or no payload)."""
         try:
-            payload = encode_value(result)
+            payload = _payload_of(result, raw)
         except Exception as e:
             return _wire.error(method, cid, source, "internal", f"the result does not encode: {_describe(e)}")
         return _wire.response(method, cid, source, payload)
 
-    def _on_reply(self, kind: str, head: Dict[str, Any], raw: Optional[bytes]) -> None:
+    def _on_reply(self, kind: str, head: Dict[str, Any], raw: Optional[bytes], value: Any) -> None:
         cid = head.get("correlation_id")
         if type(cid) is not int:
             log.warning("[%s] skipping a reply without a valid correlation_id", self._process_id)
@@ -617,7 +628,7 @@ class Service:
                 self._stream_partial(cid, w, raw)
             return
         if self._pending.pop(cid, None) is not None:
-            self._deliver(w, (kind, head, raw))
+            self._deliver(w, (kind, head, (raw, value)))
 
     def _deliver(self, w: Any, outcome: _Outcome) -> None:
         t = type(w)
@@ -657,12 +668,12 @@ class Service:
     def _abort_waiter(self, w: Any, code: str, message: str) -> None:
         self._deliver(w, ("abort", code, message))
 
-    def _on_event(self, head: Dict[str, Any], raw: Optional[bytes]) -> None:
+    def _on_event(self, head: Dict[str, Any], raw: Optional[bytes], value: Any) -> None:
         name = head.get("id")
         source = head.get("source")
         if name == "cancel":
             if source == BROKER:
-                self._on_cancel(head, raw)
+                self._on_cancel(head, value)
             else:
                 log.debug("[%s] cancel from %r ignored", self._process_id, source)
             return
@@ -680,13 +691,13 @@ class Service:
             return
         if h.raw:
             arg = raw
-        elif raw is None:
-            arg = None
+        elif value is not _NOT_DECODED:
+            arg = value
         else:
             try:
-                arg = decode_value(raw)
+                arg = decode_value(raw)  # type: ignore[arg-type]
             except Exception as e:
-                log.warning("[%s] event %s: the payload does not decode: %s", self._process_id, name, e)
+                log.warning("[%s] event %s: the payload does not decode: %s", self._process_id, name, _describe(e))
                 return
         ctx = EventContext(source if type(source) is str else "", name, raw)
         if h.kind == _INLINE:
@@ -705,12 +716,8 @@ class Service:
         except Exception:
             log.warning("[%s] event handler %s failed", self._process_id, h.name, exc_info=True)
 
-    def _on_cancel(self, head: Dict[str, Any], raw: Optional[bytes]) -> None:
+    def _on_cancel(self, head: Dict[str, Any], notice: Any) -> None:
         cid = head.get("correlation_id")
-        try:
-            notice = decode_value(raw) if raw is not None else None
-        except Exception:
-            notice = None
         if type(notice) is not dict or type(notice.get("source")) is not str:
             log.warning("[%s] cancel without {source, reason} ignored", self._process_id)
             return
@@ -766,7 +773,7 @@ class Service:
                     break
                 if ctx.stream and ctx._reason is None:
                     try:
-                        payload = encode_value(value)
+                        payload = _payload_of(value, h.raw)
                     except Exception as e:
                         gen.close()
                         return _wire.error(method, cid, source, "internal",
@@ -780,7 +787,7 @@ class Service:
         except Exception as e:
             log.warning("[%s] handler %s failed", self._process_id, method, exc_info=True)
             return _wire.error(method, cid, source, "handler", _describe(e))
-        return self._reply(final, method, cid, source)
+        return self._reply(final, method, cid, source, h.raw)
 
     def _cancelled_reply(self, ctx: Context) -> Optional[bytes]:
         if ctx._by_broker:
@@ -860,7 +867,7 @@ class Service:
                 frame = await self._run_async_generator(h, arg, ctx)
             else:
                 result = await (h.fn(arg, ctx) if h.ctx else h.fn(arg))
-                frame = self._reply(result, method, cid, source)
+                frame = self._reply(result, method, cid, source, h.raw)
         except asyncio.CancelledError:
             frame = self._cancelled_reply(ctx) if ctx._reason is not None else None
         except CallError as e:
@@ -881,7 +888,7 @@ class Service:
                     break
                 if ctx.stream and ctx._reason is None:
                     try:
-                        payload = encode_value(value)
+                        payload = _payload_of(value, h.raw)
                     except Exception as e:
                         return _wire.error(method, cid, source, "internal",
                                            f"a partial reply does not encode: {_describe(e)}")
@@ -893,7 +900,7 @@ class Service:
                         await asyncio.sleep(0.005)
         finally:
             await agen.aclose()
-        return self._reply(final, method, cid, source)
+        return self._reply(final, method, cid, source, h.raw)
 
     def _start_async_event(self, h: _Handler, arg: Any, ctx: EventContext) -> None:
         async def run() -> None:
@@ -1203,6 +1210,14 @@ def _run_jobs(jobs: List[Tuple[Callable, tuple]]) -> None:
             fn(*args)
         except Exception:
             log.exception("procbroker: a job on the event loop failed")
+
+
+def _payload_of(value: Any, raw: bool) -> Optional[bytes]:
+    """A result as payload bytes: a raw handler's bytes as they are (None:
+    no payload), ``Raw`` verbatim, anything else encoded."""
+    if raw and (value is None or type(value) is bytes):
+        return value or None
+    return encode_value(value)
 
 
 def _code(code: Any) -> str:

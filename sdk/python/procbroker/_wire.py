@@ -155,37 +155,37 @@ def _frame(entries: int, parts: List[bytes]) -> bytes:
     return _pack_len(len(body)) + body
 
 
-_reply_heads: Dict[str, Dict[str, bytes]] = {}
-
-
-def _reply_head(method: str, target: str) -> bytes:
-    """``type``, ``id`` and ``target`` of a response, encoded (cached: a
-    service answers few methods to few callers)."""
-    by_target = _reply_heads.get(method)
-    if by_target is None:
-        if len(_reply_heads) >= 1024:
-            _reply_heads.clear()
-        by_target = _reply_heads[method] = {}
-    head = by_target.get(target)
-    if head is None:
-        if len(by_target) >= 1024:
-            by_target.clear()
-        head = by_target[target] = _K_TYPE_RESPONSE + _K_ID + enc_str(method) + _K_TARGET + enc_str(target) + _K_CID
-    return head
+_reply_heads: Dict[Tuple[str, str], bytes] = {}
+_cid_tail = struct.Struct(">16sQ").pack
+_K_CID_U64 = _K_CID + b"\xcf"
 
 
 def response(method: str, cid: int, target: str, payload: Optional[bytes], more: bool = False) -> bytes:
-    """A reply frame (``more``: a partial reply); ``payload`` None: none."""
-    head = _reply_head(method, target)
-    c = enc_uint(cid)
+    """A reply frame (``more``: a partial reply); ``payload`` None: none.
+
+    Written as ``type``, ``id``, ``target``, [``more``], [``payload``],
+    ``correlation_id`` (always as a u64): all but the last two are the same
+    for every reply of a method to a caller, and are cached.
+    """
+    head = _reply_heads.get((method, target, more, payload is None))
+    if head is None:
+        head = _response_head(method, target, more, payload is None)
     if payload is None:
-        if more:
-            return b"".join((_pack_len(len(head) + len(c) + 7), b"\x85", head, c, _K_MORE))
-        return b"".join((_pack_len(len(head) + len(c) + 1), b"\x84", head, c))
+        return b"".join((_pack_len(len(head) + 24), head, _cid_tail(_K_CID_U64, cid)))
+    return b"".join((_pack_len(len(head) + len(payload) + 24), head, payload, _cid_tail(_K_CID_U64, cid)))
+
+
+def _response_head(method: str, target: str, more: bool, empty: bool) -> bytes:
+    if len(_reply_heads) >= 4096:
+        _reply_heads.clear()
+    entries = 4 + more + (not empty)
+    head = bytes((0x80 | entries,)) + _K_TYPE_RESPONSE + _K_ID + enc_str(method) + _K_TARGET + enc_str(target)
     if more:
-        return b"".join((_pack_len(len(head) + len(c) + len(payload) + 15), b"\x86", head, c, _K_MORE,
-                         _K_PAYLOAD, payload))
-    return b"".join((_pack_len(len(head) + len(c) + len(payload) + 9), b"\x85", head, c, _K_PAYLOAD, payload))
+        head += _K_MORE
+    if not empty:
+        head += _K_PAYLOAD
+    _reply_heads[(method, target, more, empty)] = head
+    return head
 
 
 def error(method: str, cid: int, target: str, code: str, message: str) -> bytes:
@@ -230,106 +230,54 @@ def event(target: str, name: str, payload: Optional[bytes], cid: Optional[int] =
 
 # --- decoding ----------------------------------------------------------------
 
-_NIL = b"\xc0"
-
-
 class BadEnvelope(Exception):
     """A frame whose body is not an envelope (not MessagePack, not a map)."""
 
 
-def decode_envelope(body: bytes, decode_head: Optional["HeadDecoder"] = None) -> Tuple[Dict[str, Any], Optional[bytes]]:
-    """The envelope's keys except ``payload`` (decoded), and the payload's
-    bytes exactly as they were (None when there is none).
+#: Stands for a payload that was not decoded (it is valid MessagePack that
+#: Python cannot hold as such: a map keyed by arrays, say).
+NOT_DECODED = object()
+
+_NIL = b"\xc0"
+
+
+def decode_envelope(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes], Any]:
+    """The envelope's keys except ``payload`` (decoded), the payload's bytes
+    exactly as they were (None when there is none), and the payload decoded
+    (``NOT_DECODED`` when Python cannot hold it).
 
     The fast way: the broker writes ``payload`` last, so the header is the
-    body up to that key, decoded with a nil put in the payload's place. That
-    decode succeeding with ``payload`` as its last key proves the key was
-    found where the parser meets it (MessagePack is read front to back), so
-    the rest of the body is the payload. Anything else takes the slow way.
+    body up to that key, decoded with a nil put in the payload's place.
+    That decode succeeding with ``payload`` as its last key proves the key
+    was found where the parser meets it (MessagePack is read front to
+    back), so the rest of the body is the payload, which must then decode
+    as exactly one value. Anything else takes the slow way, key by key.
     """
     p = body.find(_K_PAYLOAD)
     if p > 0:
         q = p + 8
-        decoder = decode_head or _ONE_SHOT
-        head = decoder(body[:q] + _NIL)
-        # popitem() takes the key parsed last (dicts keep their order).
-        if type(head) is dict and head and head.popitem() == ("payload", None):
-            payload = body[q:]
-            if decoder.is_one_value(payload):
-                return head, payload
+        try:
+            head = _unpackb(body[:q] + _NIL, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+            # popitem() takes the key parsed last (dicts keep their order).
+            if type(head) is dict and head and head.popitem() == ("payload", None):
+                raw = body[q:]
+                return head, raw, _unpackb(raw, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+        except Exception:
+            pass
     elif p < 0:
-        head = (decode_head or _ONE_SHOT)(body)
-        if type(head) is dict:
-            return head, None
-    return _decode_slowly(body)
-
-
-class HeadDecoder:
-    """Decodes one value (None if it is not exactly one) with an Unpacker
-    kept across calls: cheaper than ``unpackb``, which sets one up per call.
-    For one thread: the one that reads the frames."""
-
-    def __init__(self) -> None:
-        self._new()
-
-    def _new(self) -> None:
-        self._up = msgpack.Unpacker(**_UNPACK_OPTS)
-        self._fed = 0
-
-    def __call__(self, data: bytes) -> Any:
-        up = self._up
         try:
-            up.feed(data)
-            self._fed += len(data)
-            value = up.unpack()
+            head = _unpackb(body, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+            if type(head) is dict:
+                return head, None, None
         except Exception:
-            self._new()
-            return None
-        if up.tell() != self._fed:  # bytes left over: not one value
-            self._new()
-            return None
-        if self._fed > 1 << 30:
-            self._new()
-        return value
-
-    def is_one_value(self, data: bytes) -> bool:
-        """Whether ``data`` is exactly one MessagePack value (checked
-        without building it)."""
-        up = self._up
-        try:
-            up.feed(data)
-            self._fed += len(data)
-            up.skip()
-        except Exception:
-            self._new()
-            return False
-        if up.tell() != self._fed:
-            self._new()
-            return False
-        return True
-
-
-class _OneShot(HeadDecoder):
-    """The same, with an Unpacker per call: for any thread."""
-
-    def __call__(self, data: bytes) -> Any:
-        try:
-            return _unpackb(data, **_UNPACK_OPTS)
-        except Exception:
-            return None
-
-    def is_one_value(self, data: bytes) -> bool:
-        up = msgpack.Unpacker(**_UNPACK_OPTS, max_buffer_size=max(len(data), 1024))
-        try:
-            up.feed(data)
-            up.skip()
-        except Exception:
-            return False
-        return up.tell() == len(data)
-
-
-_ONE_SHOT = _OneShot()
-
+            pass
+    head, raw = _decode_slowly(body)
+    if raw is None:
+        return head, None, None
+    try:
+        return head, raw, _unpackb(raw, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+    except Exception:
+        return head, raw, NOT_DECODED
 
 
 def _decode_slowly(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
@@ -342,7 +290,7 @@ def _decode_slowly(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
         try:
             value = _unpackb(body, **_UNPACK_OPTS)
         except Exception as e2:
-            raise BadEnvelope(f"not MessagePack: {e2}") from None
+            raise BadEnvelope(f"not MessagePack: {_why(e2)}") from None
         raise BadEnvelope(f"not a map but {_kind(value)}") from e
     head: Dict[str, Any] = {}
     payload: Optional[bytes] = None
@@ -358,10 +306,15 @@ def _decode_slowly(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
                 if type(key) is str:
                     head[key] = value
     except Exception as e:
-        raise BadEnvelope(f"not MessagePack: {e}") from None
+        raise BadEnvelope(f"not MessagePack: {_why(e)}") from None
     if up.tell() != len(body):
         raise BadEnvelope(f"{len(body) - up.tell()} bytes after the envelope")
     return head, payload
+
+
+def _why(e: Exception) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _kind(value: Any) -> str:
@@ -400,8 +353,9 @@ class FrameReader:
         frames: List[bytes] = []
         pos = 0
         limit = self.max
+        data = view[:end].tobytes()  # one copy; each frame is a slice of it
         while end - pos >= 4:
-            (length,) = _unpack_len_from(buf, pos)
+            (length,) = _unpack_len_from(data, pos)
             if length == 0 or length > limit:
                 raise FrameError(f"frame length {length} is not within 1..{limit}")
             stop = pos + 4 + length
@@ -409,21 +363,21 @@ class FrameReader:
                 if 4 + length > len(buf):
                     # Larger than the buffer: read the rest of it straight
                     # into a buffer of its own.
-                    frames.append(self._read_big(pos, end, length))
+                    frames.append(self._read_big(data, pos, end, length))
                     return frames
                 break
-            frames.append(bytes(view[pos + 4:stop]))
+            frames.append(data[pos + 4:stop])
             pos = stop
         rest = end - pos
         if rest and pos:
-            buf[:rest] = bytes(view[pos:end])  # a copy: the two ranges may overlap
+            buf[:rest] = data[pos:end]
         self._len = rest
         return frames
 
-    def _read_big(self, pos: int, end: int, length: int) -> bytes:
+    def _read_big(self, data: bytes, pos: int, end: int, length: int) -> bytes:
         body = bytearray(length)
         have = end - pos - 4
-        body[:have] = self._view[pos + 4:end]
+        body[:have] = data[pos + 4:end]
         bview = memoryview(body)
         while have < length:
             n = os.readv(self.fd, [bview[have:]])
