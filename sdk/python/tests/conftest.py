@@ -32,7 +32,10 @@ _EXTRA_PATH = str(SDK) if Path(procbroker.__file__).resolve().parent.parent == S
 
 
 def child_env(extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The broker reads PROCBROKER_* variables as settings and refuses any it
+    # does not know: PROCBROKER_BIN (which names it) is not one.
+    env = {k: v for k, v in os.environ.items() if k != "PROCBROKER_BIN"}
+    env["PYTHONUNBUFFERED"] = "1"
     if _EXTRA_PATH:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_EXTRA_PATH, os.environ.get("PYTHONPATH")]))
     env.update(extra or {})
