@@ -33,7 +33,7 @@ class Context:
     """
 
     __slots__ = ("source", "correlation_id", "method", "raw_payload", "deadline", "stream", "key",
-                 "_reason", "_by_broker", "_event", "_hooks", "__weakref__")
+                 "_reason", "_by_broker", "_event", "_hooks", "_task", "__weakref__")
 
     def __init__(self, source: str, correlation_id: int, method: str, raw_payload: Optional[bytes],
                  deadline: Optional[float], stream: bool = False, key: Optional[str] = None) -> None:
@@ -48,6 +48,7 @@ class Context:
         self._by_broker = False
         self._event: Optional[threading.Event] = None
         self._hooks: Optional[List[Callable[[str], Any]]] = None
+        self._task: Optional["asyncio.Task[Any]"] = None  # an async handler's
 
     @property
     def cancelled(self) -> bool:

@@ -277,6 +277,7 @@ class Service:
         self._loop_ident: Optional[int] = None
         self._loop_lock = threading.Lock()
         self._out: List[bytes] = []  # the reader's own frames of this batch
+        self._loop_out: List[bytes] = []  # replies made on the event loop, this turn
         self._deferred: Dict[asyncio.AbstractEventLoop, List[Tuple[Callable, tuple]]] = {}
         self._served = False
 
@@ -295,7 +296,9 @@ class Service:
         error; any other exception replies code ``handler``.
 
         ``raw=True``: ``payload`` is the request's MessagePack bytes (or
-        None), not decoded. ``inline=True`` (plain functions only): the
+        None), not decoded, and ``bytes`` returned or yielded are sent as
+        they are (None: no payload; other values are encoded as usual).
+        ``inline=True`` (plain functions only): the
         handler runs on the thread that reads stdin, with no hand-off to
         the pool; for handlers that answer at once and never block (no
         sleep, no I/O, no calls).
@@ -431,13 +434,19 @@ class Service:
         decode = _wire.decode_envelope
         bad_envelope = _wire.BadEnvelope
         on_request = self._on_request
+        poller = None
         while True:
             if self._draining:
                 if self._active == 0:
                     return True
-                ready, _, _ = select.select([in_fd, self._wake_r], [], [])
+                if poller is None:
+                    # Wait for stdin or for the last handler to finish.
+                    poller = select.poll()
+                    poller.register(in_fd, select.POLLIN)
+                    poller.register(self._wake_r, select.POLLIN)  # type: ignore[arg-type]
+                ready = {fd for fd, _ in poller.poll()}
                 if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
+                    os.read(self._wake_r, 4096)  # type: ignore[arg-type]
                 if in_fd not in ready:
                     continue
             frames = reader.read()
@@ -493,6 +502,7 @@ class Service:
                         break
                     self._idle.wait(wait)
                 left = self._active
+        self._flush_loop(0.2)
         self._writer.flush(0.5)  # type: ignore[union-attr]
         return left
 
@@ -731,7 +741,12 @@ class Service:
         self._cancel_ctx(ctx, reason, by_broker=True)
 
     def _cancel_ctx(self, ctx: Context, reason: str, by_broker: bool) -> None:
-        ctx._cancel(reason, by_broker)
+        # The reason is set before the task is looked at: a task not yet
+        # started (or not yet known here) sees it when it starts.
+        if ctx._cancel(reason, by_broker):
+            task = ctx._task
+            if task is not None:
+                self._loop.call_soon_threadsafe(task.cancel, reason)  # type: ignore[union-attr]
 
     def _on_shutdown(self) -> None:
         if self._draining:
@@ -795,9 +810,16 @@ class Service:
         return _wire.error(ctx.method, ctx.correlation_id, ctx.source, "cancelled",
                            f"the request was cancelled ({ctx._reason})")
 
-    def _done(self, ctx: Context, frame: Optional[bytes]) -> None:
-        """A handler finished: forget its request, send its reply (not
-        when the broker cancelled it: the broker no longer waits for it)."""
+    def _done(self, ctx: Context, frame: Optional[bytes], send: Optional[Callable[[bytes], None]] = None) -> None:
+        """A handler finished: send its reply (not when the broker cancelled
+        it: the broker no longer waits for it), through ``send`` when given,
+        then forget its request (in that order: the last reply of a drain is
+        on its way before the service may exit)."""
+        if frame is not None and not ctx._by_broker:
+            if send is not None:
+                send(frame)
+            else:
+                self._writer.send(frame)  # type: ignore[union-attr]
         key = (ctx.source, ctx.correlation_id)
         with self._lock:
             if self._running.get(key) is ctx:
@@ -806,8 +828,6 @@ class Service:
             idle = self._active == 0
             if idle:
                 self._idle.notify_all()
-        if frame is not None and not ctx._by_broker:
-            self._writer.send(frame)  # type: ignore[union-attr]
         if idle and self._wake_w is not None:
             try:
                 os.write(self._wake_w, b"\0")
@@ -848,13 +868,38 @@ class Service:
             loop.call_soon_threadsafe(fn, *args)
 
     def _start_async(self, h: _Handler, arg: Any, ctx: Context) -> None:
+        ctx._task = self._loop.create_task(self._run_async(h, arg, ctx))  # type: ignore[union-attr]
+
+    def _send_from_loop(self, frame: bytes) -> None:
+        """Queues a reply made on the event loop; the replies of one turn
+        of the loop go out in one write."""
+        out = self._loop_out
+        out.append(frame)
+        if len(out) == 1:
+            self._loop.call_soon(self._flush_loop_out)  # type: ignore[union-attr]
+
+    def _flush_loop_out(self) -> None:
+        out, self._loop_out = self._loop_out, []
+        if out:
+            self._writer.send_many(out)  # type: ignore[union-attr]
+
+    def _flush_loop(self, timeout: float) -> None:
+        """Hands the event loop's queued replies to the writer (waits for
+        the loop's turn, at most ``timeout``)."""
         loop = self._loop
-        task = loop.create_task(self._run_async(h, arg, ctx))  # type: ignore[union-attr]
+        if loop is None:
+            return
+        done = threading.Event()
 
-        def cancel_task(reason: str) -> None:
-            loop.call_soon_threadsafe(task.cancel, reason)  # type: ignore[union-attr]
+        def flush() -> None:
+            self._flush_loop_out()
+            done.set()
 
-        ctx._add_hook(cancel_task)
+        try:
+            loop.call_soon_threadsafe(flush)
+        except RuntimeError:
+            return
+        done.wait(timeout)
 
     async def _run_async(self, h: _Handler, arg: Any, ctx: Context) -> None:
         current.set(ctx)
@@ -875,7 +920,7 @@ class Service:
         except Exception as e:
             log.warning("[%s] handler %s failed", self._process_id, method, exc_info=True)
             frame = _wire.error(method, cid, source, "handler", _describe(e))
-        self._done(ctx, frame)
+        self._done(ctx, frame, self._send_from_loop)
 
     async def _run_async_generator(self, h: _Handler, arg: Any, ctx: Context) -> Optional[bytes]:
         method, cid, source = ctx.method, ctx.correlation_id, ctx.source

@@ -112,6 +112,8 @@ class Writer:
 
     def _run(self) -> None:
         fd = self.fd
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
         while True:
             with self._lock:
                 while not self._handoff:
@@ -119,8 +121,8 @@ class Writer:
                 self._handoff = False
             while True:
                 try:
-                    select.select([], [fd], [])
-                except (OSError, ValueError) as e:
+                    poller.poll()  # until the pipe has room (or is closed)
+                except OSError as e:
                     self._break(e)
                     break
                 with self._lock:

@@ -104,6 +104,8 @@ class Peer:
         self.stdout_error = None
         self.stdout_bytes = 0
         self._next_cid = 1000
+        self.reading = threading.Event()  # cleared: stdout is left unread
+        self.reading.set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.ready = self.recv(10)
@@ -113,6 +115,7 @@ class Peer:
         out = self.proc.stdout
         try:
             while True:
+                self.reading.wait()
                 head = out.read(4)
                 if not head:
                     break

@@ -203,6 +203,31 @@ def test_an_async_generator_streams_and_ends_with_final(service):
     assert reply.has_payload and reply.payload is None
 
 
+def test_a_full_stdout_holds_back_streams_but_not_reading(service):
+    s = service(HANDLERS)
+    s.reading.clear()  # the broker stops reading this worker's stdout
+    cid = s.request("Gen", {"n": 10**6}, stream=True)
+    time.sleep(0.5)  # the pipe fills, the generator waits for room
+    ping = s.request("OneArg", "still reading")
+    s.cancel(cid, reason="busy")  # read and acted on meanwhile
+    time.sleep(0.2)
+    s.reading.set()
+    expected = 0
+    while True:
+        f = s.recv(10)
+        if f["correlation_id"] == ping:
+            assert f.payload == ["one", "still reading"]
+            break
+        assert (f["correlation_id"], f.get("more"), f.payload) == (cid, True, {"i": expected})
+        expected += 1
+    while not s.frames.empty():
+        f = s.recv()
+        assert f.payload == {"i": expected}
+        expected += 1
+    assert 1000 <= expected < 10**6  # it had filled the pipe, then stopped at the cancel
+    assert s.call("Seen", "gen_closed").payload == "busy"
+
+
 def test_print_and_children_cannot_touch_the_frames(service):
     s = service(HANDLERS)
     assert s.call("Print").payload == "printed"
