@@ -280,36 +280,114 @@ def decode_envelope(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes], Any]:
         return head, raw, NOT_DECODED
 
 
+#: The envelope's keys: the slow way decodes these and ignores any other.
+ENVELOPE_KEYS = frozenset(("type", "id", "correlation_id", "source", "target", "timeout_ms", "stream", "more",
+                           "key", "error", "code"))
+
+
 def _decode_slowly(body: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
-    """Key by key, keeping the payload's span (any key order)."""
-    up = msgpack.Unpacker(**_UNPACK_OPTS, max_buffer_size=max(len(body), 1024))
-    up.feed(body)
-    try:
-        entries = up.read_map_header()
-    except Exception as e:
-        try:
-            value = _unpackb(body, **_UNPACK_OPTS)
-        except Exception as e2:
-            raise BadEnvelope(f"not MessagePack: {_why(e2)}") from None
-        raise BadEnvelope(f"not a map but {_kind(value)}") from e
+    """Key by key, keeping the payload's span (any key order, any depth of
+    nesting: values are stepped over without being built)."""
+    if not body:
+        raise BadEnvelope("an empty body")
+    marker = body[0]
+    if 0x80 <= marker <= 0x8F:
+        entries, pos = marker & 0x0F, 1
+    elif marker == 0xDE and len(body) >= 3:
+        entries, pos = int.from_bytes(body[1:3], "big"), 3
+    elif marker == 0xDF and len(body) >= 5:
+        entries, pos = int.from_bytes(body[1:5], "big"), 5
+    else:
+        skip(body, 0)  # not MessagePack at all: says why
+        raise BadEnvelope(f"not a map but {_marker_kind(marker)}")
     head: Dict[str, Any] = {}
     payload: Optional[bytes] = None
-    try:
-        for _ in range(entries):
-            key = up.unpack()
-            if key == "payload":
-                start = up.tell()
-                up.skip()
-                payload = body[start:up.tell()]
-            else:
-                value = up.unpack()
-                if type(key) is str:
-                    head[key] = value
-    except Exception as e:
-        raise BadEnvelope(f"not MessagePack: {_why(e)}") from None
-    if up.tell() != len(body):
-        raise BadEnvelope(f"{len(body) - up.tell()} bytes after the envelope")
+    for _ in range(entries):
+        key_end = skip(body, pos)
+        value_end = skip(body, key_end)
+        try:
+            key = _unpackb(body[pos:key_end], **_UNPACK_OPTS)
+        except Exception:
+            key = None
+        if key == "payload":
+            payload = body[key_end:value_end]
+        elif key in ENVELOPE_KEYS:
+            try:
+                head[key] = _unpackb(body[key_end:value_end], **_UNPACK_OPTS)
+            except Exception as e:
+                raise BadEnvelope(f"{key}: {_why(e)}") from None
+        pos = value_end
+    if pos != len(body):
+        raise BadEnvelope(f"{len(body) - pos} bytes after the envelope")
     return head, payload
+
+
+def _marker_kind(marker: int) -> str:
+    """What a value is, from its first byte."""
+    if marker <= 0x7F or marker >= 0xE0 or 0xCC <= marker <= 0xD3:
+        return "an int"
+    if 0x90 <= marker <= 0x9F or marker in (0xDC, 0xDD):
+        return "an array"
+    if 0xA0 <= marker <= 0xBF or 0xD9 <= marker <= 0xDB:
+        return "a str"
+    if marker == 0xC0:
+        return "nil"
+    if marker in (0xC2, 0xC3):
+        return "a bool"
+    if 0xC4 <= marker <= 0xC6:
+        return "bin"
+    if marker in (0xCA, 0xCB):
+        return "a float"
+    return "an ext"
+
+
+# Bytes after the marker that a value's length (or count) is read from, and
+# whether it counts bytes (False: items of an array or map).
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2,
+          0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+
+
+def skip(data: bytes, pos: int) -> int:
+    """Where the MessagePack value at ``pos`` ends. Iterative: any depth of
+    nesting, with no recursion. Raises BadEnvelope when ``data`` ends first
+    or holds the one byte MessagePack never uses (0xc1)."""
+    end = len(data)
+    left = 1  # values still to step over
+    while left:
+        if pos >= end:
+            raise BadEnvelope("not MessagePack: it ends inside a value")
+        m = data[pos]
+        left -= 1
+        if m <= 0x7F or m >= 0xE0:
+            pos += 1
+        elif m <= 0x8F:
+            left += 2 * (m & 0x0F)
+            pos += 1
+        elif m <= 0x9F:
+            left += m & 0x0F
+            pos += 1
+        elif m <= 0xBF:
+            pos += 1 + (m & 0x1F)
+        elif m in _FIXED:
+            pos += 1 + _FIXED[m]
+        elif m in _SIZED:
+            w = _SIZED[m]
+            pos += 1 + w + int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+        elif m in _EXT:
+            w = _EXT[m]
+            pos += 2 + w + int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+        elif m in (0xDC, 0xDD, 0xDE, 0xDF):
+            w = 2 if m in (0xDC, 0xDE) else 4
+            n = int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+            left += 2 * n if m >= 0xDE else n
+            pos += 1 + w
+        else:
+            raise BadEnvelope(f"not MessagePack: byte 0x{m:02x} at {pos}")
+    if pos > end:
+        raise BadEnvelope("not MessagePack: it ends inside a value")
+    return pos
 
 
 def _why(e: Exception) -> str:

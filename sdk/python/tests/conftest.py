@@ -50,24 +50,58 @@ def frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+def value_end(data: bytes, pos: int) -> int:
+    """Where the MessagePack value at `pos` ends (any depth; msgpack's own
+    Unpacker stops at about 1000 levels)."""
+    left = 1
+    while left:
+        m = data[pos]
+        left -= 1
+        if m <= 0x7F or m >= 0xE0 or m in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif m <= 0x8F:
+            left, pos = left + 2 * (m & 0x0F), pos + 1
+        elif m <= 0x9F:
+            left, pos = left + (m & 0x0F), pos + 1
+        elif m <= 0xBF:
+            pos += 1 + (m & 0x1F)
+        elif m in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):
+            w = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}[m]
+            pos += 1 + w + int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+        elif m in (0xC7, 0xC8, 0xC9):
+            w = {0xC7: 1, 0xC8: 2, 0xC9: 4}[m]
+            pos += 2 + w + int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+        elif m in (0xDC, 0xDD, 0xDE, 0xDF):
+            w = 2 if m in (0xDC, 0xDE) else 4
+            n = int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+            left, pos = left + (2 * n if m >= 0xDE else n), pos + 1 + w
+        else:
+            pos += 1 + {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,
+                        0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}[m]
+    assert pos <= len(data), "a value runs past the frame"
+    return pos
+
+
 class Frame:
     """One envelope the service wrote: its keys, and its payload's bytes."""
 
     def __init__(self, body: bytes):
         self.body = body
-        up = msgpack.Unpacker(raw=False, strict_map_key=False)
-        up.feed(body)
         self.env = {}
         self.raw_payload = None
-        for _ in range(up.read_map_header()):
-            key = up.unpack()
+        m = body[0]
+        entries, pos = (m & 0x0F, 1) if 0x80 <= m <= 0x8F else (int.from_bytes(body[1:3], "big"), 3)
+        assert 0x80 <= m <= 0x8F or m == 0xDE, f"not a map: {body[:20]!r}"
+        for _ in range(entries):
+            key_end = value_end(body, pos)
+            end = value_end(body, key_end)
+            key = msgpack.unpackb(body[pos:key_end], raw=False)
             if key == "payload":
-                start = up.tell()
-                up.skip()
-                self.raw_payload = body[start:up.tell()]
+                self.raw_payload = body[key_end:end]
             else:
-                self.env[key] = up.unpack()
-        assert up.tell() == len(body), "trailing bytes after the envelope"
+                self.env[key] = msgpack.unpackb(body[key_end:end], raw=False, strict_map_key=False)
+            pos = end
+        assert pos == len(body), "trailing bytes after the envelope"
 
     def __getitem__(self, key):
         return self.env[key]

@@ -33,6 +33,7 @@ def test_echo_carries_payload_bytes_verbatim(subject):
         b"\xd4\x05\x01", b"\xd5\x05\x01\x02", b"\xc7\x03\x05abc", b"\xd6\xff\x00\x00\x00\x01",
         b"\xd7\xff" + b"\x00" * 8, b"\xc7\x0c\xff" + b"\x00" * 12,  # timestamps 32/64/96
         msgpack.packb([None, True, -1, 1.5, "s", b"b", {"k": [1, {"deep": []}]}]),
+        b"\x91" * 3000 + b"\xc0",  # deeper than msgpack-python decodes
     ]
     cids = []
     for p in payloads:

@@ -130,7 +130,9 @@ CASES = [
 @pytest.mark.parametrize("payload_first", [False, True])
 def test_the_decoder_splits_header_and_payload_bytes_exactly(env, payload_first):
     head, raw, value = decode_envelope(envelope_body(env, payload_first))
-    assert head == {k: v for k, v in env.items() if k != "payload"}
+    # Other keys than the envelope's may be dropped.
+    assert {k: v for k, v in head.items() if k in _wire.ENVELOPE_KEYS} == {
+        k: v for k, v in env.items() if k in _wire.ENVELOPE_KEYS}
     if "payload" in env:
         assert raw == msgpack.packb(env["payload"]) and value == env["payload"]
     else:
@@ -143,6 +145,30 @@ def test_a_payload_python_cannot_hold_is_still_carried():
     body = bytes([body[0] + 1]) + body[1:] + b"\xa7payload" + payload
     head, raw, value = decode_envelope(body)
     assert (head["id"], raw, value) == ("E", payload, _wire.NOT_DECODED)
+
+
+@pytest.mark.parametrize("depth", [10, 1100, 100_000])
+def test_a_payload_nested_deeper_than_msgpack_decodes_is_still_carried(depth):
+    payload = b"\x91" * depth + b"\x81\xa1k\xc0"
+    body = msgpack.packb({"type": "request", "id": "E", "correlation_id": 1, "source": "c", "target": "e"})
+    body = bytes([body[0] + 1]) + body[1:] + b"\xa7payload" + payload
+    head, raw, value = decode_envelope(body)
+    assert (head["id"], raw) == ("E", payload)
+    assert (value is _wire.NOT_DECODED) == (depth > 1000)
+    # And with the payload first (the slow way).
+    body = b"\x86\xa7payload" + payload + msgpack.packb(head)[1:]
+    head2, raw2, _ = decode_envelope(body)
+    assert (head2, raw2) == (head, payload)
+
+
+@pytest.mark.parametrize("value", [None, True, 1, -1, 2**64 - 1, -(2**63), 1.5, "s" * 40, b"b" * 300, [1, [2]],
+                                   {"a": {"b": []}}, msgpack.ExtType(3, b"x" * 20), msgpack.Timestamp(1, 5),
+                                   "x" * 70000, list(range(20)), {i: i for i in range(20)}])
+def test_skip_steps_over_every_kind_of_value(value):
+    data = msgpack.packb(value) + b"\x01"
+    assert _wire.skip(data, 0) == len(data) - 1
+    with pytest.raises(BadEnvelope):
+        _wire.skip(data[:-2], 0)
 
 
 def test_payload_bytes_are_kept_verbatim_even_when_not_canonical():
