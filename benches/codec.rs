@@ -1,4 +1,4 @@
-//! Codec benchmarks, comparable with v2e's Go figures (DESIGN §8).
+//! Codec benchmarks, comparable with v2e's Go figures.
 //!
 //! - `codec/small_round_trip`: build a request with payload
 //!   `{name: "test", value: 123}`, encode it as a frame, decode the frame,
@@ -7,7 +7,7 @@
 //! - `codec/relay_small`, `codec/relay_cve`: the broker's work per hop:
 //!   decode a frame body, stamp `source`, encode the frame (payload untouched).
 //! - `codec/reference_rmp_serde_named`: the yardstick measured in the same run.
-//!   DESIGN §8.1 quotes "encode + decode of a small envelope ~130 ns as a map":
+//!   The quoted figure "encode + decode of a small envelope ~130 ns as a map":
 //!   this is that exact operation (rmp-serde, named, a six-field struct with a
 //!   64 B `serde_bytes` payload). Absolute times on a shared VM drift several
 //!   times over between days; divide by this to compare with the design.
@@ -203,9 +203,9 @@ mod cve {
     }
 }
 
-/// The struct DESIGN §8.1's "~130 ns as a map" was measured with.
+/// The struct the quoted "~130 ns as a map" was measured with.
 #[derive(Serialize, Deserialize)]
-struct DesignReference {
+struct QuotedReference {
     kind: u8,
     id: u64,
     source: String,
@@ -288,7 +288,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| relay(&mut codec, &mut buf, black_box(&cve_body), &stamp))
     });
 
-    let reference = DesignReference {
+    let reference = QuotedReference {
         kind: 1,
         id: 7,
         source: "broker".into(),
@@ -299,7 +299,7 @@ fn benches(c: &mut Criterion) {
     group.bench_function("reference_rmp_serde_named", |b| {
         b.iter(|| {
             let bytes = rmp_serde::to_vec_named(black_box(&reference)).expect("encode");
-            let back: DesignReference = rmp_serde::from_slice(&bytes).expect("decode");
+            let back: QuotedReference = rmp_serde::from_slice(&bytes).expect("decode");
             black_box(back)
         })
     });

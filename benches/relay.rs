@@ -1,4 +1,4 @@
-//! Relay benchmark (DESIGN 7.1, 8): a client subprocess → broker → echo
+//! Relay benchmark: a client subprocess → broker → echo
 //! subprocess → broker → client, against the raw limit of the same topology
 //! measured in the same run.
 //!
@@ -13,7 +13,7 @@
 //! is not in it). After the criterion groups a summary prints p50/p99 of each
 //! path from the client's own histograms and the ratios to the baseline.
 //!
-//! Placement decides pipe latency here (DESIGN 8.1), so the CPUs this ran on
+//! Placement decides pipe latency here, so the CPUs this ran on
 //! are printed; run it both ways:
 //!   cargo bench --bench relay                  # wherever the kernel puts it
 //!   taskset -c 0 cargo bench --bench relay     # every process on one CPU

@@ -38,16 +38,19 @@ use crate::actors::broker::{
 use crate::actors::inproc::InProcessWorker;
 use crate::actors::log_store::{LogStore, ReopenLogs};
 use crate::actors::messages::{
-    Call, Leave, ListNodes, PendingCount, Publish, RegisterProcess, RouterError, SetDraining,
-    TrackProcess,
+    Call, CallStream, CancelInFlight, Leave, ListNodes, PendingCount, Publish, RegisterProcess,
+    RouterError, SetDraining, TrackProcess, next_call_id,
 };
 use crate::actors::metrics_store::{MetricsStore, fresh_stats};
 use crate::actors::router::Router;
 use crate::actors::same_thread::{RouterKey, call_here};
 use crate::actors::sysmon::Sysmon;
 pub use crate::call::{CallError, Reply};
+pub use crate::call_stream::BrokerStream;
+use crate::call_stream::CancelOnDrop;
 use crate::config::{BrokerConfig, ServiceConfig};
 use crate::names::{self, BROKER, NameError};
+pub use crate::pending_call::PendingCall;
 use crate::protocol::rpc::{NodeInfo, ProcessInfo, ProcessStatus, ScaleReply, SpawnedProcess};
 use crate::protocol::{Envelope, MessageStats};
 use crate::service::Methods;
@@ -105,7 +108,7 @@ impl Builder {
         self
     }
 
-    /// Joins a cluster through NATS (DESIGN 11); the default has none.
+    /// Joins a cluster through NATS; the default has none.
     pub fn cluster(mut self, cluster: crate::config::ClusterConfig) -> Self {
         self.config.cluster = cluster;
         self
@@ -273,9 +276,14 @@ impl BrokerHandle {
     }
 
     /// [`call`](Self::call) with a request built by hand (raw payload,
-    /// `timeout_ms`). Its `correlation_id` is assigned by the Router.
-    pub async fn call_envelope(&self, request: Envelope) -> Result<Reply, CallError> {
+    /// `timeout_ms`, `key`). Its `correlation_id` is assigned here.
+    ///
+    /// Dropping the future before the reply cancels the request: the
+    /// worker is sent `cancel` and its slot freed.
+    pub async fn call_envelope(&self, mut request: Envelope) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
+        request.correlation_id = next_call_id();
+        let mut guard = CancelOnDrop::new(&self.0.router, request.correlation_id);
         let call = Call {
             envelope: request,
             reply,
@@ -283,8 +291,48 @@ impl BrokerHandle {
         if let Some(call) = call_here(self.0.router_key, call) {
             self.0.router.do_send(call);
         }
-        let envelope = answer.await.map_err(|_| CallError::Closed)?;
-        Reply::from_envelope(envelope)
+        let envelope = answer.await;
+        guard.disarm();
+        Reply::from_envelope(envelope.map_err(|_| CallError::Closed)?)
+    }
+
+    /// [`call_envelope`](Self::call_envelope), with the request sent at once
+    /// and its correlation id known before the reply (the one its worker
+    /// sees): await the [`PendingCall`] for the reply, or
+    /// [`cancel`](PendingCall::cancel) it and await the `cancelled` error.
+    /// Dropping it before the reply cancels the request.
+    pub fn start_call(&self, mut request: Envelope) -> PendingCall {
+        let (reply, answer) = oneshot::channel();
+        request.correlation_id = next_call_id();
+        let correlation_id = request.correlation_id;
+        let call = Call {
+            envelope: request,
+            reply,
+        };
+        if let Some(call) = call_here(self.0.router_key, call) {
+            self.0.router.do_send(call);
+        }
+        PendingCall::new(answer, self.0.router.clone(), correlation_id)
+    }
+
+    /// A streaming call: `request` goes out with `stream = true`, and the
+    /// worker's partial replies come back in order, then the final reply
+    /// (or the error that ends the call). Dropping the stream before its
+    /// end cancels the request.
+    ///
+    /// The stream holds up to `queue_capacity` unread replies; a caller
+    /// that falls further behind has the call cut: its last item is the
+    /// error `busy`, and the worker is told to stop.
+    pub fn call_stream(&self, mut request: Envelope) -> BrokerStream {
+        request.correlation_id = next_call_id();
+        let correlation_id = request.correlation_id;
+        let capacity = self.0.config.queue_capacity.max(1) + 1;
+        let (parts, replies) = tokio::sync::mpsc::channel(capacity);
+        self.0.router.do_send(CallStream {
+            envelope: request,
+            parts,
+        });
+        BrokerStream::new(replies, self.0.router.clone(), correlation_id)
     }
 
     /// A worker's way in to the Router by method call, when it is made on
@@ -437,7 +485,7 @@ impl BrokerHandle {
             .map_err(|_| ControlError::Unknown(name))?
     }
 
-    /// Graceful shutdown (DESIGN 5.6): new requests are answered
+    /// Graceful shutdown: new requests are answered
     /// `shutting_down`; requests in flight get up to `drain_timeout` to be
     /// answered; then every child gets `shutdown`, EOF, SIGTERM and SIGKILL
     /// (as needed) and is reaped. The actors keep running (stop the System
@@ -468,6 +516,8 @@ impl BrokerHandle {
                 in_flight,
                 "drain timeout: stopping with requests in flight (they get worker_exited)"
             );
+            // Their workers are told before their stdin closes.
+            let _ = self.0.router.send(CancelInFlight { id: None }).await;
         }
         // Answered what it had; now out of the other nodes' rotation at
         // once, before its workers go.
@@ -549,6 +599,57 @@ mod tests {
     /// What a far thread's `add_service` and calls saw: whether it was
     /// offered a handoff, and what its two calls were answered.
     type FarSide = (bool, Result<Vec<String>, String>, Vec<Result<u64, String>>);
+
+    #[actix::test]
+    async fn a_started_call_names_its_request_and_can_be_cancelled_while_awaited() {
+        let broker = ProcBroker::builder().sysmon_interval(None).start();
+        let methods = Methods::new()
+            .method("Wait", |ms: u64| async move {
+                actix::clock::sleep(Duration::from_millis(ms)).await;
+                Ok(ms)
+            })
+            .raw_sync("Echo", |request| Ok(request.payload));
+        broker
+            .add_service("slow", 1, methods)
+            .await
+            .expect("service");
+
+        let request = |method: &str, ms: u64| {
+            Envelope::request("slow", method, 0)
+                .with_payload(&ms)
+                .expect("payload")
+        };
+        let quick = broker.start_call(request("Echo", 7));
+        let later = broker.start_call(request("Echo", 8));
+        assert!(quick.correlation_id() > 0);
+        assert_ne!(quick.correlation_id(), later.correlation_id());
+        let reply = quick.await.expect("answered");
+        assert_eq!(reply.payload_as::<u64>().expect("u64"), 7);
+
+        // Cancelled while awaited: the broker's `cancelled`, at once.
+        let waiting = broker.start_call(request("Wait", 10_000));
+        waiting.cancel();
+        let answer = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("answered at once");
+        assert_eq!(
+            answer.expect_err("cancelled").broker_code(),
+            Some(crate::protocol::ErrorCode::Cancelled)
+        );
+
+        // Dropped before its reply: nothing stays in flight.
+        drop(broker.start_call(request("Wait", 10_000)));
+        drop(later);
+        let mut in_flight = usize::MAX;
+        for _ in 0..100 {
+            in_flight = broker.router().send(PendingCount).await.expect("router");
+            if in_flight == 0 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(in_flight, 0, "a dropped call is cancelled");
+    }
 
     #[actix::test]
     async fn a_service_added_on_another_thread_replies_by_message() {

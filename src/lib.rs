@@ -46,6 +46,8 @@
 //!   spawn subprocess services or add in-process ones, and `call` any service
 //!   from Rust; [`call`] holds the result types shared with the SDK.
 //! - [`workers`]: the built-in workers of `procbroker worker`.
+//! - `conformance` (feature `conformance`, on by default): the kit that
+//!   checks a service SDK against the protocol through its subject.
 //! - `loadgen` (feature `loadgen`, on by default): the round-trip
 //!   benchmark's peers (the load client, the raw baseline) and its driver.
 //! - [`admin`]: the operators' HTTP surface (`/metrics`, `/stats`,
@@ -61,6 +63,8 @@
 //!
 //! - `cli` (default): the `procbroker` binary and its dependencies.
 //! - `loadgen` (default, implied by `cli`): the benchmark's peers.
+//! - `conformance` (default, implied by `cli`): the conformance kit of
+//!   `procbroker conformance`.
 //! - `cluster` (default, implied by `cli`): federation over NATS
 //!   (async-nats). Built without it, a broker given a `nats_url` logs an
 //!   error and serves its own node only.
@@ -71,12 +75,16 @@
 pub mod actors;
 pub mod admin;
 pub mod call;
+pub mod call_stream;
 pub mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod embed;
 #[cfg(feature = "loadgen")]
 pub mod loadgen;
 pub mod names;
 pub mod open_files;
+pub mod pending_call;
 pub mod pipe;
 pub mod protocol;
 pub mod service;

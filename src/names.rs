@@ -1,4 +1,4 @@
-//! Process ids and service names (DESIGN 3.3).
+//! Process ids and service names.
 //!
 //! A service `name` with N workers runs processes `name.0 … name.{N-1}`.
 //! Names use ASCII letters, digits, `_` and `-`; `.` only separates the worker

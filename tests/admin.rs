@@ -1,4 +1,4 @@
-//! Admin HTTP (DESIGN 6.4, 13): /health, /ready, /stats and a /metrics page
+//! Admin HTTP: /health, /ready, /stats and a /metrics page
 //! that `promtool check metrics` accepts; the dashboard page and its
 //! `/events` stream; latency quantiles over a window that follows a change
 //! of load; the example alert rules pass `promtool check rules`.

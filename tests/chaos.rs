@@ -1,4 +1,4 @@
-//! Faults from real children (DESIGN 5.3, 5.4, 5.5): bad frames, a stream out
+//! Faults from real children: bad frames, a stream out
 //! of sync, forged sources and replies, `kill -9` with requests in flight, a
 //! child that floods and never reads. Every request is counted and must be
 //! answered exactly once.

@@ -1,4 +1,4 @@
-//! Federation over NATS (DESIGN 11) with real parts only: each test starts
+//! Federation over NATS with real parts only: each test starts
 //! its own `nats-server` on a free loopback port, node `a` is a broker
 //! embedded in the test (so it can call and look inside), nodes `b` and `c`
 //! are `procbroker run` processes with real worker subprocesses. Every
@@ -403,12 +403,15 @@ async fn remote_calls_route_stamp_rotate_and_fail_as_designed() {
 #[actix::test]
 async fn remote_timeouts_and_oversize_envelopes_get_one_error_each() {
     let nats = Nats::start(&[]);
-    let _b = Node::start("b", &nats.url(), 1, "");
+    let b_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let _b = Node::start_full("b", &nats.url(), 1, HEARTBEAT_MS, &b_admin.to_string(), "");
     let a = node_a(cluster(&nats.url(), "a"));
     joined(&a, &[("b", 1)]).await;
 
     // The caller's deadline rules; the budget travels; what comes late is
-    // dropped and counted.
+    // dropped and counted: the worker's reply at b (the request ended
+    // there too: b timed it out, or a's cancel came first), and b's own
+    // `timeout` at a if b's deadline passed before a's cancel came.
     let started = Instant::now();
     let request = Envelope::request("who@b", "Sleep", 0)
         .with_payload(&400)
@@ -422,13 +425,14 @@ async fn remote_timeouts_and_oversize_envelopes_get_one_error_each() {
         started.elapsed()
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while node_stats(&a, "b").await.faults.late_replies < 1 {
+    while stats_of(b_admin).await["per_process"]["who.0"]["late_replies"] != 1 {
         assert!(
             Instant::now() < deadline,
-            "b's late timeout error not counted"
+            "the worker's late reply not counted at b"
         );
         actix::clock::sleep(Duration::from_millis(50)).await;
     }
+    assert!(node_stats(&a, "b").await.faults.late_replies <= 1);
     // b still serves (its worker finished sleeping).
     let reply = call(&a, "who@b", "Who", ()).await;
     assert_eq!(code(&reply), None, "{reply:?}");
@@ -1262,5 +1266,475 @@ async fn a_peer_advertising_an_endless_interval_is_still_forgotten() {
     );
     let reply = call(&a, "svc@forever", "Echo", ()).await;
     assert_eq!(code(&reply), Some(ErrorCode::UnknownTarget), "{reply:?}");
+    a.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// The request lifecycle across nodes: cancels and partial replies travel
+// over NATS; keys and deadlines travel with the request. Node b runs three
+// workers of the Rust SDK's conformance subject (`conf`): `Sleep` stops at
+// a cancel, `Active` says how many sleep, `LastCancel` what the last cancel
+// said, `Count` streams.
+
+/// `[[service]]` of `workers` conformance subjects named `conf`, for a
+/// node's `extra`.
+fn conformance(workers: u32) -> String {
+    format!(
+        "\n[[service]]\nname = \"conf\"\ncommand = \"@self\"\nargs = [\"worker\", \"conformance\"]\nworkers = {workers}\n"
+    )
+}
+
+/// Node `a`, embedded, with `queue_capacity`.
+fn node_a_with(cluster: ClusterConfig, queue_capacity: usize) -> BrokerHandle {
+    ProcBroker::builder()
+        .sysmon_interval(None)
+        .request_timeout(Duration::from_secs(10))
+        .queue_capacity(queue_capacity)
+        .cluster(cluster)
+        .start()
+}
+
+/// Waits until `a` sees `node` up with `ready` workers of `service`.
+async fn serves(a: &BrokerHandle, node: &str, service: &str, ready: u32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = a.nodes().await.expect("nodes");
+        if seen
+            .iter()
+            .any(|n| n.node == node && n.up && n.services.get(service) == Some(&ready))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} never served {ready} {service}: {seen:?}"
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Node b (`procbroker run`) with three `conf` workers and its admin
+/// endpoint, and node a (embedded, `queue_capacity`) once it sees them.
+async fn lifecycle_nodes(nats: &Nats, queue_capacity: usize) -> (Node, SocketAddr, BrokerHandle) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let b = Node::start_full(
+        "b",
+        &nats.url(),
+        1,
+        HEARTBEAT_MS,
+        &admin.to_string(),
+        &conformance(3),
+    );
+    let a = node_a_with(cluster(&nats.url(), "a"), queue_capacity);
+    serves(&a, "b", "conf", 3).await;
+    (b, admin, a)
+}
+
+/// Node b's `/stats`.
+async fn stats_of(admin: SocketAddr) -> serde_json::Value {
+    let (status, body) = get(admin, "/stats").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+/// The value of a call that must succeed.
+async fn value_of(
+    a: &BrokerHandle,
+    target: &str,
+    method: &str,
+    payload: serde_json::Value,
+) -> serde_json::Value {
+    let reply = call(a, target, method, payload).await;
+    assert_eq!(code(&reply), None, "{target} {method}: {reply:?}");
+    reply.payload_as().expect("payload")
+}
+
+/// `Sleep` for `ms` at `target`.
+fn sleep_at(target: &str, ms: u64) -> Envelope {
+    Envelope::request(target, "Sleep", 0)
+        .with_payload(&serde_json::json!({"ms": ms}))
+        .expect("payload")
+}
+
+/// Polls `target`'s `Active` until `sleeping` handlers run there; returns
+/// how long that took (at most 5 s, or the test fails).
+async fn sleeping_reaches(a: &BrokerHandle, target: &str, sleeping: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = value_of(a, target, "Active", serde_json::Value::Null).await;
+        if now["sleeping"] == sleeping {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{target} still has {now} sleeping, not {sleeping}"
+        );
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What the last `cancel` that reached a handler of `target` said.
+async fn last_cancel(a: &BrokerHandle, target: &str) -> serde_json::Value {
+    value_of(a, target, "LastCancel", serde_json::Value::Null).await
+}
+
+/// Node b holds no request in flight (its worker slots are free), within 2 s.
+async fn nothing_pending_at(admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let stats = stats_of(admin).await;
+        if stats["total"]["pending"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still pending at b: {}",
+            stats["total"]
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix::test]
+async fn a_request_that_ends_at_the_callers_node_is_cancelled_at_the_workers() {
+    let nats = Nats::start(&[]);
+    let (_b, b_admin, a) = lifecycle_nodes(&nats, 1000).await;
+
+    // Its deadline passes at a: b's worker is told `timeout` and its slot
+    // there is free. (b times it out too, a moment later: whichever is
+    // first tells the worker, once; the other's cancel finds it done.)
+    let reply = ask(&a, sleep_at("conf.0@b", 10_000).with_timeout_ms(300)).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Timeout), "{reply:?}");
+    let after_timeout = sleeping_reaches(&a, "conf.0@b", 0).await;
+    assert_eq!(last_cancel(&a, "conf.0@b").await["reason"], "timeout");
+    nothing_pending_at(b_admin).await;
+
+    // The embedded caller drops its call: `cancelled` reaches b's worker.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        a.call_envelope(sleep_at("conf.1@b", 10_000)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call cannot have ended: {dropped:?}");
+    let after_drop = sleeping_reaches(&a, "conf.1@b", 0).await;
+    assert_eq!(last_cancel(&a, "conf.1@b").await["reason"], "cancelled");
+    nothing_pending_at(b_admin).await;
+
+    // A child process on a cancels its call (`cancel` to `broker`): the
+    // relay's own request is cancelled, so its SDK drops its call out.
+    a.spawn(procbroker::config::ServiceConfig::new("relay", BIN).args(["worker", "conformance"]))
+        .await
+        .expect("relay");
+    wait_for_process(&a, "relay.0", |p| {
+        p.status == procbroker::protocol::rpc::ProcessStatus::Ready
+    })
+    .await;
+    let relay = |target: &str| {
+        Envelope::request("relay.0", "Relay", 0)
+            .with_payload(&serde_json::json!({
+                "target": target, "method": "Sleep", "payload": {"ms": 10_000}
+            }))
+            .expect("payload")
+    };
+    let a2 = a.clone();
+    let request = relay("conf.2@b");
+    let relayed = actix::spawn(async move { ask(&a2, request).await });
+    sleeping_reaches(&a, "conf.2@b", 1).await;
+    relayed.abort();
+    let after_child = sleeping_reaches(&a, "conf.2@b", 0).await;
+    assert_eq!(last_cancel(&a, "conf.2@b").await["reason"], "cancelled");
+    assert_eq!(last_cancel(&a, "relay.0").await["reason"], "cancelled");
+    nothing_pending_at(b_admin).await;
+
+    // The calling process dies: `caller_exited`.
+    let a2 = a.clone();
+    let request = relay("conf.0@b");
+    let orphaned = actix::spawn(async move { ask(&a2, request).await });
+    sleeping_reaches(&a, "conf.0@b", 1).await;
+    let pid = wait_for_process(&a, "relay.0", |p| p.pid.is_some())
+        .await
+        .pid
+        .expect("pid");
+    kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let reply = orphaned.await.expect("task");
+    assert_eq!(code(&reply), Some(ErrorCode::WorkerExited), "{reply:?}");
+    let after_exit = sleeping_reaches(&a, "conf.0@b", 0).await;
+    assert_eq!(last_cancel(&a, "conf.0@b").await["reason"], "caller_exited");
+    nothing_pending_at(b_admin).await;
+
+    // Each cancel reached its worker once: none of them found nothing.
+    let b = stats_of(b_admin).await;
+    assert_eq!(b["cluster"]["nodes"]["a"]["dropped_events"], 0, "{b}");
+    assert_eq!(b["cluster"]["dropped_messages"], 0, "{b}");
+    assert_eq!(a.stats().await.expect("stats").total.pending, 0);
+    eprintln!(
+        "cancel seen stopped at b's worker (Active polled every 5 ms): timeout {after_timeout:?}, \
+         dropped call {after_drop:?}, child's cancel {after_child:?}, caller killed {after_exit:?}"
+    );
+    a.shutdown().await;
+}
+
+/// The payloads of a streaming call's replies, as `(partial, value)`.
+async fn stream_values(
+    stream: procbroker::embed::BrokerStream,
+) -> Vec<(bool, Result<i64, ErrorCode>, Instant)> {
+    use futures_util::StreamExt;
+    let collect = stream
+        .map(|item| {
+            let at = Instant::now();
+            match item {
+                Ok(reply) => (
+                    reply.is_partial(),
+                    Ok(reply.into_envelope().payload_as().expect("a number")),
+                    at,
+                ),
+                Err(e @ CallError::Remote { .. }) => {
+                    (false, Err(e.broker_code().expect("a broker code")), at)
+                }
+                Err(e) => panic!("the stream ended with {e}"),
+            }
+        })
+        .collect::<Vec<_>>();
+    tokio::time::timeout(Duration::from_secs(10), collect)
+        .await
+        .expect("the stream ends")
+}
+
+#[actix::test]
+async fn partial_replies_cross_nodes_in_order_before_the_final_and_a_cut_stream_stops_there() {
+    let nats = Nats::start(&[]);
+    let (_b, b_admin, a) = lifecycle_nodes(&nats, 1000).await;
+    let count = |target: &str, n: u64, delay_ms: u64| {
+        Envelope::request(target, "Count", 0)
+            .with_payload(&serde_json::json!({"n": n, "delay_ms": delay_ms}))
+            .expect("payload")
+    };
+
+    // 500 partials as fast as b's worker makes them: all, in order, then
+    // the final; nothing after it.
+    let replies = stream_values(a.call_stream(count("conf@b", 500, 0))).await;
+    let expected: Vec<_> = (0..500)
+        .map(|i| (true, Ok(i)))
+        .chain([(false, Ok(500))])
+        .collect();
+    let got: Vec<_> = replies.iter().map(|(p, v, _)| (*p, *v)).collect();
+    assert_eq!(got, expected);
+
+    // They stream: the first arrives long before the final.
+    let replies = stream_values(a.call_stream(count("conf@b", 8, 100))).await;
+    assert_eq!(replies.len(), 9, "{replies:?}");
+    let (first, last) = (replies[0].2, replies[8].2);
+    assert!(
+        last - first >= Duration::from_millis(600),
+        "partials held back: {:?}",
+        last - first
+    );
+
+    // Without `stream`, only the final reply comes.
+    let reply = call(&a, "conf@b", "Count", serde_json::json!({"n": 5})).await;
+    assert_eq!(reply.payload_as::<i64>().ok(), Some(5), "{reply:?}");
+    assert!(!reply.more);
+
+    // A caller that does not read has its stream cut at a (`busy`), and
+    // b's worker is told `busy`.
+    let slow = node_a_with(cluster(&nats.url(), "slow"), 4);
+    serves(&slow, "b", "conf", 3).await;
+    let stream = slow.call_stream(count("conf.1@b", 100_000, 2));
+    actix::clock::sleep(Duration::from_millis(500)).await;
+    let replies = stream_values(stream).await;
+    let (cut, partials) = replies.split_last().expect("replies");
+    assert_eq!(cut.1, Err(ErrorCode::Busy), "{replies:?}");
+    let values: Vec<_> = partials.iter().map(|(p, v, _)| (*p, *v)).collect();
+    let in_order: Vec<_> = (0..partials.len() as i64).map(|i| (true, Ok(i))).collect();
+    assert_eq!(values, in_order);
+    assert!(
+        partials.len() <= 5,
+        "more than the caller's buffer: {}",
+        partials.len()
+    );
+    sleeping_reaches(&slow, "conf.1@b", 0).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while last_cancel(&slow, "conf.1@b").await["reason"] != "busy" {
+        assert!(Instant::now() < deadline, "b's worker was not told busy");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    nothing_pending_at(b_admin).await;
+    let b = stats_of(b_admin).await;
+    assert_eq!(b["per_process"]["conf.0"]["unmatched_replies"], 0, "{b}");
+    slow.shutdown().await;
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn keys_and_deadlines_travel_and_the_serving_node_hashes_over_its_workers() {
+    let nats = Nats::start(&[]);
+    let (_b, _b_admin, a) = lifecycle_nodes(&nats, 1000).await;
+    let _c = Node::start("c", &nats.url(), 1, &conformance(2));
+    serves(&a, "c", "conf", 2).await;
+    // Who served a keyed `WhoAmI`: `conf.N@node`.
+    let who = |target: &str, key: &str| {
+        let request = Envelope::request(target, "WhoAmI", 0)
+            .with_key(key)
+            .expect("a key");
+        let a = a.clone();
+        async move {
+            let reply = ask(&a, request).await;
+            assert_eq!(code(&reply), None, "{reply:?}");
+            let v: serde_json::Value = reply.payload_as().expect("WhoAmI");
+            let node = reply.source.rsplit('@').next().unwrap_or_default();
+            format!("{}@{node}", v["id"].as_str().unwrap_or_default())
+        }
+    };
+    let mut on_b = std::collections::BTreeMap::<String, u32>::new();
+    let mut by_name = std::collections::BTreeMap::<String, u32>::new();
+    for k in 0..24 {
+        let key = format!("session-{k}");
+        // To b: b hashes the key over its own workers.
+        let owner = who("conf@b", &key).await;
+        // By plain name (a has no `conf`): a hashes the key over the nodes
+        // that serve it, then that node over its workers.
+        let anywhere = who("conf", &key).await;
+        for _ in 0..3 {
+            assert_eq!(who("conf@b", &key).await, owner, "{key} moved on b");
+            assert_eq!(who("conf", &key).await, anywhere, "{key} moved");
+        }
+        if anywhere.ends_with("@b") {
+            assert_eq!(anywhere, owner, "{key}: b's worker differs by the route");
+        }
+        *on_b.entry(owner).or_default() += 1;
+        let node = anywhere.rsplit('@').next().unwrap_or_default().to_owned();
+        *by_name.entry(node).or_default() += 1;
+    }
+    assert!(on_b.len() >= 2, "24 keys on one worker of b: {on_b:?}");
+    assert!(
+        by_name.len() == 2 && by_name.keys().all(|n| n == "b" || n == "c"),
+        "24 keys not spread over b and c: {by_name:?}"
+    );
+    // On a process id the key is ignored.
+    assert_eq!(who("conf.2@b", "session-0").await, "conf.2@b");
+    // A key that is not a str: refused before it leaves a.
+    let mut bad = Envelope::request("conf@b", "WhoAmI", 0);
+    bad.key = Some(procbroker::protocol::RequestKey::Invalid(
+        Payload::encode(&7).expect("payload"),
+    ));
+    let reply = ask(&a, bad).await;
+    assert_eq!(code(&reply), Some(ErrorCode::BadRequest), "{reply:?}");
+
+    // The deadline travels: the worker at b sees what is left of a's.
+    let request = Envelope::request("conf@b", "Deadline", 0).with_timeout_ms(2000);
+    let reply = ask(&a, request).await;
+    let left: u64 = reply.payload_as().expect("remaining ms");
+    assert!((1000..=2000).contains(&left), "{left} ms left at b");
+    a.shutdown().await;
+}
+
+#[actix::test]
+async fn forged_and_malformed_cancels_are_dropped_and_counted() {
+    let nats = Nats::start(&[]);
+    let (_b, b_admin, a) = lifecycle_nodes(&nats, 1000).await;
+    let client = raw_client(&nats).await;
+    let stream = a.call_stream(sleep_at("conf.0@b", 10_000));
+    let correlation_id = stream.correlation_id();
+    sleeping_reaches(&a, "conf.0@b", 1).await;
+
+    let b = stats_of(b_admin).await;
+    let subject = format!(
+        "procbroker.b.{}.req",
+        b["cluster"]["instance"].as_str().expect("b's instance")
+    );
+    let a_instance = a
+        .stats()
+        .await
+        .expect("stats")
+        .cluster
+        .expect("cluster")
+        .instance;
+    let headers = |node: &str, instance: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Procbroker-Node", node);
+        h.insert("Procbroker-Instance", instance);
+        h
+    };
+    let cancel = |source: &str, correlation_id: u64| {
+        let mut c = Envelope::cancel_notice(
+            "broker",
+            correlation_id,
+            source,
+            procbroker::protocol::CancelReason::Cancelled,
+        );
+        c.source = source.into();
+        c.to_bytes()
+    };
+    let genuine = cancel("@caller", correlation_id);
+    let sends = [
+        // No headers.
+        (None, genuine.clone()),
+        // Another instance of a's name, an unknown node.
+        (Some(headers("a", "0000000000000001")), genuine.clone()),
+        (Some(headers("c", "00000000000000c1")), genuine.clone()),
+        // a's own headers, but no reason; an event that never crosses.
+        (
+            Some(headers("a", &a_instance)),
+            Envelope::cancel_request(correlation_id).to_bytes(),
+        ),
+        (
+            Some(headers("a", &a_instance)),
+            Envelope::event("broker", "note").to_bytes(),
+        ),
+    ];
+    for (headers, body) in sends {
+        match headers {
+            Some(h) => client.publish_with_headers(subject.clone(), h, body).await,
+            None => client.publish(subject.clone(), body).await,
+        }
+        .expect("publish");
+    }
+    // From a's instance, but for nothing a's callers have in flight there:
+    // through to b's Router, which drops them (the node's dropped_events).
+    for body in [
+        cancel("someone", correlation_id),
+        cancel("@caller", correlation_id + 1),
+    ] {
+        client
+            .publish_with_headers(subject.clone(), headers("a", &a_instance), body)
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let b = loop {
+        let b = stats_of(b_admin).await;
+        if b["cluster"]["dropped_messages"] == 5
+            && b["cluster"]["nodes"]["a"]["dropped_events"] == 2
+        {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "not counted: {}", b["cluster"]);
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(b["per_process"]["conf.0"]["pending"], 1, "{b}");
+    assert_eq!(
+        value_of(&a, "conf.0@b", "Active", serde_json::Value::Null).await["sleeping"],
+        1,
+        "a forged cancel stopped the worker"
+    );
+    let (_, metrics) = get(b_admin, "/metrics").await;
+    assert!(
+        metrics.contains("procbroker_cluster_dropped_messages_total{node=\"b\"} 5"),
+        "{metrics}"
+    );
+
+    // The real one still works.
+    drop(stream);
+    sleeping_reaches(&a, "conf.0@b", 0).await;
+    let last = last_cancel(&a, "conf.0@b").await;
+    assert_eq!(
+        (&last["reason"], &last["correlation_id"]),
+        (
+            &serde_json::json!("cancelled"),
+            &serde_json::json!(correlation_id)
+        )
+    );
+    nothing_pending_at(b_admin).await;
     a.shutdown().await;
 }

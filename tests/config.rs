@@ -1,4 +1,4 @@
-//! The config file (DESIGN 7): the shape, the embedded default, environment
+//! The config file: the shape, the embedded default, environment
 //! and flag overrides, and refusals that name the key and where it came from.
 
 use procbroker::config::file::{ConfigError, Loaded};

@@ -1,4 +1,4 @@
-//! The dashboard in a real browser (DESIGN 13): four echo worker processes
+//! The dashboard in a real browser: four echo worker processes
 //! under traffic, the page opened in headless Chromium through WebDriver
 //! (`tests/python/dashboard.py`, Selenium with Debian's chromium-driver).
 //! The page must show every worker with its real pid, change its numbers

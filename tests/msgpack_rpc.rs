@@ -1,4 +1,4 @@
-//! MessagePack-RPC services (DESIGN 12) with real programs: two
+//! MessagePack-RPC services with real programs: two
 //! `nvim --clean --embed --headless` workers under the broker, called from
 //! Rust through the broker: results, neovim's own errors, round-robin,
 //! neovim calling another service (`vim.rpcrequest`) and notifying one
@@ -6,7 +6,8 @@
 //! pipelining, a timeout with the late reply dropped, neovim dying with a
 //! request in flight; and a fake MessagePack-RPC child
 //! (`tests/python/rpc_fake.py`) that sends garbage, a wrong array and an
-//! oversize value, each handled as DESIGN 5.4 says.
+//! oversize value: a bad value is counted, a stream out of sync restarts
+//! the child.
 
 mod support;
 

@@ -50,7 +50,11 @@ async fn sysmon_reports_this_process_and_vanished_or_zombie_children_truthfully(
     for (id, pid) in [("gone.0", reaped_pid), ("zombie.0", zombie_pid)] {
         broker
             .sysmon()
-            .send(Watch { id: id.into(), pid })
+            .send(Watch {
+                id: id.into(),
+                pid,
+                max_rss_kb: 0,
+            })
             .await
             .expect("sysmon");
     }

@@ -14,7 +14,7 @@
 //!   so a child cannot forge one. A bad frame is
 //!   counted and skipped (`bad_request` if it was a readable request); a
 //!   frame error (oversize length, torn frame, stray bytes) means the stream
-//!   is out of sync, so the child is killed and restarted (DESIGN 5.4).
+//!   is out of sync, so the child is killed and restarted.
 //! - **stdin**: an [`Outbox`] with a bound of `queue_capacity` frames,
 //!   behind the incarnation's inbox (module `same_thread`), which the Router
 //!   calls directly when it runs on this thread (the broker starts them
@@ -33,6 +33,9 @@
 //!   translates at the pipe, so everything here still sees envelopes. Such a
 //!   child has no `ready`/`shutdown` handshake: it is ready when it answers
 //!   `ready_probe` (or at once), and is stopped by EOF on stdin.
+//! - **age**: with `recycle.max_age_ms`, each incarnation tells the Broker
+//!   once, that long after its `ready`, that it is due for recycling (the
+//!   Broker decides when it is replaced).
 //! - **exit**: a watcher task owns the `Child`, reaps it (no zombies) and
 //!   tells the bridge; the Router then fails the requests in flight to it
 //!   with `worker_exited` at once.
@@ -59,8 +62,8 @@ use super::health::{Health, Verdict};
 use super::log_limit::{BadFrameRate, LogLimit, LogLine};
 use super::log_store::{AttachStderr, LogStore};
 use super::messages::{
-    BadFrame, Deliver, Envelopes, HealthFailure, RegisterProcess, RemoveProcess, SetReady,
-    StopProcess, TrackProcess, Unwatch, Watch,
+    BadFrame, Deliver, Envelopes, HealthFailure, RecycleDue, RecycleReason, RegisterProcess,
+    RemoveProcess, SetReady, StopProcess, TrackProcess, Unwatch, Watch,
 };
 use super::pacer::{Paced, Pacer};
 use super::restart_policy::{Decision, Restarts};
@@ -122,6 +125,8 @@ struct Incarnation {
     health: Option<Health>,
     /// The interval that sends them.
     health_timer: Option<SpawnHandle>,
+    /// Fires at `recycle.max_age_ms` after `ready` (if the service has it).
+    age_timer: Option<SpawnHandle>,
 }
 
 impl Incarnation {
@@ -137,6 +142,8 @@ pub struct BridgePeers {
     pub router: Addr<Router>,
     /// The Broker (process table).
     pub broker: Recipient<TrackProcess>,
+    /// The Broker again: a worker that reached `recycle.max_age_ms`.
+    pub recycle: Recipient<RecycleDue>,
     /// Sysmon (pids to sample).
     pub sysmon: Addr<Sysmon>,
     /// The LogStore (stderr pipes).
@@ -273,7 +280,7 @@ impl Bridge {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             // Its own process group: a terminal's Ctrl-C reaches the broker
-            // only, which then stops the children in order (DESIGN 5.6);
+            // only, which then stops the children in order;
             // and signals to the group reach the child's own children.
             .process_group(0);
         let broker = nix::unistd::getpid();
@@ -385,6 +392,7 @@ impl Bridge {
             ready,
             pacer: Some(Arc::clone(&pacer)),
             inbox: Some(Handoff::child(Rc::clone(&inbox), Rc::clone(&link))),
+            takes_cancel: self.spec.protocol == Protocol::Procbroker,
             ..RegisterProcess::new(
                 self.id.clone(),
                 self.service.clone(),
@@ -394,6 +402,7 @@ impl Bridge {
         self.peers.sysmon.do_send(Watch {
             id: self.id.to_string(),
             pid,
+            max_rss_kb: self.spec.recycle.max_rss_kb,
         });
         let ready_timer = (!ready).then(|| {
             let timeout = Duration::from_millis(self.spec.ready_timeout_ms);
@@ -415,6 +424,7 @@ impl Bridge {
             bad_rate: BadFrameRate::new(self.config.max_bad_frames_per_s),
             health: None,
             health_timer: None,
+            age_timer: None,
         });
         self.pid = Some(pid);
         self.started_at = Some(SystemTime::now());
@@ -433,6 +443,7 @@ impl Bridge {
             self.set_status(ProcessStatus::Ready);
             self.settle_first_start(None);
             self.start_health(ctx);
+            self.start_age_limit(ctx);
         } else {
             self.set_status(ProcessStatus::Starting);
         }
@@ -486,6 +497,31 @@ impl Bridge {
         self.set_status(ProcessStatus::Ready);
         self.settle_first_start(None);
         self.start_health(ctx);
+        self.start_age_limit(ctx);
+    }
+
+    /// Once the current incarnation has been ready for `recycle.max_age_ms`
+    /// (if the service has it), tells the Broker it is due for recycling.
+    fn start_age_limit(&mut self, ctx: &mut Context<Self>) {
+        let max_age = self.spec.recycle.max_age_ms;
+        let Some(child) = self.child.as_mut().filter(|_| max_age > 0) else {
+            return;
+        };
+        let generation = child.generation;
+        child.age_timer = Some(
+            ctx.run_later(Duration::from_millis(max_age), move |bridge, _| {
+                let current = bridge.child.as_mut().filter(|c| c.generation == generation);
+                if let Some(child) = current {
+                    child.age_timer = None;
+                    if !bridge.stopping {
+                        bridge.peers.recycle.do_send(RecycleDue {
+                            id: bridge.id.clone(),
+                            reason: RecycleReason::MaxAge,
+                        });
+                    }
+                }
+            }),
+        );
     }
 
     /// Starts the health checks of the current incarnation, if the service
@@ -567,7 +603,7 @@ impl Bridge {
             return;
         };
         ctx.cancel_future(child.stdout);
-        for timer in [child.ready_timer, child.health_timer]
+        for timer in [child.ready_timer, child.health_timer, child.age_timer]
             .into_iter()
             .flatten()
         {

@@ -1,5 +1,5 @@
 //! Broker: the control plane. It is the process `broker` in the routing table
-//! and answers the broker's RPCs (DESIGN 4); it keeps the process table that
+//! and answers the broker's RPCs; it keeps the process table that
 //! `ListProcesses` shows and reports life-cycle changes to the MetricsStore.
 //!
 //! Every reply copies the request's `correlation_id` (it is built from the
@@ -11,6 +11,13 @@
 //! whole service and answers once the children are reaped. Bridges report
 //! every status change back ([`TrackProcess`]), which is what
 //! `ListProcesses` shows.
+//!
+//! It recycles workers: a worker that reaches a limit of its service's
+//! `recycle` ([`RecycleDue`]: from its bridge at `max_age_ms`, from Sysmon
+//! at `max_rss_kb`, from the Router at `max_requests`) is replaced as a
+//! rolling restart replaces one worker. Whose turn it is (one worker of a
+//! service at a time, rolling restarts included) is decided in module
+//! `recycling`.
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -23,10 +30,12 @@ use tokio::sync::oneshot;
 use super::bridge::{Bridge, BridgePeers};
 use super::log_store::{ForgetLogs, LogStore};
 use super::messages::{
-    Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes, ProcessLifecycle, Route,
-    SetReady, StopProcess, SubmitMetrics, TrackProcess,
+    CancelInFlight, CountRecycle, Deliver, FlushMetrics, ForgetProcesses, InFlightOf, ListNodes,
+    ProcessLifecycle, RecycleDue, RecycleReason, Route, SetReady, SetRecycler, SetServicePolicy,
+    StopProcess, SubmitMetrics, TrackProcess,
 };
 use super::metrics_store::{MetricsStore, fresh_stats};
+use super::recycling::{Due, Recycling, Turn};
 use super::router::Router;
 use super::sysmon::Sysmon;
 use crate::config::{BrokerConfig, ServiceConfig};
@@ -104,6 +113,16 @@ pub enum SpawnError {
         service: String,
         /// Its command.
         command: String,
+    },
+    /// A setting out of range (the error names the key).
+    #[error("service {service:?}: {key}: {message}")]
+    Setting {
+        /// The service.
+        service: String,
+        /// The key (`recycle.max_age_ms`).
+        key: String,
+        /// What is wrong.
+        message: String,
     },
     /// Its `limits`, `user`, `group` or `cwd` cannot be carried out (the
     /// error names the key).
@@ -220,6 +239,80 @@ pub(crate) async fn drain_worker(router: &Addr<Router>, id: &str, timeout: std::
             Ok(_) => actix::clock::sleep(std::time::Duration::from_millis(5)).await,
         }
     }
+    // Out of time: the worker is told to drop what it still has before
+    // it is stopped.
+    let _ = router.send(CancelInFlight { id: Some(id) }).await;
+}
+
+/// How the replacement of one worker went.
+enum Replacement {
+    /// Its new incarnation is ready and in rotation.
+    Ready,
+    /// It was not there to replace (scaled away, its service stopped).
+    Gone,
+    /// The new incarnation did not become ready (why); it is left to its
+    /// restart policy.
+    NotReady(String),
+    /// The broker is stopping: nothing is started.
+    ShuttingDown,
+}
+
+/// Replaces worker `id` of `service`, as a rolling restart does with each:
+/// out of rotation, drained (up to `drain`), stopped, started again, ready.
+async fn replace_worker(
+    me: &Addr<Broker>,
+    router: &Addr<Router>,
+    service: &str,
+    id: &str,
+    drain: std::time::Duration,
+) -> Replacement {
+    // The worker's current bridge (it may have been restarted by its own
+    // policy meanwhile).
+    let Ok(Some(bridge)) = me.send(BridgeOf(id.to_owned())).await else {
+        return Replacement::Gone;
+    };
+    drain_worker(router, id, drain).await;
+    let _ = bridge.send(StopProcess).await;
+    let Ok(Some(started)) = me
+        .send(StartAgain {
+            service: service.to_owned(),
+            id: id.to_owned(),
+        })
+        .await
+    else {
+        return Replacement::ShuttingDown;
+    };
+    match started.await {
+        Ok(p) if p.is_ready() => Replacement::Ready,
+        Ok(p) => Replacement::NotReady(p.error.unwrap_or_else(|| p.status.to_string())),
+        Err(_) => Replacement::NotReady("the broker stopped it".to_owned()),
+    }
+}
+
+/// A rolling restart of a service asks for the service's turn (see
+/// `recycling`); the receiver fires when it may go ahead, and fails if
+/// the broker stops first.
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<()>")]
+struct TakeTurn(String);
+
+/// The turn of a service is over: the next waiting gets it.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct TurnDone(String);
+
+/// Holds a service's turn; gives it back when dropped, however the
+/// rolling restart that took it ends.
+struct TurnHeld {
+    broker: Addr<Broker>,
+    service: String,
+}
+
+impl Drop for TurnHeld {
+    fn drop(&mut self) {
+        self.broker
+            .do_send(TurnDone(std::mem::take(&mut self.service)));
+    }
 }
 
 /// The reply of a handler whose work was refused at once (`Err`) or goes on
@@ -307,6 +400,9 @@ pub struct Broker {
     /// Set by [`StopAll`]: nothing more is started (a roll or a scale in
     /// progress stops where it is).
     stopping: bool,
+    /// Whose turn it is to be replaced, per service: a recycled worker or
+    /// a rolling restart (that waits for the turn on the channel).
+    recycling: Recycling<oneshot::Sender<()>>,
 }
 
 impl Broker {
@@ -329,7 +425,27 @@ impl Broker {
             specs: BTreeMap::new(),
             id: ByteString::from_static(BROKER),
             stopping: false,
+            recycling: Recycling::default(),
         }
+    }
+
+    /// Tells the Router how `spec`'s service spreads its requests and
+    /// after how many requests a worker is due for recycling; before its
+    /// workers register, so the first request already follows it.
+    fn set_policy(&self, spec: &ServiceConfig) {
+        self.router.do_send(SetServicePolicy {
+            service: spec.name.as_str().into(),
+            balance: spec.balance,
+            max_requests: spec.recycle.max_requests,
+        });
+    }
+
+    /// Checks what the config file's loader checks too, for services that
+    /// do not come from a file (the embedding API).
+    fn check_settings(&self, spec: &ServiceConfig) -> Result<(), (String, String)> {
+        spec.recycle
+            .check(self.config.sysmon_interval.is_some_and(|d| !d.is_zero()))
+            .map_err(|(key, message)| (format!("recycle.{key}"), message))
     }
 
     fn spawn_service(
@@ -358,6 +474,13 @@ impl Broker {
                 error: e,
             });
         }
+        if let Err((key, message)) = self.check_settings(&spec) {
+            return Err(SpawnError::Setting {
+                service: spec.name,
+                key,
+                message,
+            });
+        }
         if let Err(error) = crate::config::run_as::ChildSetup::resolve(&spec) {
             return Err(SpawnError::RunAs {
                 service: spec.name,
@@ -374,6 +497,7 @@ impl Broker {
         if live || in_process {
             return Err(SpawnError::Running(spec.name));
         }
+        self.set_policy(&spec);
         let spec = Arc::new(spec);
         let mut workers = Vec::with_capacity(spec.workers as usize);
         let mut starts = Vec::with_capacity(spec.workers as usize);
@@ -411,6 +535,7 @@ impl Broker {
         let peers = BridgePeers {
             router: self.router.clone(),
             broker: ctx.address().recipient(),
+            recycle: ctx.address().recipient(),
             sysmon: self.sysmon.clone(),
             logs: self.logs.clone(),
         };
@@ -430,7 +555,7 @@ impl Broker {
 
     /// `Scale`: starts `name.N…` up to `workers` (and starts again any
     /// worker below that whose first start failed for good), or drains and
-    /// stops the highest-numbered workers down to it (DESIGN 10.4). The
+    /// stops the highest-numbered workers down to it. The
     /// reply says which new workers did not become ready, and why; none
     /// ready is an error.
     fn scale(
@@ -544,7 +669,7 @@ impl Broker {
     }
 
     /// `Restart`: one worker at a time, out of rotation, drained, stopped,
-    /// started again and ready before the next (DESIGN 10.4). A new worker
+    /// started again and ready before the next. A new worker
     /// that does not become ready stops the roll: the workers after it are
     /// left serving, and the answer is an error naming it and why.
     fn restart(
@@ -576,34 +701,31 @@ impl Broker {
         let router = self.router.clone();
         let drain = self.config.drain_timeout;
         Ok(async move {
+            // One replacement of a service at a time: a recycle under way
+            // ends first (and recycles due meanwhile wait for the roll).
+            let Ok(turn) = me.send(TakeTurn(service.clone())).await else {
+                return Err(ControlError::ShuttingDown);
+            };
+            if turn.await.is_err() {
+                return Err(ControlError::ShuttingDown);
+            }
+            let _turn = TurnHeld {
+                broker: me.clone(),
+                service: service.clone(),
+            };
             let mut restarted = Vec::new();
             for (i, id) in ids.iter().enumerate() {
-                // The worker's current bridge (it may have been restarted by
-                // its own policy meanwhile).
-                let Ok(Some(bridge)) = me.send(BridgeOf(id.clone())).await else {
-                    continue;
-                };
-                drain_worker(&router, id, drain).await;
-                let _ = bridge.send(StopProcess).await;
-                let Ok(Some(started)) = me
-                    .send(StartAgain {
-                        service: service.clone(),
-                        id: id.clone(),
-                    })
-                    .await
-                else {
-                    // The broker is stopping: nothing more is started.
-                    return Err(ControlError::ShuttingDown);
-                };
                 // Back in rotation once ready; if it is not, the roll stops
                 // here and the new worker is left to its restart policy.
-                let why = match started.await {
-                    Ok(p) if p.is_ready() => {
+                let why = match replace_worker(&me, &router, &service, id, drain).await {
+                    Replacement::Ready => {
                         restarted.push(id.clone());
                         continue;
                     }
-                    Ok(p) => p.error.unwrap_or_else(|| p.status.to_string()),
-                    Err(_) => "the broker stopped it".to_owned(),
+                    Replacement::Gone => continue,
+                    // The broker is stopping: nothing more is started.
+                    Replacement::ShuttingDown => return Err(ControlError::ShuttingDown),
+                    Replacement::NotReady(why) => why,
                 };
                 tracing::error!(process = %id, reason = %why,
                     "rolling restart stopped: the new worker did not become ready");
@@ -616,6 +738,80 @@ impl Broker {
             }
             Ok(restarted)
         })
+    }
+
+    /// Passes the turn of `service` on: to the next rolling restart
+    /// waiting, or the next due worker still to be replaced.
+    fn next_turn(&mut self, service: &str, ctx: &mut Context<Self>) {
+        let mut next = self.recycling.done(service);
+        while let Some(turn) = next {
+            match turn {
+                Turn::Roll(go) => match go.send(()) {
+                    Ok(()) => return,
+                    // That roll is gone (its caller went away).
+                    Err(_) => next = self.recycling.done(service),
+                },
+                Turn::Recycle(due) => {
+                    if self.recycle(service, due, ctx) {
+                        return;
+                    }
+                    next = self.recycling.done(service);
+                }
+            }
+        }
+    }
+
+    /// Replaces worker `due.id` of `service`, which has the service's
+    /// turn; passes the turn on when done. Returns false (nothing done) if
+    /// the incarnation that reached the limit is gone or not serving.
+    fn recycle(&mut self, service: &str, due: Due, ctx: &mut Context<Self>) -> bool {
+        let current = self
+            .processes
+            .get(&due.id)
+            .filter(|p| p.pid == due.pid && p.status == ProcessStatus::Ready);
+        let ours = self
+            .services
+            .get(service)
+            .is_some_and(|workers| workers.iter().any(|w| w.id == due.id));
+        if self.stopping || current.is_none() || !ours {
+            tracing::debug!(process = %due.id, reason = %due.reason,
+                "due for recycling, but replaced or stopped meanwhile; not recycled");
+            return false;
+        }
+        let recycle = self
+            .specs
+            .get(service)
+            .map(|s| s.recycle)
+            .unwrap_or_default();
+        let (key, limit) = match due.reason {
+            RecycleReason::MaxRequests => ("max_requests", recycle.max_requests),
+            RecycleReason::MaxAge => ("max_age_ms", recycle.max_age_ms),
+            RecycleReason::MaxRss => ("max_rss_kb", recycle.max_rss_kb),
+        };
+        tracing::info!(process = %due.id, pid = due.pid, reason = %due.reason, limit,
+            "recycling the worker: it reached recycle.{key} = {limit}");
+        self.metrics.do_send(CountRecycle { id: due.id.clone() });
+        let me = ctx.address();
+        let router = self.router.clone();
+        let drain = self.config.drain_timeout;
+        let service = service.to_owned();
+        ctx.spawn(
+            async move {
+                let outcome = replace_worker(&me, &router, &service, &due.id, drain).await;
+                (service, due, outcome)
+            }
+            .into_actor(self)
+            .map(|(service, due, outcome), broker, ctx| {
+                if let Replacement::NotReady(why) = outcome {
+                    let waiting = broker.recycling.stop_recycling(&service);
+                    tracing::error!(process = %due.id, reason = %why,
+                        not_recycled = ?waiting,
+                        "recycling stopped: the new worker did not become ready; the workers still due keep serving");
+                }
+                broker.next_turn(&service, ctx);
+            }),
+        );
+        true
     }
 
     fn stop_target(
@@ -849,6 +1045,74 @@ impl Broker {
 
 impl Actor for Broker {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Workers at their `recycle.max_requests` (counted by the Router)
+        // and over their `max_rss_kb` (sampled by Sysmon) are reported here.
+        self.router.do_send(SetRecycler(ctx.address().recipient()));
+        self.sysmon.do_send(SetRecycler(ctx.address().recipient()));
+    }
+}
+
+impl Handler<RecycleDue> for Broker {
+    type Result = ();
+
+    /// A worker reached a `recycle` limit: replaced now if its service's
+    /// turn is free, else when the turn comes (if it still serves then).
+    fn handle(&mut self, RecycleDue { id, reason }: RecycleDue, ctx: &mut Self::Context) {
+        let service = service_of(&id).to_owned();
+        let Some(info) = self.processes.get(&*id) else {
+            return;
+        };
+        let ours = self
+            .services
+            .get(&service)
+            .is_some_and(|workers| workers.iter().any(|w| w.id == *id));
+        if self.stopping || !ours || info.status != ProcessStatus::Ready {
+            tracing::debug!(process = %id, %reason, status = %info.status,
+                "due for recycling but not serving; not recycled");
+            return;
+        }
+        let due = Due {
+            id: id.to_string(),
+            reason,
+            pid: info.pid,
+        };
+        match self.recycling.due(&service, due) {
+            Some(due) => {
+                if !self.recycle(&service, due, ctx) {
+                    self.next_turn(&service, ctx);
+                }
+            }
+            None => {
+                tracing::debug!(process = %id, %reason,
+                    "due for recycling; waits its turn (one worker of a service at a time)");
+            }
+        }
+    }
+}
+
+impl Handler<TakeTurn> for Broker {
+    type Result = MessageResult<TakeTurn>;
+
+    fn handle(&mut self, TakeTurn(service): TakeTurn, _: &mut Self::Context) -> Self::Result {
+        let (go, turn) = oneshot::channel();
+        if !self.stopping
+            && let Some(go) = self.recycling.roll(&service, go)
+        {
+            let _ = go.send(());
+        }
+        // Stopping: `go` is dropped, and the roll gives up.
+        MessageResult(turn)
+    }
+}
+
+impl Handler<TurnDone> for Broker {
+    type Result = ();
+
+    fn handle(&mut self, TurnDone(service): TurnDone, ctx: &mut Self::Context) {
+        self.next_turn(&service, ctx);
+    }
 }
 
 impl Handler<Deliver> for Broker {
@@ -903,6 +1167,9 @@ impl Handler<StopAll> for Broker {
 
     fn handle(&mut self, _: StopAll, _: &mut Self::Context) -> Self::Result {
         self.stopping = true;
+        // Nothing waiting is replaced; rolling restarts waiting for their
+        // turn give up (their senders dropped here).
+        drop(self.recycling.clear());
         let names: Vec<(String, Vec<String>)> = self
             .services
             .keys()
@@ -976,7 +1243,14 @@ impl Handler<Reconfigure> for Broker {
             let e = ControlError::Invalid(format!("service {:?}: {e}", spec.name));
             return Box::pin(async move { Err(e) });
         }
+        if let Err((key, message)) = self.check_settings(&spec) {
+            let e = ControlError::Invalid(format!("service {:?}: {key}: {message}", spec.name));
+            return Box::pin(async move { Err(e) });
+        }
         spec.workers = u32::try_from(workers).unwrap_or(u32::MAX);
+        // Both apply at once; each worker the roll replaces counts its
+        // requests afresh.
+        self.set_policy(&spec);
         let name = spec.name.clone();
         self.specs.insert(name.clone(), Arc::new(spec));
         respond_flat(self.restart(&name, ctx))

@@ -18,15 +18,22 @@
 //!   free again.
 //! - **Send**: the Router routes to a node as to a process named `@node`
 //!   whose [`Deliver`] lands here; requests are published to the one
-//!   instance of the node this broker routes to (its `Link`), replies to
-//!   the instance whose caller asked. Larger than the server's
-//!   `max_payload`: `too_large`, never published.
-//! - **Receive**: requests for this instance and replies to it, decoded
-//!   once and handed to the Router ([`FromNodes`]) with `source` stamped
-//!   `proc@node`, but only from the instance routed to: anything from
-//!   another instance of that name is refused (a request, with an error
-//!   reply to its own instance) or dropped (a reply), so no reply ever
-//!   reaches a caller it was not meant for.
+//!   instance of the node this broker routes to (its `Link`), replies
+//!   (partial ones too, in order) to the instance whose caller asked.
+//!   Larger than the server's `max_payload`: `too_large`, never published.
+//!   A request that ends here before its reply (its deadline passed, its
+//!   caller cancelled or left, its stream was cut) comes as the event
+//!   `cancel` for `@node`: it is published on the same subject as the
+//!   request, with the same headers, so it never overtakes it.
+//! - **Receive**: requests and cancels for this instance and replies to
+//!   it, decoded once and handed to the Router ([`FromNodes`]) with
+//!   `source` stamped `proc@node`, but only from the instance routed to:
+//!   anything from another instance of that name is refused (a request,
+//!   with an error reply to its own instance) or dropped (a reply, a
+//!   cancel), so no reply ever reaches a caller it was not meant for and
+//!   no other broker can cancel this broker's callers' requests. What is
+//!   dropped here (unreadable, or from an instance not routed to) is
+//!   counted (`dropped_messages`).
 //!
 //! The pending table, deadlines and the one reply stay the Router's: this
 //! actor keeps no per-request state (the reply subject names the request),
@@ -60,11 +67,12 @@ use super::nodes::{self, node_id};
 use super::router::Router;
 use crate::config::ClusterConfig;
 use crate::config::cluster::is_token;
+use crate::names::BROKER;
 use crate::protocol::federation::{
     Heartbeat, Hop, INSTANCE_HEADER, NODE_HEADER, heartbeat_subject, instance_token,
     parse_instance, parse_reply_subject, reply_subject, reply_wildcard, request_subject,
 };
-use crate::protocol::{Envelope, ErrorCode, MessageType};
+use crate::protocol::{CancelNotice, Envelope, ErrorCode, MessageType};
 
 /// Bytes a message's headers and subjects may take beside the envelope,
 /// counted against `max_payload` (NATS counts headers in it).
@@ -193,6 +201,9 @@ pub struct Cluster {
     headers: HeaderMap,
     /// Warnings about what other nodes send (a few a second at most).
     log_limit: LogLimit,
+    /// Messages from other nodes dropped here: unreadable, or a reply or
+    /// cancel from an instance other than the one routed to.
+    dropped: u64,
 }
 
 impl Cluster {
@@ -233,6 +244,7 @@ impl Cluster {
             last_error: None,
             headers,
             log_limit: LogLimit::default(),
+            dropped: 0,
             node,
         }
     }
@@ -659,6 +671,7 @@ impl Cluster {
             nodes_ignored: counts.nodes_ignored,
             services_ignored: counts.services_ignored,
             nodes_forgotten: counts.nodes_forgotten,
+            dropped_messages: self.dropped,
         });
     }
 }
@@ -670,6 +683,7 @@ impl StreamHandler<Inbound> for Cluster {
     fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
         match inbound {
             Inbound::Requests(batch) => {
+                let dropped = self.dropped;
                 let mut envelopes = Vec::with_capacity(batch.len());
                 for msg in batch {
                     envelopes.extend(self.request_in(msg, ctx));
@@ -677,12 +691,19 @@ impl StreamHandler<Inbound> for Cluster {
                 if !envelopes.is_empty() {
                     self.router.do_send(FromNodes(envelopes));
                 }
+                if self.dropped != dropped {
+                    self.push_state();
+                }
             }
             Inbound::Replies(batch) => {
+                let dropped = self.dropped;
                 let envelopes: Vec<_> =
                     batch.into_iter().filter_map(|m| self.reply_in(m)).collect();
                 if !envelopes.is_empty() {
                     self.router.do_send(FromNodes(envelopes));
+                }
+                if self.dropped != dropped {
+                    self.push_state();
                 }
             }
             Inbound::Heartbeats(batch) => self.heartbeats_in(batch, ctx),
@@ -726,7 +747,8 @@ impl Cluster {
 
     /// A request from another node, stamped for the Router; refused (with
     /// an error reply to the instance that sent it) unless that instance is
-    /// the one routed to.
+    /// the one routed to. A `cancel` from another node comes this way too
+    /// (see [`cancel_in`](Self::cancel_in)); anything else is dropped.
     fn request_in(
         &mut self,
         msg: async_nats::Message,
@@ -741,17 +763,19 @@ impl Cluster {
             (Some(from), Some(instance), Ok(e)) if e.kind == MessageType::Request => {
                 (from, instance, e)
             }
+            (Some(from), Some(instance), Ok(e)) if e.is_cancel() => {
+                return self.cancel_in(&from, instance, e);
+            }
             (from, instance, decoded) => {
-                // Another node's bug or version: said, at a bounded rate.
-                if let LogLine::Log { suppressed } = self.log_limit.check(Instant::now()) {
-                    let why = match (decoded, instance) {
-                        (Err(e), _) => e.to_string(),
-                        (Ok(e), Some(_)) => format!("a {} on the request subject", e.kind),
-                        (Ok(_), None) => format!("no valid {INSTANCE_HEADER} header"),
-                    };
-                    tracing::warn!(from = from.as_deref().unwrap_or("?"), %why, suppressed,
-                        "cluster: a message from another node dropped");
-                }
+                let why = match (decoded, instance) {
+                    (Err(e), _) => e.to_string(),
+                    (Ok(e), Some(_)) if e.kind == MessageType::Event => {
+                        format!("the event {:?} on the request subject", e.id)
+                    }
+                    (Ok(e), Some(_)) => format!("a {} on the request subject", e.kind),
+                    (Ok(_), None) => format!("no valid {INSTANCE_HEADER} header"),
+                };
+                self.malformed(from.as_deref(), &why);
                 return None;
             }
         };
@@ -773,6 +797,44 @@ impl Cluster {
         // `timeout_ms`: this node times out too, a moment after it.
         envelope.source = at_node(&envelope.source, &from);
         Some((self.id_of(&from), envelope))
+    }
+
+    /// A message from another node that cannot be read: dropped, counted,
+    /// and said at a bounded rate (another node's bug or version).
+    fn malformed(&mut self, from: Option<&str>, why: &str) {
+        self.dropped += 1;
+        if let LogLine::Log { suppressed } = self.log_limit.check(Instant::now()) {
+            tracing::warn!(from = from.unwrap_or("?"), %why, suppressed,
+                "cluster: a message from another node dropped (counted in dropped_messages)");
+        }
+    }
+
+    /// The broker of node `from` (instance `instance`) cancels a request
+    /// its caller sent here: its `source` is that caller as it knows it,
+    /// and is stamped `proc@from` as the request was, so the Router finds
+    /// the request by it. Only from the instance routed to (a cancel from
+    /// any other names no request of it here, or is forged): anything else
+    /// is dropped and counted. Nothing is answered: the caller's broker has
+    /// answered its caller already.
+    fn cancel_in(
+        &mut self,
+        from: &str,
+        instance: u64,
+        mut cancel: Envelope,
+    ) -> Option<(ByteString, Envelope)> {
+        if let Err(e) = CancelNotice::from_payload(cancel.payload.as_ref()) {
+            self.malformed(Some(from), &format!("a cancel without its reason: {e}"));
+            return None;
+        }
+        if self.links.get(from).and_then(Link::current) != Some(instance) {
+            self.dropped += 1;
+            tracing::debug!(%from, instance = %instance_token(instance),
+                "cluster: a cancel from an instance not routed to, dropped");
+            return None;
+        }
+        self.membership.reply_from(from, instance, Instant::now());
+        cancel.source = at_node(&cancel.source, from);
+        Some((self.id_of(from), cancel))
     }
 
     /// Answers a request this broker does not serve with `unavailable`,
@@ -813,11 +875,16 @@ impl Cluster {
     /// routed to: a reply from any other (a predecessor, an impostor) is
     /// for a request the Router no longer holds, and is dropped.
     fn reply_in(&mut self, msg: async_nats::Message) -> Option<(ByteString, Envelope)> {
-        let to = parse_reply_subject(&msg.subject)?;
+        let Some(to) = parse_reply_subject(&msg.subject) else {
+            self.malformed(None, "a reply subject that cannot be read");
+            return None;
+        };
         if to.to_instance != self.instance {
+            self.dropped += 1;
             return None;
         }
         if self.links.get(&to.from).and_then(Link::current) != Some(to.from_instance) {
+            self.dropped += 1;
             tracing::debug!(from = %to.from, "cluster: a reply from an instance not routed to, dropped");
             return None;
         }
@@ -838,8 +905,12 @@ impl Cluster {
         }
         let mut envelope = match Envelope::decode(&msg.payload) {
             Ok(e) if matches!(e.kind, MessageType::Response | MessageType::Error) => e,
-            Ok(_) | Err(_) => {
-                tracing::debug!(from = %to.from, "cluster: not a reply on a reply subject, dropped");
+            Ok(e) => {
+                self.malformed(Some(&to.from), &format!("a {} on a reply subject", e.kind));
+                return None;
+            }
+            Err(e) => {
+                self.malformed(Some(&to.from), &e.to_string());
                 return None;
             }
         };
@@ -864,6 +935,8 @@ impl Handler<Deliver> for Cluster {
             out.extend(match envelope.kind {
                 MessageType::Request => self.request_out(envelope),
                 MessageType::Response | MessageType::Error => self.reply_out(envelope),
+                // The only event that crosses nodes.
+                MessageType::Event if envelope.is_cancel() => self.cancel_out(envelope),
                 MessageType::Event => None,
             });
         }
@@ -930,8 +1003,50 @@ impl Cluster {
         })
     }
 
+    /// The Router ended a request it had sent to node `@node` before its
+    /// reply came (`cancel` with `{source: the caller here, reason}`): the
+    /// cancel goes to the instance the request went to, on its request
+    /// subject with this instance's headers. One publisher on one subject
+    /// keeps order, so it arrives after its request. On the wire it is the
+    /// caller's own cancel: `source` is the caller here (stamped
+    /// `proc@thisnode` there, as the request was) and `target` is `broker`.
+    /// With the node no longer routed to, there is nothing to cancel: its
+    /// requests were failed with it.
+    fn cancel_out(&mut self, mut cancel: Envelope) -> Option<Outgoing> {
+        let node = cancel.target.strip_prefix('@')?.to_owned();
+        let current = self.links.get(&node).and_then(Link::current);
+        let Some(instance) = current.filter(|_| self.membership.holder().is_none()) else {
+            tracing::debug!(%node, "cluster: a cancel for a node no longer routed to, dropped");
+            return None;
+        };
+        let origin = CancelNotice::from_payload(cancel.payload.as_ref())
+            .ok()?
+            .source;
+        cancel.source = origin;
+        cancel.target = ByteString::from_static(BROKER);
+        let payload = cancel.to_bytes();
+        if !self.fits(payload.len()) {
+            return None;
+        }
+        let to = Hop {
+            node: &node,
+            instance,
+        };
+        Some(Outgoing {
+            subject: request_subject(&self.config.name, to),
+            reply: None,
+            headers: Some(self.headers.clone()),
+            payload,
+            fails: None,
+        })
+    }
+
     /// A reply to a caller on another node (`target = proc@node`), to
-    /// publish to the instance that caller is on.
+    /// publish to the instance that caller is on. Partial replies (`more`)
+    /// go the same way, to the same subject, one after the other: NATS
+    /// keeps one publisher's messages on one subject in order, and the
+    /// subject is the request's whatever the reply, so the caller's broker
+    /// takes each as it comes and the request ends at its final reply.
     fn reply_out(&mut self, envelope: Envelope) -> Option<Outgoing> {
         let (origin, node) = nodes::split(&envelope.target)?;
         let Some(instance) = self.links.get(node).and_then(|l| l.routed) else {

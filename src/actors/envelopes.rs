@@ -116,15 +116,43 @@ impl Route {
 #[rtype(result = "()")]
 pub struct Deliver(pub Envelopes);
 
-/// A request from a Rust caller of the embedding API. The Router assigns the
-/// correlation id and answers exactly once on `reply`.
+/// A request from a Rust caller of the embedding API, answered exactly once
+/// on `reply`. Its `correlation_id` names it in [`CancelCall`]: take one
+/// from [`next_call_id`], or leave 0 and the Router assigns one.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Call {
-    /// The request (`correlation_id` is replaced).
+    /// The request.
     pub envelope: Envelope,
     /// Where the reply (a response or an error envelope) goes.
     pub reply: oneshot::Sender<Envelope>,
+}
+
+/// A streaming request from a Rust caller: its partial replies, then its
+/// one final reply, go to `parts` in order. A caller that leaves the
+/// channel full (all but one slot: the final reply always has room) gets
+/// the stream cut with `busy`; closing it cancels the request.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CallStream {
+    /// The request (`stream` is set); its `correlation_id` as for [`Call`].
+    pub envelope: Envelope,
+    /// Where its replies go.
+    pub parts: tokio::sync::mpsc::Sender<Envelope>,
+}
+
+/// A Rust caller no longer waits for its request `0` (a [`Call`] or
+/// [`CallStream`] correlation id): the request is answered `cancelled` and
+/// its worker told, if it is still in flight.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CancelCall(pub u64);
+
+/// A correlation id for a Rust caller's request, unique in this process.
+pub fn next_call_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// An event from a Rust caller of the embedding API, to a process, every

@@ -1,4 +1,4 @@
-//! Health checks of one child (DESIGN 10.3): the bookkeeping, kept apart
+//! Health checks of one child: the bookkeeping, kept apart
 //! from the bridge that sends the checks and acts on the verdicts.
 //!
 //! Why the bridge checks its own child and not the Router: a check must

@@ -29,7 +29,9 @@ use crate::config::WorkerBalance;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus};
 use crate::protocol::{Envelope, ErrorCode, MessageStats, MessageType, SalvagedRequest};
 
-pub use super::envelopes::{Bounce, Call, Deliver, Envelopes, Publish, Route};
+pub use super::envelopes::{
+    Bounce, Call, CallStream, CancelCall, Deliver, Envelopes, Publish, Route, next_call_id,
+};
 
 // ---------------------------------------------------------------------------
 // The routing table (to the Router)
@@ -57,6 +59,9 @@ pub struct RegisterProcess {
     /// gives an in-process worker's). `None`: every delivery is a
     /// [`Deliver`] message, and everything the process sends a [`Route`].
     pub inbox: Option<Handoff>,
+    /// It is told with `cancel` when a request delivered to it ends without
+    /// its reply (false for MessagePack-RPC programs, which have no cancel).
+    pub takes_cancel: bool,
 }
 
 impl RegisterProcess {
@@ -69,6 +74,7 @@ impl RegisterProcess {
             ready: true,
             pacer: None,
             inbox: None,
+            takes_cancel: true,
         }
     }
 }
@@ -150,14 +156,15 @@ pub struct RecycleDue {
 #[rtype(result = "()")]
 pub struct SetRecycler(pub Recipient<RecycleDue>);
 
-/// The drain at shutdown expired for process `id`: every request still in
-/// flight to it gets a `cancel` (reason `shutting_down`) before its stdin
-/// closes. The callers are answered as before, when it is removed.
+/// The drain at shutdown (or before a worker's restart) expired: every
+/// request still in flight to process `id` (to every process with `None`)
+/// gets a `cancel` (reason `shutting_down`) before its stdin closes. The
+/// callers are answered as before, when it is removed.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct CancelInFlight {
-    /// The process.
-    pub id: ByteString,
+    /// The process, or all of them.
+    pub id: Option<ByteString>,
 }
 
 /// Removes a process (it exited or was stopped). Requests in flight to it are
@@ -375,7 +382,7 @@ pub struct NodeSnapshot {
 }
 
 // ---------------------------------------------------------------------------
-// Federation (DESIGN 11): the Cluster actor and the Router
+// Federation: the Cluster actor and the Router
 
 /// A remote node is up (its heartbeat came): routable as `@node`, with
 /// the services it advertises. Sent on every advertisement; the first one
@@ -485,6 +492,10 @@ pub struct ClusterState {
     /// Nodes forgotten (unheard for `forget_after_ms`, or evicted to make
     /// room).
     pub nodes_forgotten: u64,
+    /// Requests, cancels and replies from other nodes dropped unread: they
+    /// could not be read, or a reply or cancel came from an instance other
+    /// than the one routed to under its node name.
+    pub dropped_messages: u64,
 }
 
 /// One remote node in [`ClusterState`].
@@ -529,6 +540,14 @@ pub struct ProcessLifecycle {
 #[rtype(result = "()")]
 pub struct ForgetProcesses(pub Vec<String>);
 
+/// Worker `id` was replaced by recycling: counted as its `recycles`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CountRecycle {
+    /// The worker.
+    pub id: String,
+}
+
 /// Stores `/proc` samples; returns how many were stored.
 #[derive(Debug, Message)]
 #[rtype(result = "u64")]
@@ -554,6 +573,9 @@ pub struct Watch {
     pub id: String,
     /// Its OS pid.
     pub pid: u32,
+    /// Its service's `recycle.max_rss_kb`: the first sample of this pid
+    /// at or above it sends [`RecycleDue`] (once; 0: never).
+    pub max_rss_kb: u64,
 }
 
 /// Stops sampling `id`.

@@ -1,9 +1,9 @@
 //! MetricsStore: cumulative counters, latency histograms, process life-cycle
-//! and the latest `/proc` samples; answers `GetMessageStats` (DESIGN 6.2).
+//! and the latest `/proc` samples; answers `GetMessageStats`.
 //!
 //! It is fed in batches: the Router ships counter deltas and histograms every
 //! flush interval ([`MetricsBatch`]), the Broker reports life-cycle changes
-//! ([`ProcessLifecycle`]) and Sysmon or children submit samples
+//! ([`ProcessLifecycle`]) and recycles ([`CountRecycle`]), and Sysmon or children submit samples
 //! ([`SubmitMetrics`]). Nothing here is on the per-message path.
 
 use actix::prelude::*;
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::latency;
 use super::messages::{
-    ClusterState, Counters, FlushMetrics, ForgetProcesses, GetLatencySums, GetMessageStats,
-    ListNodes, MetricsBatch, ProcessLifecycle, SubmitMetrics,
+    ClusterState, CountRecycle, Counters, FlushMetrics, ForgetProcesses, GetLatencySums,
+    GetMessageStats, ListNodes, MetricsBatch, ProcessLifecycle, SubmitMetrics,
 };
 use super::router::Router;
 use super::window::LatencyWindow;
@@ -148,6 +148,9 @@ fn faults(c: &Counters, restarts: u64) -> FaultCounters {
         restarts,
         dropped_events: c.dropped_events,
         health_failures: c.health_failures,
+        cancels: c.cancels,
+        partial_replies: c.partial_replies,
+        recycles: c.recycles,
     }
 }
 
@@ -166,7 +169,7 @@ fn latest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
 }
 
 impl MetricsStore {
-    /// The stats reply, as DESIGN 6.2 shapes it.
+    /// The stats reply (`GetMessageStats`).
     pub fn stats(&self) -> MessageStats {
         let mut total = Counters::default();
         total.add(&self.caller);
@@ -281,6 +284,7 @@ impl MetricsStore {
             nodes_ignored: state.nodes_ignored,
             services_ignored: state.services_ignored,
             nodes_forgotten: state.nodes_forgotten,
+            dropped_messages: state.dropped_messages,
             services: state.services.clone(),
             nodes,
         })
@@ -414,6 +418,14 @@ impl Handler<ProcessLifecycle> for MetricsStore {
             record.incarnation = Some(Instant::now());
         }
         record.lifecycle = Some(msg);
+    }
+}
+
+impl Handler<CountRecycle> for MetricsStore {
+    type Result = ();
+
+    fn handle(&mut self, CountRecycle { id }: CountRecycle, _: &mut Self::Context) {
+        self.processes.entry(id).or_default().counters.recycles += 1;
     }
 }
 

@@ -27,6 +27,8 @@
 //!   and from other nodes. Beside it, `membership`: the rules of who is in
 //!   the cluster (identity, liveness, forgetting, bounds), with no I/O.
 //! - [`broker`]: the control plane; the broker's RPCs, services, the process table.
+//!   Beside it, `recycling`: whose turn it is to be replaced when workers
+//!   reach their `recycle` limits, one worker of a service at a time.
 //! - [`metrics_store`]: cumulative counters, histograms, samples; the stats
 //!   reply. Beside it: [`window`] (latency of the last minute).
 //! - [`sysmon`]: `/proc/{pid}/status` sampling.
@@ -50,6 +52,8 @@ pub mod messages;
 pub mod metrics_store;
 mod nodes;
 pub mod pacer;
+mod recycling;
+mod rendezvous;
 mod restart_policy;
 pub mod router;
 pub(crate) mod same_thread;

@@ -1,4 +1,4 @@
-//! The Router's view of the other nodes of a cluster (DESIGN 11.2).
+//! The Router's view of the other nodes of a cluster.
 //!
 //! A remote node is routed like a process: it has a slot in the process
 //! table under the id `@node` (so requests in flight to it live in the same
@@ -7,11 +7,16 @@
 //! this file adds is the choice: which node serves `service@node`, and for
 //! a plain service name whether this node or which other one, with the
 //! Router's own round-robin cursor per service (NATS queue groups pick at
-//! random, so they are not used for it).
+//! random, so they are not used for it). A request with a routing key
+//! picks its node by rendezvous hashing of the key with the node names
+//! instead, so every broker sends one key to the same node while the nodes
+//! serving the service are unchanged (and that node's broker picks the
+//! same worker for it by the same rule).
 
 use bytestring::ByteString;
 
 use super::fast_map::FastMap;
+use super::rendezvous;
 use crate::config::Balance;
 
 /// Splits `service@node` (or `service.N@node`, `proc@node`) at its last `@`.
@@ -62,6 +67,8 @@ pub(crate) enum Choice {
 #[derive(Debug, Default)]
 struct Rotation {
     nodes: Vec<ByteString>,
+    /// The rendezvous hash of each of `nodes`' names, in the same order.
+    hashes: Vec<u64>,
     cursor: usize,
     /// A known node advertises it (kept or dropped at each rebuild).
     advertised: bool,
@@ -72,6 +79,8 @@ struct Rotation {
 pub(crate) struct Nodes {
     /// This node's name (`""` without a cluster).
     this: ByteString,
+    /// Its rendezvous hash.
+    this_hash: u64,
     balance: Balance,
     nodes: FastMap<ByteString, Node>,
     /// Service → nodes advertising a ready worker of it. A service a known
@@ -84,8 +93,10 @@ pub(crate) struct Nodes {
 impl Nodes {
     /// The view of node `this` (`""`: no cluster, nothing remote ever).
     pub(crate) fn new(this: impl Into<ByteString>, balance: Balance) -> Self {
+        let this = this.into();
         Self {
-            this: this.into(),
+            this_hash: rendezvous::id_hash(&this),
+            this,
             balance,
             ..Self::default()
         }
@@ -155,8 +166,14 @@ impl Nodes {
     }
 
     /// Where the next request to plain `service` goes, given whether this
-    /// node has a ready worker of it. `None`: nowhere remote and not local.
-    pub(crate) fn choose(&mut self, service: &str, local_ready: bool) -> Option<Choice> {
+    /// node has a ready worker of it and the request's routing `key`.
+    /// `None`: nowhere remote and not local.
+    pub(crate) fn choose(
+        &mut self,
+        service: &str,
+        local_ready: bool,
+        key: Option<&str>,
+    ) -> Option<Choice> {
         let spread = self.balance == Balance::Spread;
         if local_ready && !spread {
             return Some(Choice::Local);
@@ -170,8 +187,24 @@ impl Nodes {
         if stops == 0 {
             return None;
         }
-        let i = rotation.cursor % stops;
-        rotation.cursor = (i + 1) % stops;
+        let i = match key {
+            // The stop the key scores highest with, by node name (this
+            // node's own under spread): the same on every broker.
+            Some(key) => {
+                let key = rendezvous::key_hash(key);
+                let this = (local == 1).then_some(self.this_hash);
+                this.into_iter()
+                    .chain(rotation.hashes.iter().copied())
+                    .enumerate()
+                    .max_by_key(|&(_, node)| rendezvous::score(key, node))
+                    .map_or(0, |(i, _)| i)
+            }
+            None => {
+                let i = rotation.cursor % stops;
+                rotation.cursor = (i + 1) % stops;
+                i
+            }
+        };
         if i < local {
             Some(Choice::Local)
         } else {
@@ -182,6 +215,7 @@ impl Nodes {
     fn rebuild(&mut self) {
         for rotation in self.services.values_mut() {
             rotation.nodes.clear();
+            rotation.hashes.clear();
             rotation.advertised = false;
         }
         let mut names: Vec<&ByteString> = self.nodes.keys().collect();
@@ -193,6 +227,7 @@ impl Nodes {
                 rotation.advertised = true;
                 if node.up && *ready > 0 {
                     rotation.nodes.push(name.clone());
+                    rotation.hashes.push(rendezvous::id_hash(name));
                 }
             }
         }
@@ -226,21 +261,21 @@ mod tests {
         let mut n = Nodes::new("a", Balance::LocalFirst);
         n.up(&"c".into(), vec![svc("echo", 1)]);
         n.up(&"b".into(), vec![svc("echo", 2), svc("idle", 0)]);
-        assert_eq!(n.choose("echo", true), Some(Choice::Local));
-        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", false)).collect();
+        assert_eq!(n.choose("echo", true, None), Some(Choice::Local));
+        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", false, None)).collect();
         let b = Some(Choice::Remote("b".into()));
         let c = Some(Choice::Remote("c".into()));
         assert_eq!(picks, [b.clone(), c.clone(), b, c]);
         assert_eq!(
-            n.choose("idle", false),
+            n.choose("idle", false, None),
             None,
             "advertised without ready workers"
         );
         assert!(n.knows("idle"));
-        assert_eq!(n.choose("nothing", true), Some(Choice::Local));
+        assert_eq!(n.choose("nothing", true, None), Some(Choice::Local));
         n.down(&"b".into());
         n.down(&"c".into());
-        assert_eq!(n.choose("echo", false), None);
+        assert_eq!(n.choose("echo", false, None), None);
         assert!(n.knows("echo"), "a gone node's services stay known");
         assert_eq!(n.state("b"), Some(false));
         assert_eq!(n.state("z"), None);
@@ -248,7 +283,10 @@ mod tests {
         assert_eq!(n.ready("b"), 0, "down: nothing ready");
         // Back up: its services as it last advertised them.
         n.up(&"b".into(), vec![svc("echo", 2), svc("idle", 0)]);
-        assert_eq!(n.choose("echo", false), Some(Choice::Remote("b".into())));
+        assert_eq!(
+            n.choose("echo", false, None),
+            Some(Choice::Remote("b".into()))
+        );
     }
 
     #[test]
@@ -261,7 +299,10 @@ mod tests {
         assert_eq!(n.state("b"), None);
         assert!(!n.knows("only-b"), "nobody has it any more");
         assert!(n.knows("echo"));
-        assert_eq!(n.choose("echo", false), Some(Choice::Remote("c".into())));
+        assert_eq!(
+            n.choose("echo", false, None),
+            Some(Choice::Remote("c".into()))
+        );
         n.forget(&"c".into());
         assert!(n.is_empty() && !n.knows("echo"));
     }
@@ -270,10 +311,65 @@ mod tests {
     fn spread_counts_this_node_as_one_stop() {
         let mut n = Nodes::new("a", Balance::Spread);
         n.up(&"b".into(), vec![svc("echo", 1)]);
-        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", true)).collect();
+        let picks: Vec<_> = (0..4).map(|_| n.choose("echo", true, None)).collect();
         let b = Some(Choice::Remote("b".into()));
         let local = Some(Choice::Local);
         assert_eq!(picks, [local.clone(), b.clone(), local, b]);
         assert_eq!(n.ready("b"), 1);
+    }
+
+    #[test]
+    fn a_key_picks_one_node_and_moves_only_when_its_node_goes() {
+        let mut n = Nodes::new("a", Balance::LocalFirst);
+        for node in ["b", "c", "d"] {
+            n.up(&node.into(), vec![svc("echo", 1)]);
+        }
+        let keys: Vec<String> = (0..300).map(|k| format!("session-{k}")).collect();
+        let pick = |n: &mut Nodes, key: &str, local: bool| match n.choose("echo", local, Some(key))
+        {
+            Some(Choice::Remote(node)) => node.to_string(),
+            Some(Choice::Local) => "a".to_owned(),
+            None => "-".to_owned(),
+        };
+        let before: Vec<String> = keys.iter().map(|k| pick(&mut n, k, false)).collect();
+        // Stable: asked again (the cursor moving meanwhile), the same node.
+        n.choose("echo", false, None);
+        let again: Vec<String> = keys.iter().map(|k| pick(&mut n, k, false)).collect();
+        assert_eq!(before, again);
+        for node in ["b", "c", "d"] {
+            let owned = before.iter().filter(|p| *p == node).count();
+            assert!((60..=140).contains(&owned), "{node} owns {owned} of 300");
+        }
+        // Another broker with the same nodes picks the same ones.
+        let mut other = Nodes::new("x", Balance::LocalFirst);
+        for node in ["d", "c", "b"] {
+            other.up(&node.into(), vec![svc("echo", 1)]);
+        }
+        let elsewhere: Vec<String> = keys.iter().map(|k| pick(&mut other, k, false)).collect();
+        assert_eq!(before, elsewhere);
+        // c goes: only c's keys move.
+        n.down(&"c".into());
+        let after: Vec<String> = keys.iter().map(|k| pick(&mut n, k, false)).collect();
+        for (was, is) in before.iter().zip(&after) {
+            if was != "c" {
+                assert_eq!(was, is);
+            } else {
+                assert_ne!(is, "c");
+            }
+        }
+        // Local-first with a local worker: local, key or not.
+        assert_eq!(pick(&mut n, "session-1", true), "a");
+        // Spread: this node is one of the candidates, by its name.
+        let mut s = Nodes::new("a", Balance::Spread);
+        s.up(&"b".into(), vec![svc("echo", 1)]);
+        let spread: Vec<String> = keys.iter().map(|k| pick(&mut s, k, true)).collect();
+        let local = spread.iter().filter(|p| *p == "a").count();
+        assert!((100..=200).contains(&local), "a owns {local} of 300");
+        assert_eq!(
+            spread,
+            keys.iter()
+                .map(|k| pick(&mut s, k, true))
+                .collect::<Vec<_>>()
+        );
     }
 }

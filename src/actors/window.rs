@@ -1,4 +1,4 @@
-//! Latency over the last minute (DESIGN 13): a ring of HdrHistograms.
+//! Latency over the last minute: a ring of HdrHistograms.
 //!
 //! Why a ring: since-start quantiles hardly move after an hour of traffic,
 //! so an alert on them reacts late. HdrHistograms add exactly, so the

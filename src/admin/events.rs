@@ -1,4 +1,4 @@
-//! `/events`: the stats reply once a second as server-sent events (DESIGN 13).
+//! `/events`: the stats reply once a second as server-sent events.
 //!
 //! Each event is one `data:` line of JSON (the `/stats` body), so a browser's
 //! `EventSource` or `curl -N` reads it as is. The stream starts with a

@@ -54,7 +54,7 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
 type CounterOf = fn(&MessageCounters, &FaultCounters) -> u64;
 
 /// The counters exported per process, with their help text.
-const COUNTERS: [(&str, &str, CounterOf); 13] = [
+const COUNTERS: [(&str, &str, CounterOf); 16] = [
     (
         "messages_sent_total",
         "Envelopes written to the process.",
@@ -111,6 +111,21 @@ const COUNTERS: [(&str, &str, CounterOf); 13] = [
         "health_failures_total",
         "Health checks of the process that failed (no reply in time, or an error).",
         |_, f| f.health_failures,
+    ),
+    (
+        "cancels_total",
+        "Cancel events the broker sent the process: requests delivered to it that ended without its final reply.",
+        |_, f| f.cancels,
+    ),
+    (
+        "partial_replies_total",
+        "Partial replies (more = true) the process sent.",
+        |_, f| f.partial_replies,
+    ),
+    (
+        "recycles_total",
+        "Times the process was replaced by recycling (max_requests, max_age_ms, max_rss_kb).",
+        |_, f| f.recycles,
     ),
 ];
 
@@ -260,7 +275,7 @@ pub fn families(stats: &MessageStats, sums_us: &BTreeMap<String, f64>) -> Vec<Me
 
 type NodeValue = fn(&NodeStats) -> f64;
 
-/// Per other node: this broker's traffic with it (DESIGN 11).
+/// Per other node: this broker's traffic with it.
 const NODE_GAUGES: [(&str, &str, MetricType, NodeValue); 8] = [
     (
         "node_up",
@@ -358,6 +373,11 @@ fn cluster_families(cluster: &ClusterStats, out: &mut Vec<MetricFamily>) {
             "cluster_nodes_forgotten_total",
             "Nodes forgotten: unheard for forget_after_ms, or evicted to make room.",
             cluster.nodes_forgotten,
+        ),
+        (
+            "cluster_dropped_messages_total",
+            "Requests, cancels and replies from other nodes dropped: unreadable, or from an instance not routed to.",
+            cluster.dropped_messages,
         ),
     ] {
         out.push(family(

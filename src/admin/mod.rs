@@ -1,4 +1,4 @@
-//! Admin HTTP (DESIGN 6.4): actix-web in the broker's own System, loopback
+//! Admin HTTP: actix-web in the broker's own System, loopback
 //! by default.
 //!
 //! - `/`: the dashboard, one self-contained HTML page (`dashboard.html`,

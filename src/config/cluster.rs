@@ -1,4 +1,4 @@
-//! `[cluster]` (DESIGN 11.1): brokers on several hosts through NATS.
+//! `[cluster]`: brokers on several hosts through NATS.
 //!
 //! One struct serves the file and the actors: every key is what the operator
 //! wrote, checked once by [`ClusterConfig::check`]. `nats_url = ""` (the

@@ -1,4 +1,4 @@
-//! The config file (DESIGN 7): TOML, then `PROCBROKER_…` environment
+//! The config file: TOML, then `PROCBROKER_…` environment
 //! variables, then command-line settings, each on top of the one before.
 //!
 //! Every key is checked: an unknown key, a value of the wrong type or out of
@@ -36,7 +36,7 @@ pub struct FileConfig {
     /// `[sysmon]`.
     #[serde(default)]
     pub sysmon: SysmonSection,
-    /// `[cluster]` (DESIGN 11).
+    /// `[cluster]`.
     #[serde(default)]
     pub cluster: ClusterConfig,
     /// `[logs]`: children's stderr.
@@ -397,6 +397,9 @@ impl Loaded {
                     format!("service[{i}].health"),
                     "need a method and interval_ms, timeout_ms, failures of at least 1",
                 ));
+            }
+            if let Err((key, message)) = s.recycle.check(self.file.sysmon.interval_ms > 0) {
+                return Err(invalid(format!("service[{i}].recycle.{key}"), &message));
             }
             // Limits against the broker's own, user and group (root
             // only), cwd: checked here so a start or a reload is refused

@@ -19,7 +19,7 @@ use crate::protocol::rpc::{RestartPolicy, SpawnRequest};
 /// Settings of the Router, Broker and Sysmon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
-    /// Largest frame, in bytes (DESIGN 3.1).
+    /// Largest frame, in bytes.
     pub max_frame_bytes: usize,
     /// Requests in flight per process before it counts as full (`busy`).
     pub queue_capacity: usize,
@@ -36,7 +36,7 @@ pub struct BrokerConfig {
     /// Record request latencies (on by default; off only to measure its cost).
     pub record_latency: bool,
     /// Stopping a child: EOF on its stdin, SIGTERM after half of this, SIGKILL
-    /// after all of it (DESIGN 5.6).
+    /// after all of it.
     pub kill_timeout: Duration,
     /// At shutdown, how long in-flight requests may take to be answered.
     pub drain_timeout: Duration,
@@ -147,7 +147,7 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub health: Option<HealthCheck>,
     /// The wire the child speaks: procbroker's envelopes (the default) or
-    /// MessagePack-RPC (DESIGN 12).
+    /// MessagePack-RPC.
     #[serde(default)]
     pub protocol: Protocol,
     /// `msgpack-rpc`: the method called once at each start whose reply
@@ -218,17 +218,119 @@ impl WorkerBalance {
 #[serde(default, deny_unknown_fields)]
 pub struct Recycle {
     /// Requests served (health checks not counted).
+    #[serde(deserialize_with = "recycle_limit::max_requests")]
     pub max_requests: u64,
     /// Time since its `ready`, in milliseconds.
+    #[serde(deserialize_with = "recycle_limit::max_age_ms")]
     pub max_age_ms: u64,
     /// Resident memory, in KiB, checked at each system sample.
+    #[serde(deserialize_with = "recycle_limit::max_rss_kb")]
     pub max_rss_kb: u64,
 }
+
+/// The `recycle` limits are read as whole numbers of at least 0; a
+/// negative one is refused with the key named (serde's own message says
+/// only "expected u64").
+mod recycle_limit {
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    struct Limit(&'static str);
+
+    impl Visitor<'_> for Limit {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "recycle.{}: a whole number, 0 (off) or more", self.0)
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "recycle.{}: {v} is negative; must be 0 (off) or more",
+                    self.0
+                ))
+            })
+        }
+    }
+
+    pub fn max_requests<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_requests"))
+    }
+
+    pub fn max_age_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_age_ms"))
+    }
+
+    pub fn max_rss_kb<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_u64(Limit("max_rss_kb"))
+    }
+}
+
+/// The smallest `recycle.max_age_ms` (other than 0): a worker replaced
+/// sooner spends more of its life starting than serving.
+pub const MIN_RECYCLE_AGE_MS: u64 = 1_000;
+/// The largest `recycle.max_age_ms`: a year. Longer is as good as off, and
+/// more likely a slip of a few zeros than a wish.
+pub const MAX_RECYCLE_AGE_MS: u64 = 365 * 24 * 3_600_000;
+/// The smallest `recycle.max_rss_kb` (other than 0): 1 MiB. Every program
+/// is that large once it has started, so a smaller limit would recycle its
+/// workers at every memory sample, in a loop.
+pub const MIN_RECYCLE_RSS_KB: u64 = 1_024;
 
 impl Recycle {
     /// No limit set.
     pub fn is_off(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Checks the limits against the bounds above, and `max_rss_kb`
+    /// against the memory sampling (`sampled`: Sysmon runs). On error: the
+    /// key under `recycle` (`max_age_ms`) and what is wrong.
+    pub fn check(&self, sampled: bool) -> Result<(), (&'static str, String)> {
+        let age = self.max_age_ms;
+        if age != 0 && age < MIN_RECYCLE_AGE_MS {
+            return Err((
+                "max_age_ms",
+                format!(
+                    "{age} would replace each worker more than once a second; \
+                     must be 0 (off) or {MIN_RECYCLE_AGE_MS} … {MAX_RECYCLE_AGE_MS}"
+                ),
+            ));
+        }
+        if age > MAX_RECYCLE_AGE_MS {
+            return Err((
+                "max_age_ms",
+                format!(
+                    "{age} is more than a year; must be 0 (off) or \
+                     {MIN_RECYCLE_AGE_MS} … {MAX_RECYCLE_AGE_MS}"
+                ),
+            ));
+        }
+        let rss = self.max_rss_kb;
+        if rss != 0 && rss < MIN_RECYCLE_RSS_KB {
+            return Err((
+                "max_rss_kb",
+                format!(
+                    "{rss} kB is less than any program needs to run, so every worker \
+                     would be recycled at every memory sample; must be 0 (off) or at \
+                     least {MIN_RECYCLE_RSS_KB}"
+                ),
+            ));
+        }
+        if rss != 0 && !sampled {
+            return Err((
+                "max_rss_kb",
+                "is read at each memory sample, and sampling is off \
+                 (sysmon.interval_ms = 0): set an interval or leave max_rss_kb out"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -236,10 +338,10 @@ impl Recycle {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
-    /// Length-prefixed envelopes (DESIGN 3), `ready` and `shutdown` events.
+    /// Length-prefixed envelopes, `ready` and `shutdown` events.
     #[default]
     Procbroker,
-    /// MessagePack-RPC values on stdio, no handshake (DESIGN 12).
+    /// MessagePack-RPC values on stdio, no handshake.
     MsgpackRpc,
 }
 
@@ -349,7 +451,7 @@ impl ServiceConfig {
         }
     }
 
-    /// Speaks MessagePack-RPC (DESIGN 12); `ready_probe` is called at each
+    /// Speaks MessagePack-RPC; `ready_probe` is called at each
     /// start and its reply makes the worker ready (`""`: ready at once).
     pub fn msgpack_rpc(mut self, ready_probe: impl Into<String>) -> Self {
         self.protocol = Protocol::MsgpackRpc;

@@ -1,4 +1,4 @@
-//! The round-trip load generator (DESIGN 7.1): the peers and the driver
+//! The round-trip load generator: the peers and the driver
 //! shared by `benches/relay.rs` and `procbroker bench`. Behind the `loadgen`
 //! feature (on by default, and needed by the binary), so an embedder who
 //! turns default features off does not compile the blocking raw relays.
@@ -174,7 +174,7 @@ pub fn ns_histogram() -> hdrhistogram::Histogram<u64> {
 
 /// The CPUs this process may run on (`Cpus_allowed_list` of
 /// `/proc/self/status`), printed with every latency result: placement
-/// decides pipe latency here (DESIGN 8.1).
+/// decides pipe latency here.
 pub fn cpus_allowed() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()

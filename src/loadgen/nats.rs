@@ -1,4 +1,4 @@
-//! The raw limit of `procbroker bench --mode cluster` (DESIGN 11.4): plain
+//! The raw limit of `procbroker bench --mode cluster`: plain
 //! NATS request/reply between two async-nats processes on the same server,
 //! with no broker, no envelope and no pipe. The same payload size and
 //! number in flight as the procbroker run it is compared with.

@@ -3,7 +3,7 @@
 //! length-prefixed frames and nothing else (no actors, no MessagePack).
 //!
 //! Both peers and the relay flush only when their input buffer is drained
-//! (DESIGN 8.1), the best a blocking program can do, so the procbroker path
+//!, the best a blocking program can do, so the procbroker path
 //! is compared with the strongest simple baseline, not a strawman.
 
 use std::fs::File;

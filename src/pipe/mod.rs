@@ -7,7 +7,7 @@
 //!   one batch (one actor message for many frames).
 //! - [`LogLines`]: a decoder for a child's stderr that never fails.
 //! - [`WireCodec`]: envelopes or MessagePack-RPC, whichever the child speaks.
-//! - [`set_pipe_size`]: 1 MiB pipes (DESIGN 8.1: a 64 KiB frame overflows the
+//! - [`set_pipe_size`]: 1 MiB pipes: a 64 KiB frame overflows the
 //!   default pipe by 4 bytes).
 
 mod batches;

@@ -5,7 +5,7 @@
 //! ([`Outbox::depth`]) so its owner can bound it, dropping an `Outbox` flushes
 //! what is queued before the pipe closes, and coalescing needs no timer: a
 //! push while a write is in progress lands in the next write, which takes
-//! everything queued by then (DESIGN 5.5). With one request in flight every
+//! everything queued by then. With one request in flight every
 //! frame is written at once; with many, frames share `write` calls.
 
 use bytes::BytesMut;

@@ -1,5 +1,5 @@
-//! Which wire a child speaks: procbroker's framed envelopes (DESIGN 3), or
-//! MessagePack-RPC translated to envelopes at the pipe (DESIGN 12). Both
+//! Which wire a child speaks: procbroker's framed envelopes, or
+//! MessagePack-RPC translated to envelopes at the pipe. Both
 //! read and write envelopes, so the bridge and the Router do not care.
 
 use bytes::BytesMut;

@@ -9,7 +9,8 @@ use super::frame::{FrameCodec, LENGTH_PREFIX};
 
 /// Decodes frames into envelopes and encodes envelopes into frames.
 ///
-/// The two failure classes of DESIGN 5.4 are two layers of the item type:
+/// The two failure classes (the stream is out of sync: restart the child;
+/// one frame is bad: count it and go on) are two layers of the item type:
 /// - `Err(FrameError)` from the decoder ends the stream (out of sync);
 /// - `Ok(Some(Err(InvalidEnvelope)))` is one bad frame; keep reading.
 ///

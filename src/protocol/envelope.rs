@@ -1,4 +1,4 @@
-//! The envelope: one message on the wire (DESIGN 3.2).
+//! The envelope: one message on the wire.
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
@@ -654,7 +654,7 @@ impl Envelope {
         Ok(envelope)
     }
 
-    /// Checks the fields DESIGN 3.2 requires for this envelope's type.
+    /// Checks the fields this envelope's type requires.
     pub fn validate(&self) -> Result<(), EnvelopeError> {
         self.check_required(true)
     }

@@ -1,6 +1,6 @@
 //! What can be wrong with bytes from a pipe, split by what the reader must do.
 //!
-//! DESIGN 5.4 treats two failures differently, so they are two types:
+//! The two failures are handled differently, so they are two types:
 //! - [`FrameError`]: the byte stream itself is broken (a length over the limit,
 //!   EOF inside a frame, an I/O error). The reader cannot find the next frame;
 //!   the pipe must be dropped and its child restarted.
@@ -38,7 +38,7 @@ pub enum FrameError {
     #[error("pipe I/O: {0}")]
     Io(#[from] io::Error),
     /// A `protocol = "msgpack-rpc"` child sent a value that is not a
-    /// MessagePack-RPC request, response or notification (DESIGN 12).
+    /// MessagePack-RPC request, response or notification.
     #[error("not MessagePack-RPC: {0}")]
     NotRpc(String),
 }

@@ -1,4 +1,4 @@
-//! Machine-readable error codes of broker-generated errors (DESIGN 3.4).
+//! Machine-readable error codes of broker-generated errors.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,10 +1,10 @@
-//! Frames: a 4-byte big-endian length, then that many bytes (DESIGN 3.1).
+//! Frames: a 4-byte big-endian length, then that many bytes.
 //!
 //! Hand-written rather than `tokio_util`'s `LengthDelimitedCodec` because the
 //! protocol needs what that codec reports only as an opaque `io::Error`: a
 //! typed "too large" (with the length, checked before any allocation) and a
-//! typed "stream ended inside a frame", which DESIGN 5.4 answers by restarting
-//! the child. The whole framing is the twenty lines below.
+//! typed "stream ended inside a frame", which the broker answers by
+//! restarting the child. The whole framing is the twenty lines below.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};

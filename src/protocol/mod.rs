@@ -8,9 +8,9 @@
 //! - [`EnvelopeCodec`]: both together, for `FramedRead` / `FramedWrite`, with
 //!   "stream broken" ([`FrameError`]) and "bad frame" ([`InvalidEnvelope`])
 //!   kept apart because the broker answers them differently.
-//! - [`msgpack_rpc`]: the other wire a child may speak, MessagePack-RPC
-//!   (DESIGN 12), translated to and from envelopes at the pipe.
-//! - [`federation`]: between brokers of a cluster (DESIGN 11), the NATS
+//! - [`msgpack_rpc`]: the other wire a child may speak, MessagePack-RPC,
+//!   translated to and from envelopes at the pipe.
+//! - [`federation`]: between brokers of a cluster, the NATS
 //!   subjects, headers and heartbeat around unchanged envelopes.
 //! - Typed payloads of the broker's RPCs ([`rpc`]) and stats ([`stats`]).
 //! - The request lifecycle of v1.1: the `cancel` event ([`CancelNotice`],

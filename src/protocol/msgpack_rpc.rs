@@ -1,4 +1,4 @@
-//! MessagePack-RPC on a child's stdio (DESIGN 12): neovim `--embed`, pynvim
+//! MessagePack-RPC on a child's stdio: neovim `--embed`, pynvim
 //! hosts and other programs nobody can change.
 //!
 //! The stream is MessagePack values back to back, with no length prefix: a

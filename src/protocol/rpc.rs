@@ -1,4 +1,4 @@
-//! The broker's own RPCs (`target = "broker"`, DESIGN 4) and their payloads.
+//! The broker's own RPCs (`target = "broker"`) and their payloads.
 //!
 //! Request payloads reject unknown keys: a misspelt `workers` in a `Spawn`
 //! must be a `bad_request`, not a silently ignored setting.
@@ -33,12 +33,12 @@ pub enum BrokerMethod {
     /// Control RPC: restarts a process or a service, one worker at a time
     /// ([`RestartRequest`]).
     Restart,
-    /// Array of [`NodeInfo`]: the nodes of the cluster (DESIGN 11.2).
+    /// Array of [`NodeInfo`]: the nodes of the cluster.
     ListNodes,
 }
 
 impl BrokerMethod {
-    /// Every method, in DESIGN order.
+    /// Every method, in the order PROTOCOL.md lists them.
     pub const ALL: [BrokerMethod; 10] = [
         Self::Ping,
         Self::GetMessageStats,
@@ -152,7 +152,7 @@ pub struct NodeInfo {
     pub local: bool,
 }
 
-/// Restart policy of a service (DESIGN 5.3, config `restart = {…}`).
+/// Restart policy of a service (config `restart = {…}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RestartPolicy {

@@ -1,4 +1,4 @@
-//! `GetMessageStats` (DESIGN 6.2) and `ProcessMetrics` (DESIGN 6.3).
+//! `GetMessageStats` and `ProcessMetrics`.
 //!
 //! The shape is v2e's, made additive: v2e's keys keep their names and
 //! meaning, and the new counters sit beside them.
@@ -29,7 +29,7 @@ pub struct MessageCounters {
     pub last_message_time: Option<String>,
 }
 
-/// What went wrong, counted (DESIGN 6.1).
+/// What went wrong, counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultCounters {
     /// Frames that were not valid envelopes, or broke the stream.
@@ -52,6 +52,19 @@ pub struct FaultCounters {
     /// Health checks that failed (no reply in time, or an error reply).
     #[serde(default)]
     pub health_failures: u64,
+    /// `cancel` events the broker sent the process: requests delivered to
+    /// it that ended without its final reply (timeout, the caller
+    /// cancelled or went away, a stream cut, the drain at shutdown ran
+    /// out).
+    #[serde(default)]
+    pub cancels: u64,
+    /// Partial replies (`more = true`) the process sent.
+    #[serde(default)]
+    pub partial_replies: u64,
+    /// Times the process was replaced by recycling (`restarts` counts
+    /// crashes only).
+    #[serde(default)]
+    pub recycles: u64,
 }
 
 /// `total` of the stats reply.
@@ -127,8 +140,8 @@ pub struct MessageStats {
     /// `overall` and one entry per service: broker-observed request latency
     /// since start.
     pub latency_us: BTreeMap<String, LatencyQuantiles>,
-    /// The same over the last `broker.latency_window_ms` (60 s by default;
-    /// DESIGN 13): what `/metrics` quantiles and the dashboard show.
+    /// The same over the last `broker.latency_window_ms` (60 s by default):
+    /// what `/metrics` quantiles and the dashboard show.
     #[serde(default)]
     pub latency_window_us: BTreeMap<String, LatencyQuantiles>,
     /// Latest sample per process id (the broker's own under `broker`).
@@ -137,7 +150,7 @@ pub struct MessageStats {
     pub uptime_s: f64,
     /// procbroker's version.
     pub version: String,
-    /// The cluster (DESIGN 11); absent on a single host.
+    /// The cluster; absent on a single host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStats>,
 }
@@ -181,6 +194,14 @@ pub struct ClusterStats {
     /// the longest) to make room for a new one.
     #[serde(default)]
     pub nodes_forgotten: u64,
+    /// Requests, cancels and replies from other nodes dropped unread: they
+    /// could not be read (no or bad node and instance headers, not an
+    /// envelope, a kind that does not belong on their subject, a cancel
+    /// without its reason), or a reply or cancel came from an instance
+    /// other than the one routed to under its node name (a predecessor, an
+    /// impostor).
+    #[serde(default)]
+    pub dropped_messages: u64,
     /// What this node advertises: exported services and ready workers.
     pub services: BTreeMap<String, u32>,
     /// The other nodes kept, by name: at most `max_nodes`; one that left
@@ -322,6 +343,9 @@ mod tests {
             "bad_frames",
             "pending",
             "broker_errors",
+            "cancels",
+            "partial_replies",
+            "recycles",
         ] {
             assert!(keys(total).contains(&key), "total lacks {key}");
         }
@@ -335,6 +359,9 @@ mod tests {
             "bad_frames",
             "service",
             "uptime_s",
+            "cancels",
+            "partial_replies",
+            "recycles",
         ] {
             assert!(keys(echo).contains(&key), "per_process lacks {key}");
         }

@@ -296,7 +296,7 @@ impl Methods {
     fn call(&self, request: Envelope, runner: Runner<'_>) -> Called {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
             Some(handler) => handler.call(request, runner),
-            // The broker's health check (DESIGN 10.3): answered with `{}`
+            // The broker's health check: answered with `{}`
             // unless the service serves `Ping` itself.
             None if &*request.id == PING => Called::Done(
                 crate::protocol::Payload::encode(&crate::protocol::rpc::Empty {})

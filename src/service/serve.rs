@@ -39,7 +39,7 @@ pub enum ServeError {
 ///
 /// Stdin and stdout are read and written as non-blocking pipes through the
 /// runtime's epoll (not `tokio::io::stdin`, whose blocking thread costs
-/// ~20 µs per message: DESIGN 8.1).
+/// ~20 µs per message, measured).
 pub fn run(build: impl FnOnce(Client) -> Methods) -> Result<(), ServeError> {
     let id = std::env::var(PROCESS_ID_ENV).unwrap_or_else(|_| "standalone".into());
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -25,6 +25,8 @@ Methods (each a request from the test):
   Metrics   submit process metrics for the process named in the payload,
             then for itself, then for 1000 invented ids; reply with the three
             answers (code or received)
+  Grow      allocate the payload's number of MiB, touch every page and keep
+            it; reply with VmRSS in kB
   Forge     send a request to "echo" that claims source "victim.0", and a
             response for a request never received; reply with where the
             forged request's answer was addressed
@@ -121,6 +123,9 @@ def broadcast():
         out.write(batch)
 
 
+kept = []
+
+
 def main():
     if os.environ.get("STUBBORN") == "1":
         import signal
@@ -188,6 +193,12 @@ def main():
                 answer = wait_for(900 + n)
                 answers.append(answer.get("code") or answer["payload"]["received"])
             reply(message, answers)
+        elif method == "Grow":
+            kept.append(b"g" * (int(message["payload"]) << 20))
+            with open("/proc/self/status") as status:
+                rss = next(int(line.split()[1]) for line in status
+                           if line.startswith("VmRSS:"))
+            reply(message, rss)
         elif method == "Grandchild":
             import subprocess
             sleeper = subprocess.Popen(["sleep", "300"])

@@ -181,8 +181,12 @@ def main():
         # Every worker, with its real pid.
         for process, pid in pids.items():
             wait_until(f"{process} shows pid {pid}", lambda: cell(process, "pid") == str(pid))
-            if cell(process, "status") != "ready":
-                fail(f"{process} is {cell(process, 'status')!r}, not ready")
+            # Read through wait_until too: the table is redrawn every
+            # second, and a cell found just before a redraw is stale.
+            status = wait_until(f"{process} shows a status",
+                                lambda: cell(process, "status"))
+            if status != "ready":
+                fail(f"{process} is {status!r}, not ready")
         wait_until("the link says live",
                    lambda: driver.find_element(By.ID, "link").text == "live")
 
@@ -211,7 +215,7 @@ def main():
                    lambda: cell(victim, "pid") not in ("–", str(old_pid)), timeout=20)
         wait_until(f"{victim} shows one restart", lambda: cell(victim, "restarts") == "1")
         wait_until(f"{victim} is ready again", lambda: cell(victim, "status") == "ready")
-        new_pid = int(cell(victim, "pid"))
+        new_pid = int(wait_until(f"{victim} shows its pid", lambda: cell(victim, "pid")))
 
         # Let the chart gather a few more points, then keep a picture.
         time.sleep(2)

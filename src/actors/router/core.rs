@@ -37,8 +37,8 @@
 use bytestring::ByteString;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::pending::{Key, NotPending, PendingTable, RecentlyExpired, ReplyTo};
-use super::sink::Sink;
+use super::pending::{Key, NotPending, Pending, PendingTable, RecentlyExpired, ReplyTo};
+use super::sink::{Partial, Sink};
 use super::table::ProcessTable;
 use crate::actors::latency;
 use crate::actors::log_limit::LogLimit;
@@ -46,7 +46,7 @@ use crate::actors::messages::{Counters, Envelopes, ProcessSnapshot, RouterError}
 use crate::actors::nodes::Nodes;
 use crate::config::BrokerConfig;
 use crate::names::{self, BROKER, CALLER};
-use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
+use crate::protocol::{CancelReason, Envelope, ErrorCode, MessageType, SalvagedRequest};
 
 /// The Router's state, and what it does with each input.
 pub(crate) struct Core<S: Sink> {
@@ -61,7 +61,6 @@ pub(crate) struct Core<S: Sink> {
     pub(super) draining: bool,
     /// Embedded Rust callers: their correlation ids and counters.
     pub(super) caller_id: ByteString,
-    next_call_id: u64,
     pub(super) caller: Counters,
     /// Processes removed since the last metrics batch.
     pub(super) retired: Vec<ProcessSnapshot>,
@@ -96,7 +95,6 @@ impl<S: Sink> Core<S> {
             expired: RecentlyExpired::new(65_536),
             draining: false,
             caller_id: ByteString::from_static(CALLER),
-            next_call_id: 0,
             caller: Counters::default(),
             retired: Vec::new(),
             broker_errors: [0; ErrorCode::ALL.len()],
@@ -106,7 +104,6 @@ impl<S: Sink> Core<S> {
     }
 
     /// Where the effects go.
-    #[cfg(test)]
     pub(crate) fn sink(&mut self) -> &mut S {
         &mut self.sink
     }
@@ -173,11 +170,13 @@ impl<S: Sink> Core<S> {
         self.settle();
     }
 
-    /// A request of a Rust caller of the embedding API: its correlation id
-    /// is assigned here, and its one reply goes to `caller`.
+    /// A request of a Rust caller of the embedding API, answered on
+    /// `caller`: partial replies too if it has `stream`. Its correlation id
+    /// is the caller's if it chose one (to cancel it by), else assigned here.
     pub(crate) fn call(&mut self, mut envelope: Envelope, caller: S::Caller, now: Instant) {
-        self.next_call_id += 1;
-        envelope.correlation_id = self.next_call_id;
+        if envelope.correlation_id == 0 {
+            envelope.correlation_id = crate::actors::envelopes::next_call_id();
+        }
         envelope.kind = MessageType::Request;
         let origin = self.caller_id.clone();
         self.caller.count(MessageType::Request);
@@ -266,11 +265,14 @@ impl<S: Sink> Core<S> {
                 now,
             );
         }
-        let picked = if local_only {
-            self.table
-                .pick(&envelope.target, self.config.queue_capacity)
-        } else {
-            self.pick(&mut envelope)
+        let picked = match Self::routing_key(&envelope) {
+            Err(message) => Err((ErrorCode::BadRequest, message)),
+            Ok(_) if local_only => {
+                let key = envelope.key.as_ref().and_then(|k| k.as_str().ok());
+                self.table
+                    .pick(&envelope.target, key, self.config.queue_capacity)
+            }
+            Ok(_) => self.pick(&mut envelope),
         };
         let slot = match picked {
             Ok(slot) => slot,
@@ -292,12 +294,11 @@ impl<S: Sink> Core<S> {
         // came in (up to `pipe::READ_CHUNK`) alive for as long as the
         // request is pending.
         let method = ByteString::from(&*envelope.id);
+        let stream = envelope.stream;
         envelope.source = key.0.clone();
-        if worker.starts_with('@') {
-            // To another node: the remaining budget travels along, so the
-            // node times out too.
-            envelope.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        }
+        // The worker learns its budget (another node too, which then times
+        // out as well): whole milliseconds, rounded up, at least 1.
+        envelope.timeout_ms = Some(budget_ms(timeout));
         if !self
             .table
             .deliver_request(slot, envelope, now, &mut self.sink)
@@ -315,11 +316,27 @@ impl<S: Sink> Core<S> {
             );
             return self.answer(error, reply_to, now);
         }
+        if self.table.served(slot) {
+            self.sink.recycle_due(&worker);
+        }
         // Cannot collide: checked above, and nothing ran in between.
         let _ = self
             .pending
-            .insert(key, worker, method, now, deadline, reply_to);
+            .insert(key, worker, method, now, deadline, reply_to, stream);
         self.sink.arm(deadline);
+    }
+
+    /// The key a request routes by, if it has one; a key that is not a
+    /// str of at most 256 bytes is refused (with why).
+    #[inline]
+    fn routing_key(envelope: &Envelope) -> Result<Option<&str>, String> {
+        match &envelope.key {
+            None => Ok(None),
+            Some(key) => key
+                .as_str()
+                .map(Some)
+                .map_err(|e| format!("invalid key: {e}")),
+        }
     }
 
     /// Resolves a request's target to the slot of one process, or of the
@@ -331,12 +348,14 @@ impl<S: Sink> Core<S> {
         // A byte search (memchr): `str::contains(char)` builds a char
         // searcher, ~100 instructions per request for a 10-byte name.
         if self.nodes.is_empty() && !envelope.target.as_bytes().contains(&b'@') {
-            return self.table.pick(&envelope.target, capacity);
+            let key = envelope.key.as_ref().and_then(|k| k.as_str().ok());
+            return self.table.pick(&envelope.target, key, capacity);
         }
         self.pick_in_cluster(envelope)
     }
 
-    /// A reply: only the worker its request went to may answer, once.
+    /// A reply: only the worker its request went to may answer, once; a
+    /// partial reply (`more`) goes on to a caller that asked for a stream.
     pub(super) fn route_reply(
         &mut self,
         slot: usize,
@@ -344,20 +363,15 @@ impl<S: Sink> Core<S> {
         envelope: Envelope,
         now: Instant,
     ) {
+        if envelope.more && envelope.kind == MessageType::Response {
+            return self.route_partial(from, envelope, now);
+        }
         let key: Key = (envelope.target.clone(), envelope.correlation_id);
         let pending = match self.pending.take_answered_by(&key, from) {
             Ok(pending) => pending,
             Err(why) => {
                 let late = why == NotPending::Absent && self.expired.take(&key);
-                if let Some(counters) = self.counters_of(from) {
-                    if late {
-                        counters.late_replies += 1;
-                    } else {
-                        counters.unmatched_replies += 1;
-                    }
-                }
-                tracing::debug!(process = %from, target = %envelope.target,
-                    correlation_id = envelope.correlation_id, late, "reply dropped");
+                self.count_dropped_reply(from, &envelope, late);
                 return;
             }
         };
@@ -378,11 +392,72 @@ impl<S: Sink> Core<S> {
         }
     }
 
+    /// A reply that matched nothing in flight: `late` if its request ended
+    /// without it recently, else unmatched (or forged).
+    fn count_dropped_reply(&mut self, from: &ByteString, envelope: &Envelope, late: bool) {
+        if let Some(counters) = self.counters_of(from) {
+            if late {
+                counters.late_replies += 1;
+            } else {
+                counters.unmatched_replies += 1;
+            }
+        }
+        tracing::debug!(process = %from, target = %envelope.target,
+            correlation_id = envelope.correlation_id, more = envelope.more, late, "reply dropped");
+    }
+
+    /// A partial reply: to the caller, in order, if its request asked for
+    /// a stream and the caller keeps up. A caller whose stdin backlog
+    /// already holds `queue_capacity` frames (or whose buffer is full)
+    /// gets the stream cut: this partial is dropped, `busy` is its final
+    /// reply, and the worker is told to stop.
+    fn route_partial(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+        if let Some(entry) = self.table.get_mut(from) {
+            entry.delta.partial_replies += 1;
+        }
+        let key: Key = (envelope.target.clone(), envelope.correlation_id);
+        let capacity = self.config.queue_capacity;
+        let pending = match self.pending.get_answered_by(&key, from) {
+            Ok(pending) if pending.stream => pending,
+            Ok(_) => return self.count_dropped_reply(from, &envelope, false),
+            Err(why) => {
+                let late = why == NotPending::Absent && self.expired.contains(&key);
+                return self.count_dropped_reply(from, &envelope, late);
+            }
+        };
+        let outcome = match &mut pending.reply_to {
+            ReplyTo::Caller(caller) => self.sink.partial(caller, envelope),
+            ReplyTo::Process => match self.table.get(&key.0) {
+                Some(origin) if self.sink.queue_depth(&origin.port) >= capacity => Partial::Full,
+                Some(_) => {
+                    self.table.deliver(&key.0, envelope, now, &mut self.sink);
+                    Partial::Taken
+                }
+                None => Partial::Gone,
+            },
+        };
+        match outcome {
+            Partial::Taken => {}
+            Partial::Full => {
+                let message = format!(
+                    "the stream was cut: the caller did not read its partial replies \
+                     ({capacity} frames waiting)"
+                );
+                let reason = CancelReason::Busy;
+                self.end_early(key, reason, Some((ErrorCode::Busy, message)), now);
+            }
+            Partial::Gone => self.end_early(key, CancelReason::Cancelled, None, now),
+        }
+    }
+
     /// An event: to a process, every ready worker of a service, or `*`.
     /// Lifecycle events are the broker's to send: a process may address
     /// `ready` (or any event) to the broker, but `shutdown` and `ready` to
     /// another process would stop or confuse it, so they are dropped.
     fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+        if envelope.is_cancel() {
+            return self.caller_cancel(from, &envelope, now);
+        }
         // A budget per sender: one process broadcasting as fast as it can
         // must not bury everyone's replies behind its events.
         let budget = self.config.max_events_per_s;
@@ -518,11 +593,10 @@ impl<S: Sink> Core<S> {
             removed: true,
             ..snapshot
         });
-        // Its own requests: their workers' slots are freed, and a reply that
-        // still comes counts as late, not as a lie.
+        // Its own requests: their workers are told and their slots freed,
+        // and a reply that still comes counts as late, not as a lie.
         for (key, orphan) in self.pending.drain_where(|key, _| key.0 == *id) {
-            self.table.release(&orphan.worker);
-            self.expired.insert(key);
+            self.abandon(key, orphan, CancelReason::CallerExited, now);
         }
         let failed = self.pending.drain_where(|_, p| p.worker == *id);
         let count = failed.len();
@@ -547,30 +621,156 @@ impl<S: Sink> Core<S> {
     /// every request past its deadline, then arms the next one.
     pub(crate) fn expire(&mut self, now: Instant) {
         for (key, pending) in self.pending.expire(now) {
-            self.table.release(&pending.worker);
             if let Some(counters) = self.counters_of(&key.0) {
                 counters.timeouts += 1;
             }
-            self.expired.insert(key.clone());
             let waited = pending.deadline.saturating_duration_since(pending.start);
             let message = format!(
                 "no reply from {:?} within {} ms",
                 pending.worker,
                 waited.as_millis()
             );
-            let error = Envelope::broker_error_to(
-                key.0,
-                pending.method,
-                key.1,
-                ErrorCode::Timeout,
-                message,
-            );
-            self.answer(error, pending.reply_to, now);
+            let answer = Some((ErrorCode::Timeout, message));
+            self.finish_early(key, pending, CancelReason::Timeout, answer, now);
         }
         if let Some(next) = self.pending.next_deadline() {
             self.sink.arm(next);
         }
         self.settle();
+    }
+
+    /// Process `from` cancels its request: `cancel` addressed to `broker`
+    /// with that request's correlation id. The request is answered
+    /// `cancelled` at once and its worker told. Anything else (another
+    /// target, nothing of `from`'s in flight under that id) is dropped and
+    /// counted: no process can cancel another's request.
+    fn caller_cancel(&mut self, from: &ByteString, cancel: &Envelope, now: Instant) {
+        let key: Key = (from.clone(), cancel.correlation_id);
+        if &*cancel.target != BROKER || !self.pending.contains(&key) {
+            if let Some(counters) = self.counters_of(from) {
+                counters.dropped_events += 1;
+            }
+            tracing::debug!(process = %from, target = %cancel.target,
+                correlation_id = cancel.correlation_id, "cancel dropped");
+            return;
+        }
+        let answer = (
+            ErrorCode::Cancelled,
+            "the caller cancelled the request".to_owned(),
+        );
+        self.end_early(key, CancelReason::Cancelled, Some(answer), now);
+    }
+
+    /// A Rust caller dropped its call (or stream) before the final reply:
+    /// the request is cancelled like a process's.
+    pub(crate) fn cancel_call(&mut self, correlation_id: u64, now: Instant) {
+        let key: Key = (self.caller_id.clone(), correlation_id);
+        if self.pending.contains(&key) {
+            let answer = (
+                ErrorCode::Cancelled,
+                "the caller cancelled the request".to_owned(),
+            );
+            self.end_early(key, CancelReason::Cancelled, Some(answer), now);
+            self.settle();
+        }
+    }
+
+    /// The drain at shutdown expired for process `id` (every process with
+    /// `None`): each request still in flight to it is cancelled at the
+    /// worker (`shutting_down`). The requests stay pending: their callers
+    /// are answered when the worker is removed, as they always were.
+    pub(crate) fn cancel_in_flight(&mut self, id: Option<&ByteString>, now: Instant) {
+        let mut notices = Vec::new();
+        for (key, pending) in self.pending.iter_mut() {
+            if !pending.cancel_sent && id.is_none_or(|id| pending.worker == *id) {
+                pending.cancel_sent = true;
+                notices.push((pending.worker.clone(), key.clone()));
+            }
+        }
+        for (worker, (origin, correlation_id)) in notices {
+            if self.table.get(&worker).is_some_and(|e| e.takes_cancel) {
+                let reason = CancelReason::ShuttingDown;
+                self.tell_worker(&worker, origin, correlation_id, reason, now);
+            }
+        }
+        self.settle();
+    }
+
+    /// Ends request `key` before its worker's final reply, for `reason`:
+    /// see [`finish_early`](Self::finish_early).
+    pub(super) fn end_early(
+        &mut self,
+        key: Key,
+        reason: CancelReason,
+        answer: Option<(ErrorCode, String)>,
+        now: Instant,
+    ) {
+        if let Some(pending) = self.pending.take(&key) {
+            self.finish_early(key, pending, reason, answer, now);
+        }
+    }
+
+    /// A request taken out of the pending table before its worker's final
+    /// reply: its worker's slot is freed and the worker told why (a reply
+    /// it still sends is late); the caller gets `answer`, if any (none when
+    /// nobody waits).
+    pub(super) fn finish_early(
+        &mut self,
+        key: Key,
+        pending: Pending<S::Caller>,
+        reason: CancelReason,
+        answer: Option<(ErrorCode, String)>,
+        now: Instant,
+    ) {
+        let Pending {
+            worker,
+            method,
+            reply_to,
+            cancel_sent,
+            ..
+        } = pending;
+        self.table.release(&worker);
+        self.expired.insert(key.clone());
+        let (origin, correlation_id) = key;
+        if let Some((code, message)) = answer {
+            let error =
+                Envelope::broker_error_to(origin.clone(), method, correlation_id, code, message);
+            self.answer(error, reply_to, now);
+        }
+        if !cancel_sent && self.table.get(&worker).is_some_and(|e| e.takes_cancel) {
+            self.tell_worker(&worker, origin, correlation_id, reason, now);
+        }
+    }
+
+    /// [`finish_early`](Self::finish_early) without an answer: the caller
+    /// is gone.
+    fn abandon(
+        &mut self,
+        key: Key,
+        pending: Pending<S::Caller>,
+        reason: CancelReason,
+        now: Instant,
+    ) {
+        self.finish_early(key, pending, reason, None, now);
+    }
+
+    /// Sends `worker` the `cancel` of the request `correlation_id` of
+    /// `origin`, and counts it. To another node (`@node`), the cancel goes
+    /// on to that node's broker, which tells its worker.
+    fn tell_worker(
+        &mut self,
+        worker: &ByteString,
+        origin: ByteString,
+        correlation_id: u64,
+        reason: CancelReason,
+        now: Instant,
+    ) {
+        let notice = Envelope::cancel_notice(worker.clone(), correlation_id, origin, reason);
+        if self.table.deliver(worker, notice, now, &mut self.sink)
+            && let Some(entry) = self.table.get_mut(worker)
+        {
+            entry.delta.cancels += 1;
+        }
     }
 
     /// `count` frames from process `from` were not valid envelopes: counted
@@ -614,9 +814,22 @@ impl<S: Sink> Core<S> {
         service: &ByteString,
         ready: bool,
         port: S::Port,
+        takes_cancel: bool,
         now: Instant,
     ) -> Result<usize, RouterError> {
-        self.table.register(id, service, ready, port, now)
+        self.table
+            .register(id, service, ready, port, takes_cancel, now)
+    }
+
+    /// How `service` spreads its requests over its workers, and after how
+    /// many requests a worker is due for recycling (0: never).
+    pub(crate) fn set_policy(
+        &mut self,
+        service: &ByteString,
+        balance: crate::config::WorkerBalance,
+        max_requests: u64,
+    ) {
+        self.table.set_policy(service, balance, max_requests);
     }
 
     /// Process `id` is routable (its `ready` came) or not (it is drained).
@@ -638,6 +851,14 @@ impl<S: Sink> Core<S> {
     pub(crate) fn set_draining(&mut self, draining: bool) {
         self.draining = draining;
     }
+}
+
+/// A request's budget as `timeout_ms`: whole milliseconds, rounded up,
+/// at least 1.
+#[inline]
+fn budget_ms(timeout: Duration) -> u64 {
+    let ms = timeout.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -35,15 +35,16 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use self::core::Core;
 use self::deadline::{Deadline, Expire};
-use self::sink::Sink;
+use self::sink::{Partial, Sink};
 use super::messages::{
-    BadFrame, Bounce, Call, Envelopes, FlushMetrics, FromNodes, HealthFailure, InFlightOf,
-    MetricsBatch, NodeDown, NodeFailed, NodeUp, PendingCount, Publish, ReadyCounts,
-    RegisterProcess, RemoveProcess, Route, RouterError, SetDraining, SetReady,
+    BadFrame, Bounce, Call, CallStream, CancelCall, CancelInFlight, Envelopes, FlushMetrics,
+    FromNodes, HealthFailure, InFlightOf, MetricsBatch, NodeDown, NodeFailed, NodeUp, PendingCount,
+    Publish, ReadyCounts, RecycleDue, RecycleReason, RegisterProcess, RemoveProcess, Route,
+    RouterError, SetDraining, SetReady, SetRecycler, SetServicePolicy,
 };
 use super::nodes::Nodes;
 use super::pacer::Pacer;
@@ -79,11 +80,21 @@ struct Shell {
 /// How the Router carries out its core's effects.
 pub(crate) struct Effects {
     deadline: Deadline,
+    /// Where workers due for recycling are reported (the Broker).
+    recycler: Option<Recipient<RecycleDue>>,
+}
+
+/// Where a Rust caller's replies go.
+pub(crate) enum Answer {
+    /// One final reply ([`Call`]).
+    Once(oneshot::Sender<Envelope>),
+    /// Partial replies, then the final one ([`CallStream`]).
+    Stream(mpsc::Sender<Envelope>),
 }
 
 impl Sink for Effects {
     type Port = Outlet;
-    type Caller = oneshot::Sender<Envelope>;
+    type Caller = Answer;
 
     #[inline]
     fn deliver(&mut self, port: &mut Outlet, envelope: Envelope) -> bool {
@@ -96,9 +107,44 @@ impl Sink for Effects {
     }
 
     #[inline]
-    fn answer(&mut self, caller: oneshot::Sender<Envelope>, reply: Envelope) {
-        // A caller that stopped waiting has nobody to tell.
-        let _ = caller.send(reply);
+    fn answer(&mut self, caller: Answer, reply: Envelope) {
+        // A caller that stopped waiting has nobody to tell. A stream's
+        // final reply has room: partials stop one short of its capacity.
+        match caller {
+            Answer::Once(caller) => {
+                let _ = caller.send(reply);
+            }
+            Answer::Stream(parts) => {
+                let _ = parts.try_send(reply);
+            }
+        }
+    }
+
+    fn partial(&mut self, caller: &mut Answer, reply: Envelope) -> Partial {
+        let Answer::Stream(parts) = caller else {
+            return Partial::Gone;
+        };
+        if parts.is_closed() {
+            return Partial::Gone;
+        }
+        if parts.capacity() <= 1 {
+            return Partial::Full;
+        }
+        match parts.try_send(reply) {
+            Ok(()) => Partial::Taken,
+            Err(mpsc::error::TrySendError::Full(_)) => Partial::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Partial::Gone,
+        }
+    }
+
+    fn recycle_due(&mut self, worker: &ByteString) {
+        match &self.recycler {
+            Some(recycler) => recycler.do_send(RecycleDue {
+                id: worker.clone(),
+                reason: RecycleReason::MaxRequests,
+            }),
+            None => tracing::debug!(process = %worker, "due for recycling; nobody recycles"),
+        }
     }
 
     #[inline]
@@ -122,6 +168,7 @@ impl Router {
         let deadline = Deadline::default();
         let effects = Effects {
             deadline: deadline.clone(),
+            recycler: None,
         };
         let core = Core::new(config, nodes, effects, Instant::now(), SystemTime::now());
         let metrics = metrics.into();
@@ -242,6 +289,11 @@ macro_rules! handlers {
 handlers! {
     Route => (),
     Call => (),
+    CallStream => (),
+    CancelCall => (),
+    SetServicePolicy => (),
+    SetRecycler => (),
+    CancelInFlight => (),
     Publish => usize,
     FromNodes => (),
     NodeUp => (),
@@ -280,8 +332,66 @@ impl Handles<Route> for Shell {
 impl Handles<Call> for Shell {
     type Result = ();
 
-    fn handle(&mut self, Call { envelope, reply }: Call) {
-        self.core.call(envelope, reply, Instant::now());
+    fn handle(
+        &mut self,
+        Call {
+            mut envelope,
+            reply,
+        }: Call,
+    ) {
+        // One reply, so no partials: a `stream` flag has nothing to feed.
+        envelope.stream = false;
+        self.core
+            .call(envelope, Answer::Once(reply), Instant::now());
+    }
+}
+
+impl Handles<CallStream> for Shell {
+    type Result = ();
+
+    fn handle(
+        &mut self,
+        CallStream {
+            mut envelope,
+            parts,
+        }: CallStream,
+    ) {
+        envelope.stream = true;
+        self.core
+            .call(envelope, Answer::Stream(parts), Instant::now());
+    }
+}
+
+impl Handles<CancelCall> for Shell {
+    type Result = ();
+
+    fn handle(&mut self, CancelCall(correlation_id): CancelCall) {
+        self.core.cancel_call(correlation_id, Instant::now());
+    }
+}
+
+impl Handles<SetServicePolicy> for Shell {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetServicePolicy) {
+        self.core
+            .set_policy(&msg.service, msg.balance, msg.max_requests);
+    }
+}
+
+impl Handles<SetRecycler> for Shell {
+    type Result = ();
+
+    fn handle(&mut self, SetRecycler(recycler): SetRecycler) {
+        self.core.sink().recycler = Some(recycler);
+    }
+}
+
+impl Handles<CancelInFlight> for Shell {
+    type Result = ();
+
+    fn handle(&mut self, CancelInFlight { id }: CancelInFlight) {
+        self.core.cancel_in_flight(id.as_ref(), Instant::now());
     }
 }
 
@@ -383,9 +493,14 @@ impl Handles<RegisterProcess> for Shell {
 
     fn handle(&mut self, msg: RegisterProcess) -> Self::Result {
         let port = Outlet::new(msg.recipient, msg.pacer, msg.inbox);
-        let slot = self
-            .core
-            .register(msg.id, &msg.service, msg.ready, port, Instant::now())?;
+        let slot = self.core.register(
+            msg.id,
+            &msg.service,
+            msg.ready,
+            port,
+            msg.takes_cancel,
+            Instant::now(),
+        )?;
         // A process on this thread may route with method calls from now on.
         if let Some(link) = self.core.port(slot).and_then(Outlet::link) {
             let here: Weak<dyn Intake> = self.me.clone();

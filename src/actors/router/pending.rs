@@ -36,6 +36,10 @@ pub(crate) struct Pending<C> {
     pub(crate) deadline: Instant,
     /// Where the reply goes.
     pub(crate) reply_to: ReplyTo<C>,
+    /// The caller takes partial replies (`stream = true`).
+    pub(crate) stream: bool,
+    /// Its worker was sent `cancel` (it is told at most once).
+    pub(crate) cancel_sent: bool,
     /// Matches the heap entry that belongs to this request.
     seq: u64,
 }
@@ -83,6 +87,7 @@ impl<C> PendingTable<C> {
     }
 
     /// Adds a request; refuses a key that is already in flight.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert(
         &mut self,
         key: Key,
@@ -91,6 +96,7 @@ impl<C> PendingTable<C> {
         start: Instant,
         deadline: Instant,
         reply_to: ReplyTo<C>,
+        stream: bool,
     ) -> Result<(), Duplicate> {
         let seq = self.next_seq;
         match self.map.entry(key) {
@@ -104,6 +110,8 @@ impl<C> PendingTable<C> {
                     start,
                     deadline,
                     reply_to,
+                    stream,
+                    cancel_sent: false,
                     seq,
                 });
             }
@@ -111,11 +119,6 @@ impl<C> PendingTable<C> {
         self.next_seq += 1;
         self.compact();
         Ok(())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn remove(&mut self, key: &Key) -> Option<Pending<C>> {
-        self.map.remove(key)
     }
 
     /// Removes the request `key` if it was delivered to `worker`: only the
@@ -138,6 +141,31 @@ impl<C> PendingTable<C> {
             }
             None => Err(NotPending::Absent),
         }
+    }
+
+    /// The request `key` delivered to `worker`, left in place (a partial
+    /// reply does not end it).
+    #[inline]
+    pub(crate) fn get_answered_by(
+        &mut self,
+        key: &Key,
+        worker: &ByteString,
+    ) -> Result<&mut Pending<C>, NotPending> {
+        match self.map.get_mut(key) {
+            Some(pending) if pending.worker == *worker => Ok(pending),
+            Some(_) => Err(NotPending::Forged),
+            None => Err(NotPending::Absent),
+        }
+    }
+
+    /// Removes the request `key`, whoever it went to.
+    pub(crate) fn take(&mut self, key: &Key) -> Option<Pending<C>> {
+        self.map.remove(key)
+    }
+
+    /// Each request in flight, to mark.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Key, &mut Pending<C>)> {
+        self.map.iter_mut()
     }
 
     /// The earliest deadline still live, dropping stale heap entries on the way.
@@ -275,6 +303,12 @@ impl RecentlyExpired {
         }
     }
 
+    /// True if `key` ended recently without its worker's reply (left in
+    /// place: a stream's later partials are late too).
+    pub(crate) fn contains(&self, key: &Key) -> bool {
+        self.set.contains(key)
+    }
+
     /// True (once) if `key` timed out recently.
     pub(crate) fn take(&mut self, key: &Key) -> bool {
         self.set.remove(key)
@@ -298,6 +332,7 @@ mod tests {
             deadline,
             deadline,
             ReplyTo::Process,
+            false,
         )
     }
 
@@ -311,7 +346,7 @@ mod tests {
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(10)));
         let expired = t.expire(t0 + Duration::from_millis(20));
         assert_eq!(expired.iter().map(|(k, _)| k.1).collect::<Vec<_>>(), [2]);
-        assert!(t.remove(&key(1)).is_some());
+        assert!(t.take(&key(1)).is_some());
         assert_eq!(t.next_deadline(), None, "stale entry skipped");
     }
 
@@ -321,7 +356,7 @@ mod tests {
         let mut t = PendingTable::default();
         for n in 0..10_000 {
             add(&mut t, n, t0).expect("new");
-            t.remove(&key(n));
+            t.take(&key(n));
         }
         assert!(t.heap_len() <= 1024 + 2, "heap holds {}", t.heap_len());
     }
@@ -333,13 +368,13 @@ mod tests {
         // Steady state, one in flight: rebuilds keep the room they grew.
         for n in 0..1100 {
             add(&mut t, n, t0).expect("new");
-            t.remove(&key(n));
+            t.take(&key(n));
         }
         let room = t.heap_capacity();
         assert!(room > 1024, "grew to {room}");
         for n in 1100..10_000 {
             add(&mut t, n, t0).expect("new");
-            t.remove(&key(n));
+            t.take(&key(n));
             assert_eq!(t.heap_capacity(), room, "after request {n}");
         }
         // A burst of 100 000 in flight, then all answered: the next rebuild
@@ -348,7 +383,7 @@ mod tests {
             add(&mut t, n, t0).expect("new");
         }
         for n in 10_000..110_000 {
-            t.remove(&key(n));
+            t.take(&key(n));
         }
         assert!(t.heap_capacity() >= 100_000);
         add(&mut t, 0, t0).expect("new");

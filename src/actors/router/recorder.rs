@@ -2,11 +2,11 @@
 //! simulation: each process's port is its id, each Rust caller a number.
 
 use bytestring::ByteString;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::core::Core;
-use super::sink::Sink;
+use super::sink::{Partial, Sink};
 use crate::actors::nodes::Nodes;
 use crate::config::BrokerConfig;
 use crate::protocol::Envelope;
@@ -20,6 +20,10 @@ pub(super) enum Effect {
     Answer { caller: u64, reply: Envelope },
     /// An envelope for process `to`, whose actor was gone.
     Refused { to: ByteString, envelope: Envelope },
+    /// A partial reply taken by Rust caller `caller`.
+    Partial { caller: u64, reply: Envelope },
+    /// Worker `worker` is due for recycling.
+    RecycleDue { worker: ByteString },
 }
 
 /// Records what the core does.
@@ -36,6 +40,13 @@ pub(super) struct Recorder {
     pub(super) unsettled: BTreeSet<ByteString>,
     /// Settles of a process that had nothing delivered in the input.
     pub(super) idle_settles: u64,
+    /// Stdin backlogs the test set (a process that does not read); 0 for
+    /// the others.
+    pub(super) backlog: HashMap<ByteString, usize>,
+    /// Rust callers whose stream buffer is full.
+    pub(super) full: HashSet<u64>,
+    /// Rust callers that stopped listening.
+    pub(super) deaf: HashSet<u64>,
 }
 
 impl Recorder {
@@ -75,14 +86,34 @@ impl Sink for Recorder {
         self.effects.push(Effect::Answer { caller, reply });
     }
 
+    fn partial(&mut self, caller: &mut u64, reply: Envelope) -> Partial {
+        if self.deaf.contains(caller) {
+            return Partial::Gone;
+        }
+        if self.full.contains(caller) {
+            return Partial::Full;
+        }
+        self.effects.push(Effect::Partial {
+            caller: *caller,
+            reply,
+        });
+        Partial::Taken
+    }
+
+    fn recycle_due(&mut self, worker: &ByteString) {
+        self.effects.push(Effect::RecycleDue {
+            worker: worker.clone(),
+        });
+    }
+
     fn arm(&mut self, deadline: Instant) {
         if self.armed.is_none_or(|armed| deadline < armed) {
             self.armed = Some(deadline);
         }
     }
 
-    fn queue_depth(&self, _: &ByteString) -> usize {
-        0
+    fn queue_depth(&self, port: &ByteString) -> usize {
+        self.backlog.get(port).copied().unwrap_or(0)
     }
 }
 

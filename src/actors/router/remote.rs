@@ -12,7 +12,7 @@ use super::sink::Sink;
 use crate::actors::log_limit::LogLine;
 use crate::actors::nodes::{self, Choice};
 use crate::names::{self, BROKER};
-use crate::protocol::{Envelope, ErrorCode, MessageType};
+use crate::protocol::{CancelNotice, CancelReason, Envelope, ErrorCode, MessageType};
 
 impl<S: Sink> Core<S> {
     /// Envelopes that came from other nodes, each with the node it came
@@ -39,7 +39,11 @@ impl<S: Sink> Core<S> {
                 MessageType::Response | MessageType::Error => {
                     self.route_reply(slot, &node, envelope, now);
                 }
-                // Events do not cross nodes; the Cluster never sends one.
+                // The only event that crosses nodes: a caller's broker
+                // cancels a request it sent here.
+                MessageType::Event if envelope.is_cancel() => {
+                    self.remote_cancel(&node, &envelope, now)
+                }
                 MessageType::Event => {}
             }
         }
@@ -104,7 +108,8 @@ impl<S: Sink> Core<S> {
         };
         if self.table.exact(&id).is_none() {
             // Never a target of its own: not in `*`, not picked by name.
-            let _ = self.table.register(id.clone(), &id, false, port, now);
+            // Cancels of requests sent to it go on to its broker.
+            let _ = self.table.register(id.clone(), &id, false, port, true, now);
         }
     }
 
@@ -127,7 +132,7 @@ impl<S: Sink> Core<S> {
         let id = self.nodes.id(node).cloned();
         let failed = id.map_or(0, |id| self.remove(&id, reason, now));
         let dropped = if callers_gone {
-            self.drop_callers_of(node)
+            self.drop_callers_of(node, now)
         } else {
             0
         };
@@ -147,16 +152,43 @@ impl<S: Sink> Core<S> {
     /// instance that sent them is gone. Their workers' slots are freed; a
     /// reply that still comes counts as late and goes nowhere. Returns how
     /// many.
-    fn drop_callers_of(&mut self, node: &str) -> usize {
+    fn drop_callers_of(&mut self, node: &str, now: Instant) -> usize {
         let dropped = self
             .pending
             .drain_where(|key, _| nodes::split(&key.0).is_some_and(|(_, n)| n == node));
         let count = dropped.len();
         for (key, pending) in dropped {
-            self.table.release(&pending.worker);
-            self.expired.insert(key);
+            self.finish_early(key, pending, CancelReason::CallerExited, None, now);
         }
         count
+    }
+
+    /// The broker of node `node` ended a request it had sent here (its
+    /// deadline passed there, its caller cancelled or left, its stream was
+    /// cut): the worker here is told, with the reason given. That broker
+    /// has answered its caller already, so nothing is answered here; a
+    /// reply that still comes is late. A cancel of a request this node
+    /// does not hold from `node` (answered already, or never sent by a
+    /// caller of that node) is dropped and counted as the node's
+    /// `dropped_events`, as a process's would be; unless this node ended
+    /// that request early itself a moment ago (both brokers time a request
+    /// out, so their deadlines pass together): then the two crossed, and
+    /// the worker was told already.
+    fn remote_cancel(&mut self, node: &ByteString, cancel: &Envelope, now: Instant) {
+        let key: Key = (cancel.source.clone(), cancel.correlation_id);
+        let from_node =
+            nodes::split(&key.0).is_some_and(|(_, n)| node.strip_prefix('@') == Some(n));
+        let reason = CancelNotice::from_payload(cancel.payload.as_ref())
+            .map_or(CancelReason::Cancelled, |notice| notice.reason);
+        if !from_node || !self.pending.contains(&key) {
+            let crossed = from_node && self.expired.contains(&key);
+            if !crossed && let Some(entry) = self.table.get_mut(node) {
+                entry.delta.dropped_events += 1;
+            }
+            tracing::debug!(%node, source = %key.0, correlation_id = key.1, "cancel from a node dropped");
+            return;
+        }
+        self.end_early(key, reason, None, now);
     }
 
     /// A request published to node `node` (`@node`) cannot be answered by
@@ -185,11 +217,12 @@ impl<S: Sink> Core<S> {
         envelope: &mut Envelope,
     ) -> Result<usize, (ErrorCode, String)> {
         let capacity = self.config.queue_capacity;
+        let key = envelope.key.as_ref().and_then(|k| k.as_str().ok());
         if let Some((local, node)) = nodes::split(&envelope.target) {
             let (local, node) = (local.to_owned(), node.to_owned());
             if node == self.nodes.this() {
                 envelope.target = local.into();
-                return self.table.pick(&envelope.target, capacity);
+                return self.table.pick(&envelope.target, key, capacity);
             }
             if local == BROKER {
                 return Err((
@@ -201,14 +234,14 @@ impl<S: Sink> Core<S> {
         }
         let service = envelope.target.clone();
         let local_ready = self.table.has_ready(&service);
-        match self.nodes.choose(&service, local_ready) {
+        match self.nodes.choose(&service, local_ready, key) {
             Some(Choice::Remote(node)) => {
                 let slot = self.node_slot(&node)?;
                 envelope.target = format!("{service}@{node}").into();
                 Ok(slot)
             }
-            Some(Choice::Local) => self.table.pick(&service, capacity),
-            None => match self.table.pick(&service, capacity) {
+            Some(Choice::Local) => self.table.pick(&service, key, capacity),
+            None => match self.table.pick(&service, key, capacity) {
                 Err((ErrorCode::UnknownTarget, _)) if self.nodes.knows(&service) => Err((
                     ErrorCode::Unavailable,
                     format!("no node has a ready worker of {service:?}"),

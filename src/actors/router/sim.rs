@@ -9,8 +9,12 @@
 //! (the timer fires as the core armed it); scaling a service up and down
 //! and rolling restarts; workers whose stdin is full (their inbox bounces
 //! what the core delivers, and the bounce reaches the core later);
-//! draining; metrics flushes. After every operation the invariants are
-//! checked:
+//! draining; metrics flushes. And the request lifecycle: requests that
+//! ask for a stream and workers that send partial replies, callers that
+//! stop reading (their streams are cut), cancels from callers (their own,
+//! forged, unknown, misaddressed) and from Rust callers that drop a call,
+//! keyed requests, least-pending services, recycling limits, and the drain
+//! expiring. After every operation the invariants are checked:
 //!
 //! - every request gets exactly one final reply (a second one, or one to a
 //!   request nobody asked, fails at once; at the end, after the clock has
@@ -25,7 +29,18 @@
 //! - nothing stays pending once its worker is gone;
 //! - among workers of a service that stayed ready (and never full) since
 //!   the last change, round-robin counts differ by at most one;
-//! - every input settles each port it delivered to, once.
+//! - every input settles each port it delivered to, once;
+//! - a delivered request carries its budget (`timeout_ms` of at least 1);
+//! - a request that ends without its worker's reply (timeout, cancel,
+//!   caller gone, stream cut) has its worker told within the same input;
+//!   a worker gets at most one `cancel` per request, never for a request
+//!   it was not given or already answered, and, but at the drain, never
+//!   while the request still runs;
+//! - partial replies reach only the caller of a live request that asked
+//!   for a stream, before its final reply;
+//! - a key goes to the same worker while the service's workers do not
+//!   change; a least-pending pick holds no more than any other ready
+//!   worker; a worker is due for recycling once, at exactly `max_requests`.
 //!
 //! proptest generates the sequences and shrinks a failing one, then every
 //! step it still fails without is dropped; the failure names the seed
@@ -43,7 +58,11 @@ use super::recorder::{self, Effect, Recorder};
 use crate::actors::messages::Envelopes;
 use crate::actors::nodes::Nodes;
 use crate::config::BrokerConfig;
-use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
+use crate::config::WorkerBalance;
+use crate::protocol::{
+    CancelNotice, CancelReason, Envelope, ErrorCode, MessageType, Payload, RequestKey,
+    SalvagedRequest,
+};
 
 /// Requests a worker may hold.
 const CAPACITY: usize = 2;
@@ -71,6 +90,20 @@ const TARGETS: [&str; 12] = [
 const EVENT_TARGETS: [&str; 6] = ["echo", "*", "client.1", "broker", "nobody", "calc.0"];
 /// Per-request timeouts (`None`: the default).
 const TIMEOUTS: [Option<u64>; 4] = [None, Some(1), Some(30), Some(250)];
+/// What a request may carry beside its target: (stream, key). Keys `a` and
+/// `b` are valid; the long one is refused.
+const EXTRAS: [(bool, Option<&str>); 8] = [
+    (false, None),
+    (false, None),
+    (false, None),
+    (true, None),
+    (true, None),
+    (false, Some("a")),
+    (true, Some("b")),
+    (false, Some(LONG_KEY)),
+];
+/// A key one byte too long.
+const LONG_KEY: &str = "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk";
 /// Services that scale and roll, with their most workers.
 const SERVICES: [(&str, usize); 2] = [("echo", 4), ("calc", 2)];
 /// The Rust caller's id, as the core stamps it.
@@ -87,15 +120,36 @@ enum How {
     Twice,
     /// A response from another process.
     Wrong,
+    /// A partial reply (`more`) from the worker that got the request.
+    Partial,
 }
 
 /// One operation. Numbers pick among what exists when it runs (modulo),
 /// so any sequence is valid and shrinks to a smaller valid one.
 #[derive(Debug, Clone)]
 enum Op {
-    /// Process `from` sends requests (target, timeout) in one batch; `from`
-    /// past the processes is a Rust caller (one call).
-    Request { from: u8, batch: Vec<(u8, u8)> },
+    /// Process `from` sends requests (target, timeout, extras) in one
+    /// batch; `from` past the processes is a Rust caller (one call).
+    Request { from: u8, batch: Vec<(u8, u8, u8)> },
+    /// A process cancels a request: `forge` 0 its own in flight, 1 an id
+    /// it never used, 2 its own but addressed to a process, 3 another
+    /// process's.
+    Cancel { from: u8, which: u8, forge: u8 },
+    /// A Rust caller drops a call.
+    CancelCall { which: u8 },
+    /// A process stops reading its stdin (its backlog is full) or reads
+    /// again.
+    Stall { who: u8, stalled: bool },
+    /// A Rust caller's stream buffer fills (`deaf`: it stopped listening).
+    StallCall { which: u8, deaf: bool },
+    /// A service's balance and recycling limit change.
+    Policy {
+        service: u8,
+        least: bool,
+        max_requests: u8,
+    },
+    /// The drain expires for one worker, or all (`who` past the processes).
+    DrainExpired { who: u8 },
     /// A process that holds requests answers one of them.
     Reply { who: u8, which: u8, how: How },
     /// A process sends again a correlation id still in flight.
@@ -131,10 +185,12 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = PROCESSES.len() as u8;
     prop_oneof![
-        12 => (0..=n, prop::collection::vec((0..TARGETS.len() as u8, 0..TIMEOUTS.len() as u8), 1..=3))
+        12 => (0..=n, prop::collection::vec(
+                (0..TARGETS.len() as u8, 0..TIMEOUTS.len() as u8, 0..EXTRAS.len() as u8), 1..=3))
             .prop_map(|(from, batch)| Op::Request { from, batch }),
         12 => (any::<u8>(), any::<u8>(), prop_oneof![
-                4 => Just(How::Right), 1 => Just(How::Error), 1 => Just(How::Twice), 1 => Just(How::Wrong)
+                4 => Just(How::Right), 1 => Just(How::Error), 1 => Just(How::Twice), 1 => Just(How::Wrong),
+                3 => Just(How::Partial)
             ])
             .prop_map(|(who, which, how)| Op::Reply { who, which, how }),
         1 => (0..n, any::<u8>()).prop_map(|(from, which)| Op::Duplicate { from, which }),
@@ -151,6 +207,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..SERVICES.len() as u8, 0..=4u8).prop_map(|(service, workers)| Op::Scale { service, workers }),
         1 => (0..SERVICES.len() as u8).prop_map(|service| Op::Roll { service }),
         1 => Just(Op::Flush),
+        2 => (0..n, any::<u8>(), prop_oneof![5 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)])
+            .prop_map(|(from, which, forge)| Op::Cancel { from, which, forge }),
+        1 => any::<u8>().prop_map(|which| Op::CancelCall { which }),
+        1 => (0..n, any::<bool>()).prop_map(|(who, stalled)| Op::Stall { who, stalled }),
+        1 => (any::<u8>(), any::<bool>()).prop_map(|(which, deaf)| Op::StallCall { which, deaf }),
+        1 => (0..SERVICES.len() as u8, any::<bool>(), 0..4u8)
+            .prop_map(|(service, least, max_requests)| Op::Policy { service, least, max_requests }),
+        1 => (0..=n).prop_map(|who| Op::DrainExpired { who }),
     ]
 }
 
@@ -173,7 +237,22 @@ struct Proc {
     asked: BTreeMap<u64, bool>,
     /// Its next correlation id (never reused, across incarnations too).
     next_id: u64,
+    /// Every request delivered to it (this incarnation).
+    got: BTreeSet<Key>,
+    /// The requests it gave its final reply.
+    answered: BTreeSet<Key>,
+    /// The requests it was sent `cancel` for.
+    cancelled: BTreeSet<Key>,
+    /// Its stdin backlog is full: it does not read.
+    stalled: bool,
+    /// Requests delivered to it (this incarnation), and whether it was
+    /// reported due for recycling.
+    served: u64,
+    recycle_due: bool,
 }
+
+/// A request: its origin and correlation id.
+type Key = (ByteString, u64);
 
 /// The simulation: the core, the model, the clock.
 struct Sim {
@@ -197,6 +276,22 @@ struct Sim {
     rotation: BTreeMap<ByteString, BTreeMap<ByteString, u64>>,
     /// What happened, step by step.
     trace: Vec<String>,
+    /// Live requests that asked for a stream.
+    streams: BTreeSet<Key>,
+    /// Rust calls that asked for a stream, and those that stopped
+    /// listening.
+    stream_calls: BTreeSet<u64>,
+    deaf_calls: BTreeSet<u64>,
+    /// Cancels the current input must send: (worker, request).
+    owed: BTreeSet<(ByteString, Key)>,
+    /// The current input ends requests early: their workers are owed a
+    /// cancel.
+    ending_early: bool,
+    /// Per (service, key): the worker its requests went to since the
+    /// service last changed.
+    keys: BTreeMap<(ByteString, String), ByteString>,
+    /// Per service: least-pending, and `max_requests`.
+    policy: BTreeMap<ByteString, (bool, u64)>,
 }
 
 type Check = Result<(), String>;
@@ -225,6 +320,12 @@ impl Sim {
                     received: Vec::new(),
                     asked: BTreeMap::new(),
                     next_id: 1,
+                    got: BTreeSet::new(),
+                    answered: BTreeSet::new(),
+                    cancelled: BTreeSet::new(),
+                    stalled: false,
+                    served: 0,
+                    recycle_due: false,
                 })
                 .collect(),
             live: BTreeMap::new(),
@@ -236,6 +337,13 @@ impl Sim {
             draining: false,
             rotation: BTreeMap::new(),
             trace: Vec::new(),
+            streams: BTreeSet::new(),
+            stream_calls: BTreeSet::new(),
+            deaf_calls: BTreeSet::new(),
+            owed: BTreeSet::new(),
+            ending_early: false,
+            keys: BTreeMap::new(),
+            policy: BTreeMap::new(),
         };
         // The broker, two echo workers and a client are up; calc.0 starts.
         for (who, ready) in [(0, true), (1, true), (2, true), (5, false), (7, true)] {
@@ -290,23 +398,84 @@ impl Sim {
             Op::Scale { service, workers } => self.scale(service, workers)?,
             Op::Roll { service } => self.roll(service)?,
             Op::Flush => self.flush()?,
+            Op::Cancel { from, which, forge } => self.cancel(from, which, forge)?,
+            Op::CancelCall { which } => self.cancel_call(which)?,
+            Op::Stall { who, stalled } => {
+                let i = who as usize % self.procs.len();
+                let id = self.procs[i].id.clone();
+                self.procs[i].stalled = stalled;
+                let backlog = &mut self.core.sink().backlog;
+                if stalled {
+                    backlog.insert(id, CAPACITY);
+                } else {
+                    backlog.remove(&id);
+                }
+            }
+            Op::StallCall { which, deaf } => {
+                let open: Vec<u64> = self.open_calls();
+                if let Some(&call) = open.get(which as usize % open.len().max(1)) {
+                    self.log(format!("  call #{call} stalls (deaf: {deaf})"));
+                    let sink = self.core.sink();
+                    if deaf {
+                        sink.deaf.insert(call);
+                        self.deaf_calls.insert(call);
+                    } else {
+                        sink.full.insert(call);
+                    }
+                }
+            }
+            Op::Policy {
+                service,
+                least,
+                max_requests,
+            } => {
+                let (name, _) = SERVICES[service as usize % SERVICES.len()];
+                let balance = if least {
+                    WorkerBalance::LeastPending
+                } else {
+                    WorkerBalance::RoundRobin
+                };
+                let max = u64::from(max_requests) * 3;
+                self.core.set_policy(&name.into(), balance, max);
+                self.policy.insert(name.into(), (least, max));
+                self.changed(&name.into());
+            }
+            Op::DrainExpired { who } => self.drain_expired(who)?,
         }
         self.check()
     }
 
-    fn request(&mut self, from: u8, batch: &[(u8, u8)]) -> Check {
+    fn request(&mut self, from: u8, batch: &[(u8, u8, u8)]) -> Check {
         let to = |t: u8| TARGETS[t as usize % TARGETS.len()];
         let timeout = |t: u8| TIMEOUTS[t as usize % TIMEOUTS.len()];
+        let build = |target: u8, t: u8, extra: u8, id: u64| {
+            let (stream, key) = EXTRAS[extra as usize % EXTRAS.len()];
+            let mut request = Envelope::request(to(target), "M", id);
+            request.timeout_ms = timeout(t);
+            request.stream = stream;
+            request.key = key.map(|k| {
+                RequestKey::new(k).unwrap_or_else(|_| {
+                    RequestKey::Invalid(Payload::encode(k).expect("a str payload"))
+                })
+            });
+            (request, key == Some(LONG_KEY))
+        };
         if from as usize >= self.procs.len() {
             // A Rust caller: one call.
-            let (target, t) = batch[0];
-            let mut request = Envelope::request(to(target), "M", 0);
-            request.timeout_ms = timeout(t);
+            let (target, t, extra) = batch[0];
+            let (request, _) = build(target, t, extra, 0);
             let call = self.next_call;
             self.next_call += 1;
             self.calls.insert(call, (None, false));
+            if request.stream {
+                self.stream_calls.insert(call);
+            }
             self.calling = Some(call);
-            self.log(format!("  call #{call} → {}", to(target)));
+            self.log(format!(
+                "  call #{call} → {} (stream: {})",
+                to(target),
+                request.stream
+            ));
             self.core.call(request, call, self.now);
             let effects = self.core.sink().take();
             self.absorb(effects)?;
@@ -316,21 +485,153 @@ impl Sim {
             return Ok(());
         };
         let mut envelopes = Vec::new();
-        for &(target, t) in batch {
+        for &(target, t, extra) in batch {
             let p = &mut self.procs[i];
             let id = p.next_id;
             p.next_id += 1;
-            p.asked.insert(id, false);
-            let mut request = Envelope::request(to(target), "M", id);
-            request.timeout_ms = timeout(t);
+            let (request, bad_key) = build(target, t, extra, id);
+            // A bad key is refused at once.
+            p.asked.insert(id, bad_key);
             envelopes.push(request);
         }
         let ids: Vec<_> = envelopes
             .iter()
-            .map(|e| (e.correlation_id, e.target.to_string()))
+            .map(|e| {
+                (
+                    e.correlation_id,
+                    e.target.to_string(),
+                    e.stream,
+                    e.key.is_some(),
+                )
+            })
             .collect();
         self.log(format!("  {} asks {ids:?}", self.procs[i].id));
         self.send(i, envelopes)
+    }
+
+    /// The Rust call whose correlation id is `id`.
+    fn calls_by_id(&self, id: u64) -> Option<u64> {
+        self.calls
+            .iter()
+            .find(|(_, (delivered, _))| *delivered == Some(id))
+            .map(|(&call, _)| call)
+    }
+
+    /// Rust calls not yet answered.
+    fn open_calls(&self) -> Vec<u64> {
+        self.calls
+            .iter()
+            .filter(|(_, (_, answered))| !answered)
+            .map(|(&call, _)| call)
+            .collect()
+    }
+
+    fn cancel(&mut self, from: u8, which: u8, forge: u8) -> Check {
+        let Some(i) = self.acting(from) else {
+            return Ok(());
+        };
+        let id = self.procs[i].id.clone();
+        let own: Vec<u64> = self.procs[i]
+            .asked
+            .keys()
+            .copied()
+            .filter(|n| self.live.contains_key(&(id.clone(), *n)))
+            .collect();
+        let others: Vec<Key> = self
+            .live
+            .keys()
+            .filter(|(origin, _)| *origin != id)
+            .cloned()
+            .collect();
+        let (cancel, valid) = match forge {
+            0 if !own.is_empty() => {
+                let n = own[which as usize % own.len()];
+                (Envelope::cancel_request(n), true)
+            }
+            1 | 0 => (
+                Envelope::cancel_request(self.procs[i].next_id + 1000),
+                false,
+            ),
+            2 if !own.is_empty() => {
+                let mut cancel = Envelope::cancel_request(own[which as usize % own.len()]);
+                cancel.target = "echo.0".into();
+                (cancel, false)
+            }
+            _ if !others.is_empty() => {
+                let (_, n) = &others[which as usize % others.len()];
+                (Envelope::cancel_request(*n), false)
+            }
+            _ => return Ok(()),
+        };
+        let key = (id.clone(), cancel.correlation_id);
+        // A forged cancel may name an id of its own by chance: it must
+        // still be addressed to the broker to count.
+        let valid = valid || (&*cancel.target == "broker" && self.live.contains_key(&key));
+        self.log(format!(
+            "  {id} cancels {} to {} (valid: {valid})",
+            cancel.correlation_id, cancel.target
+        ));
+        let before = self.live.len();
+        if valid {
+            self.procs[i].asked.insert(key.1, true);
+        }
+        self.ending_early = true;
+        let sent = self.send(i, vec![cancel]);
+        self.ending_early = false;
+        sent?;
+        if !valid && self.live.len() != before {
+            return Err(format!("a forged cancel from {id} ended a request"));
+        }
+        Ok(())
+    }
+
+    fn cancel_call(&mut self, which: u8) -> Check {
+        let open: Vec<u64> = self
+            .open_calls()
+            .into_iter()
+            .filter(|call| self.calls[call].0.is_some())
+            .collect();
+        let Some(&call) = open.get(which as usize % open.len().max(1)) else {
+            return Ok(());
+        };
+        let Some(id) = self.calls[&call].0 else {
+            return Ok(());
+        };
+        self.log(format!("  call #{call} is dropped"));
+        self.ending_early = true;
+        self.core.cancel_call(id, self.now);
+        let effects = self.core.sink().take();
+        let absorbed = self.absorb(effects);
+        self.ending_early = false;
+        absorbed?;
+        if self.calls.get(&call).is_some_and(|c| !c.1)
+            && self.live.contains_key(&(CALLER.into(), id))
+        {
+            return Err(format!("dropped call #{call} is still in flight"));
+        }
+        Ok(())
+    }
+
+    fn drain_expired(&mut self, who: u8) -> Check {
+        let worker = (who as usize) < self.procs.len();
+        let id = worker.then(|| self.procs[who as usize].id.clone());
+        self.log(format!("  the drain expires for {id:?}"));
+        for (key, w) in &self.live {
+            if id.as_ref().is_none_or(|id| id == w) {
+                let p = &self.procs[self.find(w).expect("a live worker is known")];
+                if !p.cancelled.contains(key) {
+                    self.owed.insert((w.clone(), key.clone()));
+                }
+            }
+        }
+        let before = self.live.len();
+        self.core.cancel_in_flight(id.as_ref(), self.now);
+        let effects = self.core.sink().take();
+        self.absorb(effects)?;
+        if self.live.len() != before {
+            return Err("the drain expiring ended requests".into());
+        }
+        Ok(())
     }
 
     /// Process `i` sends `envelopes` in one batch.
@@ -365,6 +666,28 @@ impl Sim {
             reply = request.error_reply("handler", "no");
         }
         let key = (request.source.to_string(), request.correlation_id);
+        if let How::Partial = how {
+            let live_key: Key = (request.source.clone(), request.correlation_id);
+            let partial = request.partial_response(None);
+            let streaming = self.live.get(&live_key) == Some(&self.procs[i].id)
+                && self.streams.contains(&live_key);
+            // A caller that does not read has its stream cut.
+            let cut = streaming
+                && match self.find(&request.source) {
+                    Some(o) => self.procs[o].stalled,
+                    None => self.calls_by_id(request.correlation_id).is_some_and(|c| {
+                        self.core.sink().full.contains(&c) || self.deaf_calls.contains(&c)
+                    }),
+                };
+            self.log(format!(
+                "  {} sends a partial of {key:?} (streaming: {streaming}, cut: {cut})",
+                self.procs[i].id
+            ));
+            self.ending_early = cut;
+            let sent = self.send(i, vec![partial]);
+            self.ending_early = false;
+            return sent;
+        }
         match how {
             How::Wrong => {
                 // Someone else, who was not asked, answers it.
@@ -385,13 +708,20 @@ impl Sim {
                 }
                 Ok(())
             }
+            How::Partial => Ok(()),
             How::Twice => {
                 self.procs[i].received.remove(k);
+                self.procs[i]
+                    .answered
+                    .insert((request.source.clone(), request.correlation_id));
                 self.log(format!("  {} answers {key:?} twice", self.procs[i].id));
                 self.send(i, vec![reply.clone(), reply])
             }
             How::Right | How::Error => {
                 self.procs[i].received.remove(k);
+                self.procs[i]
+                    .answered
+                    .insert((request.source.clone(), request.correlation_id));
                 self.log(format!("  {} answers {key:?} ({how:?})", self.procs[i].id));
                 self.send(i, vec![reply])
             }
@@ -493,13 +823,18 @@ impl Sim {
         let service = self.procs[i].service.clone();
         let result = self
             .core
-            .register(id.clone(), &service, ready, id.clone(), self.now);
+            .register(id.clone(), &service, ready, id.clone(), true, self.now);
         match (result.is_ok(), self.procs[i].registered) {
             (true, false) => {
                 let p = &mut self.procs[i];
                 p.registered = true;
                 p.ready = ready;
                 p.gone = false;
+                p.got.clear();
+                p.answered.clear();
+                p.cancelled.clear();
+                p.served = 0;
+                p.recycle_due = false;
                 self.core.sink().gone.remove(&id);
                 self.log(format!("  {id} registered (ready: {ready})"));
                 self.changed(&service);
@@ -543,8 +878,28 @@ impl Sim {
             ));
         }
         self.log(format!("  {id} removed, {failed} failed"));
+        self.orphans_owed(&id);
         self.forget(i);
         self.absorb(effects)
+    }
+
+    /// Process `id` left the core: the workers of what it asked are owed a
+    /// cancel.
+    fn orphans_owed(&mut self, id: &ByteString) {
+        let orphans: Vec<(ByteString, Key)> = self
+            .live
+            .iter()
+            .filter(|((origin, _), w)| origin == id && *w != id)
+            .map(|(key, w)| (w.clone(), key.clone()))
+            .collect();
+        for (worker, key) in orphans {
+            if let Some(w) = self.find(&worker)
+                && self.procs[w].registered
+                && !self.procs[w].cancelled.contains(&key)
+            {
+                self.owed.insert((worker, key));
+            }
+        }
     }
 
     /// Process `i` is out of the core: the model forgets it and what it
@@ -603,7 +958,10 @@ impl Sim {
             if !effects.is_empty() {
                 self.log(format!("  at +{} ms: {} expired", self.ms(), effects.len()));
             }
-            self.absorb(effects)?;
+            self.ending_early = true;
+            let absorbed = self.absorb(effects);
+            self.ending_early = false;
+            absorbed?;
             self.check()?;
         }
         self.now = until;
@@ -683,6 +1041,8 @@ impl Sim {
                 Effect::Deliver { to, envelope } => self.delivered(to, envelope)?,
                 Effect::Answer { caller, reply } => self.caller_answered(caller, &reply)?,
                 Effect::Refused { to, envelope } => self.refused(&to, &envelope)?,
+                Effect::Partial { caller, reply } => self.caller_partial(caller, &reply)?,
+                Effect::RecycleDue { worker } => self.recycle_due(&worker)?,
             }
         }
         self.sync()
@@ -702,11 +1062,32 @@ impl Sim {
                 {
                     state.0 = Some(key.1);
                 }
+                if envelope.timeout_ms.is_none_or(|ms| ms < 1) {
+                    return Err(format!(
+                        "{key:?} delivered without its budget: {envelope:?}"
+                    ));
+                }
                 self.pick(&to, &envelope)?;
                 if let Some(worker) = self.live.insert(key.clone(), to.clone()) {
                     return Err(format!(
                         "{key:?} delivered to {to} while in flight to {worker}"
                     ));
+                }
+                if envelope.stream {
+                    self.streams.insert(key.clone());
+                }
+                let p = &mut self.procs[i];
+                p.got.insert(key.clone());
+                p.served += 1;
+                if let Some(&(_, max)) = self.policy.get(&p.service)
+                    && max > 0
+                    && p.served >= max
+                    && !p.recycle_due
+                {
+                    p.recycle_due = true;
+                    self.log(format!("  {to} is due for recycling"));
+                    self.owed
+                        .insert((to.clone(), (ByteString::from_static("recycle"), 0)));
                 }
                 if self.procs[i].stdin_full {
                     self.bounces.push((to, envelope));
@@ -714,7 +1095,9 @@ impl Sim {
                     self.procs[i].received.push(envelope);
                 }
             }
+            MessageType::Response if envelope.more => self.partial_delivered(i, &envelope)?,
             MessageType::Response | MessageType::Error => self.replied(i, &envelope)?,
+            MessageType::Event if envelope.is_cancel() => self.cancel_delivered(i, &envelope)?,
             MessageType::Event => {
                 if self.procs[i].stdin_full {
                     self.bounces.push((to, envelope));
@@ -736,10 +1119,109 @@ impl Sim {
             "  {to} is gone: {} {} refused",
             envelope.kind, envelope.correlation_id
         ));
+        // The core removed it on the spot: what follows in this input
+        // comes after.
+        if self.procs[i].registered && self.core.table.get(to).is_none() {
+            self.orphans_owed(to);
+            self.forget(i);
+        }
         match envelope.kind {
+            MessageType::Response if envelope.more => Ok(()),
             MessageType::Response | MessageType::Error => self.replied(i, envelope),
+            MessageType::Event if envelope.is_cancel() => self.cancel_delivered(i, envelope),
             MessageType::Request | MessageType::Event => Ok(()),
         }
+    }
+
+    /// A partial reply delivered to process `i`: for a live request of its
+    /// that asked for a stream, from that request's worker.
+    fn partial_delivered(&mut self, i: usize, reply: &Envelope) -> Check {
+        let key: Key = (self.procs[i].id.clone(), reply.correlation_id);
+        self.partial_ok(&key, reply)
+    }
+
+    fn caller_partial(&mut self, call: u64, reply: &Envelope) -> Check {
+        if !self.stream_calls.contains(&call) {
+            return Err(format!("call #{call} did not ask for a stream: {reply:?}"));
+        }
+        let key: Key = (CALLER.into(), reply.correlation_id);
+        if self.calls.get(&call).and_then(|c| c.0) != Some(reply.correlation_id) {
+            return Err(format!("call #{call} got a partial of another: {reply:?}"));
+        }
+        self.partial_ok(&key, reply)
+    }
+
+    fn partial_ok(&self, key: &Key, reply: &Envelope) -> Check {
+        match self.live.get(key) {
+            None => Err(format!("a partial of {key:?}, not in flight: {reply:?}")),
+            Some(worker) if *worker != reply.source => Err(format!(
+                "a partial of {key:?} from {}, not its worker {worker}",
+                reply.source
+            )),
+            Some(_) if !self.streams.contains(key) => Err(format!(
+                "a partial of {key:?}, which did not ask for a stream"
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A `cancel` delivered to worker `i`: for a request it was given and
+    /// has not answered, once, and (but at the drain) ended already.
+    fn cancel_delivered(&mut self, i: usize, cancel: &Envelope) -> Check {
+        let notice = CancelNotice::from_payload(cancel.payload.as_ref())
+            .map_err(|e| format!("a cancel without its notice: {e}"))?;
+        let key: Key = (notice.source.clone(), cancel.correlation_id);
+        let p = &mut self.procs[i];
+        if &*cancel.source != "broker" {
+            return Err(format!("a cancel to {} from {}", p.id, cancel.source));
+        }
+        if !p.got.contains(&key) {
+            return Err(format!("{} told to cancel {key:?}, never given", p.id));
+        }
+        if p.answered.contains(&key) {
+            return Err(format!(
+                "{} told to cancel {key:?}, which it answered",
+                p.id
+            ));
+        }
+        if !p.cancelled.insert(key.clone()) {
+            return Err(format!("{} told twice to cancel {key:?}", p.id));
+        }
+        // A Rust caller that stopped listening is never answered: its
+        // request ends with the cancel.
+        let me = p.id.clone();
+        if &*key.0 == CALLER
+            && notice.reason == CancelReason::Cancelled
+            && let Some(call) = self.calls_by_id(key.1)
+            && self.deaf_calls.contains(&call)
+            && self.live.get(&key) == Some(&me)
+        {
+            self.live.remove(&key);
+            if let Some(state) = self.calls.get_mut(&call) {
+                state.1 = true;
+            }
+        }
+        let draining = notice.reason == CancelReason::ShuttingDown;
+        if self.live.contains_key(&key) != draining {
+            return Err(format!(
+                "{me} told to cancel {key:?} ({}), in flight: {}",
+                notice.reason,
+                self.live.contains_key(&key)
+            ));
+        }
+        self.log(format!("  {me} told to cancel {key:?} ({})", notice.reason));
+        self.owed.remove(&(me, key));
+        Ok(())
+    }
+
+    fn recycle_due(&mut self, worker: &ByteString) -> Check {
+        if !self
+            .owed
+            .remove(&(worker.clone(), (ByteString::from_static("recycle"), 0)))
+        {
+            return Err(format!("{worker} reported due for recycling out of turn"));
+        }
+        Ok(())
     }
 
     /// A reply delivered to process `i`.
@@ -790,6 +1272,20 @@ impl Sim {
     fn ended(&mut self, key: &(ByteString, u64), reply: &Envelope) -> Check {
         let worker = self.live.remove(key);
         let from_broker = &*reply.source == "broker";
+        let early = matches!(
+            reply.error_code(),
+            Some(ErrorCode::Timeout | ErrorCode::Cancelled | ErrorCode::Busy)
+        );
+        if from_broker
+            && early
+            && self.ending_early
+            && let Some(worker) = &worker
+            && let Some(w) = self.find(worker)
+            && self.procs[w].registered
+            && !self.procs[w].cancelled.contains(key)
+        {
+            self.owed.insert((worker.clone(), key.clone()));
+        }
         match worker {
             Some(worker) if !from_broker && reply.source != worker => Err(format!(
                 "{key:?} went to {worker}, and {} answered it",
@@ -803,10 +1299,37 @@ impl Sim {
         }
     }
 
-    /// A round-robin pick of a request to a service.
+    /// A pick of a request to a service: by its key, the least loaded, or
+    /// in turn.
     fn pick(&mut self, to: &ByteString, request: &Envelope) -> Check {
         let service = request.target.clone();
         if !SERVICES.iter().any(|(name, _)| *name == &*service) {
+            return Ok(());
+        }
+        if let Some(key) = request.key.as_ref().and_then(|k| k.as_str().ok()) {
+            let owner = self
+                .keys
+                .entry((service.clone(), key.to_owned()))
+                .or_insert_with(|| to.clone());
+            if owner != to {
+                return Err(format!(
+                    "key {key:?} of {service} went to {to}, before to {owner}"
+                ));
+            }
+            return Ok(());
+        }
+        if self.policy.get(&service).is_some_and(|&(least, _)| least) {
+            let load = |id: &ByteString| self.live.values().filter(|w| *w == id).count();
+            let mine = load(to);
+            if let Some(other) = self.procs.iter().find(|p| {
+                p.service == service && p.registered && p.ready && !p.gone && load(&p.id) < mine
+            }) {
+                return Err(format!(
+                    "least-pending {service} picked {to} ({mine} in flight) over {} ({})",
+                    other.id,
+                    load(&other.id)
+                ));
+            }
             return Ok(());
         }
         // A ready worker at capacity was skipped: not a fair turn.
@@ -833,6 +1356,7 @@ impl Sim {
     /// The workers of `service` changed: round-robin starts over.
     fn changed(&mut self, service: &ByteString) {
         self.rotation.remove(service);
+        self.keys.retain(|(s, _), _| s != service);
     }
 
     /// Processes the core removed on its own (a delivery to a gone one
@@ -869,6 +1393,11 @@ impl Sim {
     // ---- invariants ------------------------------------------------------
 
     fn check(&mut self) -> Check {
+        if let Some((worker, key)) = self.owed.iter().next() {
+            return Err(format!(
+                "{worker} was not told to cancel {key:?} (or of recycling)"
+            ));
+        }
         let sink = self.core.sink();
         if !sink.unsettled.is_empty() || sink.idle_settles > 0 {
             return Err(format!(

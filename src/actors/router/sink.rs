@@ -4,6 +4,7 @@
 //! out by implementing [`Sink`]: the Router actor with pipes, mailboxes,
 //! channels and a timer task, the simulation test with a recorder.
 
+use bytestring::ByteString;
 use std::time::Instant;
 
 use crate::protocol::Envelope;
@@ -27,8 +28,16 @@ pub(crate) trait Sink {
     /// once per input for each process delivered to during it.
     fn settle(&mut self, port: &mut Self::Port);
 
-    /// The one reply to a Rust caller's request.
+    /// The one final reply to a Rust caller's request.
     fn answer(&mut self, caller: Self::Caller, reply: Envelope);
+
+    /// A partial reply to a Rust caller's streaming request, in order;
+    /// what became of it. Anything but [`Partial::Taken`] ends the stream.
+    fn partial(&mut self, caller: &mut Self::Caller, reply: Envelope) -> Partial;
+
+    /// Worker `worker` reached its service's `max_requests`: whoever
+    /// supervises it is told, once per registration.
+    fn recycle_due(&mut self, worker: &ByteString);
 
     /// The core must be told of the time ([`Core::expire`]) by `deadline`
     /// at the latest. An earlier call may have asked for an earlier time;
@@ -41,4 +50,16 @@ pub(crate) trait Sink {
     /// Frames waiting in the process's stdin backlog (0 without a pipe),
     /// for the stats.
     fn queue_depth(&self, port: &Self::Port) -> usize;
+}
+
+/// What became of a partial reply handed to a Rust caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Partial {
+    /// Queued for the caller.
+    Taken,
+    /// The caller's buffer is full (it does not read): the stream is cut
+    /// with `busy`.
+    Full,
+    /// The caller stopped listening: the request is cancelled.
+    Gone,
 }

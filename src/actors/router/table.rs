@@ -20,6 +20,8 @@ use crate::actors::fast_map::FastMap;
 use crate::actors::latency;
 use crate::actors::messages::{Counters, RouterError};
 use crate::actors::nodes;
+use crate::actors::rendezvous;
+use crate::config::WorkerBalance;
 use crate::names::{BROADCAST, BROKER};
 use crate::protocol::{Envelope, ErrorCode};
 
@@ -42,6 +44,15 @@ pub(crate) struct ProcessEntry<P> {
     pub(crate) last_seen: Option<Instant>,
     /// Events it sent in the current second: (second's start, count).
     events: (Instant, u64),
+    /// It is told of cancelled requests (false for MessagePack-RPC
+    /// programs, which have no `cancel`).
+    pub(crate) takes_cancel: bool,
+    /// Requests delivered to it since it registered.
+    served: u64,
+    /// Its [`Sink::recycle_due`] was sent (once per registration).
+    recycle_due: bool,
+    /// Its id hashed, for keyed routing.
+    key_hash: u64,
 }
 
 impl<P> ProcessEntry<P> {
@@ -73,6 +84,10 @@ pub(crate) struct ServiceEntry {
     workers: Vec<usize>,
     cursor: usize,
     pub(crate) histogram: Histogram<u64>,
+    /// Which ready worker a request without a key goes to.
+    balance: WorkerBalance,
+    /// Requests a worker serves before it is due for recycling (0: never).
+    max_requests: u64,
 }
 
 /// The table. Processes live in dense slots (so the hot path, round-robin
@@ -197,6 +212,7 @@ impl<P> ProcessTable<P> {
         service: &ByteString,
         ready: bool,
         port: P,
+        takes_cancel: bool,
         now: Instant,
     ) -> Result<usize, RouterError> {
         if self.index.contains_key(&id) {
@@ -213,6 +229,10 @@ impl<P> ProcessTable<P> {
             first_seen: None,
             last_seen: None,
             events: (now, 0),
+            takes_cancel,
+            served: 0,
+            recycle_due: false,
+            key_hash: rendezvous::id_hash(&id),
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -238,6 +258,8 @@ impl<P> ProcessTable<P> {
             workers: Vec::new(),
             cursor: 0,
             histogram: latency::new_histogram(),
+            balance: WorkerBalance::RoundRobin,
+            max_requests: 0,
         });
         let i = self.services.len() - 1;
         self.service_index.insert(name.clone(), i);
@@ -262,12 +284,29 @@ impl<P> ProcessTable<P> {
         &self.services[entry.service].name
     }
 
+    /// Sets how `service` spreads its requests and when its workers are
+    /// due for recycling (a service not yet known is created).
+    pub(crate) fn set_policy(
+        &mut self,
+        service: &ByteString,
+        balance: WorkerBalance,
+        max_requests: u64,
+    ) {
+        let i = self.service_slot(service);
+        let entry = &mut self.services[i];
+        entry.balance = balance;
+        entry.max_requests = max_requests;
+    }
+
     /// Resolves a request's target to the slot of one process: the process
-    /// itself, or the next ready worker of the service (round-robin) with
-    /// fewer than `capacity` requests in flight. Or says why not.
+    /// itself, or a ready worker of the service with fewer than `capacity`
+    /// requests in flight: the one `key` hashes to, else by the service's
+    /// balance. Or says why not. `key` must already be valid; it is ignored
+    /// for a request to a process.
     pub(crate) fn pick(
         &mut self,
         target: &ByteString,
+        key: Option<&str>,
         capacity: usize,
     ) -> Result<usize, (ErrorCode, String)> {
         if let Some(slot) = self.slot_of(target)
@@ -293,6 +332,19 @@ impl<P> ProcessTable<P> {
                 format!("no process or service {target:?}"),
             ));
         };
+        if let Some(key) = key {
+            return self.pick_keyed(service, key, capacity);
+        }
+        let picked = match self.services[service].balance {
+            WorkerBalance::RoundRobin => self.pick_round_robin(service, capacity),
+            WorkerBalance::LeastPending => self.pick_least_pending(service, capacity),
+        };
+        picked.map_err(|any_ready| self.none_picked(target, any_ready, capacity))
+    }
+
+    /// The next ready worker in turn with room; or whether any was ready.
+    #[inline]
+    fn pick_round_robin(&mut self, service: usize, capacity: usize) -> Result<usize, bool> {
         let n = self.services[service].workers.len();
         let cursor = self.services[service].cursor;
         let mut any_ready = false;
@@ -311,17 +363,115 @@ impl<P> ProcessTable<P> {
                 return Ok(slot);
             }
         }
+        Err(any_ready)
+    }
+
+    /// The ready worker with the fewest requests in flight and room; ties
+    /// go to the first in turn from the cursor.
+    fn pick_least_pending(&mut self, service: usize, capacity: usize) -> Result<usize, bool> {
+        let n = self.services[service].workers.len();
+        let cursor = self.services[service].cursor;
+        let mut any_ready = false;
+        let mut best: Option<(usize, usize, usize)> = None; // (in_flight, i, slot)
+        for step in 0..n {
+            let i = (cursor + step) % n;
+            let slot = self.services[service].workers[i];
+            let Some(entry) = self.at(slot) else {
+                continue;
+            };
+            if !entry.ready {
+                continue;
+            }
+            any_ready = true;
+            if entry.in_flight < capacity
+                && best.is_none_or(|(least, _, _)| entry.in_flight < least)
+            {
+                best = Some((entry.in_flight, i, slot));
+            }
+        }
+        match best {
+            Some((_, i, slot)) => {
+                self.services[service].cursor = (i + 1) % n;
+                Ok(slot)
+            }
+            None => Err(any_ready),
+        }
+    }
+
+    /// The ready worker `key` hashes highest with (rendezvous hashing): the
+    /// same while the ready set is unchanged, and only the keys of a worker
+    /// that leaves or joins move. A full one means `busy`: a keyed request
+    /// never spills to another worker.
+    fn pick_keyed(
+        &self,
+        service: usize,
+        key: &str,
+        capacity: usize,
+    ) -> Result<usize, (ErrorCode, String)> {
+        let key_hash = rendezvous::key_hash(key);
+        let best = self.services[service]
+            .workers
+            .iter()
+            .filter_map(|&slot| Some((slot, self.at(slot)?)))
+            .filter(|(_, entry)| entry.ready)
+            .max_by_key(|(_, entry)| rendezvous::score(key_hash, entry.key_hash));
+        let name = &self.services[service].name;
+        match best {
+            None => Err((
+                ErrorCode::Unavailable,
+                format!("service {name:?} has no ready worker"),
+            )),
+            Some((slot, entry)) if entry.in_flight >= capacity => {
+                let id = self.id_of(slot).map_or("?", |id| &**id);
+                Err((
+                    ErrorCode::Busy,
+                    format!("{id:?}, the worker of key {key:?}, has {capacity} requests in flight"),
+                ))
+            }
+            Some((slot, _)) => Ok(slot),
+        }
+    }
+
+    #[cold]
+    fn none_picked(
+        &self,
+        target: &ByteString,
+        any_ready: bool,
+        capacity: usize,
+    ) -> (ErrorCode, String) {
         if any_ready {
-            Err((
+            (
                 ErrorCode::Busy,
                 format!("every worker of {target:?} has {capacity} requests in flight"),
-            ))
+            )
         } else {
-            Err((
+            (
                 ErrorCode::Unavailable,
                 format!("service {target:?} has no ready worker"),
-            ))
+            )
         }
+    }
+
+    /// Counts a request delivered to the process in `slot`; true the first
+    /// time it reaches its service's `max_requests` (it is due for
+    /// recycling).
+    #[inline]
+    pub(crate) fn served(&mut self, slot: usize) -> bool {
+        let Some(entry) = self
+            .slots
+            .get_mut(slot)
+            .and_then(|s| s.as_mut())
+            .map(|(_, e)| e)
+        else {
+            return false;
+        };
+        entry.served += 1;
+        let max = self.services[entry.service].max_requests;
+        if max == 0 || entry.served < max || entry.recycle_due {
+            return false;
+        }
+        entry.recycle_due = true;
+        true
     }
 
     /// Every process an event to `target` from `from` goes to: all ready

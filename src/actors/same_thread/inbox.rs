@@ -86,6 +86,12 @@ impl Inbox {
         }
     }
 
+    /// Frames queued for the child and not yet written.
+    #[inline]
+    pub(crate) fn depth(&self) -> usize {
+        self.outbox.upgrade().map_or(0, |outbox| outbox.depth())
+    }
+
     /// Publishes how deep the queue now is (the process's `queue_depth`
     /// in the Router's stats).
     #[inline]

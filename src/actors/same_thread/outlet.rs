@@ -105,8 +105,15 @@ impl Outlet {
     }
 
     /// Frames waiting in its stdin backlog (0 without a pipe).
+    ///
+    /// Exact for an inbox on this thread (what is queued in it now); for a
+    /// mailbox, what its bridge last published plus what this input holds
+    /// for it. A stream to a caller that does not read is cut by it.
     pub(crate) fn queue_depth(&self) -> usize {
-        self.pacer.as_ref().map_or(0, |p| p.backlog())
+        match &self.inbox {
+            Some(inbox) => inbox.depth(),
+            None => self.pacer.as_ref().map_or(0, |p| p.backlog()) + self.held.len(),
+        }
     }
 
     /// Its bridge's pacer, for subprocesses.

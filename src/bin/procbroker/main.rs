@@ -9,6 +9,7 @@
 
 mod alloc;
 mod bench;
+mod conformance;
 mod cpu;
 mod interrupt;
 mod jsonl;
@@ -86,6 +87,18 @@ enum Command {
     /// Time round trips through the broker; --baseline also
     /// runs the raw limit of the same topology and prints the ratio.
     Bench(bench::BenchArgs),
+    /// Check a service SDK against the protocol: run its conformance
+    /// subject under a broker and on its own, print one `PASS|FAIL name
+    /// detail` line per check, then `conformance: N/M checks passed`.
+    ///
+    /// The subject (the program after `--`) serves the methods PROTOCOL.md
+    /// lists for it. Under a broker it runs as service `subject` with
+    /// --workers workers, beside the kit's own in-process service `kit`;
+    /// two more copies run directly, the kit playing the broker on their
+    /// pipes (a shutdown from another source, the drain, EOF, the raw
+    /// stdout). The exit status is 0 only if every check passed. The
+    /// subject's stderr is logged at info: LOG_LEVEL=info shows it.
+    Conformance(conformance::ConformanceArgs),
     /// Show a running broker's stats (its admin endpoint's /stats): per
     /// process status, pid, memory, restarts, counters, latency.
     Stats {
@@ -213,6 +226,10 @@ fn run_command(command: Command) -> Result<()> {
             // Quiet unless asked: the result goes to stdout, progress to stderr.
             logging::init("warn")?;
             bench::bench(args)
+        }
+        Command::Conformance(args) => {
+            logging::init("warn")?;
+            conformance::conformance(args)
         }
         Command::Worker { name } => {
             logging::init("info")?;

@@ -91,19 +91,22 @@ pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String
     );
     let _ = writeln!(
         out,
-        "\n{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>8}",
+        "\n{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>7} {:>6} {:>8}",
         "PROCESS",
         "STATUS",
         "PID",
         "RSS",
         "THR",
         "RST",
+        "RCY",
         "UP",
         "SENT",
         "RECEIVED",
         "REQUESTS",
         "ERRORS",
         "BAD",
+        "CANCEL",
+        "PARTIAL",
         "QUEUE",
         "MSG/S"
     );
@@ -117,19 +120,22 @@ pub fn table(s: &MessageStats, previous: Option<(&MessageStats, f64)>) -> String
         });
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>8}",
+            "{:<16} {:<10} {:>8} {:>8} {:>4} {:>4} {:>4} {:>7} {:>9} {:>9} {:>9} {:>6} {:>5} {:>6} {:>7} {:>6} {:>8}",
             id,
             format!("{:?}", p.status).to_lowercase(),
             dash(p.pid),
             kb(m.and_then(|m| m.vmrss)),
             dash(m.and_then(|m| m.threads)),
             p.faults.restarts,
+            p.faults.recycles,
             p.uptime_s.map_or_else(|| "-".into(), |s| format!("{s}s")),
             p.counters.total_sent,
             p.counters.total_received,
             p.counters.request_count,
             p.counters.error_count,
             p.faults.bad_frames,
+            p.faults.cancels,
+            p.faults.partial_replies,
             p.queue_depth,
             rate.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
         );
@@ -176,12 +182,13 @@ fn nodes_table(out: &mut String, c: &procbroker::protocol::ClusterStats) {
         c.reconnects,
         c.slow_consumers
     );
-    let ignored = c.malformed_heartbeats + c.nodes_ignored + c.services_ignored;
+    let ignored =
+        c.malformed_heartbeats + c.nodes_ignored + c.services_ignored + c.dropped_messages;
     if ignored > 0 {
         let _ = writeln!(
             out,
-            "ignored: {} unreadable heartbeats, {} from nodes past max_nodes, {} services past 1000 a node",
-            c.malformed_heartbeats, c.nodes_ignored, c.services_ignored
+            "ignored: {} unreadable heartbeats, {} from nodes past max_nodes, {} services past 1000 a node, {} messages dropped",
+            c.malformed_heartbeats, c.nodes_ignored, c.services_ignored, c.dropped_messages
         );
     }
     let _ = writeln!(

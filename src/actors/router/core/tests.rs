@@ -8,7 +8,9 @@ use super::Core;
 use crate::actors::messages::Envelopes;
 use crate::actors::nodes::Nodes;
 use crate::actors::router::recorder::{self, Effect, Recorder};
-use crate::protocol::{Envelope, ErrorCode, MessageType, SalvagedRequest};
+use crate::protocol::{
+    CancelNotice, CancelReason, Envelope, ErrorCode, MessageType, SalvagedRequest,
+};
 
 /// A core with workers `echo.0` and `echo.1` (ready) and `client.0`.
 fn core(t0: Instant) -> Core<Recorder> {
@@ -18,7 +20,7 @@ fn core(t0: Instant) -> Core<Recorder> {
         ("echo.1", "echo"),
         ("client.0", "client"),
     ] {
-        core.register(id.into(), &service.into(), true, id.into(), t0)
+        core.register(id.into(), &service.into(), true, id.into(), true, t0)
             .expect("registered");
     }
     core
@@ -67,7 +69,10 @@ fn deliveries(effects: &[Effect]) -> Vec<(String, MessageType, u64, Option<Error
                 envelope.correlation_id,
                 envelope.error_code(),
             )),
-            Effect::Answer { .. } | Effect::Refused { .. } => None,
+            Effect::Answer { .. }
+            | Effect::Refused { .. }
+            | Effect::Partial { .. }
+            | Effect::RecycleDue { .. } => None,
         })
         .collect()
 }
@@ -78,6 +83,33 @@ fn one(effects: Vec<Effect>) -> (String, Envelope) {
         Ok([Effect::Deliver { to, envelope }]) => (to.to_string(), envelope),
         other => panic!("not one delivery: {other:?}"),
     }
+}
+
+/// The two envelopes delivered, in order.
+fn two(effects: Vec<Effect>) -> [(String, Envelope); 2] {
+    match <[Effect; 2]>::try_from(effects) {
+        Ok(
+            [
+                Effect::Deliver { to: a, envelope: x },
+                Effect::Deliver { to: b, envelope: y },
+            ],
+        ) => [(a.to_string(), x), (b.to_string(), y)],
+        other => panic!("not two deliveries: {other:?}"),
+    }
+}
+
+/// A delivered `cancel`: (to, correlation id, the request's source, reason).
+fn cancel_of((to, cancel): &(String, Envelope)) -> (String, u64, String, CancelReason) {
+    assert!(cancel.is_cancel(), "not a cancel: {cancel:?}");
+    assert_eq!(&*cancel.source, "broker");
+    assert_eq!(*to, *cancel.target);
+    let notice = CancelNotice::from_payload(cancel.payload.as_ref()).expect("a notice");
+    (
+        to.clone(),
+        cancel.correlation_id,
+        notice.source.to_string(),
+        notice.reason,
+    )
 }
 
 fn ms(n: u64) -> Duration {
@@ -236,10 +268,15 @@ fn expire_answers_timeout_frees_the_slot_and_arms_the_next() {
     assert_eq!(core.sink().armed, Some(t0 + ms(50)), "armed again");
     core.sink().armed = None;
     core.expire(t0 + ms(50));
-    let (to, timeout) = one(effects(&mut core));
+    let [(to, timeout), cancel] = two(effects(&mut core));
     assert_eq!(
         (to.as_str(), timeout.correlation_id, timeout.error_code()),
         ("client.0", 1, Some(ErrorCode::Timeout))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        ("echo.0".into(), 1, "client.0".into(), CancelReason::Timeout),
+        "the worker is told"
     );
     assert_eq!(core.in_flight_of(&"echo.0".into()), 0, "slot released");
     assert_eq!(core.sink().armed, Some(t0 + ms(110)), "the next one");
@@ -291,9 +328,18 @@ fn remove_process_fails_what_it_holds_and_forgets_what_it_asked() {
     );
 
     // The caller goes: its request's slot is freed, nobody is answered,
-    // and the worker's reply counts as late.
+    // the worker is told, and its reply counts as late.
     assert_eq!(core.remove_process(&"client.0".into(), "exited", t0), 0);
-    assert!(effects(&mut core).is_empty());
+    let (_, cancel) = one(effects(&mut core));
+    assert_eq!(
+        cancel_of(&(String::from("echo.1"), cancel)),
+        (
+            "echo.1".into(),
+            2,
+            "client.0".into(),
+            CancelReason::CallerExited
+        )
+    );
     assert_eq!(core.in_flight_of(&"echo.1".into()), 0);
     assert_eq!(core.pending_count(), 0);
     assert!(send(&mut core, "echo.1", vec![reply_to(&to_echo1)], t0).is_empty());
@@ -377,11 +423,25 @@ fn control_changes_take_effect_on_the_next_input() {
     assert_eq!(worker.delta.health_failures, 1);
 
     // A new worker joins the rotation at its end.
-    core.register("echo.2".into(), &"echo".into(), true, "echo.2".into(), t0)
-        .expect("registered");
+    core.register(
+        "echo.2".into(),
+        &"echo".into(),
+        true,
+        "echo.2".into(),
+        true,
+        t0,
+    )
+    .expect("registered");
     assert!(
-        core.register("echo.2".into(), &"echo".into(), true, "echo.2".into(), t0)
-            .is_err(),
+        core.register(
+            "echo.2".into(),
+            &"echo".into(),
+            true,
+            "echo.2".into(),
+            true,
+            t0
+        )
+        .is_err(),
         "a duplicate id"
     );
     core.remove_process(&"echo.1".into(), "scaled down", t0);
@@ -414,4 +474,547 @@ fn events_go_to_every_ready_worker_and_lifecycle_events_only_to_the_broker() {
     assert_eq!(client.delta.dropped_events, 1);
     assert_eq!(core.publish(Envelope::event("*", "hello"), t0), 3);
     effects(&mut core);
+}
+
+// ---------------------------------------------------------------------------
+// The request lifecycle: deadlines, cancels, streams, keys, balance, recycling
+
+fn cancel_to_broker(correlation_id: u64) -> Envelope {
+    Envelope::cancel_request(correlation_id)
+}
+
+fn partial(request: &Envelope, n: u8) -> Envelope {
+    request.partial_response(Some(
+        crate::protocol::Payload::encode(&n).expect("a payload"),
+    ))
+}
+
+fn counters(core: &mut Core<Recorder>, id: &str) -> crate::actors::messages::Counters {
+    core.table.get(&id.into()).expect("registered").delta
+}
+
+#[test]
+fn a_delivered_request_carries_the_budget_left() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    let mut own = request("echo", 1);
+    own.timeout_ms = Some(250);
+    let (_, delivered) = one(send(&mut core, "client.0", vec![own], t0));
+    assert_eq!(delivered.timeout_ms, Some(250));
+    let (_, delivered) = one(send(&mut core, "client.0", vec![request("echo", 2)], t0));
+    assert_eq!(delivered.timeout_ms, Some(100), "the default timeout");
+    assert_eq!(super::budget_ms(Duration::from_micros(1)), 1, "at least 1");
+    assert_eq!(
+        super::budget_ms(Duration::from_micros(1500)),
+        2,
+        "rounded up"
+    );
+}
+
+#[test]
+fn a_caller_cancels_its_own_request_and_nobody_elses() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    let (worker, delivered) = one(send(&mut core, "client.0", vec![request("echo", 7)], t0));
+
+    // Forged or unknown: dropped and counted, nothing else happens.
+    let mut to_a_process = cancel_to_broker(7);
+    to_a_process.target = "echo.0".into();
+    assert!(send(&mut core, "client.0", vec![to_a_process], t0).is_empty());
+    assert!(send(&mut core, "client.0", vec![cancel_to_broker(8)], t0).is_empty());
+    assert!(send(&mut core, "echo.1", vec![cancel_to_broker(7)], t0).is_empty());
+    assert_eq!(counters(&mut core, "client.0").dropped_events, 2);
+    assert_eq!(counters(&mut core, "echo.1").dropped_events, 1);
+    assert_eq!(core.pending_count(), 1);
+
+    let [(to, cancelled), cancel] = two(send(&mut core, "client.0", vec![cancel_to_broker(7)], t0));
+    assert_eq!(
+        (
+            to.as_str(),
+            cancelled.correlation_id,
+            cancelled.error_code()
+        ),
+        ("client.0", 7, Some(ErrorCode::Cancelled))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        (
+            worker.clone(),
+            7,
+            "client.0".into(),
+            CancelReason::Cancelled
+        )
+    );
+    assert_eq!(core.in_flight_of(&worker.as_str().into()), 0, "slot freed");
+    assert_eq!(counters(&mut core, &worker).cancels, 1);
+    // The worker's reply after the cancel is late; a second cancel is
+    // unknown.
+    assert!(send(&mut core, &worker, vec![reply_to(&delivered)], t0).is_empty());
+    assert_eq!(counters(&mut core, &worker).late_replies, 1);
+    assert!(send(&mut core, "client.0", vec![cancel_to_broker(7)], t0).is_empty());
+    assert_eq!(counters(&mut core, "client.0").dropped_events, 3);
+}
+
+#[test]
+fn partial_replies_reach_a_stream_caller_in_order_then_the_final() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    let (worker, delivered) = one(send(
+        &mut core,
+        "client.0",
+        vec![request("echo", 1).with_stream()],
+        t0,
+    ));
+    assert!(
+        delivered.stream,
+        "the worker learns the caller takes a stream"
+    );
+    let parts = vec![
+        partial(&delivered, 0),
+        partial(&delivered, 1),
+        reply_to(&delivered),
+    ];
+    let got = send(&mut core, &worker, parts, t0);
+    let got: Vec<_> = got
+        .iter()
+        .map(|e| match e {
+            Effect::Deliver { to, envelope } => (to.to_string(), envelope.more),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("client.0".into(), true),
+            ("client.0".into(), true),
+            ("client.0".into(), false)
+        ]
+    );
+    assert_eq!(counters(&mut core, &worker).partial_replies, 2);
+    assert_eq!(core.pending_count(), 0);
+
+    // Partials to a request without `stream`: dropped, counted; the final
+    // still goes through.
+    let (worker, plain) = one(send(&mut core, "client.0", vec![request("echo", 2)], t0));
+    assert!(send(&mut core, &worker, vec![partial(&plain, 0)], t0).is_empty());
+    assert_eq!(counters(&mut core, &worker).unmatched_replies, 1);
+    let (to, _) = one(send(&mut core, &worker, vec![reply_to(&plain)], t0));
+    assert_eq!(to, "client.0");
+    // A partial after the final reply: unmatched too.
+    assert!(send(&mut core, &worker, vec![partial(&plain, 1)], t0).is_empty());
+    assert_eq!(counters(&mut core, &worker).unmatched_replies, 2);
+}
+
+#[test]
+fn a_stream_to_a_caller_that_does_not_read_is_cut_with_busy() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    let (worker, delivered) = one(send(
+        &mut core,
+        "client.0",
+        vec![request("echo", 1).with_stream()],
+        t0,
+    ));
+    let (to, _) = one(send(&mut core, &worker, vec![partial(&delivered, 0)], t0));
+    assert_eq!(to, "client.0");
+    // The caller's stdin backlog holds `queue_capacity` (2) frames.
+    core.sink().backlog.insert("client.0".into(), 2);
+    let [(to, busy), cancel] = two(send(&mut core, &worker, vec![partial(&delivered, 1)], t0));
+    assert_eq!(
+        (to.as_str(), busy.error_code(), busy.more),
+        ("client.0", Some(ErrorCode::Busy), false)
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        (worker.clone(), 1, "client.0".into(), CancelReason::Busy)
+    );
+    assert_eq!(core.in_flight_of(&worker.as_str().into()), 0);
+    // What the worker still sends is late.
+    let rest = vec![partial(&delivered, 2), reply_to(&delivered)];
+    assert!(send(&mut core, &worker, rest, t0).is_empty());
+    assert_eq!(counters(&mut core, &worker).late_replies, 2);
+}
+
+#[test]
+fn a_rust_callers_stream_is_fed_cut_when_full_and_cancelled_when_dropped() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    core.call(request("echo", 0).with_stream(), 1, t0);
+    let (worker, delivered) = one(effects(&mut core));
+    let got = send(&mut core, &worker, vec![partial(&delivered, 0)], t0);
+    assert!(matches!(&got[..], [Effect::Partial { caller: 1, reply }] if reply.more));
+    core.sink().full.insert(1);
+    let got = send(&mut core, &worker, vec![partial(&delivered, 1)], t0);
+    match &got[..] {
+        [
+            Effect::Answer { caller: 1, reply },
+            Effect::Deliver { to, envelope },
+        ] => {
+            assert_eq!(reply.error_code(), Some(ErrorCode::Busy));
+            assert_eq!(
+                cancel_of(&(to.to_string(), envelope.clone())).3,
+                CancelReason::Busy
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    core.call(request("echo", 0).with_stream(), 2, t0);
+    let (worker, delivered) = one(effects(&mut core));
+    core.sink().deaf.insert(2);
+    let got = send(&mut core, &worker, vec![partial(&delivered, 0)], t0);
+    match &got[..] {
+        [Effect::Deliver { to, envelope }] => {
+            assert_eq!(
+                cancel_of(&(to.to_string(), envelope.clone())).3,
+                CancelReason::Cancelled
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Dropped before any partial: cancelled through `cancel_call`.
+    core.call(request("echo", 0), 3, t0);
+    let (worker, delivered) = one(effects(&mut core));
+    core.cancel_call(delivered.correlation_id, t0);
+    match &effects(&mut core)[..] {
+        [
+            Effect::Answer { caller: 3, reply },
+            Effect::Deliver { to, .. },
+        ] => {
+            assert_eq!(reply.error_code(), Some(ErrorCode::Cancelled));
+            assert_eq!(**to, *worker);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(core.pending_count(), 0);
+}
+
+#[test]
+fn a_key_pins_requests_to_one_worker_and_never_spills() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    core.register(
+        "echo.2".into(),
+        &"echo".into(),
+        true,
+        "echo.2".into(),
+        true,
+        t0,
+    )
+    .expect("registered");
+    let keyed = |id: u64, key: &str| request("echo", id).with_key(key).expect("a key");
+    let mut owner = std::collections::BTreeMap::new();
+    for (n, key) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+        let (worker, delivered) = one(send(&mut core, "client.0", vec![keyed(n as u64, key)], t0));
+        assert_eq!(
+            delivered.key.as_ref().and_then(|k| k.as_str().ok()),
+            Some(key)
+        );
+        owner.insert(key, worker.clone());
+        let (_, _) = one(send(&mut core, &worker, vec![reply_to(&delivered)], t0));
+    }
+    for (n, key) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+        let (worker, delivered) = one(send(
+            &mut core,
+            "client.0",
+            vec![keyed(100 + n as u64, key)],
+            t0,
+        ));
+        assert_eq!(worker, owner[key], "key {key} moved");
+        one(send(&mut core, &worker, vec![reply_to(&delivered)], t0));
+    }
+    // Its worker full (2 in flight): `busy`, not another worker.
+    let a = &owner["a"];
+    one(send(&mut core, "client.0", vec![keyed(200, "a")], t0));
+    one(send(&mut core, "client.0", vec![keyed(201, "a")], t0));
+    let (to, busy) = one(send(&mut core, "client.0", vec![keyed(202, "a")], t0));
+    assert_eq!(
+        (to.as_str(), busy.error_code()),
+        ("client.0", Some(ErrorCode::Busy))
+    );
+    assert!(
+        busy.error
+            .as_deref()
+            .is_some_and(|e| e.contains(a.as_str()))
+    );
+    // A bad key: `bad_request`.
+    let mut long = request("echo", 300);
+    long.key = Some(crate::protocol::RequestKey::Invalid(
+        crate::protocol::Payload::encode(&"k".repeat(257)).expect("payload"),
+    ));
+    let mut integer = request("echo", 301);
+    integer.key = Some(crate::protocol::RequestKey::Invalid(
+        crate::protocol::Payload::encode(&7u8).expect("payload"),
+    ));
+    for bad in [long, integer] {
+        let (to, refused) = one(send(&mut core, "client.0", vec![bad], t0));
+        assert_eq!(
+            (to.as_str(), refused.error_code()),
+            ("client.0", Some(ErrorCode::BadRequest))
+        );
+    }
+    // A key on a request to a process is ignored.
+    let other = ["echo.0", "echo.1", "echo.2"]
+        .into_iter()
+        .find(|w| *w != a.as_str())
+        .expect("another worker");
+    let direct = request(other, 400).with_key("a").expect("a key");
+    let (to, _) = one(send(&mut core, "client.0", vec![direct], t0));
+    assert_eq!(to, other);
+}
+
+#[test]
+fn rendezvous_moves_only_the_keys_of_a_worker_that_leaves() {
+    let t0 = Instant::now();
+    let mut core = recorder::core(None, Nodes::default(), t0);
+    for n in 0..4 {
+        let id = format!("w.{n}");
+        core.register(
+            id.as_str().into(),
+            &"w".into(),
+            true,
+            id.as_str().into(),
+            true,
+            t0,
+        )
+        .expect("registered");
+    }
+    let owners = |core: &mut Core<Recorder>| -> Vec<usize> {
+        (0..2000)
+            .map(|k| {
+                let key = format!("session-{k}");
+                core.table
+                    .pick(&"w".into(), Some(&key), usize::MAX)
+                    .expect("picked")
+            })
+            .collect()
+    };
+    let before = owners(&mut core);
+    let gone = core.table.slot_of(&"w.1".into()).expect("w.1");
+    core.set_ready(&"w.1".into(), false);
+    let after = owners(&mut core);
+    let mut per_worker = std::collections::BTreeMap::new();
+    for (b, a) in before.iter().zip(&after) {
+        *per_worker.entry(*b).or_insert(0) += 1;
+        assert!(b == a || *b == gone, "a key of a staying worker moved");
+        assert_ne!(*a, gone);
+    }
+    // Spread: each of 4 workers owns roughly a quarter.
+    for (slot, n) in per_worker {
+        assert!(
+            (350..650).contains(&n),
+            "worker {slot} owned {n} of 2000 keys"
+        );
+    }
+}
+
+#[test]
+fn least_pending_picks_the_worker_with_the_fewest_in_flight() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    core.set_policy(
+        &"echo".into(),
+        crate::config::WorkerBalance::LeastPending,
+        0,
+    );
+    let (first, r1) = one(send(&mut core, "client.0", vec![request("echo", 1)], t0));
+    let (second, _) = one(send(&mut core, "client.0", vec![request("echo", 2)], t0));
+    assert_ne!(first, second, "the idle one");
+    one(send(&mut core, &first, vec![reply_to(&r1)], t0));
+    // `first` has 0 in flight, `second` 1: `first` twice in a row.
+    let (third, _) = one(send(&mut core, "client.0", vec![request("echo", 3)], t0));
+    assert_eq!(third, first);
+    // Ties (1 and 1) go to the next in turn.
+    let (fourth, _) = one(send(&mut core, "client.0", vec![request("echo", 4)], t0));
+    assert_eq!(fourth, second);
+}
+
+#[test]
+fn a_worker_is_due_for_recycling_once_at_max_requests() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    core.set_policy(&"echo".into(), crate::config::WorkerBalance::RoundRobin, 2);
+    let mut due = Vec::new();
+    for id in 1..=6 {
+        for effect in send(&mut core, "client.0", vec![request("echo.0", id)], t0) {
+            match effect {
+                Effect::RecycleDue { worker } => due.push((id, worker.to_string())),
+                Effect::Deliver { to, envelope } => {
+                    one(send(&mut core, &to, vec![reply_to(&envelope)], t0));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(due, [(2, "echo.0".to_string())]);
+}
+
+#[test]
+fn the_drain_expiring_cancels_in_flight_work_once_and_callers_wait_for_removal() {
+    let t0 = Instant::now();
+    let mut core = core(t0);
+    let (worker, _) = one(send(&mut core, "client.0", vec![request("echo", 1)], t0));
+    core.cancel_in_flight(None, t0);
+    let (_, cancel) = one(effects(&mut core));
+    assert_eq!(
+        cancel_of(&(worker.clone(), cancel)).3,
+        CancelReason::ShuttingDown
+    );
+    assert_eq!(core.pending_count(), 1, "the caller still waits");
+    core.cancel_in_flight(None, t0);
+    assert!(effects(&mut core).is_empty(), "told once");
+    core.expire(t0 + ms(100));
+    let (to, timeout) = one(effects(&mut core));
+    assert_eq!(
+        (to.as_str(), timeout.error_code()),
+        ("client.0", Some(ErrorCode::Timeout)),
+        "no second cancel at the deadline"
+    );
+}
+
+/// A core of node `this` with `echo.0` and `client.0`, and node `other` up
+/// with one `echo` (routed as `@other`, its port named the same).
+fn node_core(this: &str, other: &str, t0: Instant) -> Core<Recorder> {
+    let nodes = Nodes::new(this, crate::config::Balance::default());
+    let mut core = recorder::core(None, nodes, t0);
+    for (id, service) in [("echo.0", "echo"), ("client.0", "client")] {
+        core.register(id.into(), &service.into(), true, id.into(), true, t0)
+            .expect("registered");
+    }
+    let port = ByteString::from(format!("@{other}"));
+    core.node_up(&other.into(), vec![("echo".into(), 1)], port, t0);
+    core
+}
+
+/// What node `from` hands the core, and the effects.
+fn from_node(
+    core: &mut Core<Recorder>,
+    from: &str,
+    envelope: Envelope,
+    now: Instant,
+) -> Vec<Effect> {
+    core.route_from_nodes(vec![(ByteString::from(from), envelope)], now);
+    effects(core)
+}
+
+/// A cancel as another node's broker sends it: the caller's own cancel,
+/// `source` stamped `proc@node` on arrival, with the reason.
+fn remote_cancel(source: &str, correlation_id: u64, reason: CancelReason) -> Envelope {
+    let origin = source.split('@').next().unwrap_or_default().to_owned();
+    let mut cancel = Envelope::cancel_notice("broker", correlation_id, origin, reason);
+    cancel.source = source.into();
+    cancel
+}
+
+#[test]
+fn a_cancel_from_a_node_stops_its_callers_request_only() {
+    let t0 = Instant::now();
+    let mut core = node_core("b", "a", t0);
+    let mut asked = request("echo", 7);
+    asked.source = "client.0@a".into();
+    let (worker, delivered) = one(from_node(&mut core, "@a", asked, t0));
+    assert_eq!(
+        (worker.as_str(), &*delivered.source),
+        ("echo.0", "client.0@a")
+    );
+
+    // Another node's caller, an unknown id: dropped, counted as the node's.
+    let forged = remote_cancel("client.0@c", 7, CancelReason::Cancelled);
+    assert!(from_node(&mut core, "@a", forged, t0).is_empty());
+    let unknown = remote_cancel("client.0@a", 8, CancelReason::Cancelled);
+    assert!(from_node(&mut core, "@a", unknown, t0).is_empty());
+    assert_eq!(counters(&mut core, "@a").dropped_events, 2);
+    assert_eq!(core.pending_count(), 1);
+
+    // The caller's broker timed it out: the worker is told why, its slot
+    // freed, and nothing goes back (that broker answered already).
+    let cancel = remote_cancel("client.0@a", 7, CancelReason::Timeout);
+    let told = one(from_node(&mut core, "@a", cancel, t0));
+    assert_eq!(
+        cancel_of(&told),
+        (
+            "echo.0".into(),
+            7,
+            "client.0@a".into(),
+            CancelReason::Timeout
+        )
+    );
+    assert_eq!(core.in_flight_of(&"echo.0".into()), 0, "slot freed");
+    assert!(send(&mut core, "echo.0", vec![reply_to(&delivered)], t0).is_empty());
+    assert_eq!(counters(&mut core, "echo.0").late_replies, 1);
+    let again = remote_cancel("client.0@a", 7, CancelReason::Timeout);
+    assert!(
+        from_node(&mut core, "@a", again, t0).is_empty(),
+        "told once"
+    );
+    assert_eq!(
+        counters(&mut core, "@a").dropped_events,
+        3,
+        "a repeat finds nothing"
+    );
+
+    // Both brokers time a request out: whichever is first tells the
+    // worker; the other's cancel crosses it and is not counted as dropped.
+    let mut asked = request("echo", 9);
+    asked.source = "client.0@a".into();
+    asked.timeout_ms = Some(50);
+    one(from_node(&mut core, "@a", asked, t0));
+    core.expire(t0 + ms(50));
+    let effects = effects(&mut core);
+    let told = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Deliver { to, envelope } if envelope.is_cancel() => {
+                Some((to.to_string(), envelope.clone()))
+            }
+            _ => None,
+        })
+        .expect("the worker told");
+    assert_eq!(cancel_of(&told).3, CancelReason::Timeout);
+    let crossing = remote_cancel("client.0@a", 9, CancelReason::Timeout);
+    assert!(from_node(&mut core, "@a", crossing, t0 + ms(51)).is_empty());
+    assert_eq!(
+        counters(&mut core, "@a").dropped_events,
+        3,
+        "crossed, not dropped"
+    );
+}
+
+#[test]
+fn a_request_to_a_node_that_ends_early_is_cancelled_there() {
+    let t0 = Instant::now();
+    let mut core = node_core("a", "b", t0);
+    let (to, sent) = one(send(&mut core, "client.0", vec![request("echo@b", 3)], t0));
+    assert_eq!((to.as_str(), &*sent.target), ("@b", "echo@b"));
+
+    // Its deadline passes here: `timeout` to the caller, `cancel` to b.
+    core.expire(t0 + ms(100));
+    let [(to, timeout), cancel] = two(effects(&mut core));
+    assert_eq!(
+        (to.as_str(), timeout.error_code()),
+        ("client.0", Some(ErrorCode::Timeout))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        ("@b".into(), 3, "client.0".into(), CancelReason::Timeout)
+    );
+    assert_eq!(counters(&mut core, "@b").cancels, 1);
+
+    // The caller cancels: `cancelled` to it, `cancel` to b; b's reply
+    // after it is late.
+    let (_, sent) = one(send(&mut core, "client.0", vec![request("echo@b", 4)], t0));
+    let [(to, cancelled), cancel] = two(send(&mut core, "client.0", vec![cancel_to_broker(4)], t0));
+    assert_eq!(
+        (to.as_str(), cancelled.error_code()),
+        ("client.0", Some(ErrorCode::Cancelled))
+    );
+    assert_eq!(
+        cancel_of(&cancel),
+        ("@b".into(), 4, "client.0".into(), CancelReason::Cancelled)
+    );
+    let mut late = reply_to(&sent);
+    late.source = "echo.0@b".into();
+    assert!(from_node(&mut core, "@b", late, t0).is_empty());
+    assert_eq!(counters(&mut core, "@b").late_replies, 1);
+    assert_eq!(core.pending_count(), 0);
 }
