@@ -36,7 +36,10 @@ fn the_protocol_pages_python_worker_speaks_the_protocol() {
     std::fs::create_dir_all(&dir).expect("dir");
     let script = dir.join("worker.py");
     std::fs::write(&script, code).expect("write");
-    speaks_the_protocol(&script.display().to_string(), "[pyecho.0] shutdown: exiting");
+    speaks_the_protocol(
+        &script.display().to_string(),
+        "[pyecho.0] shutdown: exiting",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -112,37 +112,30 @@ def _kind_of(fn: Callable, inline: bool, what: str) -> int:
 
 
 class _Pool:
-    """Daemon threads for sync handlers, started as they are needed, up to
-    ``max_workers`` (daemons: a handler still running cannot hold the
-    process past EOF)."""
+    """Daemon threads for sync handlers, up to ``max_workers`` (daemons: a
+    handler still running cannot hold the process past EOF).
+
+    Jobs are submitted by the one thread that reads stdin. Another thread
+    is started whenever a job, once queued, is not taken at once (no thread
+    was free for it): a handler that blocks never keeps the next job
+    waiting while the pool may grow. No lock is taken per job."""
 
     def __init__(self, max_workers: int) -> None:
         self.max = max_workers
         self._q: "queue.SimpleQueue[Tuple[Callable, tuple]]" = queue.SimpleQueue()
-        self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0
-        self._backlog = 0
 
     def submit(self, fn: Callable, *args: Any) -> None:
-        with self._lock:
-            self._backlog += 1
-            spawn = self._backlog > self._idle and self._threads < self.max
-            if spawn:
-                self._threads += 1
-        self._q.put((fn, args))
-        if spawn:
+        q = self._q
+        q.put((fn, args))
+        if self._threads < self.max and q.qsize() > 0:
+            self._threads += 1
             threading.Thread(target=self._work, name=f"procbroker-{self._threads}", daemon=True).start()
 
     def _work(self) -> None:
-        get, lock = self._q.get, self._lock
+        get = self._q.get
         while True:
-            with lock:
-                self._idle += 1
             fn, args = get()
-            with lock:
-                self._idle -= 1
-                self._backlog -= 1
             try:
                 fn(*args)
             except BaseException:  # the job logs its own failures
@@ -262,9 +255,10 @@ class Service:
         self._pool = _Pool(self._max_workers)
         self._writer: Optional[Writer] = None
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        # The requests whose handlers run, by (source, correlation id): what
+        # a cancel names; their number is what a drain waits for. Only the
+        # reading thread adds; a handler's thread removes its own.
         self._running: Dict[Tuple[str, int], Context] = {}
-        self._active = 0
         self._pending: Dict[int, Any] = {}
         self._cids = itertools.count(1)
         self._draining = False
@@ -437,7 +431,7 @@ class Service:
         poller = None
         while True:
             if self._draining:
-                if self._active == 0:
+                if not self._running:
                     return True
                 if poller is None:
                     # Wait for stdin or for the last handler to finish.
@@ -489,19 +483,13 @@ class Service:
         self._flush_reader_batch()
         left = 0
         if not drained:
-            with self._lock:
-                running = list(self._running.values())
-            for ctx in running:
+            for ctx in list(self._running.values()):
                 self._cancel_ctx(ctx, "shutting_down", by_broker=False)
             self._flush_reader_batch()
             end = _monotonic() + EOF_GRACE
-            with self._lock:
-                while self._active:
-                    wait = end - _monotonic()
-                    if wait <= 0:
-                        break
-                    self._idle.wait(wait)
-                left = self._active
+            while self._running and _monotonic() < end:
+                time.sleep(0.005)
+            left = len(self._running)
         self._flush_loop(0.2)
         self._writer.flush(0.5)  # type: ignore[union-attr]
         return left
@@ -577,9 +565,7 @@ class Service:
             return
         ctx = Context(source, cid, method, raw, None if timeout_ms is None else now + timeout_ms / 1000,
                       stream is True, key)
-        with self._lock:
-            self._running[(source, cid)] = ctx
-            self._active += 1
+        self._running[(source, cid)] = ctx
         if kind == _SYNC or kind == _GEN:
             self._pool.submit(self._run_sync, h, arg, ctx)
         else:
@@ -821,14 +807,10 @@ class Service:
             else:
                 self._writer.send(frame)  # type: ignore[union-attr]
         key = (ctx.source, ctx.correlation_id)
-        with self._lock:
-            if self._running.get(key) is ctx:
-                del self._running[key]
-            self._active -= 1
-            idle = self._active == 0
-            if idle:
-                self._idle.notify_all()
-        if idle and self._wake_w is not None:
+        running = self._running
+        if running.get(key) is ctx:
+            running.pop(key, None)
+        if not running and self._wake_w is not None:
             try:
                 os.write(self._wake_w, b"\0")
             except OSError:
