@@ -1,8 +1,10 @@
-//! `examples/python/echo_worker.py`, written from PROTOCOL.md alone, driven
-//! over its real stdin/stdout pipes: the `ready` handshake, replies that copy
-//! `id` and `correlation_id` and address the requester, an error code for an
-//! unknown method, a garbage frame skipped, and exit on the `shutdown` event.
-//! (`tests/bridge.rs` runs it under the broker.)
+//! Two Python workers driven over their real stdin/stdout pipes:
+//! `examples/python/echo_worker.py`, written with the Python SDK (the copy in
+//! `sdk/python` when none is installed), and the worker of PROTOCOL.md's
+//! section 7, written against the wire alone. Each: the `ready` handshake,
+//! replies that copy `id` and `correlation_id` and address the requester, an
+//! error code for an unknown method, a garbage frame skipped, and exit on the
+//! `shutdown` event. (`tests/bridge.rs` runs the example under the broker.)
 
 use bytes::BytesMut;
 use procbroker::protocol::{Envelope, EnvelopeCodec, FrameCodec, MessageType};
@@ -13,14 +15,38 @@ use std::time::Duration;
 use tokio_util::codec::{Decoder, Encoder};
 
 #[test]
-fn the_python_worker_speaks_the_protocol() {
+fn the_python_example_speaks_the_protocol() {
     let script = format!(
         "{}/examples/python/echo_worker.py",
         env!("CARGO_MANIFEST_DIR")
     );
+    speaks_the_protocol(
+        &script,
+        "[pyecho.0] shutdown: finishing the requests in flight",
+    );
+}
+
+#[test]
+fn the_protocol_pages_python_worker_speaks_the_protocol() {
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md"))
+        .expect("PROTOCOL.md");
+    let (_, rest) = page.split_once("```python\n").expect("a Python block");
+    let (code, _) = rest.split_once("\n```").expect("its end");
+    let dir = std::env::temp_dir().join(format!("procbroker-pyworker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("worker.py");
+    std::fs::write(&script, code).expect("write");
+    speaks_the_protocol(
+        &script.display().to_string(),
+        "[pyecho.0] shutdown: exiting",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn speaks_the_protocol(script: &str, shutdown_line: &str) {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let mut child = Command::new(&python)
-        .arg(&script)
+        .arg(script)
         .env("PROCBROKER_PROCESS_ID", "pyecho.0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -88,7 +114,7 @@ fn the_python_worker_speaks_the_protocol() {
         stderr.contains("[pyecho.0] skipping a bad frame"),
         "{stderr}"
     );
-    assert!(stderr.contains("shutdown: exiting"), "{stderr}");
+    assert!(stderr.contains(shutdown_line), "{stderr}");
 
     let mut buf = BytesMut::from(&out[..]);
     let mut frames = Vec::new();
@@ -100,6 +126,8 @@ fn the_python_worker_speaks_the_protocol() {
         (frames[0].kind, &*frames[0].id, &*frames[0].target),
         (MessageType::Event, "ready", "broker")
     );
+    // Handlers run concurrently: replies come in any order.
+    frames[1..].sort_by_key(|reply| reply.correlation_id);
     for (request, reply) in requests.iter().zip(&frames[1..]) {
         assert_eq!(reply.id, request.id);
         assert_eq!(reply.correlation_id, request.correlation_id);
