@@ -785,12 +785,12 @@ impl Out<'_> {
             "baseline": null,
             "ratio_p50": null,
         });
-        if let (Some(main), Some(obj)) = (main, out.as_object_mut()) {
-            if let Some(fields) = main.json().as_object() {
-                for (k, v) in fields {
-                    if k != "requests" {
-                        obj.insert(k.clone(), v.clone());
-                    }
+        if let (Some(main), Some(obj)) = (main, out.as_object_mut())
+            && let Some(fields) = main.json().as_object()
+        {
+            for (k, v) in fields {
+                if k != "requests" {
+                    obj.insert(k.clone(), v.clone());
                 }
             }
         }
