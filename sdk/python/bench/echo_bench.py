@@ -11,12 +11,15 @@ answered, checking that each reply is a response. The worker's CPU time
 (every thread, from /proc/PID/task/*/schedstat, nanoseconds) is read just
 before the first request and just after the last reply, so start-up is not
 counted. Workers run one after the other, in the order given, and the whole
-list is run `--rounds` times; the report gives each worker's best round.
+list is run `--rounds` times; the report gives each worker's best and
+median round (on a shared machine the spread is wide: compare medians of
+many rounds, in one run).
 """
 import argparse
 import glob
 import os
 import shlex
+import statistics
 import struct
 import subprocess
 import sys
@@ -34,6 +37,21 @@ def cpu_ns(pid):
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def user_sys(pid):
+    """User and system CPU seconds of every thread (clock ticks)."""
+    user = system = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/stat"):
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def frames(buf):
@@ -68,6 +86,7 @@ def run(command, calls, inflight, payload_bytes):
                               "target": "bench.0", "timeout_ms": 30000, "payload": payload})
         requests.append(struct.pack(">I", len(body)) + body)
     before = cpu_ns(child.pid)
+    us_before = user_sys(child.pid)
     start = time.perf_counter()
     sent = min(inflight, calls)
     os.write(inp, b"".join(requests[:sent]))
@@ -90,9 +109,12 @@ def run(command, calls, inflight, payload_bytes):
             sent += more
     elapsed = time.perf_counter() - start
     after = cpu_ns(child.pid)
+    us_after = user_sys(child.pid)
     child.stdin.close()
     child.wait(timeout=10)
-    return (after - before) / calls / 1000, calls / elapsed
+    user = (us_after[0] - us_before[0]) / calls * 1e6
+    system = (us_after[1] - us_before[1]) / calls * 1e6
+    return (after - before) / calls / 1000, calls / elapsed, user, system
 
 
 def main():
@@ -105,17 +127,24 @@ def main():
     args = ap.parse_args()
     workers = [w.split("=", 1) for w in args.workers]
     best = {}
+    every = {}
     for r in range(args.rounds):
         for name, command in workers:
-            us, rate = run(shlex.split(command), args.calls, args.inflight, args.payload)
-            print(f"round {r + 1} {name:<14} {us:7.2f} us CPU/call  {rate:9.0f} calls/s", file=sys.stderr)
+            us, rate, user, system = run(shlex.split(command), args.calls, args.inflight, args.payload)
+            print(f"round {r + 1} {name:<14} {us:7.2f} us CPU/call ({user:.1f} user, {system:.1f} system)"
+                  f"  {rate:9.0f} calls/s", file=sys.stderr)
+            every.setdefault(name, []).append(us)
             if name not in best or us < best[name][0]:
                 best[name] = (us, rate)
     base = best[workers[0][0]][0]
-    print(f"{args.calls} Echo calls, {args.inflight} in flight, {args.payload}-byte payload; best of {args.rounds}:")
+    base_median = statistics.median(every[workers[0][0]])
+    print(f"{args.calls} Echo calls, {args.inflight} in flight, {args.payload}-byte payload; "
+          f"best and median of {args.rounds} rounds:")
     for name, _ in workers:
         us, rate = best[name]
-        print(f"{name:<14} {us:7.2f} us CPU/call  {rate:9.0f} calls/s  {us / base:5.2f}x {workers[0][0]}")
+        median = statistics.median(every[name])
+        print(f"{name:<14} best {us:6.2f} us CPU/call ({us / base:4.2f}x {workers[0][0]}), "
+              f"median {median:6.2f} ({median / base_median:4.2f}x), {rate:8.0f} calls/s")
 
 
 if __name__ == "__main__":

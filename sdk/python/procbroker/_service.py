@@ -25,6 +25,7 @@ log = logging.getLogger("procbroker")
 _monotonic = time.monotonic
 _U64_MAX = _wire.U64_MAX
 _NOT_DECODED = _wire.NOT_DECODED
+_response = _wire.response
 
 #: A call's deadline when neither the caller nor the request it serves set one.
 DEFAULT_CALL_TIMEOUT = 30.0
@@ -557,9 +558,9 @@ class Service:
                 out.append(self._call_plain(h, arg, None, method, cid, source))
                 return
             if h.raw and (result is None or type(result) is bytes):
-                out.append(_wire.response(method, cid, source, result))
+                out.append(_response(method, cid, source, result))
             elif type(result) is Raw:
-                out.append(_wire.response(method, cid, source, result.data))
+                out.append(_response(method, cid, source, result.data))
             else:
                 out.append(self._reply(result, method, cid, source, False))
             return

@@ -155,7 +155,7 @@ def _frame(entries: int, parts: List[bytes]) -> bytes:
     return _pack_len(len(body)) + body
 
 
-_reply_heads: Dict[Tuple[str, str], bytes] = {}
+_reply_heads: Dict[Tuple[str, str, bool, bool], bytes] = {}
 _cid_tail = struct.Struct(">16sQ").pack
 _K_CID_U64 = _K_CID + b"\xcf"
 
@@ -167,17 +167,26 @@ def response(method: str, cid: int, target: str, payload: Optional[bytes], more:
     ``correlation_id`` (always as a u64): all but the last two are the same
     for every reply of a method to a caller, and are cached.
     """
-    head = _reply_heads.get((method, target, more, payload is None))
-    if head is None:
-        head = _response_head(method, target, more, payload is None)
-    if payload is None:
-        return b"".join((_pack_len(len(head) + 24), head, _cid_tail(_K_CID_U64, cid)))
+    if payload is None or more:
+        head = _reply_heads.get((method, target, more, payload is None))
+        if head is None:
+            head = _response_head(method, target, more, payload is None)
+        if payload is None:
+            return b"".join((_pack_len(len(head) + 24), head, _cid_tail(_K_CID_U64, cid)))
+    else:  # the common case: a final reply with a payload
+        head = _final_heads.get((method, target))
+        if head is None:
+            head = _final_heads[(method, target)] = _response_head(method, target, False, False)
     return b"".join((_pack_len(len(head) + len(payload) + 24), head, payload, _cid_tail(_K_CID_U64, cid)))
 
 
+_final_heads: Dict[Tuple[str, str], bytes] = {}
+
+
 def _response_head(method: str, target: str, more: bool, empty: bool) -> bytes:
-    if len(_reply_heads) >= 4096:
+    if len(_reply_heads) >= 4096 or len(_final_heads) >= 4096:
         _reply_heads.clear()
+        _final_heads.clear()
     entries = 4 + more + (not empty)
     head = bytes((0x80 | entries,)) + _K_TYPE_RESPONSE + _K_ID + enc_str(method) + _K_TARGET + enc_str(target)
     if more:
@@ -404,12 +413,12 @@ def _kind(value: Any) -> str:
 
 # --- reading frames ----------------------------------------------------------
 
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024
 
 
 class FrameReader:
     """Whole frames from a file descriptor: each read takes what the pipe
-    has (up to 256 KiB) and returns every frame it completes."""
+    has (up to 64 KiB) and returns every frame it completes."""
 
     def __init__(self, fd: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.fd = fd
