@@ -786,11 +786,11 @@ impl Out<'_> {
             "ratio_p50": null,
         });
         if let (Some(main), Some(obj)) = (main, out.as_object_mut())
-            && let Some(fields) = main.json().as_object()
+            && let Value::Object(fields) = main.json()
         {
             for (k, v) in fields {
                 if k != "requests" {
-                    obj.insert(k.clone(), v.clone());
+                    obj.insert(k, v);
                 }
             }
         }
@@ -869,7 +869,8 @@ impl Out<'_> {
                 args.payload_bytes, args.workers, args.concurrency, args.requests
             ),
             Plan::Keyed { keys } => format!(
-                "relay, round-robin then keyed ({keys} keys), {} echo worker(s), {} in flight, {} requests of {} B each",
+                "relay, round-robin and keyed ({keys} keys) in {KEYED_ROUNDS} rounds each, {} echo worker(s), \
+                 {} in flight, {} requests of {} B each",
                 args.workers, args.concurrency, args.requests, args.payload_bytes
             ),
             Plan::Workers { .. } => format!(
