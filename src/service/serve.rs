@@ -56,8 +56,8 @@ pub fn run(build: impl FnOnce(Client) -> Methods) -> Result<(), ServeError> {
 /// The serve loop over any pipe pair; must run inside a `LocalSet` (or an
 /// actix arbiter). [`run`] is this on stdin and stdout.
 ///
-/// Protocol v1.1: a `cancel` event from `broker` cancels the
-/// [`Context`](super::Context) of the request it names (`correlation_id`
+/// Protocol v1.1: a `cancel` event from `broker` cancels the handler's
+/// `Context` of the request it names (`correlation_id`
 /// and the payload's `source`), and that request's reply is then not sent
 /// (the broker has answered its caller and would drop it). A `cancel` from
 /// any other source is ignored. At EOF every running request is cancelled
@@ -316,7 +316,8 @@ impl Drop for Entered {
 mod tests {
     use super::*;
     use crate::protocol::Payload;
-    use crate::service::{CallOptions, HandlerError, STREAM_BUFFER};
+    use crate::service::client::{CallOptions, STREAM_BUFFER};
+    use crate::service::reply::HandlerError;
     use bytes::BytesMut;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};

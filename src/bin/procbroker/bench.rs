@@ -238,17 +238,18 @@ pub(crate) fn progress(broker: BrokerHandle, total: u64) {
     });
 }
 
-/// Runs the benchmark and prints the result.
-pub fn bench(args: BenchArgs) -> Result<()> {
+/// Refuses counts of zero, whichever run the arguments ask for.
+pub fn check(args: &BenchArgs) -> Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.workers == 0 {
         bail!("--requests, --concurrency and --workers must be at least 1");
     }
-    if let Some(plan) = crate::phases::Plan::of(&args)? {
-        let interrupt = Interrupt::install().context("handling SIGINT and SIGTERM")?;
-        let placement = Placement::new(args.pin)?;
-        placement.pin_self()?;
-        return crate::phases::bench(&args, plan, placement, interrupt);
-    }
+    Ok(())
+}
+
+/// Runs the single-phase benchmark and prints the result (the runs of
+/// several phases in one invocation are `phases.rs`'s).
+pub fn bench(args: BenchArgs) -> Result<()> {
+    check(&args)?;
     match (args.mode, args.worker) {
         (Mode::Inproc, Worker::RpcEcho | Worker::Nvim) => {
             bail!("--worker rpc-echo and nvim are subprocesses: use --mode direct or relay")

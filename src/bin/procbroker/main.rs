@@ -230,7 +230,17 @@ fn run_command(command: Command) -> Result<()> {
         Command::Bench(args) => {
             // Quiet unless asked: the result goes to stdout, progress to stderr.
             logging::init("warn")?;
-            bench::bench(args)
+            bench::check(&args)?;
+            match phases::Plan::of(&args)? {
+                Some(plan) => {
+                    let interrupt =
+                        interrupt::Interrupt::install().context("handling SIGINT and SIGTERM")?;
+                    let placement = bench::Placement::new(args.pin)?;
+                    placement.pin_self()?;
+                    phases::bench(&args, plan, placement, interrupt)
+                }
+                None => bench::bench(args),
+            }
         }
         Command::Conformance(args) => {
             logging::init("warn")?;
