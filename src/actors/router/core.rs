@@ -596,7 +596,8 @@ impl<S: Sink> Core<S> {
         // Its own requests: their workers are told and their slots freed,
         // and a reply that still comes counts as late, not as a lie.
         for (key, orphan) in self.pending.drain_where(|key, _| key.0 == *id) {
-            self.abandon(key, orphan, CancelReason::CallerExited, now);
+            // Nobody is left to answer.
+            self.finish_early(key, orphan, CancelReason::CallerExited, None, now);
         }
         let failed = self.pending.drain_where(|_, p| p.worker == *id);
         let count = failed.len();
@@ -654,6 +655,12 @@ impl<S: Sink> Core<S> {
                 correlation_id = cancel.correlation_id, "cancel dropped");
             return;
         }
+        self.cancel_own(key, now);
+    }
+
+    /// Ends request `key` at its caller's wish: answered `cancelled`, its
+    /// worker told.
+    fn cancel_own(&mut self, key: Key, now: Instant) {
         let answer = (
             ErrorCode::Cancelled,
             "the caller cancelled the request".to_owned(),
@@ -666,11 +673,7 @@ impl<S: Sink> Core<S> {
     pub(crate) fn cancel_call(&mut self, correlation_id: u64, now: Instant) {
         let key: Key = (self.caller_id.clone(), correlation_id);
         if self.pending.contains(&key) {
-            let answer = (
-                ErrorCode::Cancelled,
-                "the caller cancelled the request".to_owned(),
-            );
-            self.end_early(key, CancelReason::Cancelled, Some(answer), now);
+            self.cancel_own(key, now);
             self.settle();
         }
     }
@@ -740,18 +743,6 @@ impl<S: Sink> Core<S> {
         if !cancel_sent && self.table.get(&worker).is_some_and(|e| e.takes_cancel) {
             self.tell_worker(&worker, origin, correlation_id, reason, now);
         }
-    }
-
-    /// [`finish_early`](Self::finish_early) without an answer: the caller
-    /// is gone.
-    fn abandon(
-        &mut self,
-        key: Key,
-        pending: Pending<S::Caller>,
-        reason: CancelReason,
-        now: Instant,
-    ) {
-        self.finish_early(key, pending, reason, None, now);
     }
 
     /// Sends `worker` the `cancel` of the request `correlation_id` of

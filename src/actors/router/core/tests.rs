@@ -20,10 +20,19 @@ fn core(t0: Instant) -> Core<Recorder> {
         ("echo.1", "echo"),
         ("client.0", "client"),
     ] {
-        core.register(id.into(), &service.into(), true, id.into(), true, t0)
-            .expect("registered");
+        add(&mut core, id, service, t0).expect("registered");
     }
     core
+}
+
+/// Registers process `id` of `service`, ready, its port named as it is.
+fn add(
+    core: &mut Core<Recorder>,
+    id: &str,
+    service: &str,
+    t0: Instant,
+) -> Result<usize, crate::actors::messages::RouterError> {
+    core.register(id.into(), &service.into(), true, id.into(), true, t0)
 }
 
 /// Process `from` sends `envelopes` at `now`; returns the effects.
@@ -423,25 +432,9 @@ fn control_changes_take_effect_on_the_next_input() {
     assert_eq!(worker.delta.health_failures, 1);
 
     // A new worker joins the rotation at its end.
-    core.register(
-        "echo.2".into(),
-        &"echo".into(),
-        true,
-        "echo.2".into(),
-        true,
-        t0,
-    )
-    .expect("registered");
+    add(&mut core, "echo.2", "echo", t0).expect("registered");
     assert!(
-        core.register(
-            "echo.2".into(),
-            &"echo".into(),
-            true,
-            "echo.2".into(),
-            true,
-            t0
-        )
-        .is_err(),
+        add(&mut core, "echo.2", "echo", t0).is_err(),
         "a duplicate id"
     );
     core.remove_process(&"echo.1".into(), "scaled down", t0);
@@ -693,15 +686,7 @@ fn a_rust_callers_stream_is_fed_cut_when_full_and_cancelled_when_dropped() {
 fn a_key_pins_requests_to_one_worker_and_never_spills() {
     let t0 = Instant::now();
     let mut core = core(t0);
-    core.register(
-        "echo.2".into(),
-        &"echo".into(),
-        true,
-        "echo.2".into(),
-        true,
-        t0,
-    )
-    .expect("registered");
+    add(&mut core, "echo.2", "echo", t0).expect("registered");
     let keyed = |id: u64, key: &str| request("echo", id).with_key(key).expect("a key");
     let mut owner = std::collections::BTreeMap::new();
     for (n, key) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
@@ -768,16 +753,7 @@ fn rendezvous_moves_only_the_keys_of_a_worker_that_leaves() {
     let t0 = Instant::now();
     let mut core = recorder::core(None, Nodes::default(), t0);
     for n in 0..4 {
-        let id = format!("w.{n}");
-        core.register(
-            id.as_str().into(),
-            &"w".into(),
-            true,
-            id.as_str().into(),
-            true,
-            t0,
-        )
-        .expect("registered");
+        add(&mut core, &format!("w.{n}"), "w", t0).expect("registered");
     }
     let owners = |core: &mut Core<Recorder>| -> Vec<usize> {
         (0..2000)
@@ -878,8 +854,7 @@ fn node_core(this: &str, other: &str, t0: Instant) -> Core<Recorder> {
     let nodes = Nodes::new(this, crate::config::Balance::default());
     let mut core = recorder::core(None, nodes, t0);
     for (id, service) in [("echo.0", "echo"), ("client.0", "client")] {
-        core.register(id.into(), &service.into(), true, id.into(), true, t0)
-            .expect("registered");
+        add(&mut core, id, service, t0).expect("registered");
     }
     let port = ByteString::from(format!("@{other}"));
     core.node_up(&other.into(), vec![("echo".into(), 1)], port, t0);
