@@ -18,51 +18,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use support::*;
 
-/// Callers that keep `n` requests in flight to `service`; count replies
-/// and errors until stopped.
-struct Load {
-    ok: Rc<Cell<u64>>,
-    errors: Rc<RefCell<Vec<String>>>,
-    running: Rc<Cell<bool>>,
-}
-
-fn load(broker: &BrokerHandle, service: &'static str, n: usize) -> Load {
-    let ok = Rc::new(Cell::new(0));
-    let errors = Rc::new(RefCell::new(Vec::new()));
-    let running = Rc::new(Cell::new(true));
-    for _ in 0..n {
-        let (broker, ok, errors, running) = (
-            broker.clone(),
-            Rc::clone(&ok),
-            Rc::clone(&errors),
-            Rc::clone(&running),
-        );
-        actix::spawn(async move {
-            while running.get() {
-                match broker.call(service, "Echo", &"x").await {
-                    Ok(_) => ok.set(ok.get() + 1),
-                    Err(e) => errors
-                        .borrow_mut()
-                        .push(format!("{}: {e}", e.code().unwrap_or("-"))),
-                }
-            }
-        });
-    }
-    Load {
-        ok,
-        errors,
-        running,
-    }
-}
-
-impl Load {
-    async fn stop(self) -> (u64, Vec<String>) {
-        self.running.set(false);
-        actix::clock::sleep(Duration::from_millis(200)).await;
-        (self.ok.get(), self.errors.take())
-    }
-}
-
 /// Watches `ListProcesses` every 2 ms: the most workers of `service` seen
 /// not ready at once, and every pid each worker had.
 struct Watcher {

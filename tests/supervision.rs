@@ -10,9 +10,7 @@ use procbroker::actors::broker::ControlError;
 use procbroker::config::ServiceConfig;
 use procbroker::embed::{BrokerHandle, ProcBroker};
 use procbroker::protocol::rpc::ProcessStatus;
-use std::cell::Cell;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::time::Duration;
 use support::*;
 
@@ -36,50 +34,6 @@ fn script(path: &std::path::Path, body: &str) {
 /// The built-in echo worker behind a script that a test can replace.
 fn echo_script(path: &std::path::Path) {
     script(path, &format!("exec {BIN} worker echo"));
-}
-
-/// Callers that keep `n` requests in flight to `service`; counts replies
-/// and errors by code until `stop` is set.
-struct Load {
-    ok: Rc<Cell<u64>>,
-    errors: Rc<std::cell::RefCell<Vec<String>>>,
-    running: Rc<Cell<bool>>,
-}
-
-fn load(broker: &BrokerHandle, service: &'static str, n: usize) -> Load {
-    let ok = Rc::new(Cell::new(0));
-    let errors = Rc::new(std::cell::RefCell::new(Vec::new()));
-    let running = Rc::new(Cell::new(true));
-    for _ in 0..n {
-        let (broker, ok, errors, running) = (
-            broker.clone(),
-            Rc::clone(&ok),
-            Rc::clone(&errors),
-            Rc::clone(&running),
-        );
-        actix::spawn(async move {
-            while running.get() {
-                match broker.call(service, "Echo", &"x").await {
-                    Ok(_) => ok.set(ok.get() + 1),
-                    Err(e) => errors.borrow_mut().push(e.to_string()),
-                }
-            }
-        });
-    }
-    Load {
-        ok,
-        errors,
-        running,
-    }
-}
-
-impl Load {
-    async fn stop(self) -> (u64, Vec<String>) {
-        self.running.set(false);
-        // Each caller finishes the call it has in flight.
-        actix::clock::sleep(Duration::from_millis(200)).await;
-        (self.ok.get(), self.errors.take())
-    }
 }
 
 async fn pid_of(broker: &BrokerHandle, id: &str) -> Option<u32> {

@@ -413,3 +413,49 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .to_owned();
     (status, body)
 }
+
+/// Callers that keep `n` requests in flight to `service`; count replies
+/// and errors (`code: message`) until stopped.
+pub struct Load {
+    ok: std::rc::Rc<std::cell::Cell<u64>>,
+    errors: std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+    running: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+pub fn load(broker: &BrokerHandle, service: &'static str, n: usize) -> Load {
+    let ok = std::rc::Rc::new(std::cell::Cell::new(0));
+    let errors = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let running = std::rc::Rc::new(std::cell::Cell::new(true));
+    for _ in 0..n {
+        let (broker, ok, errors, running) = (
+            broker.clone(),
+            std::rc::Rc::clone(&ok),
+            std::rc::Rc::clone(&errors),
+            std::rc::Rc::clone(&running),
+        );
+        actix::spawn(async move {
+            while running.get() {
+                match broker.call(service, "Echo", &"x").await {
+                    Ok(_) => ok.set(ok.get() + 1),
+                    Err(e) => errors
+                        .borrow_mut()
+                        .push(format!("{}: {e}", e.code().unwrap_or("-"))),
+                }
+            }
+        });
+    }
+    Load {
+        ok,
+        errors,
+        running,
+    }
+}
+
+impl Load {
+    pub async fn stop(self) -> (u64, Vec<String>) {
+        self.running.set(false);
+        // Each caller finishes the call it has in flight.
+        actix::clock::sleep(Duration::from_millis(200)).await;
+        (self.ok.get(), self.errors.take())
+    }
+}
