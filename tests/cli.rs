@@ -949,51 +949,24 @@ fn bench_raw_baseline_with_more_in_flight_than_the_pipes_hold_completes() {
     // peers hold, so a peer that blocks writing while its peer does too
     // never finishes.
     for mode in ["relay", "direct"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_procbroker"))
-            .args([
-                "bench",
-                "--mode",
-                mode,
-                "--workers",
-                "1",
-                "--concurrency",
-                "4",
-                "--requests",
-                "40",
-                "--payload-bytes",
-                "1048576",
-                "--baseline",
-                "--pin",
-                "same",
-                "--json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bench");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while child.try_wait().expect("try_wait").is_none() {
-            if Instant::now() > deadline {
-                // Stuck: kill the raw peers too, or they block forever.
-                for pid in children_of(child.id()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{mode}: the bench did not end within 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let (code, stdout, stderr) = bench_bounded(&[
+            "--mode",
+            mode,
+            "--workers",
+            "1",
+            "--concurrency",
+            "4",
+            "--requests",
+            "40",
+            "--payload-bytes",
+            "1048576",
+            "--baseline",
+            "--pin",
+            "same",
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{mode}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
         assert_eq!(
             (v["errors"].as_u64(), v["baseline"]["errors"].as_u64()),
             (Some(0), Some(0)),
