@@ -39,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::pending::{Key, NotPending, Pending, PendingTable, RecentlyExpired, ReplyTo};
 use super::sink::{Partial, Sink};
+use super::table::Delivered;
 use super::table::ProcessTable;
 use crate::actors::latency;
 use crate::actors::log_limit::LogLimit;
@@ -299,10 +300,10 @@ impl<S: Sink> Core<S> {
         // The worker learns its budget (another node too, which then times
         // out as well): whole milliseconds, rounded up, at least 1.
         envelope.timeout_ms = Some(budget_ms(timeout));
-        if !self
+        let delivered = self
             .table
-            .deliver_request(slot, envelope, now, &mut self.sink)
-        {
+            .deliver_request(slot, envelope, now, &mut self.sink);
+        let Delivered::Taken { recycle_due } = delivered else {
             // Its actor stopped without a removal: take it out now.
             self.remove(&worker, "its actor stopped", now);
             let message = format!("worker {worker:?} is gone");
@@ -315,8 +316,8 @@ impl<S: Sink> Core<S> {
                 message,
             );
             return self.answer(error, reply_to, now);
-        }
-        if self.table.served(slot) {
+        };
+        if recycle_due {
             self.sink.recycle_due(&worker);
         }
         // Cannot collide: checked above, and nothing ran in between.

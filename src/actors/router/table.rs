@@ -25,6 +25,16 @@ use crate::config::WorkerBalance;
 use crate::names::{BROADCAST, BROKER};
 use crate::protocol::{Envelope, ErrorCode};
 
+/// What became of a request handed to a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// Its actor stopped: the request was dropped.
+    Gone,
+    /// Queued; `recycle_due` the first time the process reached its
+    /// service's `max_requests`.
+    Taken { recycle_due: bool },
+}
+
 /// One registered process.
 pub(crate) struct ProcessEntry<P> {
     /// Index of its service in [`ProcessTable::services`].
@@ -452,28 +462,6 @@ impl<P> ProcessTable<P> {
         }
     }
 
-    /// Counts a request delivered to the process in `slot`; true the first
-    /// time it reaches its service's `max_requests` (it is due for
-    /// recycling).
-    #[inline]
-    pub(crate) fn served(&mut self, slot: usize) -> bool {
-        let Some(entry) = self
-            .slots
-            .get_mut(slot)
-            .and_then(|s| s.as_mut())
-            .map(|(_, e)| e)
-        else {
-            return false;
-        };
-        entry.served += 1;
-        let max = self.services[entry.service].max_requests;
-        if max == 0 || entry.served < max || entry.recycle_due {
-            return false;
-        }
-        entry.recycle_due = true;
-        true
-    }
-
     /// Every process an event to `target` from `from` goes to: all ready
     /// processes but the sender and the broker for `*`, the process itself,
     /// or every ready worker of a service. `None` for an unknown target.
@@ -524,7 +512,7 @@ impl<P> ProcessTable<P> {
 
     /// [`deliver`](Self::deliver) of a request to the process in `slot`
     /// (from [`pick`](Self::pick)): also takes one of its `queue_capacity`
-    /// slots.
+    /// slots, and counts the request toward its service's `max_requests`.
     #[inline]
     pub(crate) fn deliver_request(
         &mut self,
@@ -532,12 +520,24 @@ impl<P> ProcessTable<P> {
         envelope: Envelope,
         now: Instant,
         sink: &mut impl Sink<Port = P>,
-    ) -> bool {
-        let handed = self.hand(slot, envelope, now, sink);
-        if handed && let Some(entry) = self.at_mut(slot) {
-            entry.in_flight += 1;
+    ) -> Delivered {
+        if !self.hand(slot, envelope, now, sink) {
+            return Delivered::Gone;
         }
-        handed
+        let Some(entry) = self
+            .slots
+            .get_mut(slot)
+            .and_then(|s| s.as_mut())
+            .map(|(_, e)| e)
+        else {
+            return Delivered::Gone;
+        };
+        entry.in_flight += 1;
+        entry.served += 1;
+        let max = self.services[entry.service].max_requests;
+        let recycle_due = max > 0 && entry.served >= max && !entry.recycle_due;
+        entry.recycle_due |= recycle_due;
+        Delivered::Taken { recycle_due }
     }
 
     #[inline]
