@@ -683,9 +683,26 @@ impl Sim {
                 "  {} sends a partial of {key:?} (streaming: {streaming}, cut: {cut})",
                 self.procs[i].id
             ));
+            // A deaf caller's request ends with no answer; its worker is
+            // told unless the drain told it already, and then nothing marks
+            // the end but this.
+            let silent_end = cut
+                && self.procs[i].cancelled.contains(&live_key)
+                && self
+                    .calls_by_id(live_key.1)
+                    .is_some_and(|c| self.deaf_calls.contains(&c))
+                && &*live_key.0 == CALLER;
             self.ending_early = cut;
             let sent = self.send(i, vec![partial]);
             self.ending_early = false;
+            if silent_end {
+                self.live.remove(&live_key);
+                if let Some(call) = self.calls_by_id(live_key.1)
+                    && let Some(state) = self.calls.get_mut(&call)
+                {
+                    state.1 = true;
+                }
+            }
             return sent;
         }
         match how {
