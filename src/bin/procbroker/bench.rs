@@ -542,7 +542,9 @@ async fn run(
         // wait: no drain, and children that do not go at once get SIGTERM
         // after 0.2 s.
         drain_timeout: Duration::ZERO,
-        kill_timeout: Duration::from_millis(400),
+        // Children exit at EOF; one run under a profiler (callgrind writes
+        // its counts as it exits) needs a moment more before SIGTERM.
+        kill_timeout: Duration::from_secs(4),
         ..procbroker::config::BrokerConfig::default()
     };
     // Brokers of this run federate under a cluster name of their own.

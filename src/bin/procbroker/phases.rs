@@ -543,7 +543,9 @@ async fn run(
     let config = procbroker::config::BrokerConfig {
         // Nothing is in flight at the end; an interrupted run must not wait.
         drain_timeout: Duration::ZERO,
-        kill_timeout: Duration::from_millis(400),
+        // Children exit at EOF; one run under a profiler (callgrind writes
+        // its counts as it exits) needs a moment more before SIGTERM.
+        kill_timeout: Duration::from_secs(4),
         ..procbroker::config::BrokerConfig::default()
     };
     // Room for every partial reply in flight: the broker cuts a stream
