@@ -539,8 +539,7 @@ async fn run(
     let (place, placed) = placement.placer();
     let config = procbroker::config::BrokerConfig {
         // A finished run has nothing in flight; an interrupted one must not
-        // wait: no drain, and children that do not go at once get SIGTERM
-        // after 0.2 s.
+        // wait: no drain.
         drain_timeout: Duration::ZERO,
         // Children exit at EOF; one run under a profiler (callgrind writes
         // its counts as it exits) needs a moment more before SIGTERM.
