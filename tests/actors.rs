@@ -33,7 +33,7 @@ impl Handler<Deliver> for Client {
     type Result = ();
     fn handle(&mut self, Deliver(envelopes): Deliver, _: &mut Self::Context) {
         for envelope in envelopes {
-            let _ = self.inbox.send(envelope);
+            let _ = self.inbox.send(*envelope);
         }
     }
 }

@@ -7,6 +7,7 @@
 //! a change that adds an allocation to decode or encode fails this test.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use procbroker::pipe::WireCodec;
 use procbroker::protocol::{Envelope, EnvelopeCodec, Payload};
 use serde::{Deserialize, Serialize};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -146,6 +147,19 @@ fn decoding_from_a_read_buffer_allocates_once_per_buffer_not_per_frame() {
         assert!(next.expect("in sync").expect("whole").is_ok());
         assert_eq!(allocs, 0, "later frames of the same buffer");
     }
+}
+
+#[test]
+fn a_child_frame_costs_one_allocation_the_box_it_travels_in() {
+    // What a bridge reads from a child: the envelope boxed, so the batch,
+    // the Router and the recipient's inbox hand on a pointer.
+    let mut buf = framed(&[small_request(), small_request()]);
+    let mut codec = WireCodec::from(EnvelopeCodec::default());
+    let _ = codec.decode(&mut buf); // the read buffer is shared from now on
+    let (next, allocs) = count(|| codec.decode(&mut buf));
+    let envelope = next.expect("in sync").expect("whole").expect("valid");
+    assert_eq!(envelope.correlation_id, small_request().correlation_id);
+    assert_eq!(allocs, 1, "a frame from a child's pipe");
 }
 
 #[test]

@@ -73,7 +73,7 @@ use super::sysmon::Sysmon;
 use crate::config::run_as::ChildSetup;
 use crate::config::{BrokerConfig, Protocol, SELF_COMMAND, ServiceConfig};
 use crate::names::{BROKER, PROCESS_ID_ENV, READY_EVENT, SERVICE_ENV, SHUTDOWN_EVENT};
-use crate::pipe::{self, Batches, Outbox, WireCodec};
+use crate::pipe::{self, Batches, Incoming, Outbox, WireCodec};
 use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
 use crate::protocol::rpc::{ProcessInfo, ProcessStatus, SpawnedProcess};
 use crate::protocol::{Envelope, EnvelopeCodec, FrameError, InvalidEnvelope, MessageType};
@@ -100,7 +100,7 @@ struct Exited {
     status: std::io::Result<ExitStatus>,
 }
 
-type StdoutItem = Result<Result<Envelope, InvalidEnvelope>, FrameError>;
+type StdoutItem = Result<Incoming, FrameError>;
 
 /// One run of the child.
 struct Incarnation {
@@ -843,7 +843,7 @@ impl StreamHandler<(u64, Vec<StdoutItem>)> for Bridge {
                 }
                 Ok(Err(invalid)) => {
                     bad += 1;
-                    unreported += u64::from(self.invalid_envelope(invalid));
+                    unreported += u64::from(self.invalid_envelope(*invalid));
                 }
                 // The stream ends after a frame error.
                 Err(e) => out_of_sync = Some(e.to_string()),

@@ -1121,8 +1121,8 @@ impl Handler<Deliver> for Broker {
     fn handle(&mut self, Deliver(envelopes): Deliver, ctx: &mut Self::Context) {
         for envelope in envelopes {
             match envelope.kind {
-                MessageType::Request => self.handle_request(envelope, ctx),
-                MessageType::Event => self.handle_event(envelope),
+                MessageType::Request => self.handle_request(*envelope, ctx),
+                MessageType::Event => self.handle_event(*envelope),
                 // The broker sends no requests of its own yet.
                 MessageType::Response | MessageType::Error => {}
             }

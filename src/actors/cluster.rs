@@ -933,10 +933,10 @@ impl Handler<Deliver> for Cluster {
         let mut out = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             out.extend(match envelope.kind {
-                MessageType::Request => self.request_out(envelope),
-                MessageType::Response | MessageType::Error => self.reply_out(envelope),
+                MessageType::Request => self.request_out(*envelope),
+                MessageType::Response | MessageType::Error => self.reply_out(*envelope),
                 // The only event that crosses nodes.
-                MessageType::Event if envelope.is_cancel() => self.cancel_out(envelope),
+                MessageType::Event if envelope.is_cancel() => self.cancel_out(*envelope),
                 MessageType::Event => None,
             });
         }

@@ -19,10 +19,13 @@ use tokio::sync::oneshot;
 
 use crate::protocol::{Envelope, ErrorCode};
 
-/// One or more envelopes, oldest first. One is held inline (no allocation),
-/// which is the common case of a sequential call.
+/// One or more envelopes, oldest first, each boxed: an [`Envelope`] is a
+/// few hundred bytes, and on its way from a pipe through the Router to
+/// another pipe it changes hands a dozen times; boxed, each hand-over moves
+/// a pointer instead of the envelope. One is held inline (no allocation
+/// for the batch), which is the common case of a sequential call.
 #[derive(Debug, Default)]
-pub struct Envelopes(SmallVec<[Envelope; 1]>);
+pub struct Envelopes(SmallVec<[Box<Envelope>; 1]>);
 
 impl Envelopes {
     /// None yet.
@@ -42,8 +45,8 @@ impl Envelopes {
 
     /// Appends one.
     #[inline]
-    pub fn push(&mut self, envelope: Envelope) {
-        self.0.push(envelope);
+    pub fn push(&mut self, envelope: impl Into<Box<Envelope>>) {
+        self.0.push(envelope.into());
     }
 
     /// How many.
@@ -58,7 +61,7 @@ impl Envelopes {
 
     /// The envelopes, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Envelope> {
-        self.0.iter()
+        self.0.iter().map(|envelope| &**envelope)
     }
 }
 
@@ -70,15 +73,24 @@ impl From<Envelope> for Envelopes {
     }
 }
 
-impl From<Vec<Envelope>> for Envelopes {
-    fn from(envelopes: Vec<Envelope>) -> Self {
-        Self(SmallVec::from_vec(envelopes))
+impl From<Box<Envelope>> for Envelopes {
+    fn from(envelope: Box<Envelope>) -> Self {
+        let mut one = Self::new();
+        one.push(envelope);
+        one
     }
 }
 
+impl From<Vec<Envelope>> for Envelopes {
+    fn from(envelopes: Vec<Envelope>) -> Self {
+        Self(envelopes.into_iter().map(Box::new).collect())
+    }
+}
+
+/// The envelopes in order, still boxed (`*envelope` unboxes one).
 impl IntoIterator for Envelopes {
-    type Item = Envelope;
-    type IntoIter = smallvec::IntoIter<[Envelope; 1]>;
+    type Item = Box<Envelope>;
+    type IntoIter = smallvec::IntoIter<[Box<Envelope>; 1]>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()

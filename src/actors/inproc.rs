@@ -57,7 +57,7 @@ impl Handler<Deliver> for InProcessWorker {
 
     fn handle(&mut self, Deliver(envelopes): Deliver, ctx: &mut Self::Context) {
         for envelope in envelopes {
-            self.take(envelope, ctx);
+            self.take(*envelope, ctx);
         }
     }
 }

@@ -20,7 +20,7 @@ mod wire;
 pub use batches::Batches;
 pub use log_lines::{CUT_MARK, LogLines};
 pub use outbox::{Outbox, OutboxError};
-pub use wire::WireCodec;
+pub use wire::{Incoming, WireCodec};
 
 use std::os::fd::AsFd;
 

@@ -30,23 +30,36 @@ impl From<MsgpackRpcCodec> for WireCodec {
     }
 }
 
+/// What a child's stdout yields: an envelope, or a frame that is not one.
+/// Both boxed: from here an envelope is handed on a dozen times (a batch,
+/// the bridge, the Router, the recipient's inbox), and a pointer moves
+/// where a few hundred bytes would.
+pub type Incoming = Result<Box<Envelope>, Box<InvalidEnvelope>>;
+
 impl Decoder for WireCodec {
-    type Item = Result<Envelope, InvalidEnvelope>;
+    type Item = Incoming;
     type Error = FrameError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        match self {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, FrameError> {
+        let decoded = match self {
             Self::Envelope(c) => c.decode(src),
             Self::MsgpackRpc(c) => c.decode(src),
-        }
+        };
+        Ok(decoded?.map(boxed))
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        match self {
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, FrameError> {
+        let decoded = match self {
             Self::Envelope(c) => c.decode_eof(src),
             Self::MsgpackRpc(c) => c.decode_eof(src),
-        }
+        };
+        Ok(decoded?.map(boxed))
     }
+}
+
+#[inline]
+fn boxed(decoded: Result<Envelope, InvalidEnvelope>) -> Incoming {
+    decoded.map(Box::new).map_err(Box::new)
 }
 
 impl Encoder<&Envelope> for WireCodec {

@@ -181,7 +181,7 @@ impl<S: Sink> Core<S> {
         envelope.kind = MessageType::Request;
         let origin = self.caller_id.clone();
         self.caller.count(MessageType::Request);
-        self.route_request(origin, envelope, ReplyTo::Caller(caller), false, now);
+        self.route_request(origin, envelope.into(), ReplyTo::Caller(caller), false, now);
         self.settle();
     }
 
@@ -205,7 +205,7 @@ impl<S: Sink> Core<S> {
     /// One envelope from process `from` (in `slot`): counted, stamped,
     /// routed by kind.
     #[inline]
-    fn route(&mut self, slot: usize, from: &ByteString, mut envelope: Envelope, now: Instant) {
+    fn route(&mut self, slot: usize, from: &ByteString, mut envelope: Box<Envelope>, now: Instant) {
         let Some(entry) = self.table.at_mut(slot) else {
             tracing::debug!(process = %from, "envelope from an unregistered process dropped");
             return;
@@ -235,7 +235,7 @@ impl<S: Sink> Core<S> {
     pub(super) fn route_request(
         &mut self,
         origin: ByteString,
-        mut envelope: Envelope,
+        mut envelope: Box<Envelope>,
         reply_to: ReplyTo<S::Caller>,
         local_only: bool,
         now: Instant,
@@ -361,7 +361,7 @@ impl<S: Sink> Core<S> {
         &mut self,
         slot: usize,
         from: &ByteString,
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         now: Instant,
     ) {
         if envelope.more && envelope.kind == MessageType::Response {
@@ -412,7 +412,7 @@ impl<S: Sink> Core<S> {
     /// already holds `queue_capacity` frames (or whose buffer is full)
     /// gets the stream cut: this partial is dropped, `busy` is its final
     /// reply, and the worker is told to stop.
-    fn route_partial(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+    fn route_partial(&mut self, from: &ByteString, envelope: Box<Envelope>, now: Instant) {
         if let Some(entry) = self.table.get_mut(from) {
             entry.delta.partial_replies += 1;
         }
@@ -455,7 +455,7 @@ impl<S: Sink> Core<S> {
     /// Lifecycle events are the broker's to send: a process may address
     /// `ready` (or any event) to the broker, but `shutdown` and `ready` to
     /// another process would stop or confuse it, so they are dropped.
-    fn route_event(&mut self, from: &ByteString, envelope: Envelope, now: Instant) {
+    fn route_event(&mut self, from: &ByteString, envelope: Box<Envelope>, now: Instant) {
         if envelope.is_cancel() {
             return self.caller_cancel(from, &envelope, now);
         }
@@ -513,7 +513,13 @@ impl<S: Sink> Core<S> {
     }
 
     /// Sends a broker-generated reply to whoever waits for it.
-    pub(super) fn answer(&mut self, error: Envelope, reply_to: ReplyTo<S::Caller>, now: Instant) {
+    pub(super) fn answer(
+        &mut self,
+        error: impl Into<Box<Envelope>>,
+        reply_to: ReplyTo<S::Caller>,
+        now: Instant,
+    ) {
+        let error = error.into();
         if let Some(code) = error.error_code() {
             self.broker_errors[code.index()] += 1;
         }

@@ -97,7 +97,7 @@ impl Sink for Effects {
     type Caller = Answer;
 
     #[inline]
-    fn deliver(&mut self, port: &mut Outlet, envelope: Envelope) -> bool {
+    fn deliver(&mut self, port: &mut Outlet, envelope: Box<Envelope>) -> bool {
         port.put(envelope)
     }
 
@@ -107,7 +107,8 @@ impl Sink for Effects {
     }
 
     #[inline]
-    fn answer(&mut self, caller: Answer, reply: Envelope) {
+    fn answer(&mut self, caller: Answer, reply: Box<Envelope>) {
+        let reply = *reply;
         // A caller that stopped waiting has nobody to tell. A stream's
         // final reply has room: partials stop one short of its capacity.
         match caller {
@@ -120,7 +121,7 @@ impl Sink for Effects {
         }
     }
 
-    fn partial(&mut self, caller: &mut Answer, reply: Envelope) -> Partial {
+    fn partial(&mut self, caller: &mut Answer, reply: Box<Envelope>) -> Partial {
         let Answer::Stream(parts) = caller else {
             return Partial::Gone;
         };
@@ -130,7 +131,7 @@ impl Sink for Effects {
         if parts.capacity() <= 1 {
             return Partial::Full;
         }
-        match parts.try_send(reply) {
+        match parts.try_send(*reply) {
             Ok(()) => Partial::Taken,
             Err(mpsc::error::TrySendError::Full(_)) => Partial::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Partial::Gone,

@@ -60,7 +60,8 @@ impl Sink for Recorder {
     type Port = ByteString;
     type Caller = u64;
 
-    fn deliver(&mut self, port: &mut ByteString, envelope: Envelope) -> bool {
+    fn deliver(&mut self, port: &mut ByteString, envelope: Box<Envelope>) -> bool {
+        let envelope = *envelope;
         if self.gone.contains(port) {
             self.effects.push(Effect::Refused {
                 to: port.clone(),
@@ -82,11 +83,13 @@ impl Sink for Recorder {
         }
     }
 
-    fn answer(&mut self, caller: u64, reply: Envelope) {
+    fn answer(&mut self, caller: u64, reply: Box<Envelope>) {
+        let reply = *reply;
         self.effects.push(Effect::Answer { caller, reply });
     }
 
-    fn partial(&mut self, caller: &mut u64, reply: Envelope) -> Partial {
+    fn partial(&mut self, caller: &mut u64, reply: Box<Envelope>) -> Partial {
+        let reply = *reply;
         if self.deaf.contains(caller) {
             return Partial::Gone;
         }

@@ -37,7 +37,7 @@ impl<S: Sink> Core<S> {
             match envelope.kind {
                 MessageType::Request => self.route_remote_request(envelope, now),
                 MessageType::Response | MessageType::Error => {
-                    self.route_reply(slot, &node, envelope, now);
+                    self.route_reply(slot, &node, envelope.into(), now);
                 }
                 // The only event that crosses nodes: a caller's broker
                 // cancels a request it sent here.
@@ -56,7 +56,7 @@ impl<S: Sink> Core<S> {
     fn route_remote_request(&mut self, mut envelope: Envelope, now: Instant) {
         let origin = envelope.source.clone();
         match self.admit_remote(&mut envelope) {
-            Ok(()) => self.route_request(origin, envelope, ReplyTo::Process, true, now),
+            Ok(()) => self.route_request(origin, envelope.into(), ReplyTo::Process, true, now),
             Err((code, message)) => {
                 self.reject(&envelope, origin, ReplyTo::Process, code, message, now);
             }

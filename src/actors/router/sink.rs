@@ -22,18 +22,18 @@ pub(crate) trait Sink {
     /// Hands `envelope` to the process behind `port`; false if the process
     /// is gone (its actor stopped), and the envelope is dropped. May queue
     /// it at once or hold it until [`settle`](Self::settle).
-    fn deliver(&mut self, port: &mut Self::Port, envelope: Envelope) -> bool;
+    fn deliver(&mut self, port: &mut Self::Port, envelope: Box<Envelope>) -> bool;
 
     /// The input is handled: what was held for `port` goes out now. Called
     /// once per input for each process delivered to during it.
     fn settle(&mut self, port: &mut Self::Port);
 
     /// The one final reply to a Rust caller's request.
-    fn answer(&mut self, caller: Self::Caller, reply: Envelope);
+    fn answer(&mut self, caller: Self::Caller, reply: Box<Envelope>);
 
     /// A partial reply to a Rust caller's streaming request, in order;
     /// what became of it. Anything but [`Partial::Taken`] ends the stream.
-    fn partial(&mut self, caller: &mut Self::Caller, reply: Envelope) -> Partial;
+    fn partial(&mut self, caller: &mut Self::Caller, reply: Box<Envelope>) -> Partial;
 
     /// Worker `worker` reached its service's `max_requests`: whoever
     /// supervises it is told, once per registration.

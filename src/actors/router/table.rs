@@ -500,12 +500,12 @@ impl<P> ProcessTable<P> {
     pub(crate) fn deliver(
         &mut self,
         to: &ByteString,
-        envelope: Envelope,
+        envelope: impl Into<Box<Envelope>>,
         now: Instant,
         sink: &mut impl Sink<Port = P>,
     ) -> bool {
         match self.slot_of(to) {
-            Some(slot) => self.hand(slot, envelope, now, sink),
+            Some(slot) => self.hand(slot, envelope.into(), now, sink),
             None => false,
         }
     }
@@ -517,7 +517,7 @@ impl<P> ProcessTable<P> {
     pub(crate) fn deliver_request(
         &mut self,
         slot: usize,
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         now: Instant,
         sink: &mut impl Sink<Port = P>,
     ) -> Delivered {
@@ -544,7 +544,7 @@ impl<P> ProcessTable<P> {
     fn hand(
         &mut self,
         slot: usize,
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         now: Instant,
         sink: &mut impl Sink<Port = P>,
     ) -> bool {

@@ -78,7 +78,7 @@ impl Inbox {
     /// Queues one envelope routed to the child (the Router's way in; it
     /// calls [`settle`](Self::settle) when its input is handled).
     #[inline]
-    pub(crate) fn queue(&self, envelope: Envelope) {
+    pub(crate) fn queue(&self, envelope: Box<Envelope>) {
         match self.outbox.upgrade() {
             Some(outbox) => self.push(&outbox, envelope),
             None => tracing::debug!(process = %self.id, id = %envelope.id,
@@ -104,7 +104,7 @@ impl Inbox {
     /// Queues one envelope, or bounces it: `busy` for a request or event
     /// that finds the queue full (replies always go in), `too_large` for one
     /// that no longer fits a frame once its `source` is stamped.
-    fn push(&self, outbox: &Outbox, envelope: Envelope) {
+    fn push(&self, outbox: &Outbox, envelope: Box<Envelope>) {
         let is_reply = matches!(envelope.kind, MessageType::Response | MessageType::Error);
         if !is_reply && outbox.depth() >= self.capacity {
             let message = format!(
@@ -136,10 +136,10 @@ impl Inbox {
         }
     }
 
-    fn bounce(&self, envelope: Envelope, code: ErrorCode, message: String) {
+    fn bounce(&self, envelope: Box<Envelope>, code: ErrorCode, message: String) {
         self.bounces.do_send(Bounce {
             to: self.id.clone(),
-            envelope,
+            envelope: *envelope,
             code,
             message,
         });

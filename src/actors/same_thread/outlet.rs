@@ -73,7 +73,7 @@ impl Outlet {
     /// Queues `envelope` in the inbox, or holds it for the input's
     /// [`Deliver`]; false if the process is gone (its actor stopped).
     #[inline]
-    pub(crate) fn put(&mut self, envelope: Envelope) -> bool {
+    pub(crate) fn put(&mut self, envelope: Box<Envelope>) -> bool {
         if !self.recipient.connected() {
             return false;
         }
@@ -218,7 +218,7 @@ mod tests {
         let (mut outlet, outbox, pacer, delivered, mut child) = outlet(true);
         let event = Envelope::event("echo.0", "tick");
         for _ in 0..2 {
-            assert!(outlet.put(event.clone()));
+            assert!(outlet.put(event.clone().into()));
         }
         assert_eq!(outbox.depth(), 2, "queued as routed: nothing is held");
         assert_eq!(
@@ -240,7 +240,7 @@ mod tests {
     #[actix::test]
     async fn without_an_inbox_envelopes_go_in_a_deliver_message() {
         let (mut outlet, outbox, _, delivered, _child) = outlet(false);
-        assert!(outlet.put(Envelope::event("echo.0", "tick")));
+        assert!(outlet.put(Envelope::event("echo.0", "tick").into()));
         outlet.settle();
         actix::clock::sleep(Duration::from_millis(10)).await;
         assert_eq!(delivered.get(), 1);
