@@ -2,7 +2,7 @@
 //! MessagePack-RPC translated to envelopes at the pipe. Both
 //! read and write envelopes, so the bridge and the Router do not care.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::protocol::msgpack_rpc::MsgpackRpcCodec;
@@ -35,6 +35,25 @@ impl From<MsgpackRpcCodec> for WireCodec {
 /// the bridge, the Router, the recipient's inbox), and a pointer moves
 /// where a few hundred bytes would.
 pub type Incoming = Result<Box<Envelope>, Box<InvalidEnvelope>>;
+
+impl WireCodec {
+    /// Encodes `envelope` as [`Encoder::encode`] does, except that on the
+    /// envelope wire a payload of `min_payload` bytes or more is not copied:
+    /// the frame up to it goes into `dst` and the payload's bytes are
+    /// returned, to be written right after. MessagePack-RPC frames are
+    /// always encoded whole (`None`).
+    pub fn encode_split(
+        &mut self,
+        envelope: &Envelope,
+        dst: &mut BytesMut,
+        min_payload: usize,
+    ) -> Result<Option<Bytes>, FrameError> {
+        match self {
+            Self::Envelope(c) => c.encode_split(envelope, dst, min_payload),
+            Self::MsgpackRpc(c) => c.encode(envelope, dst).map(|()| None),
+        }
+    }
+}
 
 impl Decoder for WireCodec {
     type Item = Incoming;

@@ -1,6 +1,6 @@
 //! The envelope codec: frames in, envelopes out, and back.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::envelope::{Envelope, salvage_request};
@@ -32,6 +32,31 @@ impl EnvelopeCodec {
     /// The frame limit in force.
     pub fn max_frame_bytes(&self) -> usize {
         self.frames.max_frame_bytes()
+    }
+
+    /// Encodes `envelope` as [`Encoder::encode`] does, except that a payload
+    /// of `min_payload` bytes or more is not copied: the frame up to the
+    /// payload's bytes goes into `dst`, and the payload's bytes are returned,
+    /// to be written right after it. Together they are the same bytes.
+    pub fn encode_split(
+        &mut self,
+        envelope: &Envelope,
+        dst: &mut BytesMut,
+        min_payload: usize,
+    ) -> Result<Option<Bytes>, FrameError> {
+        let payload = match &envelope.payload {
+            Some(payload) if payload.len() >= min_payload => payload.as_bytes(),
+            _ => {
+                self.encode(envelope, dst)?;
+                return Ok(None);
+            }
+        };
+        let layout = envelope.layout();
+        self.frames.check_len(layout.len)?;
+        dst.reserve(LENGTH_PREFIX + layout.len - payload.len());
+        dst.put_u32(layout.len as u32);
+        envelope.encode_head(dst, layout);
+        Ok(Some(payload.clone()))
     }
 
     fn envelope(frame: bytes::Bytes) -> Result<Envelope, InvalidEnvelope> {

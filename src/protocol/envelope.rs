@@ -755,10 +755,21 @@ impl Envelope {
 
     /// [`encode_into`](Self::encode_into) with the layout already computed.
     pub(crate) fn encode_laid_out(&self, dst: &mut BytesMut, layout: Layout) {
-        // The payload is written last and may be large: copy it straight in
-        // rather than zero-filling its space first.
-        let payload_len = self.payload.as_ref().map_or(0, Payload::len);
         dst.reserve(layout.len);
+        self.encode_head(dst, layout);
+        if let Some(payload) = &self.payload {
+            dst.extend_from_slice(payload.as_bytes());
+        }
+    }
+
+    /// Appends the encoding up to the payload's bytes, which are the
+    /// encoding's last bytes: written after it, they complete the map.
+    pub(crate) fn encode_head(&self, dst: &mut BytesMut, layout: Layout) {
+        // The payload is written last and may be large: the caller copies
+        // it straight in (or writes it from where it is), rather than
+        // zero-filling its space first.
+        let payload_len = self.payload.as_ref().map_or(0, Payload::len);
+        dst.reserve(layout.len - payload_len);
         let start = dst.len();
         dst.resize(start + layout.len - payload_len, 0);
         let mut w = SliceWriter::new(&mut dst[start..]);
@@ -810,13 +821,10 @@ impl Envelope {
             w.bytes(key::CODE);
             w.str(code);
         }
-        if let Some(payload) = &self.payload {
+        if self.payload.is_some() {
             w.bytes(key::PAYLOAD);
-            debug_assert_eq!(w.written(), layout.len - payload_len, "layout disagrees");
-            dst.extend_from_slice(payload.as_bytes());
-        } else {
-            debug_assert_eq!(w.written(), layout.len, "layout disagrees");
         }
+        debug_assert_eq!(w.written(), layout.len - payload_len, "layout disagrees");
     }
 
     /// The encoded map as a new buffer (convenience; the codec reuses one).
