@@ -17,7 +17,7 @@
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
-use procbroker::protocol::{Envelope, EnvelopeCodec};
+use procbroker::protocol::{Envelope, EnvelopeCodec, Payload};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -27,9 +27,18 @@ struct Small {
     value: i64,
 }
 
-/// An NVD 2.0 `vulnerabilities[]` item, trimmed to the fields v2e stores.
+/// The ~20 KB CVE payload of the Go anchor (`NewLargeCVE(60, 40)` in
+/// `benches/v2e-go/msgbench/cve.go`), field for field and value for value:
+/// an NVD 2.0 `{"cve": item}` with its `metrics` as a map, 40 CPE matches and
+/// 60 references.
 mod cve {
     use serde::{Deserialize, Serialize};
+    use std::collections::HashMap;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    pub struct Response {
+        pub cve: Item,
+    }
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     #[serde(rename_all = "camelCase")]
@@ -40,7 +49,7 @@ mod cve {
         pub last_modified: String,
         pub vuln_status: String,
         pub descriptions: Vec<LangString>,
-        pub metrics: Metrics,
+        pub metrics: HashMap<String, Vec<CvssMetric>>,
         pub weaknesses: Vec<Weakness>,
         pub configurations: Vec<Configuration>,
         pub references: Vec<Reference>,
@@ -50,12 +59,6 @@ mod cve {
     pub struct LangString {
         pub lang: String,
         pub value: String,
-    }
-
-    #[derive(Debug, Serialize, Deserialize, PartialEq)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Metrics {
-        pub cvss_metric_v31: Vec<CvssMetric>,
     }
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -107,12 +110,16 @@ mod cve {
         pub cpe_match: Vec<CpeMatch>,
     }
 
+    /// Go's `omitempty` strings: left out when empty.
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     #[serde(rename_all = "camelCase")]
     pub struct CpeMatch {
         pub vulnerable: bool,
         pub criteria: String,
-        pub version_end_excluding: Option<String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub version_start_including: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub version_end_excluding: String,
         pub match_criteria_id: String,
     }
 
@@ -120,85 +127,113 @@ mod cve {
     pub struct Reference {
         pub url: String,
         pub source: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub tags: Vec<String>,
     }
 
-    /// 40 CPE matches, 60 references: about 20 KB of MessagePack.
-    pub fn sample() -> Item {
+    /// `NewLargeCVE(nrefs, ncpe)` of the Go anchor.
+    pub fn sample(nrefs: usize, ncpe: usize) -> Response {
         let s = |x: &str| x.to_string();
-        Item {
-            id: s("CVE-2024-21413"),
-            source_identifier: s("secure@microsoft.com"),
-            published: s("2024-02-13T18:15:49.633"),
-            last_modified: s("2024-11-29T16:28:19.223"),
-            vuln_status: s("Analyzed"),
-            descriptions: vec![
-                LangString {
-                    lang: s("en"),
-                    value: s("Microsoft Outlook Remote Code Execution Vulnerability. An attacker \
-                              who exploits this vulnerability could bypass the Office Protected \
-                              View and open in editing mode rather than protected mode."),
-                },
-                LangString {
-                    lang: s("es"),
-                    value: s("Vulnerabilidad de ejecución remota de código de Microsoft Outlook."),
-                },
-            ],
-            metrics: Metrics {
-                cvss_metric_v31: vec![CvssMetric {
-                    source: s("secure@microsoft.com"),
-                    kind: s("Primary"),
-                    cvss_data: CvssData {
-                        version: s("3.1"),
-                        vector_string: s("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"),
-                        attack_vector: s("NETWORK"),
-                        attack_complexity: s("LOW"),
-                        privileges_required: s("NONE"),
-                        user_interaction: s("NONE"),
-                        scope: s("UNCHANGED"),
-                        confidentiality_impact: s("HIGH"),
-                        integrity_impact: s("HIGH"),
-                        availability_impact: s("HIGH"),
-                        base_score: 9.8,
-                        base_severity: s("CRITICAL"),
-                    },
-                    exploitability_score: 3.9,
-                    impact_score: 5.9,
-                }],
+        let lang = |lang: &str, value: &str| LangString {
+            lang: s(lang),
+            value: s(value),
+        };
+        let cvss = CvssMetric {
+            source: s("nvd@nist.gov"),
+            kind: s("Primary"),
+            cvss_data: CvssData {
+                version: s("3.1"),
+                vector_string: s("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:C/C:H/I:H/A:H"),
+                attack_vector: s("NETWORK"),
+                attack_complexity: s("LOW"),
+                privileges_required: s("NONE"),
+                user_interaction: s("NONE"),
+                scope: s("CHANGED"),
+                confidentiality_impact: s("HIGH"),
+                integrity_impact: s("HIGH"),
+                availability_impact: s("HIGH"),
+                base_score: 10.0,
+                base_severity: s("CRITICAL"),
             },
-            weaknesses: vec![Weakness {
-                source: s("nvd@nist.gov"),
-                kind: s("Primary"),
-                description: vec![LangString {
-                    lang: s("en"),
-                    value: s("CWE-20"),
-                }],
-            }],
-            configurations: vec![Configuration {
-                nodes: vec![Node {
-                    operator: s("OR"),
-                    negate: false,
-                    cpe_match: (0..40)
-                        .map(|i| CpeMatch {
-                            vulnerable: i % 3 != 0,
-                            criteria: format!(
-                                "cpe:2.3:a:microsoft:office_suite_{i}:2016:*:*:*:*:*:x64:*"
-                            ),
-                            version_end_excluding: (i % 2 == 0).then(|| format!("16.0.{i}.1000")),
-                            match_criteria_id: format!("{:08X}-31B5-4F2C-9A7D-{:012X}", i * 7919, i),
-                        })
-                        .collect(),
-                }],
-            }],
-            references: (0..60)
-                .map(|i| Reference {
-                    url: format!(
-                        "https://msrc.microsoft.com/update-guide/vulnerability/CVE-2024-21413/advisories/2024/02/reference-{i}.html"
+            exploitability_score: 3.9,
+            impact_score: 6.0,
+        };
+        Response {
+            cve: Item {
+                id: s("CVE-2021-44228"),
+                source_identifier: s("security@apache.org"),
+                published: s("2021-12-10T10:15:09.143"),
+                last_modified: s("2024-07-24T17:08:24.167"),
+                vuln_status: s("Analyzed"),
+                descriptions: vec![
+                    lang(
+                        "en",
+                        "Apache Log4j2 2.0-beta9 through 2.15.0 (excluding security releases \
+                         2.12.2, 2.12.3, and 2.3.1) JNDI features used in configuration, log \
+                         messages, and parameters do not protect against attacker controlled \
+                         LDAP and other JNDI related endpoints. An attacker who can control log \
+                         messages or log message parameters can execute arbitrary code loaded \
+                         from LDAP servers when message lookup substitution is enabled.",
                     ),
-                    source: s("secure@microsoft.com"),
-                    tags: vec![s("Patch"), s("Vendor Advisory"), s("Third Party Advisory")],
-                })
-                .collect(),
+                    lang(
+                        "es",
+                        "Las características JNDI de Apache Log4j2 2.0-beta9 hasta 2.15.0 \
+                         (excluyendo las versiones de seguridad 2.12.2, 2.12.3 y 2.3.1) \
+                         utilizadas en la configuración, los mensajes de registro y los \
+                         parámetros no protegen contra LDAP controlado por un atacante y otros \
+                         puntos finales relacionados con JNDI.",
+                    ),
+                ],
+                metrics: HashMap::from([(s("cvssMetricV31"), vec![cvss])]),
+                weaknesses: vec![
+                    Weakness {
+                        source: s("security@apache.org"),
+                        kind: s("Secondary"),
+                        description: vec![
+                            lang("en", "CWE-20"),
+                            lang("en", "CWE-400"),
+                            lang("en", "CWE-502"),
+                        ],
+                    },
+                    Weakness {
+                        source: s("nvd@nist.gov"),
+                        kind: s("Primary"),
+                        description: vec![lang("en", "CWE-917")],
+                    },
+                ],
+                configurations: vec![Configuration {
+                    nodes: vec![Node {
+                        operator: s("OR"),
+                        negate: false,
+                        cpe_match: (0..ncpe)
+                            .map(|i| CpeMatch {
+                                vulnerable: true,
+                                criteria: format!(
+                                    "cpe:2.3:a:apache:log4j:2.{}.{}:*:*:*:*:*:*:*",
+                                    i / 10,
+                                    i % 10
+                                ),
+                                version_start_including: s("2.0.1"),
+                                version_end_excluding: format!("2.{}.0", i % 17),
+                                match_criteria_id: format!(
+                                    "{:08X}-1C5A-4B4B-9B8B-{:012X}",
+                                    i * 7919,
+                                    i * 104729
+                                ),
+                            })
+                            .collect(),
+                    }],
+                }],
+                references: (0..nrefs)
+                    .map(|i| Reference {
+                        url: format!(
+                            "https://security.example.org/advisories/2021/log4j-{i:04}-remote-code-execution"
+                        ),
+                        source: s("security@apache.org"),
+                        tags: vec![s("Third Party Advisory"), s("Mailing List"), s("Exploit")],
+                    })
+                    .collect(),
+            },
         }
     }
 }
@@ -215,57 +250,90 @@ struct QuotedReference {
     payload: Vec<u8>,
 }
 
-/// build → encode → decode → typed payload, into a reused output buffer.
-fn round_trip<T>(codec: &mut EnvelopeCodec, buf: &mut BytesMut, payload: &T) -> T
+/// The request a caller builds, as the Go anchor builds its message
+/// (`NewRequestMessage(id, payload)`, then `msg.Source, msg.Target = …`):
+/// fields set in place, and the names string literals, `from_static` here
+/// (`Envelope::request("local", …)` would copy each `&str` into a new
+/// `ByteString`: two allocations Go does not make). The protocol requires
+/// `target` and `correlation_id` of every request, so the unrouted request
+/// carries both where Go's leaves them out; `source` only when `routed`
+/// (the broker stamps it on the way).
+fn request<T: Serialize>(
+    id: &'static str,
+    routed: Option<(&'static str, &'static str)>,
+    payload: &T,
+) -> Envelope {
+    let (source, target) = routed.unwrap_or(("", "local"));
+    let mut request = Envelope::request(
+        ByteString::from_static(target),
+        ByteString::from_static(id),
+        42,
+    );
+    request.source = ByteString::from_static(source);
+    request.payload = Some(Payload::encode(payload).expect("payload"));
+    request
+}
+
+/// build → encode → decode → typed payload, into a reused output buffer:
+/// the Go anchor's `roundTripSmall` and `roundTripLarge`. The decoded item
+/// is read where the codec returns it (matched by reference, not moved out).
+#[inline(never)]
+fn round_trip<T>(
+    codec: &mut EnvelopeCodec,
+    buf: &mut BytesMut,
+    id: &'static str,
+    routed: Option<(&'static str, &'static str)>,
+    payload: &T,
+) -> T
 where
     T: Serialize + for<'de> Deserialize<'de>,
 {
-    let request = Envelope::request("echo", "Echo", 42)
-        .with_source("client.0")
-        .with_payload(payload)
-        .expect("payload");
+    let request = request(id, routed, payload);
     buf.clear();
     codec.encode(&request, buf).expect("encode");
-    let decoded = codec
-        .decode(buf)
-        .expect("in sync")
-        .expect("whole")
-        .expect("valid");
+    let item = codec.decode(buf);
+    let Ok(Some(Ok(decoded))) = &item else {
+        panic!("not one whole valid frame: {item:?}");
+    };
     decoded.payload_as::<T>().expect("typed")
 }
 
-/// The broker's hop: decode the body, stamp source, encode the frame.
+/// The broker's hop, the Go anchor's `BrokerRelay*` (`Unmarshal`, then
+/// `Marshal`): decode the body, stamp source, encode the frame.
+#[inline(never)]
 fn relay(codec: &mut EnvelopeCodec, out: &mut BytesMut, body: &Bytes, stamp: &ByteString) {
-    let mut envelope = Envelope::decode(body).expect("valid");
+    let mut decoded = Envelope::decode(body);
+    let Ok(envelope) = &mut decoded else {
+        panic!("not a valid envelope: {decoded:?}");
+    };
     envelope.source = stamp.clone();
     out.clear();
-    codec.encode(&envelope, out).expect("encode");
+    codec.encode(&*envelope, out).expect("encode");
 }
 
-fn body_of<T: Serialize>(payload: &T) -> Bytes {
-    Envelope::request("echo", "Echo", 42)
-        .with_source("client.0")
-        .with_payload(payload)
-        .expect("payload")
-        .to_bytes()
-}
+/// The Go anchor's routed messages: `source`, `target` (and a correlation
+/// id) filled in as on the wire.
+const SMALL_ROUTE: (&str, &str) = ("access", "local");
+const CVE_ROUTE: (&str, &str) = ("local", "access");
 
 fn benches(c: &mut Criterion) {
     let small = Small {
         name: "test".into(),
         value: 123,
     };
-    let cve = cve::sample();
-    let cve_body = body_of(&cve);
-    let small_body = body_of(&small);
+    let cve = cve::sample(60, 40);
+    let cve_body = request("RPCGetCVE", Some(CVE_ROUTE), &cve).to_bytes();
+    let small_body = request("RPCGetCVE", Some(SMALL_ROUTE), &small).to_bytes();
     eprintln!(
         "envelope sizes: small {} B, CVE {} B",
         small_body.len(),
         cve_body.len()
     );
+    // The anchor's CVE is 20 136 B of JSON; the same values take less as
+    // MessagePack (no quotes, no braces, binary numbers).
     assert!(
-        (18_000..24_000).contains(&cve_body.len()),
-        "CVE payload ~20 KB"
+        (15_000..24_000).contains(&cve_body.len()),
+        "CVE payload ~20 KB of JSON"
     );
 
     let mut group = c.benchmark_group("codec");
@@ -274,10 +342,37 @@ fn benches(c: &mut Criterion) {
 
     group.throughput(Throughput::Elements(1));
     group.bench_function("small_round_trip", |b| {
-        b.iter(|| black_box(round_trip(&mut codec, &mut buf, black_box(&small))))
+        b.iter(|| {
+            black_box(round_trip(
+                &mut codec,
+                &mut buf,
+                "req-1",
+                None,
+                black_box(&small),
+            ))
+        })
+    });
+    group.bench_function("small_round_trip_routed", |b| {
+        b.iter(|| {
+            black_box(round_trip(
+                &mut codec,
+                &mut buf,
+                "req-1",
+                Some(SMALL_ROUTE),
+                black_box(&small),
+            ))
+        })
     });
     group.bench_function("cve_round_trip", |b| {
-        b.iter(|| black_box(round_trip(&mut codec, &mut buf, black_box(&cve))))
+        b.iter(|| {
+            black_box(round_trip(
+                &mut codec,
+                &mut buf,
+                "RPCGetCVE",
+                Some(CVE_ROUTE),
+                black_box(&cve),
+            ))
+        })
     });
 
     let stamp = ByteString::from_static("client.7");
