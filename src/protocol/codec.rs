@@ -44,19 +44,25 @@ impl EnvelopeCodec {
         dst: &mut BytesMut,
         min_payload: usize,
     ) -> Result<Option<Bytes>, FrameError> {
-        let payload = match &envelope.payload {
-            Some(payload) if payload.len() >= min_payload => payload.as_bytes(),
-            _ => {
-                self.encode(envelope, dst)?;
-                return Ok(None);
-            }
-        };
         let layout = envelope.layout();
         self.frames.check_len(layout.len)?;
-        dst.reserve(LENGTH_PREFIX + layout.len - payload.len());
+        let apart = envelope
+            .payload
+            .as_ref()
+            .filter(|payload| payload.len() >= min_payload);
+        let copied = layout.len - apart.map_or(0, |payload| payload.len());
+        dst.reserve(LENGTH_PREFIX + copied);
         dst.put_u32(layout.len as u32);
-        envelope.encode_head(dst, layout);
-        Ok(Some(payload.clone()))
+        match apart {
+            Some(payload) => {
+                envelope.encode_head(dst, layout);
+                Ok(Some(payload.as_bytes().clone()))
+            }
+            None => {
+                envelope.encode_laid_out(dst, layout);
+                Ok(None)
+            }
+        }
     }
 
     /// The envelope of one frame, or why it is not one. Inlined, with the
@@ -97,12 +103,8 @@ impl Encoder<&Envelope> for EnvelopeCodec {
     type Error = FrameError;
 
     fn encode(&mut self, envelope: &Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let layout = envelope.layout();
-        self.frames.check_len(layout.len)?;
-        dst.reserve(LENGTH_PREFIX + layout.len);
-        dst.put_u32(layout.len as u32);
-        envelope.encode_laid_out(dst, layout);
-        Ok(())
+        // No payload is large enough to be left out: the frame is whole.
+        self.encode_split(envelope, dst, usize::MAX).map(drop)
     }
 }
 

@@ -832,7 +832,6 @@ impl Envelope {
         // it straight in (or writes it from where it is), rather than
         // zero-filling its space first.
         let payload_len = self.payload.as_ref().map_or(0, Payload::len);
-        dst.reserve(layout.len - payload_len);
         let start = dst.len();
         dst.resize(start + layout.len - payload_len, 0);
         let mut w = SliceWriter::new(&mut dst[start..]);
