@@ -171,10 +171,7 @@ impl Outbox {
     pub fn discard(&self) {
         self.writer.abort();
         let mut state = self.shared.state.borrow_mut();
-        state.closing = true;
-        state.segments = VecDeque::new();
-        state.queued = BytesMut::new();
-        state.queued_frames = 0;
+        state.drop_queued();
         state.writing_frames = 0;
         self.shared.done.send_replace(true);
     }
@@ -210,6 +207,17 @@ impl Drop for Outbox {
     /// Flushes what is queued, then closes the pipe.
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+impl State {
+    /// Closes the queue and lets go of what waits in it (nothing more will
+    /// be written).
+    fn drop_queued(&mut self) {
+        self.closing = true;
+        self.segments = VecDeque::new();
+        self.queued = BytesMut::new();
+        self.queued_frames = 0;
     }
 }
 
@@ -275,10 +283,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
             let mut state = shared.state.borrow_mut();
             state.writing_frames = 0;
             if let Err(e) = written {
-                state.closing = true;
-                state.segments = VecDeque::new();
-                state.queued = BytesMut::new();
-                state.queued_frames = 0;
+                state.drop_queued();
                 state.error = Some(e);
                 break;
             }
