@@ -477,6 +477,28 @@ pub(crate) mod tests {
         });
     }
 
+    /// A reader that goes away in the middle of a large payload: the write
+    /// fails, the queue is dropped, and nothing more is taken.
+    #[test]
+    fn a_reader_gone_mid_payload_closes_the_outbox() {
+        run(async {
+            let (tx, mut rx) = tokio::io::duplex(4096);
+            let outbox = Outbox::start(tx, EnvelopeCodec::default());
+            let mut envelope = Envelope::event("x", "tick");
+            let text = "a".repeat(4 * SEPARATE_BYTES);
+            envelope.payload = Some(crate::protocol::Payload::encode(&text).expect("payload"));
+            outbox.push(&envelope).expect("queued");
+            outbox.push(&envelope).expect("queued");
+            let mut some = [0u8; 1000];
+            rx.read_exact(&mut some).await.expect("the frame starts");
+            drop(rx);
+            outbox.closed().await;
+            assert!(outbox.error().is_some());
+            assert_eq!(outbox.depth(), 0, "the queue is dropped");
+            assert!(matches!(outbox.push(&envelope), Err(OutboxError::Closed)));
+        });
+    }
+
     #[test]
     fn a_large_segment_is_written_alone_from_a_page_boundary_in_whole_pages() {
         let page_aligned = |len: usize| {
