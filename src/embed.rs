@@ -285,7 +285,7 @@ impl BrokerHandle {
         request.correlation_id = next_call_id();
         let mut guard = CancelOnDrop::new(&self.0.router, request.correlation_id);
         let call = Call {
-            envelope: request,
+            envelope: Box::new(request),
             reply,
         };
         if let Some(call) = call_here(self.0.router_key, call) {
@@ -293,7 +293,7 @@ impl BrokerHandle {
         }
         let envelope = answer.await;
         guard.disarm();
-        Reply::from_envelope(envelope.map_err(|_| CallError::Closed)?)
+        Reply::from_boxed(envelope.map_err(|_| CallError::Closed)?)
     }
 
     /// [`call_envelope`](Self::call_envelope), with the request sent at once
@@ -306,7 +306,7 @@ impl BrokerHandle {
         request.correlation_id = next_call_id();
         let correlation_id = request.correlation_id;
         let call = Call {
-            envelope: request,
+            envelope: Box::new(request),
             reply,
         };
         if let Some(call) = call_here(self.0.router_key, call) {

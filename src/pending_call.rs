@@ -22,7 +22,7 @@ use crate::protocol::Envelope;
 /// A request in flight through the Router. Resolves to its one reply, like
 /// `call_envelope`. Dropping it before the reply cancels the request.
 pub struct PendingCall {
-    answer: oneshot::Receiver<Envelope>,
+    answer: oneshot::Receiver<Box<Envelope>>,
     router: Addr<Router>,
     correlation_id: u64,
     answered: bool,
@@ -30,7 +30,7 @@ pub struct PendingCall {
 
 impl PendingCall {
     pub(crate) fn new(
-        answer: oneshot::Receiver<Envelope>,
+        answer: oneshot::Receiver<Box<Envelope>>,
         router: Addr<Router>,
         correlation_id: u64,
     ) -> Self {
@@ -64,7 +64,7 @@ impl Future for PendingCall {
             Poll::Pending => Poll::Pending,
             Poll::Ready(answer) => {
                 self.answered = true;
-                Poll::Ready(Reply::from_envelope(answer.map_err(|_| CallError::Closed)?))
+                Poll::Ready(Reply::from_boxed(answer.map_err(|_| CallError::Closed)?))
             }
         }
     }

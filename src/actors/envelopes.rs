@@ -134,10 +134,12 @@ pub struct Deliver(pub Envelopes);
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Call {
-    /// The request.
-    pub envelope: Envelope,
-    /// Where the reply (a response or an error envelope) goes.
-    pub reply: oneshot::Sender<Envelope>,
+    /// The request, boxed: it is moved from the caller to the Router and
+    /// on to a worker, and a box moves as one pointer.
+    pub envelope: Box<Envelope>,
+    /// Where the reply (a response or an error envelope) goes, boxed as
+    /// the Router holds it.
+    pub reply: oneshot::Sender<Box<Envelope>>,
 }
 
 /// A streaming request from a Rust caller: its partial replies, then its

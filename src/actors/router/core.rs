@@ -174,14 +174,20 @@ impl<S: Sink> Core<S> {
     /// A request of a Rust caller of the embedding API, answered on
     /// `caller`: partial replies too if it has `stream`. Its correlation id
     /// is the caller's if it chose one (to cancel it by), else assigned here.
-    pub(crate) fn call(&mut self, mut envelope: Envelope, caller: S::Caller, now: Instant) {
+    pub(crate) fn call(
+        &mut self,
+        envelope: impl Into<Box<Envelope>>,
+        caller: S::Caller,
+        now: Instant,
+    ) {
+        let mut envelope = envelope.into();
         if envelope.correlation_id == 0 {
             envelope.correlation_id = crate::actors::envelopes::next_call_id();
         }
         envelope.kind = MessageType::Request;
         let origin = self.caller_id.clone();
         self.caller.count(MessageType::Request);
-        self.route_request(origin, envelope.into(), ReplyTo::Caller(caller), false, now);
+        self.route_request(origin, envelope, ReplyTo::Caller(caller), false, now);
         self.settle();
     }
 

@@ -87,7 +87,7 @@ pub(crate) struct Effects {
 /// Where a Rust caller's replies go.
 pub(crate) enum Answer {
     /// One final reply ([`Call`]).
-    Once(oneshot::Sender<Envelope>),
+    Once(oneshot::Sender<Box<Envelope>>),
     /// Partial replies, then the final one ([`CallStream`]).
     Stream(mpsc::Sender<Envelope>),
 }
@@ -108,7 +108,6 @@ impl Sink for Effects {
 
     #[inline]
     fn answer(&mut self, caller: Answer, reply: Box<Envelope>) {
-        let reply = *reply;
         // A caller that stopped waiting has nobody to tell. A stream's
         // final reply has room: partials stop one short of its capacity.
         match caller {
@@ -116,7 +115,7 @@ impl Sink for Effects {
                 let _ = caller.send(reply);
             }
             Answer::Stream(parts) => {
-                let _ = parts.try_send(reply);
+                let _ = parts.try_send(*reply);
             }
         }
     }

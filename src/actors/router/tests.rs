@@ -30,9 +30,9 @@ fn router() -> Router {
     Router::new(BrokerConfig::default(), NoMetrics.start().recipient())
 }
 
-fn call(target: &str) -> (Call, tokio::sync::oneshot::Receiver<Envelope>) {
+fn call(target: &str) -> (Call, tokio::sync::oneshot::Receiver<Box<Envelope>>) {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let envelope = Envelope::request(target, "Echo", 0);
+    let envelope = Box::new(Envelope::request(target, "Echo", 0));
     (Call { envelope, reply }, answer)
 }
 
