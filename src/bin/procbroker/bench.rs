@@ -529,6 +529,23 @@ pub(crate) async fn measured_of(broker: &BrokerHandle, service: &str) -> SoFar {
     }
 }
 
+/// The broker of a benchmark run, with room for `in_flight` frames queued
+/// per process. A finished run has nothing in flight and an interrupted
+/// one must not wait: no drain. Children exit at EOF; one run under a
+/// profiler (callgrind writes its counts as it exits) needs a moment more
+/// before SIGTERM. No `/proc` sampling: it is not what is measured.
+pub(crate) fn bench_broker(in_flight: u64) -> procbroker::embed::Builder {
+    let config = procbroker::config::BrokerConfig {
+        drain_timeout: Duration::ZERO,
+        kill_timeout: Duration::from_secs(4),
+        ..procbroker::config::BrokerConfig::default()
+    };
+    ProcBroker::builder()
+        .config(config)
+        .sysmon_interval(None)
+        .queue_capacity(usize::try_from(in_flight.max(1000)).unwrap_or(usize::MAX))
+}
+
 /// One run, and the baseline if asked; stops at once on SIGINT or SIGTERM.
 async fn run(
     args: BenchArgs,
@@ -537,21 +554,9 @@ async fn run(
     interrupt: Arc<Interrupt>,
 ) -> Result<Outcome> {
     let (place, placed) = placement.placer();
-    let config = procbroker::config::BrokerConfig {
-        // A finished run has nothing in flight; an interrupted one must not
-        // wait: no drain.
-        drain_timeout: Duration::ZERO,
-        // Children exit at EOF; one run under a profiler (callgrind writes
-        // its counts as it exits) needs a moment more before SIGTERM.
-        kill_timeout: Duration::from_secs(4),
-        ..procbroker::config::BrokerConfig::default()
-    };
     // Brokers of this run federate under a cluster name of their own.
     let cluster_name = format!("bench{}", std::process::id());
-    let mut builder = ProcBroker::builder()
-        .config(config)
-        .sysmon_interval(None)
-        .queue_capacity(usize::try_from(args.concurrency.max(1000)).unwrap_or(usize::MAX));
+    let mut builder = bench_broker(args.concurrency);
     if let (Mode::Cluster, Some(url)) = (args.mode, &args.nats_url) {
         builder = builder.cluster(ClusterConfig {
             name: cluster_name.clone(),

@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result, bail};
 use procbroker::config::ServiceConfig;
-use procbroker::embed::{BrokerHandle, ProcBroker};
+use procbroker::embed::BrokerHandle;
 use procbroker::loadgen::worker::CancelTimes;
 use procbroker::loadgen::{
     ErrorCount, KeyedSpec, Quantiles, RunReport, RunSpec, StreamReport, StreamSpec, TimeoutSpec,
@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    BenchArgs, Mode, Placement, SoFar, Worker, cpu_list, cpus_of, failed_runs, interrupted,
-    measured_of,
+    BenchArgs, Mode, Placement, SoFar, Worker, bench_broker, cpu_list, cpus_of, failed_runs,
+    interrupted, measured_of,
 };
 use crate::cpu::{CpuMeter, CpuPerCall, Roles};
 use crate::interrupt::Interrupt;
@@ -540,14 +540,6 @@ async fn run(
     interrupt: Arc<Interrupt>,
 ) -> Result<Outcome> {
     let (place, placed) = placement.placer();
-    let config = procbroker::config::BrokerConfig {
-        // Nothing is in flight at the end; an interrupted run must not wait.
-        drain_timeout: Duration::ZERO,
-        // Children exit at EOF; one run under a profiler (callgrind writes
-        // its counts as it exits) needs a moment more before SIGTERM.
-        kill_timeout: Duration::from_secs(4),
-        ..procbroker::config::BrokerConfig::default()
-    };
     // Room for every partial reply in flight: the broker cuts a stream
     // (`busy`) whose caller has `queue_capacity` frames waiting, and a
     // client that reads more slowly than its worker writes builds such a
@@ -557,11 +549,7 @@ async fn run(
         Some(partials) => args.concurrency.saturating_mul(partials.saturating_add(1)),
         None => args.concurrency,
     };
-    let broker = ProcBroker::builder()
-        .config(config)
-        .sysmon_interval(None)
-        .queue_capacity(usize::try_from(in_flight.max(1000)).unwrap_or(usize::MAX))
-        .start();
+    let broker = bench_broker(in_flight).start();
     let total: u64 = phases
         .iter()
         .map(|p| p.call.calls() + p.call.warm_up().map_or(0, |w| w.calls()))
