@@ -73,17 +73,19 @@ impl CallOptions {
 /// Where a call's reply goes: one reply, or a stream of partial replies
 /// and a final one.
 enum Slot {
-    One(reply_slot::Sender<Result<Envelope, CallError>>),
+    /// Boxed: from the read batch to the waiting call, a reply changes
+    /// hands four times, and a box moves as one pointer.
+    One(reply_slot::Sender<Result<Box<Envelope>, CallError>>),
     Stream(StreamSender),
 }
 
 impl Slot {
     /// Hands over the final reply (or the call's failure).
-    fn finish(self, result: Result<Envelope, CallError>) -> bool {
+    fn finish(self, result: Result<Box<Envelope>, CallError>) -> bool {
         match self {
             Self::One(reply) => reply.send(result).is_ok(),
             Self::Stream(stream) => {
-                stream.push(result);
+                stream.push(result.map(|reply| *reply));
                 true
             }
         }
@@ -302,7 +304,7 @@ impl Client {
             }
         };
         match reply.await {
-            Ok(Ok(reply)) => Reply::from_envelope(reply),
+            Ok(Ok(reply)) => Reply::from_boxed(reply),
             // The sweeper gave up on it (NoReply).
             Ok(Err(e)) => Err(e),
             // Stdin closed: no reply can come any more.
@@ -433,7 +435,7 @@ impl Client {
             // A final reply (the hot path: one lookup).
             let waiting = pending.remove(&correlation_id);
             drop(pending);
-            return waiting.is_some_and(|w| w.reply.finish(Ok(reply)));
+            return waiting.is_some_and(|w| w.reply.finish(Ok(Box::new(reply))));
         }
         let Some(Waiting {
             reply: Slot::Stream(stream),
