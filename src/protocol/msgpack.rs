@@ -205,12 +205,9 @@ impl<'a> Reader<'a> {
                 return Ok(());
             }
             pending -= 1;
-            // In bounds: at least `pending` (>= 1) bytes are left.
+            // In bounds: at least `pending` (>= 1) bytes are left. The
+            // reserved marker 0xc1 takes the sized arm, which refuses it.
             marker = buf[pos];
-            if marker == m::RESERVED {
-                self.pos = pos;
-                return Err(MsgpackError::Reserved { offset: pos });
-            }
             pos += 1;
         }
     }
@@ -498,6 +495,11 @@ mod tests {
         assert_eq!(
             skip(&[0x91, 0xc1]),
             Err(MsgpackError::Reserved { offset: 1 })
+        );
+        // After other values, as a map's value: still named where it is.
+        assert_eq!(
+            skip(&[0x82, 0xa1, b'k', 0x01, 0xa1, b'v', 0xc1]),
+            Err(MsgpackError::Reserved { offset: 6 })
         );
         assert_eq!(
             check_single_value(&[0xc0, 0xc0]),
