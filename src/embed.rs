@@ -329,7 +329,7 @@ impl BrokerHandle {
         let capacity = self.0.config.queue_capacity.max(1) + 1;
         let (parts, replies) = tokio::sync::mpsc::channel(capacity);
         self.0.router.do_send(CallStream {
-            envelope: request,
+            envelope: Box::new(request),
             parts,
         });
         BrokerStream::new(replies, self.0.router.clone(), correlation_id)

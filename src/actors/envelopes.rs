@@ -149,8 +149,9 @@ pub struct Call {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct CallStream {
-    /// The request (`stream` is set); its `correlation_id` as for [`Call`].
-    pub envelope: Envelope,
+    /// The request (`stream` is set), boxed as in [`Call`]; its
+    /// `correlation_id` as for [`Call`].
+    pub envelope: Box<Envelope>,
     /// Where its replies go.
     pub parts: tokio::sync::mpsc::Sender<Envelope>,
 }
