@@ -235,22 +235,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: Rc<Shared>, mut pipe: W) {
     loop {
         let next = {
             let mut state = shared.state.borrow_mut();
-            if !state.segments.is_empty() {
-                state.writing_frames = state.queued_frames;
-                state.queued_frames = 0;
-                let mut segments =
-                    std::mem::replace(&mut state.segments, std::mem::take(&mut spare_segments));
-                if !state.queued.is_empty() {
-                    segments.push_back(state.queued.split().freeze());
-                }
-                Some(Batch::Segments(segments))
-            } else if !state.queued.is_empty() {
-                state.writing_frames = state.queued_frames;
-                state.queued_frames = 0;
-                Some(Batch::Bytes(std::mem::replace(
-                    &mut state.queued,
-                    std::mem::take(&mut spare),
-                )))
+            if !state.segments.is_empty() || !state.queued.is_empty() {
+                state.writing_frames = std::mem::take(&mut state.queued_frames);
+                Some(if state.segments.is_empty() {
+                    Batch::Bytes(std::mem::replace(
+                        &mut state.queued,
+                        std::mem::take(&mut spare),
+                    ))
+                } else {
+                    let mut segments =
+                        std::mem::replace(&mut state.segments, std::mem::take(&mut spare_segments));
+                    if !state.queued.is_empty() {
+                        segments.push_back(state.queued.split().freeze());
+                    }
+                    Batch::Segments(segments)
+                })
             } else if state.closing {
                 break;
             } else {

@@ -237,7 +237,7 @@ impl<'a> Reader<'a> {
             0xde => (0, n(self.be::<2>()?).saturating_mul(2)),
             0xdf => (0, n(self.be::<4>()?).saturating_mul(2)),
             // The one-byte markers are handled by the caller; 0xc1 is the
-            // only byte left, and `marker()` never returns it.
+            // only byte left: `skip_body` passes it here to be refused.
             _ => {
                 return Err(MsgpackError::Reserved {
                     offset: self.pos.saturating_sub(1),
