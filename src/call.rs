@@ -6,8 +6,11 @@ use std::time::Duration;
 use crate::protocol::{Envelope, ErrorCode, MessageType, Payload, PayloadError};
 
 /// A successful reply.
+// Boxed: a reply is handed from the Router (or the SDK's read batch) to
+// the caller through a channel, a `Result` and the caller's own code, and
+// a box moves as one pointer where the envelope is a few hundred bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply(Envelope);
+pub struct Reply(Box<Envelope>);
 
 impl Reply {
     /// Decodes the payload (an absent payload reads as nil).
@@ -33,7 +36,7 @@ impl Reply {
 
     /// The whole response envelope.
     pub fn into_envelope(self) -> Envelope {
-        self.0
+        *self.0
     }
 }
 
@@ -82,17 +85,17 @@ impl Reply {
     pub fn from_envelope(envelope: Envelope) -> Result<Self, CallError> {
         match envelope.kind {
             MessageType::Error => Err(Self::error(&envelope)),
-            _ => Ok(Self(envelope)),
+            _ => Ok(Self(Box::new(envelope))),
         }
     }
 
-    /// [`from_envelope`](Self::from_envelope) of a reply the Router hands
-    /// over boxed: the envelope is moved out of its box once, into the
-    /// reply (each move of an envelope is a copy of a few hundred bytes).
-    pub(crate) fn from_boxed(envelope: Box<Envelope>) -> Result<Self, CallError> {
+    /// [`from_envelope`](Self::from_envelope) of a reply that is already
+    /// boxed, as the Router and the SDK's client hand them over: the reply
+    /// keeps the box.
+    pub fn from_boxed(envelope: Box<Envelope>) -> Result<Self, CallError> {
         match envelope.kind {
             MessageType::Error => Err(Self::error(&envelope)),
-            _ => Ok(Self(*envelope)),
+            _ => Ok(Self(envelope)),
         }
     }
 

@@ -57,7 +57,7 @@ impl Drop for CancelOnDrop<'_> {
 /// cancels the request. Read it promptly: a caller that leaves
 /// `queue_capacity` replies unread has its stream cut (`busy`).
 pub struct BrokerStream {
-    parts: mpsc::Receiver<Envelope>,
+    parts: mpsc::Receiver<Box<Envelope>>,
     router: Addr<Router>,
     correlation_id: u64,
     ended: bool,
@@ -65,7 +65,7 @@ pub struct BrokerStream {
 
 impl BrokerStream {
     pub(crate) fn new(
-        parts: mpsc::Receiver<Envelope>,
+        parts: mpsc::Receiver<Box<Envelope>>,
         router: Addr<Router>,
         correlation_id: u64,
     ) -> Self {
@@ -101,7 +101,7 @@ impl Stream for BrokerStream {
                 if !partial {
                     self.ended = true;
                 }
-                Poll::Ready(Some(Reply::from_envelope(reply)))
+                Poll::Ready(Some(Reply::from_boxed(reply)))
             }
         }
     }

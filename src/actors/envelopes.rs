@@ -153,7 +153,7 @@ pub struct CallStream {
     /// `correlation_id` as for [`Call`].
     pub envelope: Box<Envelope>,
     /// Where its replies go.
-    pub parts: tokio::sync::mpsc::Sender<Envelope>,
+    pub parts: tokio::sync::mpsc::Sender<Box<Envelope>>,
 }
 
 /// A Rust caller no longer waits for its request `0` (a [`Call`] or

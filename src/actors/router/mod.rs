@@ -89,7 +89,7 @@ pub(crate) enum Answer {
     /// One final reply ([`Call`]).
     Once(oneshot::Sender<Box<Envelope>>),
     /// Partial replies, then the final one ([`CallStream`]).
-    Stream(mpsc::Sender<Envelope>),
+    Stream(mpsc::Sender<Box<Envelope>>),
 }
 
 impl Sink for Effects {
@@ -115,7 +115,7 @@ impl Sink for Effects {
                 let _ = caller.send(reply);
             }
             Answer::Stream(parts) => {
-                let _ = parts.try_send(*reply);
+                let _ = parts.try_send(reply);
             }
         }
     }
@@ -130,7 +130,7 @@ impl Sink for Effects {
         if parts.capacity() <= 1 {
             return Partial::Full;
         }
-        match parts.try_send(*reply) {
+        match parts.try_send(reply) {
             Ok(()) => Partial::Taken,
             Err(mpsc::error::TrySendError::Full(_)) => Partial::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Partial::Gone,
