@@ -16,7 +16,8 @@ use std::rc::Rc;
 use super::messages::{Deliver, Route};
 use super::same_thread::{Handoff, RouterLink};
 use crate::protocol::{Envelope, MessageType};
-use crate::service::{Answer, Methods};
+use crate::service::BoxedAnswer;
+use crate::service::Methods;
 
 /// One in-process worker.
 pub struct InProcessWorker {
@@ -43,7 +44,7 @@ impl InProcessWorker {
         Handoff::link(Rc::clone(&self.link))
     }
 
-    fn send(&self, reply: Envelope) {
+    fn send(&self, reply: impl Into<crate::actors::envelopes::Envelopes>) {
         self.link.route(reply.into());
     }
 }
@@ -57,19 +58,20 @@ impl Handler<Deliver> for InProcessWorker {
 
     fn handle(&mut self, Deliver(envelopes): Deliver, ctx: &mut Self::Context) {
         for envelope in envelopes {
-            self.take(*envelope, ctx);
+            self.take(envelope, ctx);
         }
     }
 }
 
 impl InProcessWorker {
-    fn take(&mut self, envelope: Envelope, ctx: &mut Context<Self>) {
+    fn take(&mut self, envelope: Box<Envelope>, ctx: &mut Context<Self>) {
         match envelope.kind {
-            // A handler that is ready at once (most are) is answered now;
-            // only one that waits is spawned into the worker's context.
-            MessageType::Request => match self.methods.answer(envelope, &self.id) {
-                Answer::Now(reply) => self.send(reply),
-                Answer::Later(future) => {
+            // A handler that is ready at once (most are) is answered now,
+            // in the request's box; only one that waits is spawned into the
+            // worker's context.
+            MessageType::Request => match self.methods.answer_boxed(envelope, &self.id) {
+                BoxedAnswer::Now(reply) => self.send(reply),
+                BoxedAnswer::Later(future) => {
                     ctx.spawn(
                         future
                             .into_actor(self)
@@ -77,7 +79,7 @@ impl InProcessWorker {
                     );
                 }
             },
-            MessageType::Event => self.methods.event(envelope),
+            MessageType::Event => self.methods.event(*envelope),
             // In-process workers send no requests, so they expect no replies.
             MessageType::Response | MessageType::Error => {}
         }

@@ -82,12 +82,14 @@ impl RawHandler {
 
     /// Calls the handler: a sync handler's result, or an async handler's
     /// future, not yet polled (with the cancellation a lifecycle handler
-    /// was given).
-    fn call(&self, request: Envelope, runner: Runner<'_>) -> Called {
+    /// was given). The request is taken out of `slot` here, where the
+    /// handler takes it: passed down by reference, it is copied once.
+    fn call(&self, slot: &mut Envelope, runner: Runner<'_>) -> Called {
         match self {
-            Self::Sync(handler) => Called::Done(handler(request)),
-            Self::Async(handler) => Called::Waiting(handler(request), None),
+            Self::Sync(handler) => Called::Done(handler(take(slot))),
+            Self::Async(handler) => Called::Waiting(handler(take(slot)), None),
             Self::Lifecycle(handler) => {
+                let request = take(slot);
                 let token = match runner.served {
                     Some(_) => CancelToken::new(),
                     None => CancelToken::never(),
@@ -99,6 +101,12 @@ impl RawHandler {
             }
         }
     }
+}
+
+/// The request out of `slot`, which keeps a blank envelope (no
+/// allocation: its strings are static and empty).
+fn take(slot: &mut Envelope) -> Envelope {
+    std::mem::replace(slot, Envelope::request("", "", 0))
 }
 
 /// What calling a handler gave: its result, or a future that has more to do
@@ -272,7 +280,8 @@ impl Methods {
     /// [`Context`] gets one that is never cancelled, and its partial
     /// replies are dropped.
     pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
-        match self.call(request, Runner::DETACHED) {
+        let mut request = request;
+        match self.call(&mut request, Runner::DETACHED) {
             Called::Done(result) => Box::pin(std::future::ready(result)),
             Called::Waiting(future, _) => future,
         }
@@ -280,7 +289,7 @@ impl Methods {
 
     /// Runs the handler for `request.id` up to its first wait: the result,
     /// or the future that has more to do.
-    fn start(&self, request: Envelope, runner: Runner<'_>) -> Called {
+    fn start(&self, request: &mut Envelope, runner: Runner<'_>) -> Called {
         let (mut future, token) = match self.call(request, runner) {
             Called::Waiting(future, token) => (future, token),
             done => return done,
@@ -293,7 +302,7 @@ impl Methods {
 
     /// Calls the handler for `request.id`: a result now (sync handlers,
     /// `Ping`, unknown methods), or an async handler's unpolled future.
-    fn call(&self, request: Envelope, runner: Runner<'_>) -> Called {
+    fn call(&self, request: &mut Envelope, runner: Runner<'_>) -> Called {
         match self.handlers.get(&*request.id).or(self.fallback.as_ref()) {
             Some(handler) => handler.call(request, runner),
             // The broker's health check: answered with `{}`
@@ -357,9 +366,24 @@ impl Methods {
     /// cancelled, and its partial replies are dropped (the final reply is
     /// the answer).
     pub fn answer(&self, request: Envelope, worker: &str) -> Answer {
-        match self.run(request, worker, Runner::DETACHED) {
-            Started::Now(reply) => Answer::Now(reply),
-            Started::Later { reply, .. } => Answer::Later(reply),
+        let mut request = request;
+        match self.run(&mut request, worker, Runner::DETACHED) {
+            Ran::Done(address, result) => Answer::Now(address.reply(result)),
+            Ran::Waiting { reply, .. } => Answer::Later(reply),
+        }
+    }
+
+    /// [`answer`](Self::answer) of a request that arrives boxed, as the
+    /// Router delivers it to an in-process worker: a reply ready at once is
+    /// written into the request's box, so it costs no allocation and no
+    /// copy of the envelope on its way back.
+    pub(crate) fn answer_boxed(&self, mut request: Box<Envelope>, worker: &str) -> BoxedAnswer {
+        match self.run(&mut request, worker, Runner::DETACHED) {
+            Ran::Done(address, result) => {
+                address.reply_into(result, &mut request);
+                BoxedAnswer::Now(request)
+            }
+            Ran::Waiting { reply, .. } => BoxedAnswer::Later(reply),
         }
     }
 
@@ -372,25 +396,38 @@ impl Methods {
         worker: &str,
         client: &Client,
     ) -> Started {
-        self.run(
-            request,
-            worker,
-            Runner {
-                served: Some(client),
+        let runner = Runner {
+            served: Some(client),
+        };
+        let mut request = request;
+        match self.run(&mut request, worker, runner) {
+            Ran::Done(address, result) => Started::Now(address.reply(result)),
+            Ran::Waiting {
+                reply,
+                request,
+                token,
+            } => Started::Later {
+                reply,
+                request,
+                token,
             },
-        )
+        }
     }
 
-    fn run(&self, request: Envelope, worker: &str, runner: Runner<'_>) -> Started {
-        let address = ReplyAddress::of(&request);
+    /// Runs the handler up to its first wait: its result and the address of
+    /// the reply (the caller builds the reply where it wants it), or the
+    /// future of the whole reply. A panic is an `internal` error. The
+    /// handler takes the request out of `request`.
+    fn run(&self, request: &mut Envelope, worker: &str, runner: Runner<'_>) -> Ran {
+        let address = ReplyAddress::of(request);
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request, runner)));
         match started {
-            Ok(Called::Done(result)) => Started::Now(address.reply(result)),
+            Ok(Called::Done(result)) => Ran::Done(address, result),
             Ok(Called::Waiting(future, token)) => {
                 let worker = worker.to_owned();
                 let (to, correlation_id) = address.request();
                 let request = (to.clone(), correlation_id);
-                Started::Later {
+                Ran::Waiting {
                     reply: Box::pin(AssertUnwindSafe(future).catch_unwind().map(move |result| {
                         address.reply(result.unwrap_or_else(|_| panicked(&worker)))
                     })),
@@ -398,9 +435,26 @@ impl Methods {
                     token,
                 }
             }
-            Err(_) => Started::Now(address.reply(panicked(worker))),
+            Err(_) => Ran::Done(address, panicked(worker)),
         }
     }
+}
+
+/// A request run up to its first wait (see `Methods::run`).
+enum Ran {
+    Done(ReplyAddress, HandlerResult),
+    Waiting {
+        reply: LocalBoxFuture<'static, Envelope>,
+        request: (ByteString, u64),
+        token: Option<CancelToken>,
+    },
+}
+
+/// [`Answer`] of a boxed request: the reply in the request's box, or the
+/// future of a reply.
+pub(crate) enum BoxedAnswer {
+    Now(Box<Envelope>),
+    Later(LocalBoxFuture<'static, Envelope>),
 }
 
 /// A typed handler's future as a raw one: a payload that did not decode is

@@ -77,6 +77,7 @@ mod serve;
 
 pub use client::{CallOptions, Client, DEFAULT_CALL_TIMEOUT, ReplyStream, STREAM_BUFFER};
 pub use context::{CancelToken, Context, PartialError, Partials};
+pub(crate) use methods::BoxedAnswer;
 pub use methods::{
     Answer, HANDLER, HandlerError, HandlerFuture, HandlerResult, Methods, ReplyAddress, reply_for,
 };

@@ -75,6 +75,49 @@ impl ReplyAddress {
         (&self.to, self.correlation_id)
     }
 
+    /// [`reply`](Self::reply), written over `slot` (an envelope the
+    /// caller no longer needs, in a box it wants to reuse).
+    /// Field by field, so the reply is not built elsewhere and copied in;
+    /// the pattern names every field, so a new one cannot be missed.
+    pub(crate) fn reply_into(self, result: HandlerResult, slot: &mut Envelope) {
+        let Envelope {
+            kind,
+            id,
+            correlation_id,
+            source,
+            target,
+            payload,
+            error,
+            code,
+            timeout_ms,
+            stream,
+            more,
+            key,
+        } = slot;
+        *id = self.id;
+        *correlation_id = self.correlation_id;
+        *source = ByteString::new();
+        *target = self.to;
+        *timeout_ms = None;
+        *stream = false;
+        *more = false;
+        *key = None;
+        match result {
+            Ok(reply) => {
+                *kind = MessageType::Response;
+                *payload = reply;
+                *error = None;
+                *code = None;
+            }
+            Err(e) => {
+                *kind = MessageType::Error;
+                *payload = None;
+                *code = Some(e.code.into());
+                *error = Some(e.message.into());
+            }
+        }
+    }
+
     /// The reply for a handler's result: a response, or an error reply.
     pub fn reply(self, result: HandlerResult) -> Envelope {
         let mut reply = Envelope::request(self.to, self.id, self.correlation_id);
@@ -112,5 +155,41 @@ impl From<crate::protocol::PayloadError> for HandlerError {
     /// A reply payload that does not decode is the handler's `internal` error.
     fn from(e: crate::protocol::PayloadError) -> Self {
         Self::broker(ErrorCode::Internal, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request with every field set, as a slot holds it before the reply.
+    fn full_request() -> Envelope {
+        let mut request = Envelope::request("calc", "Add", 7)
+            .with_source("client.0")
+            .with_timeout_ms(250)
+            .with_stream()
+            .with_key("user-1")
+            .expect("key")
+            .with_payload(&[1, 2])
+            .expect("payload");
+        request.more = true;
+        request.error = Some("left over".into());
+        request.code = Some("left_over".into());
+        request
+    }
+
+    #[test]
+    fn a_reply_written_into_its_request_is_the_reply_built_anew() {
+        let results: [HandlerResult; 3] = [
+            Ok(Some(Payload::encode(&3).expect("payload"))),
+            Ok(None),
+            Err(HandlerError::with_code("mine", "no")),
+        ];
+        for result in results {
+            let mut slot = full_request();
+            let address = ReplyAddress::of(&slot);
+            address.clone().reply_into(result.clone(), &mut slot);
+            assert_eq!(slot, address.reply(result.clone()), "{result:?}");
+        }
     }
 }
