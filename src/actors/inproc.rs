@@ -13,11 +13,11 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use std::rc::Rc;
 
+use super::envelopes::Envelopes;
 use super::messages::{Deliver, Route};
 use super::same_thread::{Handoff, RouterLink};
 use crate::protocol::{Envelope, MessageType};
-use crate::service::BoxedAnswer;
-use crate::service::Methods;
+use crate::service::{BoxedAnswer, Methods};
 
 /// One in-process worker.
 pub struct InProcessWorker {
@@ -44,7 +44,7 @@ impl InProcessWorker {
         Handoff::link(Rc::clone(&self.link))
     }
 
-    fn send(&self, reply: impl Into<crate::actors::envelopes::Envelopes>) {
+    fn send(&self, reply: impl Into<Envelopes>) {
         self.link.route(reply.into());
     }
 }

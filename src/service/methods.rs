@@ -279,8 +279,7 @@ impl Methods {
     /// Runs the handler for `request.id`. A handler that takes a
     /// [`Context`] gets one that is never cancelled, and its partial
     /// replies are dropped.
-    pub fn dispatch(&self, request: Envelope) -> HandlerFuture {
-        let mut request = request;
+    pub fn dispatch(&self, mut request: Envelope) -> HandlerFuture {
         match self.call(&mut request, Runner::DETACHED) {
             Called::Done(result) => Box::pin(std::future::ready(result)),
             Called::Waiting(future, _) => future,
@@ -365,8 +364,7 @@ impl Methods {
     /// A handler that takes a [`Context`] gets one that is never
     /// cancelled, and its partial replies are dropped (the final reply is
     /// the answer).
-    pub fn answer(&self, request: Envelope, worker: &str) -> Answer {
-        let mut request = request;
+    pub fn answer(&self, mut request: Envelope, worker: &str) -> Answer {
         match self.run(&mut request, worker, Runner::DETACHED) {
             Ran::Done(address, result) => Answer::Now(address.reply(result)),
             Ran::Waiting { reply, .. } => Answer::Later(reply),
@@ -392,14 +390,13 @@ impl Methods {
     /// one a `cancel` can trigger (the caller registers it).
     pub(crate) fn answer_served(
         &self,
-        request: Envelope,
+        mut request: Envelope,
         worker: &str,
         client: &Client,
     ) -> Started {
         let runner = Runner {
             served: Some(client),
         };
-        let mut request = request;
         match self.run(&mut request, worker, runner) {
             Ran::Done(address, result) => Started::Now(address.reply(result)),
             Ran::Waiting {
@@ -552,5 +549,45 @@ mod tests {
         let result = methods.dispatch(request("Id")).now_or_never();
         let payload = result.expect("ready").expect("ok").expect("payload");
         assert_eq!(payload, request("Id").payload.expect("payload"));
+    }
+
+    #[test]
+    fn a_boxed_request_is_answered_in_its_own_box_as_answer_would() {
+        let methods = Methods::new()
+            .raw_sync("Id", |r| Ok(r.payload))
+            .raw_sync("Boom", |_| panic!("boom"))
+            .raw("Later", |r: Envelope| async move {
+                // Not ready at the first poll, ready at the next.
+                let mut first = true;
+                std::future::poll_fn(|_| {
+                    if std::mem::take(&mut first) {
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                })
+                .await;
+                Ok(r.payload)
+            });
+        for method in ["Id", "Boom", "Unknown", PING] {
+            let boxed = Box::new(request(method));
+            let at: *const Envelope = &*boxed;
+            let BoxedAnswer::Now(reply) = methods.answer_boxed(boxed, "svc.1") else {
+                panic!("{method}: answered at once");
+            };
+            assert!(std::ptr::eq(&*reply, at), "{method}: the request's box");
+            assert_eq!(
+                *reply,
+                now(methods.answer(request(method), "svc.1")),
+                "{method}"
+            );
+        }
+        // A handler that waits gives a future; its reply is the same.
+        let BoxedAnswer::Later(future) = methods.answer_boxed(Box::new(request("Later")), "svc.1")
+        else {
+            panic!("a handler that waits is answered later");
+        };
+        let reply = future.now_or_never().expect("ready");
+        assert_eq!(reply.payload, request("Later").payload);
     }
 }
