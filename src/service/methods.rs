@@ -344,10 +344,12 @@ pub enum Answer {
     Later(LocalBoxFuture<'static, Envelope>),
 }
 
-/// A request the serve loop started: answered, or running with the
-/// address of its reply and the cancellation its handler watches (if any).
+/// A request run up to its first wait: its handler's result and the
+/// address of its reply (whoever answers builds the reply where it wants
+/// it), or the future of the whole reply with what names the request and
+/// the cancellation its handler watches (if any).
 pub(crate) enum Started {
-    Now(Envelope),
+    Now(ReplyAddress, HandlerResult),
     Later {
         reply: LocalBoxFuture<'static, Envelope>,
         /// Who asked and the correlation id: what a `cancel` names.
@@ -366,8 +368,8 @@ impl Methods {
     /// the answer).
     pub fn answer(&self, mut request: Envelope, worker: &str) -> Answer {
         match self.run(&mut request, worker, Runner::DETACHED) {
-            Ran::Done(address, result) => Answer::Now(address.reply(result)),
-            Ran::Waiting { reply, .. } => Answer::Later(reply),
+            Started::Now(address, result) => Answer::Now(address.reply(result)),
+            Started::Later { reply, .. } => Answer::Later(reply),
         }
     }
 
@@ -377,11 +379,11 @@ impl Methods {
     /// copy of the envelope on its way back.
     pub(crate) fn answer_boxed(&self, mut request: Box<Envelope>, worker: &str) -> BoxedAnswer {
         match self.run(&mut request, worker, Runner::DETACHED) {
-            Ran::Done(address, result) => {
+            Started::Now(address, result) => {
                 address.reply_into(result, &mut request);
                 BoxedAnswer::Now(request)
             }
-            Ran::Waiting { reply, .. } => BoxedAnswer::Later(reply),
+            Started::Later { reply, .. } => BoxedAnswer::Later(reply),
         }
     }
 
@@ -397,34 +399,23 @@ impl Methods {
         let runner = Runner {
             served: Some(client),
         };
-        match self.run(&mut request, worker, runner) {
-            Ran::Done(address, result) => Started::Now(address.reply(result)),
-            Ran::Waiting {
-                reply,
-                request,
-                token,
-            } => Started::Later {
-                reply,
-                request,
-                token,
-            },
-        }
+        self.run(&mut request, worker, runner)
     }
 
     /// Runs the handler up to its first wait: its result and the address of
     /// the reply (the caller builds the reply where it wants it), or the
     /// future of the whole reply. A panic is an `internal` error. The
     /// handler takes the request out of `request`.
-    fn run(&self, request: &mut Envelope, worker: &str, runner: Runner<'_>) -> Ran {
+    fn run(&self, request: &mut Envelope, worker: &str, runner: Runner<'_>) -> Started {
         let address = ReplyAddress::of(request);
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(request, runner)));
         match started {
-            Ok(Called::Done(result)) => Ran::Done(address, result),
+            Ok(Called::Done(result)) => Started::Now(address, result),
             Ok(Called::Waiting(future, token)) => {
                 let worker = worker.to_owned();
                 let (to, correlation_id) = address.request();
                 let request = (to.clone(), correlation_id);
-                Ran::Waiting {
+                Started::Later {
                     reply: Box::pin(AssertUnwindSafe(future).catch_unwind().map(move |result| {
                         address.reply(result.unwrap_or_else(|_| panicked(&worker)))
                     })),
@@ -432,19 +423,9 @@ impl Methods {
                     token,
                 }
             }
-            Err(_) => Ran::Done(address, panicked(worker)),
+            Err(_) => Started::Now(address, panicked(worker)),
         }
     }
-}
-
-/// A request run up to its first wait (see `Methods::run`).
-enum Ran {
-    Done(ReplyAddress, HandlerResult),
-    Waiting {
-        reply: LocalBoxFuture<'static, Envelope>,
-        request: (ByteString, u64),
-        token: Option<CancelToken>,
-    },
 }
 
 /// [`Answer`] of a boxed request: the reply in the request's box, or the

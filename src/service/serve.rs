@@ -99,8 +99,8 @@ where
             };
             match envelope.kind {
                 MessageType::Request => match methods.answer_served(envelope, &id, &client) {
-                    Started::Now(reply) => {
-                        let _ = client.send(&reply);
+                    Started::Now(address, result) => {
+                        let _ = client.send(&address.reply(result));
                     }
                     Started::Later {
                         reply,
