@@ -85,7 +85,7 @@ impl Slot {
         match self {
             Self::One(reply) => reply.send(result).is_ok(),
             Self::Stream(stream) => {
-                stream.push(result.map(|reply| *reply));
+                stream.push(result);
                 true
             }
         }
@@ -446,7 +446,7 @@ impl Client {
             return false;
         };
         if stream.unread() < STREAM_BUFFER {
-            stream.push(Ok(reply));
+            stream.push(Ok(Box::new(reply)));
             inner.fed_stream.set(true);
             return true;
         }
@@ -506,7 +506,7 @@ impl Client {
 /// The partial replies and final reply of a streaming call, as they come.
 #[derive(Default)]
 struct StreamShared {
-    queue: RefCell<VecDeque<Result<Envelope, CallError>>>,
+    queue: RefCell<VecDeque<Result<Box<Envelope>, CallError>>>,
     waker: Cell<Option<Waker>>,
     /// The sending side is gone: nothing more will come.
     closed: Cell<bool>,
@@ -516,7 +516,7 @@ struct StreamShared {
 struct StreamSender(Rc<StreamShared>);
 
 impl StreamSender {
-    fn push(&self, item: Result<Envelope, CallError>) {
+    fn push(&self, item: Result<Box<Envelope>, CallError>) {
         self.0.queue.borrow_mut().push_back(item);
         if let Some(waker) = self.0.waker.take() {
             waker.wake();
@@ -568,11 +568,11 @@ impl Stream for ReplyStream {
         let next = self.shared.queue.borrow_mut().pop_front();
         match next {
             Some(Ok(reply)) if reply.more && reply.kind == MessageType::Response => {
-                Poll::Ready(Some(Reply::from_envelope(reply)))
+                Poll::Ready(Some(Reply::from_boxed(reply)))
             }
             Some(last) => {
                 self.ended = true;
-                Poll::Ready(Some(last.and_then(Reply::from_envelope)))
+                Poll::Ready(Some(last.and_then(Reply::from_boxed)))
             }
             // Stdin closed with the call in flight: no reply can come.
             None if self.shared.closed.get() => {
