@@ -147,14 +147,13 @@ async fn serve(
                 signal,
                 "stop signal during start-up: start cancelled, stopping what was started"
             );
-            if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
-                tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
-            }
+            hangup_not_applied(&mut hangup, &origin);
             notifier.stopping();
             let report = broker.shutdown().await;
             if let Some(admin) = admin {
                 admin.stop().await;
             }
+            hangup_not_applied(&mut hangup, &origin);
             tracing::info!(
                 signal,
                 stopped = report.stopped.len(),
@@ -205,17 +204,14 @@ async fn serve(
             }
         }
     };
-    // Reloading a broker about to stop changes nothing, but the operator
-    // who sent SIGHUP is told so rather than left to guess.
-    if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
-        tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
-    }
+    hangup_not_applied(&mut hangup, &origin);
     tracing::info!(signal, "shutting down");
     notifier.stopping();
     let report = broker.shutdown().await;
     if let Some(admin) = admin {
         admin.stop().await;
     }
+    hangup_not_applied(&mut hangup, &origin);
     tracing::info!(
         drained = report.drained,
         stopped = report.stopped.len(),
@@ -234,6 +230,17 @@ async fn stop_signal(
         biased;
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+/// Logs that a pending SIGHUP was not applied. Reloading a broker that is
+/// stopping changes nothing, but whoever sent SIGHUP is told so rather than
+/// left to guess. Called when the stop begins and again when it has ended:
+/// a SIGHUP sent just before the stop signal may be handled by another
+/// thread after it, so it can still be on its way at the first look.
+fn hangup_not_applied(hangup: &mut tokio::signal::unix::Signal, origin: &str) {
+    if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
+        tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
     }
 }
 
