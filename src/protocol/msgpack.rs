@@ -507,6 +507,79 @@ mod tests {
         );
     }
 
+    /// The MessagePack grammar spelled out marker by marker (through
+    /// `rmp::Marker`), recursively: what the skip loop must agree with.
+    /// `Err` for a truncated value or the reserved marker.
+    fn reference_skip(buf: &[u8], pos: &mut usize) -> Result<(), ()> {
+        fn take(buf: &[u8], pos: &mut usize, n: usize) -> Result<(), ()> {
+            if buf.len() - *pos < n {
+                return Err(());
+            }
+            *pos += n;
+            Ok(())
+        }
+        fn len(buf: &[u8], pos: &mut usize, n: usize) -> Result<usize, ()> {
+            let start = *pos;
+            take(buf, pos, n)?;
+            Ok(buf[start..*pos]
+                .iter()
+                .fold(0usize, |v, &b| (v << 8) | usize::from(b)))
+        }
+        fn values(buf: &[u8], pos: &mut usize, n: usize) -> Result<(), ()> {
+            (0..n).try_for_each(|_| reference_skip(buf, pos))
+        }
+        let marker = *buf.get(*pos).ok_or(())?;
+        *pos += 1;
+        use Marker::*;
+        match Marker::from_u8(marker) {
+            FixPos(_) | FixNeg(_) | Null | True | False => Ok(()),
+            U8 | I8 => take(buf, pos, 1),
+            U16 | I16 => take(buf, pos, 2),
+            U32 | I32 | F32 => take(buf, pos, 4),
+            U64 | I64 | F64 => take(buf, pos, 8),
+            FixStr(n) => take(buf, pos, usize::from(n)),
+            Str8 | Bin8 => len(buf, pos, 1).and_then(|n| take(buf, pos, n)),
+            Str16 | Bin16 => len(buf, pos, 2).and_then(|n| take(buf, pos, n)),
+            Str32 | Bin32 => len(buf, pos, 4).and_then(|n| take(buf, pos, n)),
+            FixExt1 => take(buf, pos, 2),
+            FixExt2 => take(buf, pos, 3),
+            FixExt4 => take(buf, pos, 5),
+            FixExt8 => take(buf, pos, 9),
+            FixExt16 => take(buf, pos, 17),
+            Ext8 => len(buf, pos, 1).and_then(|n| take(buf, pos, n + 1)),
+            Ext16 => len(buf, pos, 2).and_then(|n| take(buf, pos, n + 1)),
+            Ext32 => len(buf, pos, 4).and_then(|n| take(buf, pos, n + 1)),
+            FixArray(n) => values(buf, pos, usize::from(n)),
+            Array16 => len(buf, pos, 2).and_then(|n| values(buf, pos, n)),
+            Array32 => len(buf, pos, 4).and_then(|n| values(buf, pos, n)),
+            FixMap(n) => values(buf, pos, 2 * usize::from(n)),
+            Map16 => len(buf, pos, 2).and_then(|n| values(buf, pos, 2 * n)),
+            Map32 => len(buf, pos, 4).and_then(|n| values(buf, pos, 2 * n)),
+            Reserved => Err(()),
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes, biased towards markers that nest and carry lengths:
+        /// the skip accepts exactly what the grammar does, and ends where it
+        /// does.
+        #[test]
+        fn skip_agrees_with_the_grammar(bytes in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::any::<u8>(),
+                proptest::sample::select(vec![
+                    0x00u8, 0x81, 0x92, 0xa2, 0xc0, 0xc1, 0xc4, 0xc7, 0xcd, 0xd4,
+                    0xd8, 0xd9, 0xdc, 0xde, 0xdd, 0xdf, 0x01, 0x02,
+                ]),
+            ],
+            0..48,
+        )) {
+            let mut end = 0;
+            let theirs = reference_skip(&bytes, &mut end).map(|()| end);
+            proptest::prop_assert_eq!(skip(&bytes).ok(), theirs.ok());
+        }
+    }
+
     #[test]
     fn uint_accepts_non_negative_signed_forms() {
         let read = |bytes: &[u8]| {
