@@ -135,11 +135,7 @@ async fn serve(
     match started {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            notifier.stopping();
-            broker.shutdown().await;
-            if let Some(admin) = admin {
-                admin.stop().await;
-            }
+            stop_all(&broker, admin, &notifier, None, &origin).await;
             return Err(e);
         }
         Err(signal) => {
@@ -147,13 +143,7 @@ async fn serve(
                 signal,
                 "stop signal during start-up: start cancelled, stopping what was started"
             );
-            hangup_not_applied(&mut hangup, &origin);
-            notifier.stopping();
-            let report = broker.shutdown().await;
-            if let Some(admin) = admin {
-                admin.stop().await;
-            }
-            hangup_not_applied(&mut hangup, &origin);
+            let report = stop_all(&broker, admin, &notifier, Some(&mut hangup), &origin).await;
             tracing::info!(
                 signal,
                 stopped = report.stopped.len(),
@@ -204,14 +194,8 @@ async fn serve(
             }
         }
     };
-    hangup_not_applied(&mut hangup, &origin);
     tracing::info!(signal, "shutting down");
-    notifier.stopping();
-    let report = broker.shutdown().await;
-    if let Some(admin) = admin {
-        admin.stop().await;
-    }
-    hangup_not_applied(&mut hangup, &origin);
+    let report = stop_all(&broker, admin, &notifier, Some(&mut hangup), &origin).await;
     tracing::info!(
         drained = report.drained,
         stopped = report.stopped.len(),
@@ -233,15 +217,37 @@ async fn stop_signal(
     }
 }
 
-/// Logs that a pending SIGHUP was not applied. Reloading a broker that is
-/// stopping changes nothing, but whoever sent SIGHUP is told so rather than
-/// left to guess. Called when the stop begins and again when it has ended:
-/// a SIGHUP sent just before the stop signal may be handled by another
-/// thread after it, so it can still be on its way at the first look.
-fn hangup_not_applied(hangup: &mut tokio::signal::unix::Signal, origin: &str) {
-    if futures_util::FutureExt::now_or_never(hangup.recv()).is_some() {
-        tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
+/// Stops the broker in order (systemd told first, then the actors and
+/// children, then the admin server), whichever way the run ends.
+///
+/// With `hangup`, a pending SIGHUP is logged as not applied: reloading a
+/// broker that is stopping changes nothing, but whoever sent it is told so
+/// rather than left to guess. It is looked for when the stop begins and
+/// again when it has ended: a SIGHUP sent just before the stop signal may
+/// be handled by another thread after it, so it can still be on its way
+/// at the first look.
+async fn stop_all(
+    broker: &procbroker::embed::BrokerHandle,
+    admin: Option<Admin>,
+    notifier: &Notifier,
+    mut hangup: Option<&mut tokio::signal::unix::Signal>,
+    origin: &str,
+) -> procbroker::embed::ShutdownReport {
+    let mut hangup_not_applied = || {
+        if let Some(hangup) = hangup.as_deref_mut()
+            && futures_util::FutureExt::now_or_never(hangup.recv()).is_some()
+        {
+            tracing::info!(config = %origin, "SIGHUP: not reloaded, the broker is stopping");
+        }
+    };
+    hangup_not_applied();
+    notifier.stopping();
+    let report = broker.shutdown().await;
+    if let Some(admin) = admin {
+        admin.stop().await;
     }
+    hangup_not_applied();
+    report
 }
 
 /// The configured services' names.
